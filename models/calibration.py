@@ -1,0 +1,311 @@
+"""Score calibration: cosine-score thresholds at fixed false-accept rates and a score -> probability map.
+
+A verification service has to answer two questions about a similarity score: "is it above the
+operating threshold?" and "how likely is it the same patient?". Both are fitted here on held-out
+genuine (same patient) and impostor (different patient) pair scores and stored as plain numbers so
+a checkpoint can carry them as JSON.
+
+Thresholds. The threshold for a false-accept rate (FAR) f is chosen from the impostor scores so that
+the fraction of impostor scores ``>= t`` is at most f: with the impostor scores sorted high to low,
+at most ``k = floor(f * n_impostor)`` of them may be accepted, so ``t`` is placed halfway between
+the (k+1)-th highest impostor score and the next distinct higher score (above the maximum impostor
+score when ``k = 0``). Halfway, not just above, keeps the stated FAR when the same pair is scored
+again with slightly different float rounding (numpy against FAISS). A FAR below
+``1 / n_impostor`` cannot be measured on the calibration set; its threshold is still computed (it
+lands just above the highest impostor score) and ``n_impostor`` is recorded so consumers can tell
+(see :attr:`Calibration.min_resolvable_far`).
+
+Probability. An isotonic regression of "same patient" on the score, fitted with class-balanced
+weights, gives ``P(same | score)`` under a 50/50 prior of same / different patient (``prior``). The
+prior matters: in a gallery search almost every candidate is a different patient, so pass the real
+prior to :meth:`Calibration.probability` where it is known.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+FAR_KEYS: tuple[str, ...] = ("1e-2", "1e-3", "1e-4")
+DEFAULT_FAR = "1e-3"
+MAX_PROBABILITY_POINTS = 200
+# FAR curve: ten points per decade from 1e-5 to 10**-0.4, then 0.5. It contains 1e-4, 1e-3 and 1e-2
+# exactly (same arithmetic as the keyed thresholds), so threshold_for(1e-3) == threshold_for("1e-3").
+FAR_CURVE_MIN = 1e-5
+FAR_CURVE_MAX = 0.5
+FORMAT_VERSION = 1
+
+
+def far_curve_grid() -> np.ndarray:
+    """The FARs at which the compact FAR curve is stored (log-spaced, 1e-5 .. 0.5)."""
+    decades = [10.0 ** (e / 10.0) for e in range(-50, -3)]
+    return np.array([*decades, FAR_CURVE_MAX], dtype=np.float64)
+
+
+def _as_scores(x: Any, name: str) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64).ravel()
+    if a.size == 0:
+        raise ValueError(f"{name}: need at least one score")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name}: scores must be finite")
+    return a
+
+
+def _just_above(v: float) -> float:
+    """The smallest float32 value above ``v``: scores are usually float32 (embeddings, FAISS)."""
+    return float(np.nextafter(np.float32(v), np.float32(np.inf)))
+
+
+def thresholds_at_fars(impostor_sorted: np.ndarray, fars: np.ndarray) -> np.ndarray:
+    """Thresholds t with fraction(impostor >= t) <= far, from impostor scores sorted ascending.
+
+    Vectorised over ``fars``; see the module docstring for the rule.
+    """
+    asc = impostor_sorted
+    n = asc.size
+    # floor(f * n) with a little slack so 1e-3 * 1000 counts as 1 despite rounding
+    k = np.floor(np.asarray(fars, dtype=np.float64) * n + 1e-9).astype(np.int64)
+    k = np.clip(k, 0, n - 1)
+    v = asc[n - 1 - k]  # the (k+1)-th highest impostor score: must be rejected
+    nxt = np.searchsorted(asc, v, side="right")  # first index of a strictly higher score
+    out = np.empty(v.shape, dtype=np.float64)
+    for i, (vi, ni) in enumerate(zip(v, nxt, strict=True)):
+        if ni < n:
+            t = 0.5 * (vi + asc[ni])
+            out[i] = t if t > vi else float(np.nextafter(vi, np.inf))
+        else:
+            out[i] = _just_above(vi)
+    return out
+
+
+def _thin_monotone(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keep at most ~max_points of a monotone piecewise-linear curve, keeping its steps.
+
+    Points are kept at evenly spaced levels of y (with the point before each, so a jump stays a
+    jump) and at evenly spaced levels of x, plus both ends.
+    """
+    n = x.size
+    if n <= max_points:
+        return x, y
+    n_levels = max(2, (max_points - 2) // 3)
+    y_levels = np.linspace(y[0], y[-1], n_levels)
+    iy = np.searchsorted(y, y_levels, side="left")
+    x_levels = np.linspace(x[0], x[-1], n_levels)
+    ix = np.searchsorted(x, x_levels, side="left")
+    keep = np.unique(np.concatenate([[0, n - 1], iy, iy - 1, ix]).clip(0, n - 1))
+    return x[keep], y[keep]
+
+
+@dataclass
+class Calibration:
+    """Thresholds at fixed FARs and the score -> probability map of one model.
+
+    ``thresholds`` holds the headline operating points (keys "1e-2", "1e-3", "1e-4"); ``far_points``
+    / ``far_thresholds`` a compact FAR curve so any FAR in [1e-5, 0.5] maps to a threshold (and any
+    threshold to the FAR it stands for). ``score_points`` / ``probability_points`` are the isotonic
+    score -> P(same patient) map, valid for ``prior`` (0.5: equal odds of same / different patient).
+    """
+
+    thresholds: dict[str, float]
+    default_far: str = DEFAULT_FAR
+    score_points: list[float] = field(default_factory=list)
+    probability_points: list[float] = field(default_factory=list)
+    far_points: list[float] = field(default_factory=list)
+    far_thresholds: list[float] = field(default_factory=list)
+    n_genuine: int = 0
+    n_impostor: int = 0
+    prior: float = 0.5
+
+    def __post_init__(self) -> None:
+        self.thresholds = {str(k): float(v) for k, v in self.thresholds.items()}
+        if self.default_far not in self.thresholds:
+            raise ValueError(f"default_far {self.default_far!r} is not one of {sorted(self.thresholds)}")
+        if len(self.score_points) != len(self.probability_points):
+            raise ValueError("score_points and probability_points differ in length")
+        if len(self.far_points) != len(self.far_thresholds):
+            raise ValueError("far_points and far_thresholds differ in length")
+        if not 0.0 < self.prior < 1.0:
+            raise ValueError("prior must be in (0, 1)")
+        self.score_points = [float(v) for v in self.score_points]
+        self.probability_points = [float(v) for v in self.probability_points]
+        self.far_points = [float(v) for v in self.far_points]
+        self.far_thresholds = [float(v) for v in self.far_thresholds]
+        if not self.far_points:
+            # no curve stored (a hand-made calibration): use the keyed thresholds as the curve
+            items = sorted((float(k), v) for k, v in self.thresholds.items())
+            self.far_points = [f for f, _ in items]
+            self.far_thresholds = [t for _, t in items]
+        if np.any(np.diff(self.far_points) <= 0):
+            raise ValueError("far_points must increase")
+        if np.any(np.diff(self.far_thresholds) > 0):
+            raise ValueError("far_thresholds must not increase with the FAR")
+
+    # ------------------------------------------------------------------ fitting
+    @classmethod
+    def fit(
+        cls,
+        genuine: np.ndarray,
+        impostor: np.ndarray,
+        *,
+        default_far: str = DEFAULT_FAR,
+        max_points: int = MAX_PROBABILITY_POINTS,
+    ) -> Calibration:
+        """Fit thresholds and the probability map on held-out genuine and impostor pair scores."""
+        from sklearn.isotonic import IsotonicRegression
+
+        g = _as_scores(genuine, "genuine")
+        imp = _as_scores(impostor, "impostor")
+        asc = np.sort(imp)
+        keyed = thresholds_at_fars(asc, np.array([float(k) for k in FAR_KEYS]))
+        thresholds = {k: float(t) for k, t in zip(FAR_KEYS, keyed, strict=True)}
+        grid = far_curve_grid()
+        curve = thresholds_at_fars(asc, grid)
+        for k in FAR_KEYS:
+            if float(k) * imp.size < 1.0:
+                logger.warning(
+                    "calibration: FAR %s needs >= %d impostor pairs to be measured, have %d; "
+                    "its threshold is just above the highest impostor score",
+                    k,
+                    math.ceil(1.0 / float(k)),
+                    imp.size,
+                )
+
+        # Class-balanced isotonic regression: P(same | score) under a 50/50 prior.
+        x = np.concatenate([g, imp])
+        y = np.concatenate([np.ones(g.size), np.zeros(imp.size)])
+        w = np.concatenate([np.full(g.size, 0.5 / g.size), np.full(imp.size, 0.5 / imp.size)]) * x.size
+        iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
+        iso.fit(x, y, sample_weight=w)
+        xs = np.asarray(iso.X_thresholds_, dtype=np.float64)
+        ys = np.asarray(iso.y_thresholds_, dtype=np.float64)
+        xs, ys = _thin_monotone(xs, ys, max_points)
+        return cls(
+            thresholds=thresholds,
+            default_far=default_far,
+            score_points=xs.tolist(),
+            probability_points=np.clip(ys, 0.0, 1.0).tolist(),
+            far_points=grid.tolist(),
+            far_thresholds=curve.tolist(),
+            n_genuine=int(g.size),
+            n_impostor=int(imp.size),
+            prior=0.5,
+        )
+
+    # ------------------------------------------------------------------ use
+    @property
+    def min_resolvable_far(self) -> float:
+        """The smallest FAR the calibration set can measure (1 / n_impostor); inf when unknown."""
+        return 1.0 / self.n_impostor if self.n_impostor > 0 else math.inf
+
+    def threshold_for(self, far: float | str | None = None) -> float:
+        """The score threshold for a FAR: None = default, a key ("1e-3"), or any FAR in the curve range.
+
+        Keyed FARs return the stored headline thresholds; other FARs are interpolated on the FAR
+        curve linearly in log10(FAR). Raises ValueError outside the stored range.
+        """
+        if far is None:
+            return self.thresholds[self.default_far]
+        if isinstance(far, str):
+            key = far.strip()
+            if key in self.thresholds:
+                return self.thresholds[key]
+            try:
+                far = float(key)
+            except ValueError:
+                raise ValueError(f"not a FAR: {far!r}") from None
+        f = float(far)
+        if not (math.isfinite(f) and 0.0 < f < 1.0):
+            raise ValueError(f"FAR must be in (0, 1), got {far!r}")
+        for key, t in self.thresholds.items():
+            if math.isclose(f, float(key), rel_tol=1e-9):
+                return t
+        lo, hi = self.far_points[0], self.far_points[-1]
+        if not (lo * (1 - 1e-12) <= f <= hi * (1 + 1e-12)):
+            raise ValueError(f"FAR {f:g} is outside the calibrated range [{lo:g}, {hi:g}]")
+        return float(np.interp(math.log10(f), np.log10(self.far_points), self.far_thresholds))
+
+    def far_at(self, threshold: float) -> float:
+        """The FAR a threshold stands for: the smallest FAR on the curve whose threshold is <= it.
+
+        The inverse of :meth:`threshold_for` (log-linear between curve points). Clamped to the curve's
+        range: a threshold above every curve threshold returns the smallest stored FAR, one below
+        every curve threshold the largest. Values below :attr:`min_resolvable_far` are not measured.
+        """
+        t = float(threshold)
+        if not math.isfinite(t):
+            raise ValueError("threshold must be finite")
+        ts = np.asarray(self.far_thresholds, dtype=np.float64)  # non-increasing
+        lf = np.log10(np.asarray(self.far_points, dtype=np.float64))
+        i = int(np.searchsorted(-ts, -t, side="left"))  # first curve point with threshold <= t
+        if i == 0:
+            return float(self.far_points[0])
+        if i >= ts.size:
+            return float(self.far_points[-1])
+        t0, t1 = ts[i - 1], ts[i]  # t0 > t >= t1
+        a = (t0 - t) / (t0 - t1)
+        return float(10.0 ** (lf[i - 1] + a * (lf[i] - lf[i - 1])))
+
+    def probability(self, score: float | np.ndarray, prior: float | None = None) -> float | np.ndarray:
+        """P(same patient | score), vectorised; under ``self.prior`` unless ``prior`` is given.
+
+        A different prior rescales the odds: p' / (1 - p') = p / (1 - p) * (prior' / (1 - prior')) /
+        (prior / (1 - prior)).
+        """
+        if not self.score_points:
+            raise ValueError("this calibration has no score -> probability map")
+        s = np.asarray(score, dtype=np.float64)
+        p = np.interp(s, self.score_points, self.probability_points)
+        if prior is not None and not math.isclose(prior, self.prior):
+            if not 0.0 < prior < 1.0:
+                raise ValueError("prior must be in (0, 1)")
+            a = p * prior * (1.0 - self.prior)
+            b = (1.0 - p) * (1.0 - prior) * self.prior
+            with np.errstate(invalid="ignore", divide="ignore"):
+                p = np.where(a + b > 0, a / (a + b), 0.0)
+        p = np.clip(p, 0.0, 1.0)
+        if p.ndim == 0:
+            return float(p)
+        return p
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict (floats, lists, str)."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "thresholds": {k: float(v) for k, v in self.thresholds.items()},
+            "default_far": self.default_far,
+            "score_points": [float(v) for v in self.score_points],
+            "probability_points": [float(v) for v in self.probability_points],
+            "far_points": [float(v) for v in self.far_points],
+            "far_thresholds": [float(v) for v in self.far_thresholds],
+            "n_genuine": int(self.n_genuine),
+            "n_impostor": int(self.n_impostor),
+            "prior": float(self.prior),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Calibration:
+        """Inverse of :meth:`to_dict`; tolerates missing optional keys and ignores unknown ones."""
+        known = {
+            "thresholds",
+            "default_far",
+            "score_points",
+            "probability_points",
+            "far_points",
+            "far_thresholds",
+            "n_genuine",
+            "n_impostor",
+            "prior",
+        }
+        unknown = set(d) - known - {"format_version"}
+        if unknown:
+            logger.debug("Calibration.from_dict: ignoring keys %s", sorted(unknown))
+        if "thresholds" not in d:
+            raise ValueError("calibration dict has no 'thresholds'")
+        return cls(**{k: v for k, v in d.items() if k in known})

@@ -1,0 +1,107 @@
+"""The one-file checkpoint: everything needed to embed, score and explain a model.
+
+A checkpoint holds the architecture config, the preprocessing config (so a checkpoint always
+preprocesses the way it was trained), the weights, the calibration, a training-data summary,
+metrics, and a model id ``<name>-<sha256[:12]>`` of its content. Gallery vectors are tagged with
+that id, so a gallery never mixes vectors of two models.
+
+It is a plain ``torch.save`` dict of tensors and JSON-able values, loaded with
+``weights_only=True`` (no pickled code runs when a user opens a checkpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "model_id", "name", "backbone", "preprocess", "state_dict", "calibration")
+
+
+class CheckpointError(ValueError):
+    """A file is not a readable cxr-reid checkpoint."""
+
+
+def content_hash(state_dict: dict[str, torch.Tensor], configs: dict[str, Any]) -> str:
+    """Hash weights and configs so that the same model always gets the same id."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(configs, sort_keys=True).encode())
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    name: str,
+    backbone_config: dict[str, Any],
+    preprocess_config: dict[str, Any],
+    state_dict: dict[str, torch.Tensor],
+    calibration: dict[str, Any],
+    training_summary: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    half: bool = True,
+) -> str:
+    """Write a checkpoint atomically and return its model id.
+
+    ``half`` stores floating-point weights as fp16 (halves the file; embeddings change by ~1e-3).
+    """
+    weights = {
+        key: (value.detach().cpu().half() if half and value.is_floating_point() else value.detach().cpu())
+        for key, value in state_dict.items()
+    }
+    configs = {"backbone": backbone_config, "preprocess": preprocess_config}
+    model_id = f"{name}-{content_hash(weights, configs)[:12]}"
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "model_id": model_id,
+        "name": name,
+        "backbone": backbone_config,
+        "preprocess": preprocess_config,
+        "state_dict": weights,
+        "calibration": calibration,
+        "training": training_summary or {},
+        "metrics": metrics or {},
+    }
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return model_id
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint; raise CheckpointError with the reason when it is not one."""
+    source = Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {source}")
+    try:
+        payload = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise CheckpointError(f"{source} is not a readable checkpoint: {exc}") from exc
+    if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED_KEYS):
+        raise CheckpointError(f"{source} is not a cxr-reid checkpoint (missing keys)")
+    if payload["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source} has checkpoint format {payload['format_version']}; this cxr-reid reads up to "
+            f"{FORMAT_VERSION}: upgrade cxr-reid"
+        )
+    return payload

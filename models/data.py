@@ -1,0 +1,482 @@
+"""Identity-labelled image sets: manifests, public-set readers, splits, augmentation, sampling.
+
+Manifest contract (DESIGN.md): a CSV with at least ``path,patient_id``; ``path`` is relative to
+the CSV's folder; optional ``view,sex,age,offset_days,split``. Several manifests combine into one
+training set with patient ids kept apart per set (``<set>:<patient_id>``), because ``p1`` of one
+hospital is not ``p1`` of another.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import math
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.preprocess import ImageDecodeError, PreprocessConfig, load_for_model
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+class ManifestError(ValueError):
+    """A manifest cannot be read as the contract says."""
+
+
+@dataclass
+class Sample:
+    """One image with its identity and the metadata the metrics break down by."""
+
+    path: str  # absolute
+    patient_id: str  # namespaced: "<dataset>:<id>"
+    dataset: str
+    view: str | None = None
+    sex: str | None = None
+    age: float | None = None
+    offset_days: float | None = None
+    split: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def dataset_name(manifest: str | os.PathLike) -> str:
+    """A set is named after the folder its manifest lives in."""
+    return Path(manifest).resolve().parent.name
+
+
+def _optional_float(value: str | None) -> float | None:
+    if value is None or value.strip() == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def read_manifest(manifest: str | os.PathLike, *, namespace: str | None = None) -> list[Sample]:
+    """Read a manifest CSV; paths resolve against the CSV's folder."""
+    manifest_path = Path(manifest)
+    if not manifest_path.is_file():
+        raise ManifestError(f"manifest not found: {manifest_path}")
+    name = namespace if namespace is not None else dataset_name(manifest_path)
+    root = manifest_path.resolve().parent
+    samples: list[Sample] = []
+    with manifest_path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"path", "patient_id"} - set(reader.fieldnames or [])
+        if missing:
+            raise ManifestError(f"{manifest_path}: missing column(s) {', '.join(sorted(missing))}")
+        known = {"path", "patient_id", "view", "sex", "age", "offset_days", "split"}
+        for line, row in enumerate(reader, start=2):
+            path, patient = (row.get("path") or "").strip(), (row.get("patient_id") or "").strip()
+            if not path or not patient:
+                raise ManifestError(f"{manifest_path}:{line}: empty path or patient_id")
+            split = (row.get("split") or "").strip() or None
+            if split is not None and split not in SPLITS:
+                raise ManifestError(f"{manifest_path}:{line}: split must be one of {SPLITS}, got {split!r}")
+            samples.append(
+                Sample(
+                    path=str((root / path).resolve()),
+                    patient_id=f"{name}:{patient}",
+                    dataset=name,
+                    view=(row.get("view") or "").strip() or None,
+                    sex=(row.get("sex") or "").strip() or None,
+                    age=_optional_float(row.get("age")),
+                    offset_days=_optional_float(row.get("offset_days")),
+                    split=split,
+                    extra={k: v for k, v in row.items() if k not in known and k and v},
+                )
+            )
+    if not samples:
+        raise ManifestError(f"{manifest_path}: no rows")
+    return samples
+
+
+def read_manifests(manifests: Sequence[str | os.PathLike]) -> list[Sample]:
+    """Combine several manifests; patient ids stay apart because each is namespaced by its set."""
+    names = [dataset_name(m) for m in manifests]
+    if len(set(names)) != len(names):
+        raise ManifestError(f"two manifests share a folder name, so their patient ids would mix: {names}")
+    return [sample for manifest in manifests for sample in read_manifest(manifest)]
+
+
+def write_manifest(samples: Sequence[Sample], path: str | os.PathLike) -> Path:
+    """Write samples as a manifest whose paths are relative to its folder where possible."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    root = target.resolve().parent
+    with target.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "patient_id", "view", "sex", "age", "offset_days", "split"])
+        for s in samples:
+            rel = os.path.relpath(s.path, root)
+            patient = (
+                s.patient_id.split(":", 1)[1] if s.patient_id.startswith(f"{s.dataset}:") else s.patient_id
+            )
+            writer.writerow(
+                [rel, patient, s.view or "", s.sex or "", _fmt(s.age), _fmt(s.offset_days), s.split or ""]
+            )
+    return target
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return ""
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+# --- readers for the metadata of the large public sets users bring -----------------------------
+
+
+def read_chestxray14(data_entry_csv: str | os.PathLike, images_dir: str | os.PathLike) -> list[Sample]:
+    """NIH ChestX-ray14 ``Data_Entry_2017.csv`` (Image Index, Follow-up #, Patient ID, ...)."""
+    images = Path(images_dir).resolve()
+    samples = []
+    with open(data_entry_csv, newline="", encoding="utf-8-sig") as handle:
+        for row in csv.DictReader(handle):
+            age = re.sub(r"[^0-9.]", "", row.get("Patient Age", ""))
+            samples.append(
+                Sample(
+                    path=str(images / row["Image Index"]),
+                    patient_id=f"chestxray14:{int(row['Patient ID'])}",
+                    dataset="chestxray14",
+                    view=(row.get("View Position") or None),
+                    sex=(row.get("Patient Gender") or None),
+                    age=_optional_float(age),
+                    offset_days=_optional_float(row.get("Follow-up #")),
+                )
+            )
+    return samples
+
+
+_CHEXPERT_PATIENT = re.compile(r"(patient\d+)/(study\d+)/")
+
+
+def read_chexpert(csv_path: str | os.PathLike, root: str | os.PathLike) -> list[Sample]:
+    """CheXpert ``train.csv`` / ``valid.csv``: the patient is in the path (``patient00001/study1/``).
+
+    ``root`` is the folder the CSV's ``Path`` column is relative to (the one holding
+    ``CheXpert-v1.0[-small]/``). The study number orders a patient's images in time.
+    """
+    base = Path(root).resolve()
+    samples = []
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+        for row in csv.DictReader(handle):
+            match = _CHEXPERT_PATIENT.search(row["Path"])
+            if not match:
+                raise ManifestError(f"{csv_path}: cannot find the patient in path {row['Path']!r}")
+            view = row.get("AP/PA") or ("L" if row.get("Frontal/Lateral") == "Lateral" else None)
+            samples.append(
+                Sample(
+                    path=str(base / row["Path"]),
+                    patient_id=f"chexpert:{match.group(1)}",
+                    dataset="chexpert",
+                    view=view or None,
+                    sex=row.get("Sex") or None,
+                    age=_optional_float(row.get("Age")),
+                    offset_days=_optional_float(match.group(2).removeprefix("study")),
+                )
+            )
+    return samples
+
+
+def read_mimic_cxr(metadata_csv: str | os.PathLike, root: str | os.PathLike) -> list[Sample]:
+    """MIMIC-CXR-JPG ``mimic-cxr-2.0.0-metadata.csv``: files/p10/p10000032/s5.../<dicom_id>.jpg."""
+    base = Path(root).resolve()
+    rows = []
+    with open(metadata_csv, newline="", encoding="utf-8-sig") as handle:
+        rows = list(csv.DictReader(handle))
+    first_date: dict[str, int] = {}
+    for row in rows:
+        day = _mimic_day(row.get("StudyDate", ""))
+        if day is not None:
+            subject = row["subject_id"]
+            first_date[subject] = min(first_date.get(subject, day), day)
+    samples = []
+    for row in rows:
+        subject, study = row["subject_id"], row["study_id"]
+        day = _mimic_day(row.get("StudyDate", ""))
+        path = base / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{row['dicom_id']}.jpg"
+        samples.append(
+            Sample(
+                path=str(path),
+                patient_id=f"mimic-cxr:{subject}",
+                dataset="mimic-cxr",
+                view=row.get("ViewPosition") or None,
+                offset_days=None if day is None else float(day - first_date[subject]),
+            )
+        )
+    return samples
+
+
+def _mimic_day(value: str) -> int | None:
+    """MIMIC's shifted StudyDate (YYYYMMDD) as a day number, for time gaps only."""
+    from datetime import date
+
+    value = value.strip().split(".")[0]
+    if len(value) != 8 or not value.isdigit():
+        return None
+    return date(int(value[:4]), int(value[4:6]), int(value[6:])).toordinal()
+
+
+# --- patient-disjoint splits ----------------------------------------------------------------------
+
+
+def split_of(patient_id: str, *, val_fraction: float, test_fraction: float, seed: int = 0) -> str:
+    """The split a patient belongs to, from a hash: stable across runs, machines and set sizes."""
+    digest = hashlib.sha256(f"{seed}:{patient_id}".encode()).digest()
+    position = int.from_bytes(digest[:8], "big") / 2**64
+    if position < test_fraction:
+        return "test"
+    if position < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def assign_splits(
+    samples: Sequence[Sample],
+    *,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    keep_existing: bool = True,
+) -> list[Sample]:
+    """Give every sample its patient's split; a manifest's own ``split`` column wins if asked."""
+    for sample in samples:
+        if keep_existing and sample.split:
+            continue
+        sample.split = split_of(
+            sample.patient_id, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
+        )
+    by_patient: dict[str, set[str]] = defaultdict(set)
+    for sample in samples:
+        by_patient[sample.patient_id].add(sample.split or "")
+    mixed = [p for p, splits in by_patient.items() if len(splits) > 1]
+    if mixed:
+        raise ManifestError(
+            f"patients in more than one split (leak): {mixed[:5]}{'...' if len(mixed) > 5 else ''}"
+        )
+    return list(samples)
+
+
+def summarise(samples: Sequence[Sample]) -> dict[str, object]:
+    """Counts a model card and a checkpoint's training summary report."""
+    per_set: dict[str, dict[str, int]] = {}
+    for name in sorted({s.dataset for s in samples}):
+        subset = [s for s in samples if s.dataset == name]
+        counts: dict[str, int] = defaultdict(int)
+        for s in subset:
+            counts[s.patient_id] += 1
+        per_set[name] = {
+            "images": len(subset),
+            "patients": len(counts),
+            "patients_with_2plus": sum(1 for c in counts.values() if c >= 2),
+        }
+    return {"images": len(samples), "patients": len({s.patient_id for s in samples}), "sets": per_set}
+
+
+# --- image cache ------------------------------------------------------------------------------------
+
+
+def load_images(
+    samples: Sequence[Sample],
+    config: PreprocessConfig,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Decode and prepare every image once, as uint8 (N, size, size), cached on disk by content key.
+
+    Training and evaluation read the same prepared pixels, so each epoch costs no decoding.
+    """
+    key = hashlib.sha256(repr((config.to_dict(), [s.path for s in samples])).encode()).hexdigest()[:16]
+    cache_file = Path(cache_dir) / f"images-{key}.npy" if cache_dir else None
+    if cache_file is not None and cache_file.is_file():
+        cached = np.load(cache_file)
+        if cached.shape[0] == len(samples):
+            return cached
+
+    def load(sample: Sample) -> np.ndarray:
+        try:
+            return np.round(load_for_model(sample.path, config) * 255).astype(np.uint8)
+        except (ImageDecodeError, OSError) as exc:
+            raise ManifestError(f"cannot read {sample.path}: {exc}") from exc
+
+    from tqdm.auto import tqdm
+
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        arrays = list(
+            tqdm(
+                pool.map(load, samples), total=len(samples), desc="decode", disable=not progress, leave=False
+            )
+        )
+    stacked = np.stack(arrays) if arrays else np.zeros((0, config.size, config.size), np.uint8)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp.npy")
+        np.save(tmp, stacked)
+        os.replace(tmp, cache_file)
+    return stacked
+
+
+# --- augmentation ---------------------------------------------------------------------------------
+
+
+@dataclass
+class AugmentConfig:
+    """Radiograph augmentation; no horizontal flip by default (anatomy is asymmetric)."""
+
+    rotation_deg: float = 8.0
+    scale: tuple[float, float] = (0.85, 1.15)
+    shift: float = 0.06
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # random-resized-crop area fraction
+    brightness: float = 0.15
+    contrast: float = 0.25
+    gamma: tuple[float, float] = (0.7, 1.4)
+    blur_prob: float = 0.2
+    noise_std: float = 0.03
+    erase_prob: float = 0.5  # random erasing: defeats burnt-in letters, arrows and borders
+    erase_area: tuple[float, float] = (0.02, 0.15)
+    hflip_prob: float = 0.0
+
+    @classmethod
+    def from_dict(cls, values: dict) -> AugmentConfig:
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**fields)
+
+
+def _uniform(
+    n: int, low: float, high: float, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    return torch.rand(n, generator=generator, device=device) * (high - low) + low
+
+
+def augment(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """Augment a batch (N, 1, H, W) in [0, 1] with per-image random parameters; returns [0, 1]."""
+    n, _, height, width = batch.shape
+    device = batch.device
+    # Geometry: one affine warp combines rotation, scale, shift and a random-resized crop.
+    angle = _uniform(n, -config.rotation_deg, config.rotation_deg, generator, device) * math.pi / 180
+    crop = _uniform(n, *config.crop_scale, generator, device).sqrt()
+    zoom = _uniform(n, *config.scale, generator, device)
+    extent = crop / zoom  # fraction of the image the output window covers
+    max_shift = (1 - crop).clamp(min=0) + config.shift
+    tx = _uniform(n, -1, 1, generator, device) * max_shift
+    ty = _uniform(n, -1, 1, generator, device) * max_shift
+    cos, sin = torch.cos(angle) * extent, torch.sin(angle) * extent
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    if config.hflip_prob > 0:
+        flip = torch.rand(n, generator=generator, device=device) < config.hflip_prob
+        theta[flip, :, 0] *= -1
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    out = F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    # Intensity: gamma, contrast around the mean, brightness.
+    gamma = torch.exp(_uniform(n, math.log(config.gamma[0]), math.log(config.gamma[1]), generator, device))
+    out = out.clamp(0, 1) ** gamma.view(n, 1, 1, 1)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    contrast = _uniform(n, 1 - config.contrast, 1 + config.contrast, generator, device).view(n, 1, 1, 1)
+    brightness = _uniform(n, -config.brightness, config.brightness, generator, device).view(n, 1, 1, 1)
+    out = (out - mean) * contrast + mean + brightness
+
+    if config.blur_prob > 0:
+        blurred = F.avg_pool2d(F.pad(out, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        pick = (torch.rand(n, generator=generator, device=device) < config.blur_prob).view(n, 1, 1, 1)
+        out = torch.where(pick, blurred, out)
+    if config.noise_std > 0:
+        sigma = _uniform(n, 0, config.noise_std, generator, device).view(n, 1, 1, 1)
+        out = out + torch.randn(out.shape, generator=generator, device=device) * sigma
+    if config.erase_prob > 0:
+        out = _random_erase(out, config, generator)
+    return out.clamp(0, 1)
+
+
+def _random_erase(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """Blank one random rectangle per picked image (Zhong et al. 2017) with its mean intensity."""
+    n, _, height, width = batch.shape
+    device = batch.device
+    pick = torch.rand(n, generator=generator, device=device) < config.erase_prob
+    area = _uniform(n, *config.erase_area, generator, device)
+    aspect = torch.exp(_uniform(n, math.log(0.3), math.log(3.3), generator, device))
+    h = (area * aspect).sqrt().clamp(max=1.0)
+    w = (area / aspect).sqrt().clamp(max=1.0)
+    y0 = torch.rand(n, generator=generator, device=device) * (1 - h)
+    x0 = torch.rand(n, generator=generator, device=device) * (1 - w)
+    ys = torch.linspace(0, 1, height, device=device).view(1, height, 1)
+    xs = torch.linspace(0, 1, width, device=device).view(1, 1, width)
+    inside = (
+        (ys >= y0.view(n, 1, 1))
+        & (ys <= (y0 + h).view(n, 1, 1))
+        & (xs >= x0.view(n, 1, 1))
+        & (xs <= (x0 + w).view(n, 1, 1))
+        & pick.view(n, 1, 1)
+    ).unsqueeze(1)
+    fill = batch.mean(dim=(1, 2, 3), keepdim=True).expand_as(batch)
+    return torch.where(inside, fill, batch)
+
+
+# --- P x K sampling ---------------------------------------------------------------------------------
+
+
+class PKSampler:
+    """Batches of P patients x K images, so every batch holds genuine pairs.
+
+    Patients with fewer than K images are drawn with replacement (a one-image patient gives K
+    views of one image: an instance-discrimination positive, and a class/negative for the rest).
+    Each epoch visits every patient once. With ``world_size > 1`` (torchrun DDP) every rank
+    draws the same epoch plan from the shared seed and keeps every ``world_size``-th batch.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int],
+        patients_per_batch: int,
+        images_per_patient: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.by_label: dict[int, list[int]] = defaultdict(list)
+        for index, label in enumerate(labels):
+            self.by_label[int(label)].append(index)
+        self.labels = sorted(self.by_label)
+        self.p, self.k = patients_per_batch, images_per_patient
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.labels) // self.p // self.world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng((self.seed, self.epoch))
+        order = rng.permutation(self.labels)
+        n_batches = len(self)
+        for batch_index in range(n_batches):
+            global_index = batch_index * self.world_size + self.rank
+            chosen = order[global_index * self.p : (global_index + 1) * self.p]
+            batch: list[int] = []
+            for label in chosen:
+                pool = self.by_label[int(label)]
+                replace = len(pool) < self.k
+                batch.extend(int(i) for i in rng.choice(pool, size=self.k, replace=replace))
+            yield batch
+
+
+def samples_to_dicts(samples: Sequence[Sample]) -> list[dict]:
+    return [asdict(s) for s in samples]

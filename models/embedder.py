@@ -1,0 +1,100 @@
+"""Checkpoint -> identity embeddings: the one path the service, evaluation and the CLI share."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.backbones import BackboneConfig, build_backbone
+from models.calibration import Calibration
+from models.checkpoint import load_checkpoint
+from models.preprocess import PreprocessConfig, Radiograph, decode_image, prepare, to_tensor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "default.pt"
+
+ImageSource = Radiograph | bytes | str | os.PathLike | np.ndarray
+
+
+class Embedder:
+    """A loaded model that turns radiographs into float32 unit-norm vectors."""
+
+    def __init__(self, checkpoint: dict[str, Any], device: str = "cpu", source: Path | None = None) -> None:
+        self.source = source
+        self.model_id: str = checkpoint["model_id"]
+        self.name: str = checkpoint["name"]
+        self.backbone_config = BackboneConfig.from_dict(checkpoint["backbone"])
+        self.preprocess_config = PreprocessConfig.from_dict(checkpoint["preprocess"])
+        self.calibration = Calibration.from_dict(checkpoint["calibration"])
+        self.training: dict[str, Any] = checkpoint.get("training", {})
+        self.metrics: dict[str, Any] = checkpoint.get("metrics", {})
+        self.dim = self.backbone_config.embedding_dim
+        self.device = torch.device(device)
+        network = build_backbone(self.backbone_config)
+        # fp16 weights on disk; compute in fp32 on the CPU.
+        state = {
+            key: value.float() if value.is_floating_point() else value
+            for key, value in checkpoint["state_dict"].items()
+        }
+        network.load_state_dict(state)
+        self.network = network.to(self.device).eval()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike | None = None, device: str = "cpu") -> Embedder:
+        """Load a checkpoint file; ``None`` means the default model shipped in the package."""
+        checkpoint_path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+        if not checkpoint_path.is_file():
+            hint = (
+                "the shipped default model is missing from this install (models/weights/default.pt)"
+                if path is None
+                else "check the path"
+            )
+            raise FileNotFoundError(f"checkpoint not found: {checkpoint_path} ({hint})")
+        embedder = cls(load_checkpoint(checkpoint_path), device=device, source=checkpoint_path)
+        log.info("loaded model %s from %s", embedder.model_id, checkpoint_path)
+        return embedder
+
+    def prepare(self, image: ImageSource, **decode_kwargs: Any) -> np.ndarray:
+        """Decode (if needed) and normalise one image the way this checkpoint was trained."""
+        if isinstance(image, Radiograph):
+            return prepare(image, self.preprocess_config)
+        if isinstance(image, np.ndarray):
+            return prepare(image, self.preprocess_config)
+        return prepare(decode_image(image, **decode_kwargs), self.preprocess_config)
+
+    @torch.inference_mode()
+    def embed_prepared(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Embed a stack of prepared images (N, size, size) in [0, 1]; returns (N, dim) unit vectors."""
+        inputs = to_tensor(batch).to(self.device)
+        vectors = self.network(inputs).float()
+        vectors = torch.nn.functional.normalize(vectors, dim=1)
+        return vectors.cpu().numpy().astype(np.float32, copy=False)
+
+    def embed(self, images: Sequence[ImageSource], batch_size: int = 32, **decode_kwargs: Any) -> np.ndarray:
+        """Embed images (files, bytes, decoded radiographs or raw arrays) in batches."""
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = [self.prepare(image, **decode_kwargs) for image in images[start : start + batch_size]]
+            out.append(self.embed_prepared(np.stack(chunk)))
+        return np.concatenate(out)
+
+    def describe(self) -> dict[str, Any]:
+        """What a client or model card needs to know about the loaded model."""
+        return {
+            "model_id": self.model_id,
+            "name": self.name,
+            "embedding_dim": self.dim,
+            "backbone": self.backbone_config.to_dict(),
+            "preprocess": self.preprocess_config.to_dict(),
+            "calibration": self.calibration.to_dict(),
+            "metrics": self.metrics,
+        }

@@ -1,0 +1,577 @@
+"""File -> :class:`Radiograph` -> model input: the one place that defines what the network sees.
+
+Training, evaluation and the service all call :func:`decode_image` and :func:`prepare`, so a model's
+input contract (:class:`PreprocessConfig`, stored in its checkpoint) means the same thing everywhere.
+
+Decoding reads DICOM through pydicom (uncompressed, RLE, JPEG baseline/extended/lossless, JPEG-LS and
+JPEG 2000 through the pylibjpeg plugins) and PNG / JPEG / TIFF through Pillow. The format is taken from
+the file's magic bytes, never from its name. Every way an input can be unusable raises
+:class:`ImageDecodeError` with a message a person can act on; the HTTP layer turns it into a 4xx.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ImageDecodeError",
+    "PreprocessConfig",
+    "Radiograph",
+    "decode_image",
+    "load_for_model",
+    "prepare",
+    "to_tensor",
+]
+
+#: Modalities that hold projection radiographs; anything else is refused unless check_modality=False.
+RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR", "RG"})
+
+#: DICOM attributes copied into Radiograph.identifiers. No names or birth dates, by design.
+IDENTIFIER_KEYWORDS = (
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "ViewPosition",
+    "PatientID",
+    "StudyDate",
+)
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+_DICOM_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM".split()
+    + b"UC UI UL UN UR US UT UV".split()
+)
+# ITU-R BT.601 luma, the weights Pillow's convert("L") uses, so colour files grey the same either way.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+class ImageDecodeError(ValueError):
+    """The input cannot be turned into a radiograph; the message says why in plain words."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The model's input contract; saved in every checkpoint so serving matches training."""
+
+    size: int = 128  # square model input side, pixels
+    fit: str = "pad"  # "pad" (keep whole image, letterbox) or "crop" (centre crop)
+    low_percentile: float = 0.5  # robust intensity window
+    high_percentile: float = 99.5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"size must be a positive integer, got {self.size!r}")
+        if self.fit not in ("pad", "crop"):
+            raise ValueError(f"fit must be 'pad' or 'crop', got {self.fit!r}")
+        if not 0.0 <= self.low_percentile < self.high_percentile <= 100.0:
+            raise ValueError(
+                "need 0 <= low_percentile < high_percentile <= 100, "
+                f"got {self.low_percentile} and {self.high_percentile}"
+            )
+
+    def to_dict(self) -> dict:
+        """Plain dict for checkpoints and JSON."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PreprocessConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error so a mismatched contract never loads."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown preprocess config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class Radiograph:
+    """A decoded image in display orientation (bone bright), before any model-specific scaling."""
+
+    pixels: np.ndarray  # float32 HxW, MONOCHROME2 orientation, any range
+    source_format: str  # "dicom" | "png" | "jpeg" | "tiff" | "array"
+    pixel_spacing: tuple[float, float] | None = None  # (row, column) mm, when the file says
+    identifiers: dict[str, str] = field(default_factory=dict)  # DICOM only, see IDENTIFIER_KEYWORDS
+
+
+# --------------------------------------------------------------------------------------------------
+# decoding
+
+
+def decode_image(
+    source: bytes | str | os.PathLike,
+    *,
+    max_pixels: int = 50_000_000,
+    check_modality: bool = True,
+) -> Radiograph:
+    """Decode a DICOM, PNG, JPEG or TIFF file (path or bytes) into a :class:`Radiograph`.
+
+    ``max_pixels`` is checked against the header before any pixel is decoded, so a small file that
+    claims a huge image (a decompression bomb) is refused cheaply. ``check_modality`` refuses DICOM
+    objects whose Modality is not a projection radiograph (CR, DX, DR, RG).
+    """
+    data, name = _read_source(source)
+    if not data:
+        raise ImageDecodeError(f"{name} is empty")
+    kind = sniff_format(data)
+    if kind == "dicom":
+        return _decode_dicom(data, name, max_pixels=max_pixels, check_modality=check_modality)
+    if kind in ("png", "jpeg", "tiff"):
+        return _decode_pillow(data, name, kind, max_pixels=max_pixels)
+    if _looks_like_text(data):
+        raise ImageDecodeError(f"{name} is text, not an image (expected DICOM, PNG, JPEG or TIFF)")
+    raise ImageDecodeError(f"{name} is not a recognised image format (expected DICOM, PNG, JPEG or TIFF)")
+
+
+def load_for_model(
+    source: bytes | str | os.PathLike, config: PreprocessConfig, **decode_kwargs
+) -> np.ndarray:
+    """Decode and prepare in one call: what a data loader or the service does per image."""
+    return prepare(decode_image(source, **decode_kwargs), config)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Name the format from magic bytes ("dicom", "png", "jpeg", "tiff") or None; names lie, bytes don't."""
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"  # first: a DICOM preamble may itself be a TIFF header (dual-format files)
+    if data.startswith(_PNG_MAGIC):
+        return "png"
+    if data.startswith(_JPEG_MAGIC):
+        return "jpeg"
+    if data.startswith(_TIFF_MAGICS):
+        return "tiff"
+    if data.startswith(b"DICM") or _looks_like_raw_dicom(data):
+        return "dicom"
+    return None
+
+
+def _read_source(source: bytes | str | os.PathLike) -> tuple[bytes, str]:
+    """Bytes plus a name for messages; a path that cannot be read is bad input, not a crash."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source), "the image data"
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        try:
+            return path.read_bytes(), f"'{path}'"
+        except OSError as exc:
+            raise ImageDecodeError(f"cannot read '{path}': {exc.strerror or exc}") from exc
+    raise TypeError(f"source must be bytes or a path, got {type(source).__name__}")
+
+
+def _looks_like_raw_dicom(data: bytes) -> bool:
+    """True for a DICOM stream without the 128-byte preamble and "DICM" (old or hand-made files).
+
+    Such a stream starts with a small group-0002 or group-0008 tag, followed either by a VR (explicit
+    VR) or by a plausible 4-byte length (implicit VR). Image formats have their own magic bytes, which
+    never match, and random bytes almost never do; pydicom's own parse is the final check.
+    """
+    if len(data) < 8:
+        return False
+    for order in ("little", "big"):
+        group = int.from_bytes(data[0:2], order)
+        element = int.from_bytes(data[2:4], order)
+        if group not in (0x0002, 0x0008) or element > 0x0100:
+            continue
+        if data[4:6] in _DICOM_VRS:
+            return True
+        if order == "little" and int.from_bytes(data[4:8], "little") < min(len(data), 1 << 16):
+            return True
+    return False
+
+
+def _looks_like_text(data: bytes) -> bool:
+    head = data[:512]
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c >= 32 or c in (9, 10, 13) for c in head)
+
+
+def _decode_dicom(data: bytes, name: str, *, max_pixels: int, check_modality: bool) -> Radiograph:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
+    if data.startswith(b"DICM"):  # preamble dropped but prefix kept: give pydicom what it expects
+        data, has_preamble = b"\x00" * 128 + data, True
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
+    except InvalidDicomError as exc:
+        raise ImageDecodeError(f"{name} is not a valid DICOM file: {exc}") from exc
+    except Exception as exc:  # pydicom raises many types on damaged streams
+        raise ImageDecodeError(f"{name} is a damaged or truncated DICOM file ({exc})") from exc
+    if len(ds) == 0 or not any(k in ds for k in ("PixelData", "SOPClassUID", "Modality", "Rows")):
+        raise ImageDecodeError(f"{name} is not a DICOM image (no image attributes found)")
+
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        what = _sop_class_name(ds)
+        raise ImageDecodeError(
+            f"{name} is a DICOM object without pixel data"
+            f"{f' ({what})' if what else ''}{f', Modality {modality}' if modality else ''}: not an image"
+        )
+    if "PixelData" not in ds:
+        raise ImageDecodeError(f"{name} holds floating-point pixel data, which radiographs never use")
+    if check_modality and modality not in RADIOGRAPH_MODALITIES:
+        raise ImageDecodeError(
+            f"{name} has Modality {modality or '(missing)'}; only projection radiographs "
+            f"({', '.join(sorted(RADIOGRAPH_MODALITIES))}) are accepted (pass check_modality=False to "
+            "accept other modalities)"
+        )
+
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = _int_or(ds.get("NumberOfFrames", 1), 1)
+    if rows <= 0 or cols <= 0:
+        raise ImageDecodeError(f"{name} declares an empty image ({rows} x {cols} pixels)")
+    if frames > 1:
+        raise ImageDecodeError(f"{name} is a multi-frame DICOM ({frames} frames); a radiograph has one frame")
+    if rows * cols > max_pixels:
+        raise ImageDecodeError(
+            f"{name} declares {rows} x {cols} pixels, more than the limit of {max_pixels:,}"
+        )
+
+    tsyntax = _transfer_syntax(ds)
+    _check_decoder(tsyntax, name)
+    try:
+        arr = ds.pixel_array
+    except (NotImplementedError, RuntimeError) as exc:
+        ts_name = getattr(tsyntax, "name", str(tsyntax))
+        raise ImageDecodeError(f"{name}: cannot decode transfer syntax {ts_name}: {exc}") from exc
+    except Exception as exc:
+        raise ImageDecodeError(f"{name} has damaged or truncated pixel data ({exc})") from exc
+
+    pixels = _dicom_display_pixels(ds, arr, name)
+    identifiers = {}
+    for keyword in IDENTIFIER_KEYWORDS:
+        value = ds.get(keyword)
+        if value is not None and str(value).strip():
+            identifiers[keyword] = str(value).strip()
+    logger.debug(
+        "decoded DICOM %s: %dx%d %s %s", name, cols, rows, modality, getattr(tsyntax, "name", tsyntax)
+    )
+    return Radiograph(
+        pixels=pixels,
+        source_format="dicom",
+        pixel_spacing=_pixel_spacing(ds),
+        identifiers=identifiers,
+    )
+
+
+def _transfer_syntax(ds):
+    """The file's transfer syntax; for a stream without file meta, the encoding pydicom detected."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = ds.file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        implicit, little = ds.original_encoding
+        if implicit is None or little is None:
+            implicit, little = True, True
+        meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian
+            if implicit
+            else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        )
+    return meta.TransferSyntaxUID
+
+
+def _check_decoder(tsyntax: object, name: str) -> None:
+    """Refuse a transfer syntax nobody can decode before touching the pixels, with its name."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    uid = UID(str(tsyntax))
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError as exc:
+        raise ImageDecodeError(
+            f"{name} uses transfer syntax {uid.name} ({uid}), which is not supported for images"
+        ) from exc
+    if not decoder.is_available:
+        raise ImageDecodeError(
+            f"{name} uses transfer syntax {uid.name}, but no decoder plugin for it is installed "
+            "(install pylibjpeg with its libjpeg, openjpeg and rle plugins)"
+        )
+
+
+def _dicom_display_pixels(ds, arr: np.ndarray, name: str) -> np.ndarray:
+    """Apply Modality LUT, VOI LUT / window and MONOCHROME1 inversion; return float32 HxW.
+
+    BitsStored is honoured by pydicom's decoders (unused high bits masked, signed values extended).
+    """
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    samples = _int_or(ds.get("SamplesPerPixel", 1), 1)
+    if samples > 1 or arr.ndim == 3:
+        # Colour secondary captures of radiographs exist; pydicom has already converted YBR to RGB.
+        if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+            raise ImageDecodeError(f"{name} has an unexpected pixel array shape {arr.shape}")
+        return _luma(arr)
+    if arr.ndim != 2:
+        raise ImageDecodeError(f"{name} has an unexpected pixel array shape {arr.shape}")
+    if photometric not in ("MONOCHROME1", "MONOCHROME2", ""):
+        raise ImageDecodeError(f"{name} has unsupported PhotometricInterpretation {photometric}")
+
+    pixels = _modality_lut(ds, arr, name)
+    pixels = _voi(ds, pixels, name)
+    if photometric == "MONOCHROME1":  # low values are bright: flip within the image's own range
+        pixels = (float(pixels.max()) + float(pixels.min())) - pixels
+    return _finite(pixels)
+
+
+def _modality_lut(ds, arr: np.ndarray, name: str) -> np.ndarray:
+    """Stored values -> modality units. Rescale is done in float32 here: pydicom's float64 path costs
+    several times more on a 10-megapixel radiograph; a Modality LUT Sequence goes through pydicom."""
+    from pydicom.pixels import apply_modality_lut
+
+    if "ModalityLUTSequence" in ds:
+        try:
+            return np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+        except Exception as exc:
+            logger.warning("%s: ignoring unusable Modality LUT (%s)", name, exc)
+    pixels = arr.astype(np.float32)
+    try:
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError) as exc:
+        logger.warning("%s: ignoring unusable rescale slope/intercept (%s)", name, exc)
+        return pixels
+    if slope != 1.0:
+        pixels *= np.float32(slope)
+    if intercept != 0.0:
+        pixels += np.float32(intercept)
+    return pixels
+
+
+def _voi(ds, pixels: np.ndarray, name: str) -> np.ndarray:
+    """Apply the first VOI LUT or window. A linear window is a clip to its bounds (the affine part is
+    redone by prepare's percentile scaling), which is far cheaper than pydicom's float64 windowing;
+    VOI LUT sequences and SIGMOID windows go through pydicom's apply_voi_lut."""
+    from pydicom.pixels import apply_voi_lut
+
+    has_lut = "VOILUTSequence" in ds
+    has_window = "WindowCenter" in ds and "WindowWidth" in ds
+    if not has_lut and not has_window:
+        return pixels
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    if has_lut or function == "SIGMOID":
+        # a LUT is indexed by integer modality values; a float array would make pydicom warn and guess
+        voi_input = np.rint(pixels).astype(np.int64) if has_lut else pixels
+        try:
+            return np.asarray(apply_voi_lut(voi_input, ds, index=0, prefer_lut=True), dtype=np.float32)
+        except Exception as exc:
+            logger.warning("%s: ignoring unusable VOI LUT / window (%s)", name, exc)
+            return pixels
+    try:
+        center = float(_first(ds.WindowCenter))
+        width = float(_first(ds.WindowWidth))
+    except (TypeError, ValueError, IndexError) as exc:
+        logger.warning("%s: ignoring unusable window (%s)", name, exc)
+        return pixels
+    if function == "LINEAR_EXACT" and width > 0:
+        lo, hi = center - width / 2, center + width / 2
+    elif width >= 1:
+        lo, hi = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+    else:
+        logger.warning("%s: ignoring window with width %s", name, width)
+        return pixels
+    if hi <= lo:
+        # a one-value window keeps only "above or below centre"; keep that rather than a flat image
+        return np.where(pixels > lo, np.float32(1), np.float32(0))
+    return np.clip(pixels, np.float32(lo), np.float32(hi), out=pixels)
+
+
+def _first(value: object) -> object:
+    """First value of a possibly multi-valued DICOM element."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return value[0]
+    return value
+
+
+def _pixel_spacing(ds) -> tuple[float, float] | None:
+    """PixelSpacing, else ImagerPixelSpacing, as (row, column) mm; zero or garbage means unknown."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        if value is None:
+            continue
+        try:
+            row, col = (float(v) for v in value)
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite(row) and np.isfinite(col) and row > 0 and col > 0:
+            return row, col
+    return None
+
+
+def _sop_class_name(ds) -> str:
+    uid = ds.get("SOPClassUID")
+    if uid is None:
+        return ""
+    return str(getattr(uid, "name", uid))
+
+
+def _int_or(value: object, default: int) -> int:
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return default
+
+
+def _decode_pillow(data: bytes, name: str, kind: str, *, max_pixels: int) -> Radiograph:
+    pil_format = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF"}[kind]
+    try:
+        im = Image.open(io.BytesIO(data), formats=[pil_format])  # reads the header only
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"{name} is too large to decode safely ({exc})") from exc
+    except Exception as exc:
+        raise ImageDecodeError(f"{name} is not a readable {kind.upper()} file ({exc})") from exc
+    with im:
+        width, height = im.size
+        if width <= 0 or height <= 0:
+            raise ImageDecodeError(f"{name} is an empty image ({width} x {height} pixels)")
+        if width * height > max_pixels:
+            raise ImageDecodeError(
+                f"{name} declares {height} x {width} pixels, more than the limit of {max_pixels:,}"
+            )
+        frames = getattr(im, "n_frames", 1)
+        if frames > 1:
+            raise ImageDecodeError(f"{name} holds {frames} frames; a radiograph has one")
+        try:
+            im.load()
+            im = ImageOps.exif_transpose(im) if kind != "png" else im
+            pixels = _pillow_to_grey(im)
+        except ImageDecodeError:
+            raise
+        except Exception as exc:
+            raise ImageDecodeError(f"{name} is a damaged or truncated {kind.upper()} file ({exc})") from exc
+    logger.debug("decoded %s %s: %dx%d", kind, name, width, height)
+    return Radiograph(pixels=pixels, source_format=kind, pixel_spacing=None, identifiers={})
+
+
+def _pillow_to_grey(im: Image.Image) -> np.ndarray:
+    """Float32 HxW grey from any Pillow mode, keeping 16-bit and float precision; alpha dropped."""
+    mode = im.mode
+    if mode in ("L", "I", "F") or mode.startswith("I;16"):
+        pixels = np.asarray(im).astype(np.float32)
+    elif mode == "1":
+        pixels = np.asarray(im, dtype=np.float32)
+    elif mode in ("LA", "La"):
+        pixels = np.asarray(im.getchannel(0), dtype=np.float32)
+    elif mode in ("RGB", "RGBA", "RGBX", "RGBa"):
+        pixels = _luma(np.asarray(im))
+    elif mode in ("P", "PA"):
+        pixels = _luma(np.asarray(im.convert("RGB")))
+    else:  # CMYK, YCbCr, LAB, ...
+        pixels = _luma(np.asarray(im.convert("RGB")))
+    if pixels.ndim != 2:
+        raise ImageDecodeError(f"unexpected decoded shape {pixels.shape} for mode {mode}")
+    return _finite(pixels)
+
+
+def _luma(arr: np.ndarray) -> np.ndarray:
+    return np.asarray(arr[..., :3], dtype=np.float32) @ _LUMA
+
+
+def _finite(pixels: np.ndarray) -> np.ndarray:
+    """Replace NaN/inf (only float sources can hold them) so percentiles and resizing stay sane."""
+    if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+        finite = pixels[np.isfinite(pixels)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        pixels = np.nan_to_num(pixels, nan=lo, posinf=hi, neginf=lo)
+    return np.ascontiguousarray(pixels, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# model input
+
+
+def prepare(image: Radiograph | np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """Float32 (size, size) in [0, 1]: resize keeping aspect, percentile window, then pad or crop.
+
+    The percentile window is measured on the resized image (before padding): the same statistics at a
+    fraction of the cost of sorting a full-resolution radiograph, and robust to burned-in text and
+    collimator edges. Padding is 0, i.e. the darkest value, like the air around a patient.
+    """
+    pixels = _array_to_grey(np.asarray(image.pixels if isinstance(image, Radiograph) else image))
+    if pixels.ndim != 2 or pixels.shape[0] == 0 or pixels.shape[1] == 0:
+        raise ImageDecodeError(f"expected a non-empty 2-D image, got shape {pixels.shape}")
+    size = config.size
+    height, width = pixels.shape
+    scale = size / (max(height, width) if config.fit == "pad" else min(height, width))
+    new_h = max(1, round(height * scale))
+    new_w = max(1, round(width * scale))
+    if config.fit == "crop":
+        new_h, new_w = max(new_h, size), max(new_w, size)
+
+    resized = _resize(pixels, new_h, new_w)
+    if not np.isfinite(resized).all():  # rare: a float array with NaN/inf handed in directly
+        resized = _resize(_finite(np.asarray(pixels, dtype=np.float32)), new_h, new_w)
+
+    lo, hi = np.percentile(resized, [config.low_percentile, config.high_percentile])
+    if hi > lo:
+        scaled = (resized - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+        np.clip(scaled, 0.0, 1.0, out=scaled)
+    else:  # constant image: nothing to show, and no division by zero
+        scaled = np.zeros_like(resized)
+
+    if config.fit == "pad":
+        out = np.zeros((size, size), dtype=np.float32)
+        top, left = (size - new_h) // 2, (size - new_w) // 2
+        out[top : top + new_h, left : left + new_w] = scaled
+    else:
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+        out = np.ascontiguousarray(scaled[top : top + size, left : left + size])
+    return out
+
+
+def _resize(pixels: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
+    """Anti-aliased bilinear resize of a float image (Pillow 'F'; reducing_gap=3 keeps it fair and fast)."""
+    src = np.ascontiguousarray(pixels, dtype=np.float32)
+    if src.shape == (new_h, new_w):
+        return src.copy()
+    im = Image.fromarray(src)
+    out = im.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(out, dtype=np.float32).copy()
+
+
+def _array_to_grey(arr: np.ndarray) -> np.ndarray:
+    """Accept HxW, HxWx1 and HxWx3/4 arrays so callers can pass what they have."""
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    elif arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        arr = _luma(arr)
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.float32)
+    return np.asarray(arr, dtype=np.float32)
+
+
+def to_tensor(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(N, S, S) or (S, S) in [0, 1] -> (N, 1, S, S) float32 normalised to [-1, 1] as (x - 0.5) / 0.5."""
+    if isinstance(batch, torch.Tensor):
+        t = batch.to(torch.float32)
+    else:
+        arr = np.asarray(batch, dtype=np.float32)
+        if not arr.flags.writeable or not arr.flags.c_contiguous:
+            arr = np.array(arr, dtype=np.float32, order="C")
+        t = torch.from_numpy(arr)
+    if t.ndim == 2:
+        t = t[None, None]
+    elif t.ndim == 3:
+        t = t[:, None]
+    elif not (t.ndim == 4 and t.shape[1] == 1):
+        raise ValueError(f"expected (S, S), (N, S, S) or (N, 1, S, S), got shape {tuple(t.shape)}")
+    return (t - 0.5) / 0.5

@@ -1,0 +1,67 @@
+"""The checkpoint format and the embedder: round trip, model id, unit vectors, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.embedder import Embedder
+
+
+def test_checkpoint_round_trip_and_content_id(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    payload = load_checkpoint(tiny_checkpoint)
+    assert payload["model_id"].startswith("tiny-test-") and len(payload["model_id"]) == len("tiny-test-") + 12
+    assert payload["preprocess"]["size"] == 64 and payload["backbone"]["embedding_dim"] == 128
+    assert all(v.dtype == torch.float16 for v in payload["state_dict"].values() if v.is_floating_point())
+    again = save_checkpoint(
+        tmp_path / "copy.pt",
+        name="tiny-test",
+        backbone_config=payload["backbone"],
+        preprocess_config=payload["preprocess"],
+        state_dict=payload["state_dict"],
+        calibration=payload["calibration"],
+    )
+    assert again == payload["model_id"]  # same content, same id
+    changed = dict(payload["state_dict"])
+    key = next(k for k, v in changed.items() if v.is_floating_point() and v.numel() > 1)
+    changed[key] = changed[key] + 1
+    other = save_checkpoint(
+        tmp_path / "other.pt",
+        name="tiny-test",
+        backbone_config=payload["backbone"],
+        preprocess_config=payload["preprocess"],
+        state_dict=changed,
+        calibration=payload["calibration"],
+    )
+    assert other != payload["model_id"]
+
+
+def test_not_a_checkpoint(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(bad)
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="missing keys"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError):
+        Embedder.from_checkpoint(tmp_path / "absent.pt")
+
+
+def test_embed_gives_unit_vectors_deterministically(
+    tiny_checkpoint: Path, phantom_images: list[Path]
+) -> None:
+    embedder = Embedder.from_checkpoint(tiny_checkpoint)
+    assert embedder.dim == 128 and embedder.model_id.startswith("tiny-test-")
+    vectors = embedder.embed(phantom_images[:5], batch_size=2)
+    assert vectors.shape == (5, 128) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    from_bytes = embedder.embed([phantom_images[0].read_bytes()])
+    assert np.allclose(from_bytes[0], vectors[0], atol=1e-5)
+    assert embedder.embed([]).shape == (0, 128)
+    described = embedder.describe()
+    assert described["model_id"] == embedder.model_id and "calibration" in described
