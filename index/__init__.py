@@ -1,0 +1,26 @@
+"""The gallery: FAISS index + SQLite metadata and vectors (numpy only, no torch)."""
+
+from .gallery import Gallery, cluster_pairs
+from .records import (
+    DuplicatePair,
+    GalleryError,
+    GalleryLockedError,
+    GalleryModelMismatchError,
+    GalleryValidationError,
+    ImageRecord,
+    Match,
+    NewImage,
+)
+
+__all__ = [
+    "DuplicatePair",
+    "Gallery",
+    "GalleryError",
+    "GalleryLockedError",
+    "GalleryModelMismatchError",
+    "GalleryValidationError",
+    "ImageRecord",
+    "Match",
+    "NewImage",
+    "cluster_pairs",
+]

@@ -1,0 +1,70 @@
+"""Crash-safe file writes: temp file in the same directory, fsync, rename, fsync the directory.
+
+A reader (or a process restarted after kill -9 / power loss) then sees either the old file or the new
+one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in ``path`` durable (POSIX needs the directory itself synced)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_path_for(path: Path) -> Path:
+    """A unique hidden temp name next to ``path`` (same filesystem, so os.replace is atomic)."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None], *, sync_dir: bool = True) -> None:
+    """Call ``write(tmp)`` to fill a temp file, then fsync it and rename it over ``path``."""
+    tmp = temp_path_for(path)
+    try:
+        write(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+    def _write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(path, _write, sync_dir=sync_dir)
+
+
+def remove_stale_temps(directory: Path, name: str) -> None:
+    """Delete temp files a crashed writer left behind for ``name``."""
+    for p in directory.glob(f".{name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            p.unlink()

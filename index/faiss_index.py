@@ -1,0 +1,489 @@
+"""The FAISS side of the gallery: an inner-product index keyed by SQLite image ids.
+
+It is a cache of the vectors in SQLite, never the truth: the gallery rebuilds it from SQLite whenever
+the saved file is missing, unreadable or tagged with another generation.
+
+Index layouts (``factory`` is a ``faiss.index_factory`` string, metric always inner product):
+- "Flat" (default): ``IndexIDMap(IndexFlatIP)``, exact.
+- IVF ("IVF256,Flat", "IVF1024,PQ32", ...): the IVF index holds the ids itself (``add_with_ids``);
+  it is *not* wrapped in IndexIDMap because IndexIDMap.remove_ids renumbers its map while IVF keeps
+  its stored labels, which corrupts the mapping. IVF needs training: with too few vectors the index
+  falls back to Flat (logged) and is trained at the next rebuild that has enough (``Gallery.save()``
+  or the next open).
+- HNSW ("HNSW32", ...) and anything else: wrapped in ``IndexIDMap``. HNSW cannot remove vectors, so a
+  delete only *tombstones* the id: searches filter tombstoned ids out (IDSelectorNot) and the gallery
+  compacts (rebuilds from SQLite) once tombstones pass 10% of the index and always before saving.
+
+Collection filters go into FAISS as ``IDSelectorBatch`` search parameters; for index types that
+reject selectors the search falls back to over-fetching and filtering.
+
+Thread safety: a reader-writer lock; searches run concurrently (FAISS search is const), add/remove
+take it exclusively. SearchParameters objects are built per call and never shared: IndexIDMap swaps
+the selector inside them during a search, so sharing one between threads would race.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from ._fs import atomic_write, fsync_dir, remove_stale_temps
+from .records import GalleryValidationError
+
+log = logging.getLogger(__name__)
+
+TAG_FORMAT = 1
+TOMBSTONE_COMPACT_FRACTION = 0.10
+_MIN_POINTS_PER_CENTROID = 39  # faiss k-means warns below this
+_MAX_POINTS_PER_CENTROID = 256  # and subsamples above it
+
+
+class RWLock:
+    """Many readers or one writer; waiting writers block new readers so writes are not starved.
+
+    Not reentrant: never take it twice in one thread.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+@dataclass
+class AllowedIds:
+    """The ids a search may return (one collection), with its FAISS selector built once and cached."""
+
+    ids: np.ndarray  # int64, sorted
+    _selector: object | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def selector(self) -> faiss.IDSelector:
+        with self._lock:
+            if self._selector is None:
+                # IDSelectorBatch copies the ids into its own hash set; is_member is const, so one
+                # selector can serve concurrent searches.
+                self._selector = faiss.IDSelectorBatch(self.ids)
+            return self._selector
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def normalise_factory(factory: str) -> str:
+    """Canonical factory string: strip whitespace and a leading IDMap (the gallery adds its own)."""
+    f = "".join(str(factory).split())
+    for prefix in ("IDMap2,", "IDMap,"):
+        if f.startswith(prefix):
+            f = f[len(prefix) :]
+    if not f:
+        raise GalleryValidationError("index_factory is empty")
+    return f
+
+
+def min_training_points(base: faiss.Index, factory: str) -> int:
+    """How many vectors training needs before we trust it (heuristic: 39 points per centroid)."""
+    if base.is_trained:
+        return 0
+    ivf = faiss.try_extract_index_ivf(base)
+    need = _MIN_POINTS_PER_CENTROID * int(ivf.nlist) if ivf is not None else 1000
+    if "PQ" in factory.upper():
+        need = max(need, _MIN_POINTS_PER_CENTROID * 256)
+    return need
+
+
+def _make_base(dim: int, factory: str) -> faiss.Index:
+    try:
+        return faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise GalleryValidationError(f"invalid index_factory {factory!r}: {exc}") from exc
+
+
+def validate_factory(dim: int, factory: str) -> str:
+    """Check early (at Gallery open) that FAISS understands ``factory``; returns the canonical form."""
+    f = normalise_factory(factory)
+    if f != "Flat":
+        _make_base(dim, f)
+    return f
+
+
+class VectorIndex:
+    """One FAISS index over unit vectors, keyed by int64 image ids. Build with ``VectorIndex.build``."""
+
+    def __init__(
+        self,
+        index: faiss.Index,
+        *,
+        dim: int,
+        factory: str,
+        effective_factory: str,
+        nprobe: int,
+        ef_search: int,
+    ) -> None:
+        self.dim = int(dim)
+        self.factory = factory  # what the gallery asked for
+        self.effective_factory = effective_factory  # what was built ("Flat" when IVF could not train)
+        self.nprobe = int(nprobe)
+        self.ef_search = int(ef_search)
+        self._index = index
+        self._lock = RWLock()
+        self._tombstones: set[int] = set()
+        self._tomb_sel: tuple[object, object] | None = None  # (IDSelectorBatch, IDSelectorNot), kept alive
+        self._selector_ok = True
+        self._ivf = faiss.try_extract_index_ivf(index)
+        self._native_ids = self._ivf is not None and not isinstance(index, faiss.IndexIDMap)
+        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else None
+        self._hnsw = inner if isinstance(inner, faiss.IndexHNSW) else None
+        # HNSW has no remove_ids; other layouts are tried and fall back to tombstones if they refuse
+        self._can_remove = self._hnsw is None
+        self._apply_search_settings()
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def empty(
+        cls, dim: int, factory: str, *, nprobe: int, ef_search: int, effective_factory: str | None = None
+    ) -> VectorIndex:
+        """An empty index; IVF-like factories that need training come back as Flat."""
+        eff = effective_factory or factory
+        if eff == "Flat":
+            index = faiss.IndexIDMap(faiss.IndexFlatIP(int(dim)))
+        else:
+            base = _make_base(dim, eff)
+            # IVF keeps ids itself; anything else gets an IndexIDMap
+            index = base if faiss.try_extract_index_ivf(base) is not None else faiss.IndexIDMap(base)
+        return cls(index, dim=dim, factory=factory, effective_factory=eff, nprobe=nprobe, ef_search=ef_search)
+
+    @classmethod
+    def build(
+        cls,
+        dim: int,
+        factory: str,
+        *,
+        nprobe: int,
+        ef_search: int,
+        count: int,
+        train_sample: Callable[[int], np.ndarray],
+        chunks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+    ) -> VectorIndex:
+        """Build from the stored vectors: train if the factory needs it and there are enough, add all.
+
+        ``train_sample(n)`` returns up to n stored vectors (n, dim); ``chunks()`` yields (ids, vectors).
+        """
+        effective = factory
+        if factory != "Flat":
+            base = _make_base(dim, factory)
+            need = min_training_points(base, factory)
+            if need and count < need:
+                if count:
+                    log.warning(
+                        "index_factory %r needs at least %d vectors to train, the gallery has %d: "
+                        "using an exact Flat index until then (trained at the next save() or open)",
+                        factory,
+                        need,
+                        count,
+                    )
+                else:
+                    log.info(
+                        "empty gallery: index_factory %r starts as Flat until it can be trained", factory
+                    )
+                effective = "Flat"
+        vi = cls.empty(dim, factory, nprobe=nprobe, ef_search=ef_search, effective_factory=effective)
+        if not vi._index.is_trained:
+            ivf = vi._ivf
+            cap = _MAX_POINTS_PER_CENTROID * int(ivf.nlist) if ivf is not None else 100_000
+            cap = max(cap, min_training_points(vi._index, factory))
+            x = np.ascontiguousarray(train_sample(min(count, cap)), dtype=np.float32)
+            log.info("training %s on %d vectors", factory, x.shape[0])
+            vi._index.train(x)
+        for ids, vecs in chunks():
+            if len(ids):
+                vi._index.add_with_ids(
+                    np.ascontiguousarray(vecs, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
+                )
+        return vi
+
+    def _apply_search_settings(self) -> None:
+        if self._ivf is not None:
+            self._ivf.nprobe = self.nprobe
+        if self._hnsw is not None:
+            self._hnsw.hnsw.efSearch = self.ef_search
+
+    # ---------------------------------------------------------------- state
+    @property
+    def ntotal(self) -> int:
+        """Live vectors (tombstoned ones excluded)."""
+        return int(self._index.ntotal) - len(self._tombstones)
+
+    @property
+    def tombstone_count(self) -> int:
+        return len(self._tombstones)
+
+    @property
+    def needs_compaction(self) -> bool:
+        n = int(self._index.ntotal)
+        return bool(self._tombstones) and len(self._tombstones) > TOMBSTONE_COMPACT_FRACTION * max(n, 1)
+
+    @property
+    def is_fallback(self) -> bool:
+        return self.effective_factory != self.factory
+
+    def ids(self) -> np.ndarray:
+        """Sorted live ids actually held by FAISS (read from the index itself, for consistency checks)."""
+        with self._lock.read():
+            if self._native_ids:
+                ivf = self._ivf
+                parts = []
+                invlists = ivf.invlists
+                for list_no in range(ivf.nlist):
+                    size = invlists.list_size(list_no)
+                    if size:
+                        ptr = invlists.get_ids(list_no)
+                        parts.append(faiss.rev_swig_ptr(ptr, size).copy())
+                        invlists.release_ids(list_no, ptr)
+                ids = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+            else:
+                ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+            if self._tombstones:
+                ids = ids[~np.isin(ids, np.fromiter(self._tombstones, dtype=np.int64))]
+        return np.sort(ids)
+
+    # ---------------------------------------------------------------- mutation
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        i = np.ascontiguousarray(ids, dtype=np.int64)
+        with self._lock.write():
+            self._index.add_with_ids(x, i)
+
+    def remove(self, ids: Iterable[int]) -> None:
+        """Remove ids (Flat / IVF) or tombstone them (HNSW and other indexes without remove_ids)."""
+        arr = np.asarray(sorted({int(i) for i in ids}), dtype=np.int64)
+        if not arr.size:
+            return
+        with self._lock.write():
+            if self._can_remove:
+                try:
+                    self._index.remove_ids(arr)  # throws before changing anything when unsupported
+                    return
+                except RuntimeError:
+                    log.info("index %r cannot remove ids: tombstoning deletes", self.effective_factory)
+                    self._can_remove = False
+            self._tombstones.update(int(i) for i in arr)
+            # built here, under the exclusive lock, so concurrent searches share one live selector;
+            # the tuple keeps the inner IDSelectorBatch alive as long as the IDSelectorNot using it
+            batch = faiss.IDSelectorBatch(np.fromiter(self._tombstones, dtype=np.int64))
+            self._tomb_sel = (batch, faiss.IDSelectorNot(batch))
+
+    # ---------------------------------------------------------------- search
+    def _params(self, sel: object | None) -> faiss.SearchParameters | None:
+        if self._ivf is not None:
+            return (
+                faiss.SearchParametersIVF(nprobe=self.nprobe, sel=sel)
+                if sel is not None
+                else faiss.SearchParametersIVF(nprobe=self.nprobe)
+            )
+        if self._hnsw is not None:
+            return (
+                faiss.SearchParametersHNSW(efSearch=self.ef_search, sel=sel)
+                if sel is not None
+                else faiss.SearchParametersHNSW(efSearch=self.ef_search)
+            )
+        return faiss.SearchParameters(sel=sel) if sel is not None else None
+
+    def _tombstone_selector(self) -> tuple[object, object] | None:
+        """(IDSelectorBatch, IDSelectorNot) excluding tombstones; hold the tuple while searching."""
+        return self._tomb_sel if self._tombstones else None
+
+    def search(
+        self, query: np.ndarray, k: int, allowed: AllowedIds | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) for one query (1, dim), best first, restricted to ``allowed`` if given."""
+        q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
+        with self._lock.read():
+            n_live = self.ntotal
+            if allowed is not None:
+                n_live = min(n_live, len(allowed))
+            k = min(int(k), n_live)
+            if k <= 0:
+                return np.empty(0, dtype=np.float32), np.empty(0, dtype=np.int64)
+            if self._selector_ok:
+                tomb = self._tombstone_selector()  # local ref keeps both selectors alive
+                sel = tomb[1] if tomb is not None else None
+                if allowed is not None:  # collection ids come from SQLite: no deleted ids in them
+                    sel = allowed.selector()
+                try:
+                    params = self._params(sel)
+                    if params is None:
+                        dist, lab = self._index.search(q, k)
+                    else:
+                        dist, lab = self._index.search(q, k, params=params)
+                    return self._clean(dist[0], lab[0])
+                except RuntimeError as exc:
+                    if sel is None:
+                        raise
+                    log.warning(
+                        "index %r does not take ID selectors (%s); filtering by over-fetching",
+                        self.effective_factory,
+                        str(exc).splitlines()[-1],
+                    )
+                    self._selector_ok = False
+            return self._search_overfetch(q, k, allowed)
+
+    def _search_overfetch(
+        self, q: np.ndarray, k: int, allowed: AllowedIds | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        total = int(self._index.ntotal)
+        fetch = min(total, max(4 * k, k + len(self._tombstones)))
+        tomb = np.fromiter(self._tombstones, dtype=np.int64) if self._tombstones else None
+        while True:
+            dist, lab = self._index.search(q, fetch, params=self._params(None))
+            scores, ids = self._clean(dist[0], lab[0])
+            keep = np.ones(ids.shape, dtype=bool)
+            if allowed is not None:
+                keep &= np.isin(ids, allowed.ids)
+            if tomb is not None:
+                keep &= ~np.isin(ids, tomb)
+            if keep.sum() >= k or fetch >= total:
+                return scores[keep][:k], ids[keep][:k]
+            fetch = min(total, fetch * 4)
+
+    @staticmethod
+    def _clean(dist: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ok = lab >= 0
+        return dist[ok].astype(np.float32), lab[ok].astype(np.int64)
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, path: Path, tag: dict) -> None:
+        """Write the index and its tag (sidecar ``<path>.json``) atomically; the tag carries the file hash.
+
+        Crash between the two renames leaves a sidecar whose hash does not match: the next open rebuilds.
+        """
+        if self._tombstones:
+            raise RuntimeError("compact the index before saving it (tombstones present)")
+        digest: dict[str, str] = {}
+
+        def _write_index(tmp: Path) -> None:
+            with self._lock.read():
+                faiss.write_index(self._index, str(tmp))
+            digest["sha256"] = file_sha256(tmp)
+
+        atomic_write(path, _write_index, sync_dir=False)
+        full = dict(
+            tag,
+            format=TAG_FORMAT,
+            sha256=digest["sha256"],
+            factory=self.factory,
+            effective_factory=self.effective_factory,
+            dim=self.dim,
+        )
+        sidecar = sidecar_path(path)
+
+        def _write_tag(tmp: Path) -> None:
+            tmp.write_text(json.dumps(full, sort_keys=True, indent=1))
+
+        atomic_write(sidecar, _write_tag, sync_dir=False)
+        fsync_dir(path.parent)
+
+    @classmethod
+    def load(
+        cls, path: Path, expected_tag: dict, *, factory: str, nprobe: int, ef_search: int
+    ) -> VectorIndex | None:
+        """Load the saved index if its tag matches ``expected_tag`` and its hash checks; else None."""
+        remove_stale_temps(path.parent, path.name)
+        remove_stale_temps(path.parent, sidecar_path(path).name)
+        sidecar = sidecar_path(path)
+        if not path.exists() or not sidecar.exists():
+            log.info("no saved FAISS index at %s", path)
+            return None
+        try:
+            tag = json.loads(sidecar.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("unreadable FAISS tag %s (%s)", sidecar, exc)
+            return None
+        want = dict(expected_tag, format=TAG_FORMAT, factory=factory)
+        stale = {k: (tag.get(k), v) for k, v in want.items() if tag.get(k) != v}
+        if stale:
+            log.info("saved FAISS index is stale: %s", stale)
+            return None
+        try:
+            if file_sha256(path) != tag.get("sha256"):
+                log.warning("saved FAISS index %s does not match its checksum", path)
+                return None
+            index = faiss.read_index(str(path))
+        except (OSError, RuntimeError) as exc:
+            log.warning("unreadable FAISS index %s (%s)", path, exc)
+            return None
+        if index.d != want.get("dim") or index.ntotal != want.get("count"):
+            log.warning(
+                "saved FAISS index %s has d=%d ntotal=%d, expected %s",
+                path,
+                index.d,
+                index.ntotal,
+                {k: want.get(k) for k in ("dim", "count")},
+            )
+            return None
+        eff = tag.get("effective_factory", factory)
+        return cls(
+            index, dim=index.d, factory=factory, effective_factory=eff, nprobe=nprobe, ef_search=ef_search
+        )
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def remove_saved(path: Path) -> None:
+    """Forget the saved index (e.g. before a reindex swaps the vectors)."""
+    for p in (sidecar_path(path), path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+    fsync_dir(path.parent)

@@ -1,0 +1,76 @@
+"""Gallery records and errors: plain dataclasses so the service can turn them into JSON with asdict()."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class GalleryError(Exception):
+    """Base class of every error the gallery raises on purpose."""
+
+
+class GalleryValidationError(GalleryError, ValueError):
+    """The caller passed something the gallery cannot store or search with (bad vector, bad field)."""
+
+
+class GalleryModelMismatchError(GalleryError):
+    """The stored vectors come from another embedding model; they must be re-embedded first."""
+
+
+class GalleryLockedError(GalleryError):
+    """Another process already has this data directory open for writing."""
+
+
+@dataclass
+class NewImage:
+    """What a caller enrols; the vector travels next to it in ``Gallery.add``."""
+
+    patient_id: str | None = None  # None = unknown identity (searchable, never "same patient" by label)
+    collection: str = "default"
+    source_path: str | None = None  # external original (bulk enrol); None when `blob` is given
+    blob: bytes | None = None  # uploaded original bytes, stored under data_dir/images/<sha256>
+    sha256: str | None = None  # of the original; computed from `blob` when omitted
+    sop_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    view: str | None = None
+    study_date: str | None = None
+    split: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ImageRecord:
+    """A stored image: the NewImage fields (blob replaced by stored_path) plus what the gallery assigns."""
+
+    image_id: int
+    model_id: str  # embedding model that produced this row's vector
+    created_at: str  # ISO-8601, UTC
+    stored_path: str | None = None  # absolute path of the stored blob, None when only source_path is known
+    patient_id: str | None = None
+    collection: str = "default"
+    source_path: str | None = None
+    sha256: str | None = None
+    sop_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    view: str | None = None
+    study_date: str | None = None
+    split: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Match:
+    """One search hit; score is the cosine similarity (inner product of unit vectors)."""
+
+    record: ImageRecord
+    score: float
+
+
+@dataclass
+class DuplicatePair:
+    """Two images whose similarity reaches the threshold; a.image_id < b.image_id."""
+
+    a: ImageRecord
+    b: ImageRecord
+    score: float
+    conflict: bool  # both patient ids known and different: one of the labels is probably wrong

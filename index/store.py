@@ -1,0 +1,492 @@
+"""SQLite side of the gallery: schema, connections, queries, and the content-addressed blob store.
+
+SQLite is the source of truth (metadata *and* vectors, float32 little-endian BLOBs). Durability:
+WAL journal with ``synchronous=FULL``, so a transaction is fsynced before COMMIT returns; anything
+``Gallery.add`` acknowledged survives kill -9 and power loss.
+
+Connections: one writer connection (``check_same_thread=False``) used only while holding
+``Store.write_lock`` (an RLock the Gallery also uses for FAISS mutation), and one reader connection
+per thread (created lazily, ``query_only``). WAL lets readers run while the writer commits; each
+reader sees committed data only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ._fs import atomic_write_bytes, fsync_dir
+from .records import GalleryError, ImageRecord
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DB_NAME = "gallery.sqlite"
+IMAGES_DIR = "images"
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_IN_CHUNK = 500  # ids per "IN (...)" query, well below SQLite's variable limit
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS gallery_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    image_id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids of deleted rows are never reused
+    patient_id TEXT,
+    collection TEXT NOT NULL,
+    source_path TEXT,
+    blob_sha256 TEXT,                            -- set when the original is stored under images/
+    sha256 TEXT,
+    sop_instance_uid TEXT,
+    study_instance_uid TEXT,
+    view TEXT,
+    study_date TEXT,
+    split TEXT,
+    tags TEXT NOT NULL DEFAULT '{}',             -- JSON object
+    model_id TEXT NOT NULL,
+    created_at TEXT NOT NULL,                    -- ISO-8601 UTC
+    vector BLOB NOT NULL                         -- float32 little-endian, unit norm
+);
+CREATE INDEX IF NOT EXISTS images_patient ON images(patient_id);
+CREATE INDEX IF NOT EXISTS images_collection ON images(collection);
+CREATE INDEX IF NOT EXISTS images_sha256 ON images(sha256);
+CREATE INDEX IF NOT EXISTS images_blob ON images(blob_sha256);
+-- new vectors of an unfinished reindex (see Gallery.reindex)
+CREATE TABLE IF NOT EXISTS reindex_staging (image_id INTEGER PRIMARY KEY, vector BLOB NOT NULL);
+"""
+
+RECORD_COLUMNS = (
+    "image_id, model_id, created_at, blob_sha256, patient_id, collection, source_path, sha256, "
+    "sop_instance_uid, study_instance_uid, view, study_date, split, tags"
+)
+
+
+def vector_to_blob(v: np.ndarray) -> bytes:
+    return np.ascontiguousarray(v, dtype="<f4").tobytes()
+
+
+def blob_to_vector(b: bytes) -> np.ndarray:
+    return np.frombuffer(b, dtype="<f4").astype(np.float32)
+
+
+def blobs_to_matrix(blobs: Sequence[bytes], dim: int) -> np.ndarray:
+    if not blobs:
+        return np.empty((0, dim), dtype=np.float32)
+    return np.frombuffer(b"".join(blobs), dtype="<f4").astype(np.float32).reshape(len(blobs), -1)
+
+
+class Store:
+    """Owns the SQLite file and the blob directory of one data dir."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.path = data_dir / DB_NAME
+        self.images_dir = (data_dir / IMAGES_DIR).resolve()
+        self.write_lock = threading.RLock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
+        self._writer = self._connect(writer=True)
+        try:
+            self._init_schema()
+        except BaseException:
+            self._writer.close()
+            raise
+
+    # ---------------------------------------------------------------- connections
+    def _connect(self, *, writer: bool) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            if writer:
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise GalleryError(f"SQLite refused WAL mode on {self.path} (got {mode})")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            if not writer:
+                conn.execute("PRAGMA query_only=ON")
+        except sqlite3.Error as exc:
+            raise GalleryError(f"cannot open gallery database {self.path}: {exc}") from exc
+        return conn
+
+    def reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection."""
+        if self._closed:
+            raise GalleryError("gallery is closed")
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect(writer=False)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def read_txn(self) -> Iterator[sqlite3.Connection]:
+        """A consistent snapshot for reads that take several statements."""
+        conn = self.reader()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def write_txn(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT on the writer connection; ROLLBACK on any exception."""
+        with self.write_lock:
+            if self._closed:
+                raise GalleryError("gallery is closed")
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        with self.write_lock:
+            if self._closed:
+                return
+            self._closed = True
+            with contextlib.suppress(sqlite3.Error):
+                self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._writer.close()
+            with self._readers_lock:
+                for conn in self._readers:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.close()
+                self._readers.clear()
+
+    # ---------------------------------------------------------------- schema and meta
+    def _init_schema(self) -> None:
+        with self.write_txn() as conn:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise GalleryError(
+                    f"gallery {self.path} has schema version {row[0]}, newer than this software "
+                    f"({SCHEMA_VERSION}); upgrade cxr-reid"
+                )
+            # future migrations: elif row[0] < SCHEMA_VERSION: migrate step by step, then update
+            if self.meta_get("generation", conn) is None:
+                conn.execute("INSERT INTO gallery_meta (key, value) VALUES ('generation', '0')")
+                conn.execute(
+                    "INSERT INTO gallery_meta (key, value) VALUES ('instance_id', ?)", (os.urandom(8).hex(),)
+                )
+
+    def meta_get(self, key: str, conn: sqlite3.Connection | None = None) -> str | None:
+        row = (
+            (conn or self.reader()).execute("SELECT value FROM gallery_meta WHERE key = ?", (key,)).fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    def meta_set(self, conn: sqlite3.Connection, key: str, value: str | None) -> None:
+        if value is None:
+            conn.execute("DELETE FROM gallery_meta WHERE key = ?", (key,))
+        else:
+            conn.execute(
+                "INSERT INTO gallery_meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, str(value)),
+            )
+
+    def bump_generation(self, conn: sqlite3.Connection) -> int:
+        """Every change to the vector set bumps this inside its transaction; FAISS files carry it."""
+        gen = int(self.meta_get("generation", conn) or 0) + 1
+        self.meta_set(conn, "generation", str(gen))
+        return gen
+
+    def id_stats(self, conn: sqlite3.Connection | None = None) -> dict:
+        """count / max id / id sum: with the generation they tag a saved FAISS file."""
+        c = conn or self.reader()
+        count, max_id, id_sum = c.execute(
+            "SELECT COUNT(*), COALESCE(MAX(image_id), 0), COALESCE(SUM(image_id), 0) FROM images"
+        ).fetchone()
+        return {"count": int(count), "max_id": int(max_id), "id_sum": int(id_sum)}
+
+    # ---------------------------------------------------------------- rows
+    def insert_image(
+        self, conn: sqlite3.Connection, row: dict, vector: np.ndarray, model_id: str, created_at: str
+    ) -> int:
+        cur = conn.execute(
+            "INSERT INTO images (patient_id, collection, source_path, blob_sha256, sha256, sop_instance_uid,"
+            " study_instance_uid, view, study_date, split, tags, model_id, created_at, vector)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row["patient_id"],
+                row["collection"],
+                row["source_path"],
+                row["blob_sha256"],
+                row["sha256"],
+                row["sop_instance_uid"],
+                row["study_instance_uid"],
+                row["view"],
+                row["study_date"],
+                row["split"],
+                json.dumps(row["tags"], sort_keys=True),
+                model_id,
+                created_at,
+                vector_to_blob(vector),
+            ),
+        )
+        return int(cur.lastrowid)
+
+    def to_record(self, row: Sequence) -> ImageRecord:
+        (
+            image_id,
+            model_id,
+            created_at,
+            blob_sha,
+            patient_id,
+            collection,
+            source_path,
+            sha256,
+            sop,
+            study,
+            view,
+            study_date,
+            split,
+            tags,
+        ) = row
+        return ImageRecord(
+            image_id=int(image_id),
+            model_id=model_id,
+            created_at=created_at,
+            stored_path=str(self.blob_path(blob_sha)) if blob_sha else None,
+            patient_id=patient_id,
+            collection=collection,
+            source_path=source_path,
+            sha256=sha256,
+            sop_instance_uid=sop,
+            study_instance_uid=study,
+            view=view,
+            study_date=study_date,
+            split=split,
+            tags=json.loads(tags) if tags else {},
+        )
+
+    def get(self, image_id: int) -> ImageRecord | None:
+        row = (
+            self.reader()
+            .execute(f"SELECT {RECORD_COLUMNS} FROM images WHERE image_id = ?", (int(image_id),))
+            .fetchone()
+        )
+        return None if row is None else self.to_record(row)
+
+    def get_many(self, ids: Sequence[int], conn: sqlite3.Connection | None = None) -> dict[int, ImageRecord]:
+        c = conn or self.reader()
+        out: dict[int, ImageRecord] = {}
+        uniq = list(dict.fromkeys(int(i) for i in ids))
+        for s in range(0, len(uniq), _IN_CHUNK):
+            part = uniq[s : s + _IN_CHUNK]
+            marks = ",".join("?" * len(part))
+            for row in c.execute(f"SELECT {RECORD_COLUMNS} FROM images WHERE image_id IN ({marks})", part):
+                out[int(row[0])] = self.to_record(row)
+        return out
+
+    def get_vector(self, image_id: int) -> np.ndarray | None:
+        row = (
+            self.reader().execute("SELECT vector FROM images WHERE image_id = ?", (int(image_id),)).fetchone()
+        )
+        return None if row is None else blob_to_vector(row[0])
+
+    @staticmethod
+    def _where(patient_id: str | None, collection: str | None) -> tuple[str, list]:
+        clauses, args = [], []
+        if patient_id is not None:
+            clauses.append("patient_id = ?")
+            args.append(patient_id)
+        if collection is not None:
+            clauses.append("collection = ?")
+            args.append(collection)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+    def list_images(
+        self, patient_id: str | None, collection: str | None, offset: int, limit: int
+    ) -> tuple[list[ImageRecord], int]:
+        where, args = self._where(patient_id, collection)
+        with self.read_txn() as c:
+            total = int(c.execute(f"SELECT COUNT(*) FROM images{where}", args).fetchone()[0])
+            rows = c.execute(
+                f"SELECT {RECORD_COLUMNS} FROM images{where} ORDER BY image_id LIMIT ? OFFSET ?",
+                [*args, int(limit), int(offset)],
+            ).fetchall()
+        return [self.to_record(r) for r in rows], total
+
+    def records_with_vectors(
+        self, patient_id: str | None, collection: str | None, dim: int
+    ) -> tuple[list[ImageRecord], np.ndarray]:
+        where, args = self._where(patient_id, collection)
+        rows = (
+            self.reader()
+            .execute(f"SELECT {RECORD_COLUMNS}, vector FROM images{where} ORDER BY image_id", args)
+            .fetchall()
+        )
+        return [self.to_record(r[:-1]) for r in rows], blobs_to_matrix([r[-1] for r in rows], dim)
+
+    def ids(self, collection: str | None = None, conn: sqlite3.Connection | None = None) -> np.ndarray:
+        where, args = self._where(None, collection)
+        c = conn or self.reader()
+        rows = c.execute(f"SELECT image_id FROM images{where} ORDER BY image_id", args).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def count(self) -> int:
+        return int(self.reader().execute("SELECT COUNT(*) FROM images").fetchone()[0])
+
+    def collection_counts(self) -> dict[str, int]:
+        rows = (
+            self.reader()
+            .execute("SELECT collection, COUNT(*) FROM images GROUP BY collection ORDER BY collection")
+            .fetchall()
+        )
+        return {str(c): int(n) for c, n in rows}
+
+    def model_ids(self, conn: sqlite3.Connection | None = None) -> list[str]:
+        rows = (conn or self.reader()).execute("SELECT DISTINCT model_id FROM images").fetchall()
+        return sorted(str(r[0]) for r in rows)
+
+    def iter_vectors(
+        self, collection: str | None = None, chunk: int = 8192, conn: sqlite3.Connection | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) in id order, ``chunk`` rows at a time (keyset pagination, no big OFFSETs)."""
+        c = conn or self.reader()
+        last = -1
+        coll_sql = " AND collection = ?" if collection is not None else ""
+        while True:
+            args: list = [last]
+            if collection is not None:
+                args.append(collection)
+            rows = c.execute(
+                f"SELECT image_id, vector FROM images WHERE image_id > ?{coll_sql} ORDER BY image_id LIMIT ?",
+                [*args, chunk],
+            ).fetchall()
+            if not rows:
+                return
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            yield ids, blobs_to_matrix([r[1] for r in rows], -1)
+            last = int(ids[-1])
+
+    def sample_vectors(self, n: int, conn: sqlite3.Connection | None = None) -> np.ndarray:
+        c = conn or self.reader()
+        rows = c.execute("SELECT vector FROM images ORDER BY RANDOM() LIMIT ?", (int(n),)).fetchall()
+        return blobs_to_matrix([r[0] for r in rows], -1)
+
+    def find_by_sha256(self, sha256: str, collection: str | None) -> ImageRecord | None:
+        where, args = self._where(None, collection)
+        where = (where + " AND" if where else " WHERE") + " sha256 = ?"
+        row = (
+            self.reader()
+            .execute(f"SELECT {RECORD_COLUMNS} FROM images{where} ORDER BY image_id LIMIT 1", [*args, sha256])
+            .fetchone()
+        )
+        return None if row is None else self.to_record(row)
+
+    def delete_rows(
+        self, conn: sqlite3.Connection, where: str, args: Sequence
+    ) -> tuple[list[int], set[str], set[str]]:
+        """Delete matching rows; returns (ids, their collections, blob shas those rows referenced)."""
+        rows = conn.execute(
+            f"SELECT image_id, collection, blob_sha256 FROM images WHERE {where}", list(args)
+        ).fetchall()
+        if not rows:
+            return [], set(), set()
+        ids = [int(r[0]) for r in rows]
+        for s in range(0, len(ids), _IN_CHUNK):
+            part = ids[s : s + _IN_CHUNK]
+            marks = ",".join("?" * len(part))
+            conn.execute(f"DELETE FROM images WHERE image_id IN ({marks})", part)
+            conn.execute(f"DELETE FROM reindex_staging WHERE image_id IN ({marks})", part)
+        return ids, {str(r[1]) for r in rows}, {str(r[2]) for r in rows if r[2]}
+
+    # ---------------------------------------------------------------- blobs
+    def blob_path(self, sha256: str) -> Path:
+        return self.images_dir / sha256[:2] / sha256
+
+    def write_blob(self, data: bytes, sha256: str | None = None) -> tuple[str, bool]:
+        """Store ``data`` content-addressed and durably (temp + fsync + rename + dir fsync).
+
+        Returns (sha256, created): created is False when the file was already there.
+        """
+        sha = sha256 or hashlib.sha256(data).hexdigest()
+        path = self.blob_path(sha)
+        if path.exists():
+            return sha, False
+        new_dir = not path.parent.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
+        if new_dir:
+            fsync_dir(path.parent.parent)
+            fsync_dir(self.images_dir.parent)
+        return sha, True
+
+    def blob_referenced(self, sha256: str, conn: sqlite3.Connection | None = None) -> bool:
+        c = conn or self.reader()
+        return (
+            c.execute("SELECT 1 FROM images WHERE blob_sha256 = ? LIMIT 1", (sha256,)).fetchone() is not None
+        )
+
+    def remove_blobs_if_unreferenced(self, shas: set[str] | list[str]) -> int:
+        """Unlink blob files no row references any more; call with write_lock held, after the commit."""
+        removed = 0
+        with self.write_lock:
+            for sha in shas:
+                if self.blob_referenced(sha, self._writer):
+                    continue
+                path = self.blob_path(sha)
+                try:
+                    path.unlink()
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    log.warning("could not remove stored image %s: %s", path, exc)
+                    continue
+                with contextlib.suppress(OSError):
+                    path.parent.rmdir()  # only succeeds when the shard dir is empty
+        return removed
+
+    def remove_orphan_blobs(self) -> int:
+        """Unlink blob files (and crashed writers' temp files) no row references; write_lock held."""
+        if not self.images_dir.exists():
+            return 0
+        with self.write_lock:
+            referenced = {
+                str(r[0])
+                for r in self._writer.execute(
+                    "SELECT DISTINCT blob_sha256 FROM images WHERE blob_sha256 IS NOT NULL"
+                )
+            }
+            removed = 0
+            for shard in self.images_dir.iterdir():
+                if not shard.is_dir():
+                    continue
+                for f in shard.iterdir():
+                    if f.name.endswith(".tmp") or (f.name not in referenced and _SHA256_RE.match(f.name)):
+                        try:
+                            f.unlink()
+                            removed += 1
+                        except OSError as exc:
+                            log.warning("could not remove %s: %s", f, exc)
+                with contextlib.suppress(OSError):
+                    shard.rmdir()
+        if removed:
+            log.info("removed %d orphaned files under %s", removed, self.images_dir)
+        return removed
