@@ -1,0 +1,225 @@
+"""Gallery and service subcommands of ``cxr-reid``: serve, enroll, reindex, audit.
+
+``register(subparsers)`` adds them to the CLI in ``app/cli.py``. Every command reads the same
+``CXR_REID_*`` settings as the service; its flags override them. Heavy imports happen inside the
+commands so ``cxr-reid --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+log = logging.getLogger("cxr_reid")
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Any:
+    """Settings from the environment, overridden by the flags the user gave."""
+    from .settings import Settings
+
+    given = {
+        "model_path": getattr(args, "model", None),
+        "data_dir": getattr(args, "data_dir", None),
+        **extra,
+    }
+    return Settings(**{key: value for key, value in given.items() if value is not None})
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from models.embedder import DEFAULT_CHECKPOINT
+
+    from .main import create_app
+
+    settings = _settings(args, host=args.host, port=args.port, workers=args.workers)
+    if settings.workers > 1:
+        log.error(
+            "--workers %d: a gallery data dir can be open in one process only (the gallery holds a file "
+            "lock and an in-memory index); run one worker, which serves requests from a thread pool",
+            settings.workers,
+        )
+        return 2
+    checkpoint = settings.model_path or DEFAULT_CHECKPOINT
+    if not checkpoint.is_file():  # fail here, with a plain message, not in uvicorn's start-up traceback
+        what = "checkpoint" if settings.model_path else "the shipped default model (pass --model)"
+        raise FileNotFoundError(f"{what} not found: {checkpoint}")
+    log.info("serving on http://%s:%d (data dir %s)", settings.host, settings.port, settings.data_dir)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        reload=False,
+        access_log=False,  # it logs raw paths and query strings (patient ids); app.access logs templates
+    )
+    return 0
+
+
+def _open(settings: Any, *, allow_model_mismatch: bool = False) -> tuple[Any, Any]:
+    from models.embedder import Embedder
+
+    from .main import configure_torch_threads
+    from .services import open_gallery
+
+    configure_torch_threads(settings.torch_threads)
+    embedder = Embedder.from_checkpoint(settings.model_path)
+    return embedder, open_gallery(embedder, settings, allow_model_mismatch=allow_model_mismatch)
+
+
+def _cmd_enroll(args: argparse.Namespace) -> int:
+    from index import GalleryError
+
+    from .enrollment import bulk_enrol, items_from_source
+
+    settings = _settings(args)
+    items = items_from_source(args.source)
+    if not items:
+        log.error("no images found in %s", args.source)
+        return 1
+    try:
+        embedder, gallery = _open(settings)
+    except GalleryError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        summary = bulk_enrol(
+            embedder,
+            gallery,
+            items,
+            collection=args.collection,
+            copy=args.copy,
+            batch_size=args.batch_size,
+            max_pixels=settings.max_pixels,
+            progress=not args.no_progress,
+        )
+    finally:
+        gallery.close()
+    log.info(
+        "enrolled %d, skipped %d already in collection '%s', failed %d (of %d files)",
+        summary.enrolled,
+        summary.skipped,
+        args.collection,
+        len(summary.failed),
+        summary.total,
+    )
+    return 1 if summary.failed else 0
+
+
+def _cmd_reindex(args: argparse.Namespace) -> int:
+    from index import GalleryError
+
+    from .enrollment import reindex_gallery
+    from .services import InvalidInputError
+
+    settings = _settings(args)
+    try:
+        embedder, gallery = _open(settings, allow_model_mismatch=True)
+    except GalleryError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        count = reindex_gallery(
+            embedder,
+            gallery,
+            batch_size=args.batch_size,
+            max_pixels=settings.max_pixels,
+            progress=not args.no_progress,
+        )
+    except InvalidInputError as exc:
+        log.error(
+            "reindex stopped: %s. Restore the file or delete the image (DELETE /images/{id}), then run "
+            "`cxr-reid reindex` again: it resumes where it stopped",
+            exc,
+        )
+        return 1
+    finally:
+        gallery.close()
+    log.info("re-embedded %d image(s) with model %s", count, embedder.model_id)
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from models.embedder import Embedder
+
+    from .audit import audit_manifest, format_summary
+    from .main import configure_torch_threads
+
+    settings = _settings(args)
+    configure_torch_threads(settings.torch_threads)
+    embedder = Embedder.from_checkpoint(settings.model_path)
+    report = audit_manifest(
+        embedder,
+        args.manifest,
+        far=args.far,
+        threshold=args.threshold,
+        default_far=settings.far,
+        default_threshold=settings.threshold,
+        batch_size=args.batch_size,
+        max_pixels=settings.max_pixels,
+        progress=not (args.no_progress or args.json),
+    )
+    sys.stdout.write((json.dumps(report, indent=2) if args.json else format_summary(report)) + "\n")
+    return 0 if report["clean"] else 1
+
+
+def _common(parser: argparse.ArgumentParser, *, data_dir: bool = True) -> None:
+    parser.add_argument("--model", help="checkpoint (default: CXR_REID_MODEL_PATH, else the shipped model)")
+    if data_dir:
+        parser.add_argument(
+            "--data-dir", help="gallery folder (default: CXR_REID_DATA_DIR, else ./cxr-reid-data)"
+        )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add serve, enroll, reindex and audit to the ``cxr-reid`` command line."""
+    p = subparsers.add_parser("serve", help="run the HTTP service (uvicorn)")
+    p.add_argument("--host", help="bind address (default: CXR_REID_HOST, else 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: CXR_REID_PORT, else 8000)")
+    p.add_argument("--workers", type=int, help="worker processes; the gallery allows only 1")
+    _common(p)
+    p.set_defaults(func=_cmd_serve)
+
+    p = subparsers.add_parser(
+        "enroll",
+        help="bulk-enrol a manifest or a folder of images into a gallery (resumable)",
+        description="Manifest: CSV path,patient_id[,view,split,offset_days,...], paths relative to the CSV. "
+        "Folder: every DICOM/PNG/JPEG/TIFF under it, patient id from the DICOM PatientID or unknown. "
+        "Files already in the collection (same sha256) are skipped, so a rerun resumes.",
+    )
+    p.add_argument("source", metavar="MANIFEST_OR_FOLDER")
+    p.add_argument("--collection", default="default", help="gallery collection (default: default)")
+    p.add_argument("--copy", action="store_true", help="store copies of the originals instead of their paths")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _common(p)
+    p.set_defaults(func=_cmd_enroll)
+
+    p = subparsers.add_parser(
+        "reindex",
+        help="re-embed every gallery image with the current model (resumable)",
+        description="Needed after changing the model: a gallery refuses to serve vectors of another model.",
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _common(p)
+    p.set_defaults(func=_cmd_reindex)
+
+    p = subparsers.add_parser(
+        "audit",
+        help="check that a manifest's splits are patient-disjoint (exit 1 when they leak)",
+        description="Embeds every image of the manifest and reports patient ids in several splits, image "
+        "pairs across splits the model calls the same patient, and pairs with different ids it calls the "
+        "same patient. Exit code 0 clean, 1 leaks found.",
+    )
+    p.add_argument("manifest", metavar="MANIFEST")
+    p.add_argument("--far", help="false-accept rate of the operating point (default: CXR_REID_FAR, 1e-3)")
+    p.add_argument("--threshold", type=float, help="explicit cosine threshold")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print the full report as one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _common(p, data_dir=False)
+    p.set_defaults(func=_cmd_audit)

@@ -1,0 +1,94 @@
+"""FastAPI dependencies: the loaded service, the settings, API-key checks, and upload reading."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, UploadFile
+from fastapi.security import APIKeyHeader
+
+from .services import InvalidInputError, PayloadTooLargeError, ReidService, Upload
+from .settings import Settings, key_fingerprint
+
+log = logging.getLogger(__name__)
+
+#: Image ids are SQLite integers; a larger number can only be a client error (422, not a crash).
+MAX_IMAGE_ID = 2**63 - 1
+
+_api_key_header = APIKeyHeader(
+    name="X-API-Key",
+    auto_error=False,
+    description="one of the keys in CXR_REID_API_KEYS (only when keys are configured)",
+)
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_service(request: Request) -> ReidService:
+    """The model and gallery loaded at start-up (lifespan)."""
+    service = getattr(request.app.state, "service", None)
+    if service is None:
+        raise HTTPException(status_code=503, detail="the service is starting or stopping")
+    return service
+
+
+def require_api_key(
+    request: Request, api_key: Annotated[str | None, Depends(_api_key_header)] = None
+) -> None:
+    """401 unless a configured key is presented (no keys configured: open API).
+
+    Compared in constant time; a wrong key is logged only as a short sha256 prefix.
+    """
+    keys: list[str] = request.app.state.settings.api_key_list
+    if not keys:
+        return
+    if not api_key:
+        raise HTTPException(
+            status_code=401, detail="missing X-API-Key header", headers={"WWW-Authenticate": "ApiKey"}
+        )
+    if not any(hmac.compare_digest(api_key.encode(), key.encode()) for key in keys):
+        route = getattr(request.scope.get("route"), "path", "?")  # the template: no patient ids in logs
+        log.warning("rejected API key sha256:%s for %s %s", key_fingerprint(api_key), request.method, route)
+        raise HTTPException(status_code=401, detail="invalid API key", headers={"WWW-Authenticate": "ApiKey"})
+
+
+ServiceDep = Annotated[ReidService, Depends(get_service)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def read_uploads(files: list[UploadFile], settings: Settings) -> list[Upload]:
+    """Read uploaded files, refusing (413) any over the upload limit and (422) too many or empty ones.
+
+    The request body as a whole was already limited while it streamed in (BodyLimitMiddleware).
+    """
+    if len(files) > settings.max_files:
+        raise InvalidInputError(
+            f"{len(files)} files in one request; at most {settings.max_files} are accepted"
+        )
+    uploads = []
+    for index, upload in enumerate(files):
+        name = upload.filename or f"file #{index + 1}"
+        data = upload.file.read(settings.max_upload_bytes + 1)
+        if len(data) > settings.max_upload_bytes:
+            raise PayloadTooLargeError(
+                f"'{name}' is larger than the upload limit of {settings.max_upload_bytes:,} bytes "
+                "(CXR_REID_MAX_UPLOAD_BYTES)"
+            )
+        if not data:
+            raise InvalidInputError(f"'{name}': the file is empty")
+        uploads.append(Upload(name, data))
+    return uploads
+
+
+def collect_files(*groups: UploadFile | list[UploadFile] | None) -> list[UploadFile]:
+    """Flatten the `file` and `files` form fields into one list (either may be absent)."""
+    out: list[UploadFile] = []
+    for group in groups:
+        if group is None:
+            continue
+        out.extend(group if isinstance(group, list) else [group])
+    return out

@@ -1,0 +1,166 @@
+"""The FastAPI application factory.
+
+``create_app(settings)`` wires routers, middleware and error handlers; the model and the gallery
+are loaded once, in the lifespan, and reached by routes through ``app.state.service``.
+``create_app_from_env`` is the zero-argument factory uvicorn imports (``--factory``), so every
+worker process reads the same ``CXR_REID_*`` environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from index import GalleryError, GalleryLockedError, GalleryModelMismatchError, GalleryValidationError
+from models.embedder import Embedder
+
+from .dependencies import require_api_key
+from .middleware import BodyLimitMiddleware, MetricsMiddleware, ServiceMetrics
+from .routers import duplicates, embed, health, images, search, verify
+from .services import ReidService, ServiceError, open_gallery
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+Chest X-ray patient re-identification: identity embeddings of radiographs, verification
+("same patient?"), search in a gallery of enrolled images, wrong-patient alerts at enrolment, and
+duplicate / conflicting-label discovery.
+
+* Images: DICOM (CR/DX), PNG, JPEG or TIFF, as multipart uploads.
+* Scores are cosine similarities of unit-norm embeddings; `same_patient` is `score >= threshold`,
+  the same rule on every route. The default threshold is the model's calibrated threshold at a
+  false-accept rate of `CXR_REID_FAR` (1e-3); requests may pass `far` or `threshold`.
+* Errors are JSON `{"detail": ...}`: 401 missing/invalid API key, 404 unknown id, 413 upload over the
+  size limit, 422 unusable image or missing/contradictory fields, 503 not ready (e.g. the gallery holds
+  vectors of another model: run `cxr-reid reindex`).
+* With `CXR_REID_API_KEYS` set, every route but /healthz, /readyz and /metrics needs `X-API-Key`.
+"""
+
+TAGS = [
+    {"name": "embed", "description": "Images to identity embeddings."},
+    {"name": "verify", "description": "Is it the same patient? Image vs image, or image vs a patient."},
+    {"name": "images", "description": "The gallery: enrol, list, read and delete images and patients."},
+    {"name": "search", "description": "Nearest gallery images of a query image."},
+    {"name": "duplicates", "description": "Pairs and clusters of near-identical identities in the gallery."},
+    {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
+]
+
+
+def configure_torch_threads(threads: int | None) -> None:
+    """One forward pass at a time may use every core; more threads than cores only thrash."""
+    import torch
+
+    torch.set_num_threads(threads or max(1, min(8, os.cpu_count() or 1)))
+
+
+def build_service(settings: Settings, embedder: Embedder | None, metrics: ServiceMetrics) -> ReidService:
+    """Load the model and open the gallery; a gallery of another model leaves the service unready."""
+    configure_torch_threads(settings.torch_threads)
+    if embedder is None:
+        embedder = Embedder.from_checkpoint(settings.model_path)
+    gallery, problem = None, None
+    try:
+        gallery = open_gallery(embedder, settings)
+    except GalleryModelMismatchError as exc:
+        problem = f"{exc} (run `cxr-reid reindex` to re-embed the gallery with model {embedder.model_id})"
+        log.error("gallery in %s cannot be served: %s", settings.data_dir, problem)
+    except GalleryLockedError as exc:
+        problem = f"{exc}"
+        log.error("gallery in %s cannot be opened: %s", settings.data_dir, problem)
+    service = ReidService(
+        embedder,
+        gallery,
+        default_far=settings.far,
+        default_threshold=settings.threshold,
+        max_pixels=settings.max_pixels,
+        gallery_problem=problem,
+        on_embedded=metrics.embeddings.inc,
+    )
+    log.info(
+        "serving model %s (dim %d) with %d gallery image(s) from %s",
+        embedder.model_id,
+        embedder.dim,
+        service.gallery_size(),
+        settings.data_dir,
+    )
+    return service
+
+
+def create_app(settings: Settings | None = None, *, embedder: Embedder | None = None) -> FastAPI:
+    """Build the app; ``embedder`` may be passed in to share an already loaded model (tests, CLI)."""
+    settings = settings or Settings()
+    metrics = ServiceMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = await run_in_threadpool(build_service, settings, embedder, metrics)
+        app.state.service = service
+        try:
+            yield
+        finally:
+            app.state.service = None
+            await run_in_threadpool(service.close)
+
+    app = FastAPI(
+        title="cxr-reid",
+        summary="Chest X-ray patient re-identification",
+        description=DESCRIPTION,
+        version="0.1.0",
+        openapi_tags=TAGS,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.service = None
+    app.state.metrics = metrics
+    metrics.track_gallery(lambda: app.state.service.gallery_size() if app.state.service is not None else 0)
+
+    secured = [Depends(require_api_key)]
+    app.include_router(health.router)
+    for module in (embed, verify, images, search, duplicates):
+        app.include_router(module.router, dependencies=secured)
+
+    _add_error_handlers(app)
+    # outermost last: metrics see every response, including the body limit's 413
+    app.add_middleware(
+        BodyLimitMiddleware, limit=settings.request_body_limit, upload_limit=settings.max_upload_bytes
+    )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Zero-argument factory for ``uvicorn --factory app.main:create_app_from_env``."""
+    return create_app(Settings())
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Map service and gallery errors to JSON 4xx/503; anything else is a bug (500, logged)."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(GalleryValidationError)
+    async def _gallery_validation(request: Request, exc: GalleryValidationError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(GalleryModelMismatchError)
+    async def _gallery_mismatch(request: Request, exc: GalleryModelMismatchError) -> JSONResponse:
+        return JSONResponse({"detail": f"{exc} (run `cxr-reid reindex`)"}, status_code=503)
+
+    @app.exception_handler(GalleryError)
+    async def _gallery_error(request: Request, exc: GalleryError) -> JSONResponse:
+        log.error("gallery error on %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": f"gallery error: {exc}"}, status_code=500)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal server error"}, status_code=500)

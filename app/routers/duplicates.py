@@ -1,0 +1,71 @@
+"""GET /duplicates: every gallery pair above the threshold, clustered, with label conflicts marked."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from ..dependencies import ServiceDep
+from ..schemas import ClusterOut, DuplicatePairOut, DuplicatesResponse, OperatingPointOut, PairImage
+from ..services import collection_arg
+
+router = APIRouter(tags=["duplicates"])
+
+
+@router.get(
+    "/duplicates",
+    response_model=DuplicatesResponse,
+    summary="Find pairs of gallery images that look like the same patient",
+    description=(
+        "Every pair of gallery images whose score reaches the threshold (default operating point, or "
+        "`far` / `threshold`), best first, paginated with `offset` / `limit` over the pairs. A pair is "
+        "a `conflict` when both patient ids are known and differ: one label is probably wrong, or one "
+        "patient has two ids. `conflicts_only=true` keeps only those. `clusters` are the connected "
+        "components of all (filtered) pairs, largest first; each pair names its cluster. "
+        '`collection`: default "default", "*" = across every collection.'
+    ),
+)
+def find_duplicates(
+    service: ServiceDep,
+    collection: Annotated[str | None, Query(description='"*" = every collection')] = "default",
+    far: Annotated[str | None, Query(description="false-accept rate of the operating point")] = None,
+    threshold: Annotated[float | None, Query(description="explicit cosine threshold")] = None,
+    conflicts_only: Annotated[bool, Query(description="only pairs whose patient ids disagree")] = False,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> DuplicatesResponse:
+    point = service.operating_point(far=far or None, threshold=threshold)
+    where = collection_arg(collection)
+    report = service.duplicates(point=point, collection=where, conflicts_only=conflicts_only)
+    cluster_of = {image_id: n for n, cluster in enumerate(report.clusters) for image_id in cluster}
+    labels: dict[int, str | None] = {}
+    for pair in report.pairs:
+        labels[pair.a.image_id] = pair.a.patient_id
+        labels[pair.b.image_id] = pair.b.patient_id
+    clusters = []
+    for cluster in report.clusters:
+        ids = sorted({labels[i] for i in cluster}, key=lambda p: (p is None, p or ""))
+        known = [p for p in ids if p is not None]
+        clusters.append(ClusterOut(image_ids=cluster, patient_ids=ids, conflict=len(known) > 1))
+    page = report.pairs[offset : offset + limit]
+    return DuplicatesResponse(
+        model_id=service.model_id,
+        collection=where,
+        operating_point=OperatingPointOut.of(point),
+        total_pairs=len(report.pairs),
+        total_conflicts=report.total_conflicts,
+        offset=offset,
+        limit=limit,
+        pairs=[
+            DuplicatePairOut(
+                a=PairImage(image_id=p.a.image_id, patient_id=p.a.patient_id, collection=p.a.collection),
+                b=PairImage(image_id=p.b.image_id, patient_id=p.b.patient_id, collection=p.b.collection),
+                score=p.score,
+                conflict=p.conflict,
+                cluster=cluster_of[p.a.image_id],
+            )
+            for p in page
+        ],
+        clusters=clusters,
+    )

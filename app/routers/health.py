@@ -1,0 +1,62 @@
+"""Liveness, readiness and Prometheus metrics: open even when API keys are configured."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..schemas import ErrorResponse, Health, OperatingPointOut, Readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get(
+    "/healthz",
+    response_model=Health,
+    summary="Liveness: the process is up",
+    description="Always 200 while the process serves HTTP; says nothing about the model or gallery.",
+)
+def healthz() -> Health:
+    return Health()
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    summary="Readiness: model loaded and gallery consistent",
+    description=(
+        "200 when the model is loaded and the gallery is open, holds vectors of this model and its "
+        "FAISS index matches the database. 503 with the reason in `detail` otherwise (for example a "
+        "gallery embedded with another model: run `cxr-reid reindex`)."
+    ),
+    responses={503: {"model": ErrorResponse, "description": "not ready; `detail` says why"}},
+)
+def readyz(request: Request) -> Readiness | JSONResponse:
+    service = request.app.state.service
+    if service is None:
+        return JSONResponse({"detail": "the model is not loaded yet"}, status_code=503)
+    problem = service.readiness_problem()
+    if problem is not None:
+        return JSONResponse({"detail": problem}, status_code=503)
+    return Readiness(
+        model_id=service.model_id,
+        embedding_dim=service.embedder.dim,
+        gallery_images=service.gallery_size(),
+        operating_point=OperatingPointOut.of(service.operating_point()),
+    )
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    description=(
+        "Prometheus text format: `cxr_reid_requests_total` and `cxr_reid_request_duration_seconds` by "
+        "route template, `cxr_reid_embeddings_total`, `cxr_reid_gallery_images`. Per process: with "
+        "several workers each reports its own counts."
+    ),
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "metrics in text format"}},
+)
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

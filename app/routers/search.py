@@ -1,0 +1,81 @@
+"""POST /search: the nearest gallery images of a query image."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+
+from ..dependencies import MAX_IMAGE_ID, ServiceDep, SettingsDep, read_uploads
+from ..schemas import ErrorResponse, ImageRef, MatchOut, OperatingPointOut, SearchResponse
+from ..services import InvalidInputError, collection_arg
+
+router = APIRouter(tags=["search"])
+
+
+@router.post(
+    "/search",
+    response_model=SearchResponse,
+    summary="Find the gallery images most like a query image",
+    description=(
+        "Query by `file` (an upload) or `image_id` (a gallery image, itself excluded from the results). "
+        "Returns up to `k` matches best first, each with its cosine `score` and `same_patient` (score >= "
+        'threshold: the rule /verify uses). `collection`: default "default" for an upload and the '
+        'query image\'s own collection for an `image_id`; "*" searches every collection. Optional '
+        "filters: `patient_id`, `split`; `only_matches=true` keeps only matches at or above the "
+        "threshold. `far` or `threshold` pick the operating point."
+    ),
+    responses={
+        404: {"model": ErrorResponse, "description": "unknown query image id"},
+        413: {"model": ErrorResponse, "description": "upload over the size limit"},
+        422: {"model": ErrorResponse, "description": "unusable image, or missing / contradictory fields"},
+    },
+)
+def search(
+    service: ServiceDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile | None, File(description="query image")] = None,
+    image_id: Annotated[
+        int | None, Form(ge=1, le=MAX_IMAGE_ID, description="query by a gallery image")
+    ] = None,
+    k: Annotated[int, Form(ge=1, le=1000, description="number of matches")] = 10,
+    collection: Annotated[str | None, Form(description='collection to search, "*" = all')] = None,
+    patient_id: Annotated[str | None, Form(description="only images of this patient")] = None,
+    split: Annotated[str | None, Form(description="only images of this split")] = None,
+    only_matches: Annotated[bool, Form(description="only matches at or above the threshold")] = False,
+    far: Annotated[str | None, Form(description="false-accept rate of the operating point")] = None,
+    threshold: Annotated[float | None, Form(description="explicit cosine threshold")] = None,
+) -> SearchResponse:
+    point = service.operating_point(far=far or None, threshold=threshold)
+    if file is not None and image_id is not None:
+        raise InvalidInputError("give either 'file' or 'image_id', not both")
+    if file is None and image_id is None:
+        raise InvalidInputError("missing 'file' (an image) or 'image_id' (a gallery image id)")
+    if image_id is not None:
+        record, vector = service.stored_vector(image_id)
+        query = ImageRef(image_id=record.image_id, patient_id=record.patient_id)
+        where = collection_arg(collection, record.collection)
+        exclude = (record.image_id,)
+    else:
+        decoded, vectors = service.embed_uploads(read_uploads([file], settings))
+        vector, query = vectors[0], ImageRef(filename=decoded[0].filename)
+        where = collection_arg(collection)
+        exclude = ()
+    matches = service.search(
+        vector,
+        k=k,
+        collection=where,
+        point=point,
+        exclude_ids=exclude,
+        patient_id=patient_id or None,
+        split=split or None,
+        only_matches=only_matches,
+    )
+    return SearchResponse(
+        model_id=service.model_id,
+        query=query,
+        collection=where,
+        k=k,
+        operating_point=OperatingPointOut.of(point),
+        matches=[MatchOut.of(m) for m in matches],
+    )

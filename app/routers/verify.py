@@ -1,0 +1,144 @@
+"""POST /verify: same patient? An image against an image, or an image against a patient's gallery."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, File, Form, UploadFile
+
+from ..dependencies import MAX_IMAGE_ID, ServiceDep, SettingsDep, read_uploads
+from ..schemas import ErrorResponse, ImageRef, PairVerification, PatientVerification
+from ..services import InvalidInputError, ReidService, collection_arg, cosine, is_same_patient
+from ..settings import Settings
+
+router = APIRouter(tags=["verify"])
+
+
+def _one_of(file: UploadFile | None, image_id: int | None, file_field: str, id_field: str) -> None:
+    if file is not None and image_id is not None:
+        raise InvalidInputError(f"give either '{file_field}' or '{id_field}', not both")
+    if file is None and image_id is None:
+        raise InvalidInputError(f"missing '{file_field}' (an image) or '{id_field}' (a gallery image id)")
+
+
+def resolve_images(
+    service: ReidService, settings: Settings, sides: list[tuple[UploadFile | None, int | None]]
+) -> tuple[list[ImageRef], np.ndarray]:
+    """Vectors for a mix of uploads (embedded in one batch) and gallery ids (stored vectors)."""
+    files = [file for file, _ in sides if file is not None]
+    uploads = read_uploads(files, settings)
+    decoded, upload_vectors = service.embed_uploads(uploads) if uploads else ([], None)
+    refs, vectors, next_upload = [], [], 0
+    for file, image_id in sides:
+        if file is not None:
+            refs.append(ImageRef(filename=decoded[next_upload].filename))
+            vectors.append(upload_vectors[next_upload])
+            next_upload += 1
+        else:
+            record, vector = service.stored_vector(int(image_id))
+            refs.append(ImageRef(image_id=record.image_id, patient_id=record.patient_id))
+            vectors.append(vector)
+    return refs, np.stack(vectors)
+
+
+@router.post(
+    "/verify",
+    response_model=PairVerification | PatientVerification,
+    summary="Are two radiographs of the same patient? Or: is this radiograph patient X?",
+    description=(
+        "**Pair mode**: side A is `file_a` (an upload) or `image_id_a` (a gallery image), side B is "
+        "`file_b` or `image_id_b`, in any mix. Returns the cosine `score`, the calibrated "
+        "`probability` (P(same patient | score) at a 50/50 prior), `same_patient` (score >= "
+        "threshold) and the `threshold` with the false-accept rate `far` it stands for.\n\n"
+        "**Patient mode**: `file` (or `image_id`) plus `patient_id` [+ `collection`, default "
+        '"default", "*" = all]: the image is scored against every gallery image of that patient '
+        "(itself excluded); the decision uses the best score, and the mean and the number of images "
+        "compared are returned too.\n\n"
+        "Pass `far` (e.g. 1e-4) or `threshold` (a cosine score) for another operating point. "
+        "/search and /images decide with the same rule, so they never disagree on a pair."
+    ),
+    responses={
+        404: {"model": ErrorResponse, "description": "unknown image id, or a patient without images"},
+        413: {"model": ErrorResponse, "description": "upload over the size limit"},
+        422: {"model": ErrorResponse, "description": "unusable image, or missing / contradictory fields"},
+    },
+)
+def verify(
+    service: ServiceDep,
+    settings: SettingsDep,
+    file_a: Annotated[UploadFile | None, File(description="pair mode: first image")] = None,
+    file_b: Annotated[UploadFile | None, File(description="pair mode: second image")] = None,
+    image_id_a: Annotated[
+        int | None, Form(ge=1, le=MAX_IMAGE_ID, description="pair mode: first image, from the gallery")
+    ] = None,
+    image_id_b: Annotated[
+        int | None, Form(ge=1, le=MAX_IMAGE_ID, description="pair mode: second image, from the gallery")
+    ] = None,
+    file: Annotated[UploadFile | None, File(description="patient mode: the image to check")] = None,
+    image_id: Annotated[
+        int | None, Form(ge=1, le=MAX_IMAGE_ID, description="patient mode: a gallery image to check")
+    ] = None,
+    patient_id: Annotated[str | None, Form(description="patient mode: the patient to check against")] = None,
+    collection: Annotated[str | None, Form(description='patient mode: collection, "*" = all')] = None,
+    far: Annotated[
+        str | None, Form(description="false-accept rate of the operating point, e.g. 1e-4")
+    ] = None,
+    threshold: Annotated[float | None, Form(description="explicit cosine threshold")] = None,
+) -> PairVerification | PatientVerification:
+    point = service.operating_point(far=far or None, threshold=threshold)
+    pair_fields = [
+        n
+        for n, v in (
+            ("file_a", file_a),
+            ("file_b", file_b),
+            ("image_id_a", image_id_a),
+            ("image_id_b", image_id_b),
+        )
+        if v is not None
+    ]
+    if patient_id:
+        if pair_fields:
+            raise InvalidInputError(
+                f"patient mode ('patient_id') takes 'file' or 'image_id'; remove {', '.join(pair_fields)}"
+            )
+        _one_of(file, image_id, "file", "image_id")
+        (query,), vectors = resolve_images(service, settings, [(file, image_id)])
+        where = collection_arg(collection)
+        verdict = service.verify_patient(
+            vectors[0], patient_id, collection=where, point=point, exclude_image_id=image_id
+        )
+        return PatientVerification(
+            model_id=service.model_id,
+            query=query,
+            patient_id=patient_id,
+            collection=where,
+            score=verdict.best_score,
+            best_score=verdict.best_score,
+            mean_score=verdict.mean_score,
+            best_image_id=verdict.best_image_id,
+            compared_with=verdict.compared_with,
+            probability=verdict.probability,
+            same_patient=verdict.same_patient,
+            threshold=point.threshold,
+            far=point.far,
+        )
+    if file is not None or image_id is not None or collection:
+        raise InvalidInputError(
+            "'file', 'image_id' and 'collection' need a 'patient_id' (patient mode); to compare two "
+            "images send 'file_a' or 'image_id_a' and 'file_b' or 'image_id_b'"
+        )
+    _one_of(file_a, image_id_a, "file_a", "image_id_a")
+    _one_of(file_b, image_id_b, "file_b", "image_id_b")
+    (ref_a, ref_b), vectors = resolve_images(service, settings, [(file_a, image_id_a), (file_b, image_id_b)])
+    score = cosine(vectors[0], vectors[1])
+    return PairVerification(
+        model_id=service.model_id,
+        a=ref_a,
+        b=ref_b,
+        score=score,
+        probability=service.probability(score),
+        same_patient=is_same_patient(score, point),
+        threshold=point.threshold,
+        far=point.far,
+    )

@@ -1,0 +1,624 @@
+"""The service layer: decode, embed, score, decide, enrol, search. No HTTP here.
+
+The HTTP routes and the command line both call these functions, so every fact has one home:
+how a file becomes a vector (:func:`decode_source`, :meth:`ReidService.embed`), how two vectors
+become a score (:func:`cosine_scores`), how a score becomes a decision (:func:`is_same_patient`),
+and how an operating point is chosen (:func:`resolve_operating_point`). /verify, /search, /images
+and /duplicates all score pairs with the same function from the stored vectors, so they never
+disagree about a pair.
+
+Errors are :class:`ServiceError` subclasses carrying the HTTP status they map to; the web layer
+turns them into ``{"detail": ...}`` responses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from index import DuplicatePair, Gallery, ImageRecord, NewImage, cluster_pairs
+from models.calibration import Calibration
+from models.embedder import Embedder
+from models.preprocess import ImageDecodeError, Radiograph, decode_image
+
+log = logging.getLogger(__name__)
+
+#: Candidates are fetched from FAISS this far below the threshold, then re-scored exactly, so a
+#: float-rounding difference between FAISS and numpy never drops a pair that verify would accept.
+SCORE_SLACK = 1e-4
+#: Enrol-time matches reported per new image.
+ENROL_MATCHES = 5
+#: DICOM identifiers a client may see: never names, birth dates or (from /embed) the PatientID.
+PUBLIC_IDENTIFIERS = ("SOPInstanceUID", "StudyInstanceUID", "ViewPosition")
+ALL_COLLECTIONS = "*"
+
+
+# --------------------------------------------------------------------------------------------------
+# errors
+
+
+class ServiceError(Exception):
+    """A request the service cannot serve; ``status_code`` is the HTTP status it maps to."""
+
+    status_code = 400
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class InvalidInputError(ServiceError):
+    """The client sent something unusable (bad image, contradictory fields): 422."""
+
+    status_code = 422
+
+
+class NotFoundError(ServiceError):
+    status_code = 404
+
+
+class PayloadTooLargeError(ServiceError):
+    status_code = 413
+
+
+class UnavailableError(ServiceError):
+    """The service is up but cannot answer this yet (gallery of another model): 503."""
+
+    status_code = 503
+
+
+# --------------------------------------------------------------------------------------------------
+# scores and decisions
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A cosine threshold and the false-accept rate it stands for on the model's calibration set."""
+
+    threshold: float
+    far: float
+    source: str  # "default" | "far" | "threshold"
+
+
+def resolve_operating_point(
+    calibration: Calibration,
+    *,
+    far: str | float | None = None,
+    threshold: float | None = None,
+    default_far: str = "1e-3",
+    default_threshold: float | None = None,
+) -> OperatingPoint:
+    """Pick the operating point of a request: an explicit threshold, a FAR, or the service default."""
+    if far is not None and threshold is not None:
+        raise InvalidInputError("give either 'far' or 'threshold', not both")
+    if threshold is not None:
+        if not (math.isfinite(threshold) and -1.0 <= threshold <= 1.0):
+            raise InvalidInputError(f"threshold must be a cosine score in [-1, 1], got {threshold}")
+        return OperatingPoint(float(threshold), calibration.far_at(threshold), "threshold")
+    if far is not None:
+        try:
+            value = calibration.threshold_for(far)
+            far_value = float(far)
+        except ValueError as exc:
+            raise InvalidInputError(f"far: {exc}") from None
+        return OperatingPoint(value, far_value, "far")
+    if default_threshold is not None:
+        return OperatingPoint(default_threshold, calibration.far_at(default_threshold), "default")
+    return OperatingPoint(calibration.threshold_for(default_far), float(default_far), "default")
+
+
+def is_same_patient(score: float, point: OperatingPoint) -> bool:
+    """The one decision rule: same patient when the cosine score reaches the threshold."""
+    return bool(score >= point.threshold)
+
+
+def cosine_scores(query: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Cosine scores of one unit vector against rows of unit vectors, in float64, clipped to [-1, 1]."""
+    q = np.asarray(query, dtype=np.float64).reshape(-1)
+    m = np.asarray(vectors, dtype=np.float64).reshape(-1, q.size)
+    return np.clip(m @ q, -1.0, 1.0)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine score of a pair (same arithmetic as :func:`cosine_scores`)."""
+    return float(cosine_scores(a, np.asarray(b)[None, :])[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# images in
+
+
+@dataclass
+class Upload:
+    """Bytes a client sent, with the name it gave them (for messages only)."""
+
+    filename: str
+    data: bytes
+
+
+@dataclass
+class DecodedImage:
+    filename: str
+    data: bytes
+    sha256: str
+    radiograph: Radiograph
+
+    @property
+    def height(self) -> int:
+        return int(self.radiograph.pixels.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.radiograph.pixels.shape[1])
+
+    def public_identifiers(self) -> dict[str, str]:
+        return {k: v for k, v in self.radiograph.identifiers.items() if k in PUBLIC_IDENTIFIERS}
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def decode_source(source: bytes | str | os.PathLike, *, max_pixels: int, name: str) -> Radiograph:
+    """Decode one file or upload; any unusable input becomes :class:`InvalidInputError` naming it."""
+    if isinstance(source, bytes) and not source:
+        raise InvalidInputError(f"{name}: the file is empty")
+    try:
+        return decode_image(source, max_pixels=max_pixels)
+    except ImageDecodeError as exc:
+        raise InvalidInputError(f"{name}: {exc}") from None
+
+
+def decode_uploads(uploads: Sequence[Upload], *, max_pixels: int) -> list[DecodedImage]:
+    """Decode every upload first, so a request with one bad file changes nothing."""
+    out = []
+    for upload in uploads:
+        radiograph = decode_source(upload.data, max_pixels=max_pixels, name=f"'{upload.filename}'")
+        out.append(DecodedImage(upload.filename, upload.data, sha256_of(upload.data), radiograph))
+    return out
+
+
+@dataclass
+class EnrolMetadata:
+    """What a client (or a manifest row) says about an image; DICOM fills what it leaves out."""
+
+    patient_id: str | None = None
+    collection: str = "default"
+    study_instance_uid: str | None = None
+    view: str | None = None
+    study_date: str | None = None
+    split: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def new_image(
+    identifiers: dict[str, str],
+    meta: EnrolMetadata,
+    *,
+    sha256: str,
+    blob: bytes | None = None,
+    source_path: str | None = None,
+) -> NewImage:
+    """The gallery row for an image: the caller's metadata first, its DICOM identifiers for the gaps."""
+    ids = identifiers
+    return NewImage(
+        patient_id=meta.patient_id if meta.patient_id is not None else ids.get("PatientID"),
+        collection=meta.collection,
+        source_path=source_path,
+        blob=blob,
+        sha256=sha256,
+        sop_instance_uid=ids.get("SOPInstanceUID"),
+        study_instance_uid=meta.study_instance_uid or ids.get("StudyInstanceUID"),
+        view=meta.view or ids.get("ViewPosition"),
+        study_date=meta.study_date or ids.get("StudyDate"),
+        split=meta.split,
+        tags=dict(meta.tags),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class ScoredRecord:
+    record: ImageRecord
+    score: float
+    same_patient: bool
+
+
+@dataclass
+class PatientVerdict:
+    patient_id: str
+    collection: str | None
+    best_score: float
+    mean_score: float
+    best_image_id: int
+    compared_with: int
+    same_patient: bool
+    probability: float
+
+
+@dataclass
+class Alert:
+    kind: str  # "matches_other_patient" | "no_match_with_own_images"
+    message: str
+    score: float
+    other_patient_id: str | None = None
+    other_image_id: int | None = None
+    own_best_score: float | None = None
+    own_images: int = 0
+
+
+@dataclass
+class EnrolResult:
+    record: ImageRecord
+    matches: list[ScoredRecord]
+    alert: Alert | None
+    duplicate_of: int | None
+
+
+@dataclass
+class DuplicateReport:
+    pairs: list[DuplicatePair]  # best first; only conflicts when asked for
+    clusters: list[list[int]]  # connected components of `pairs`, largest first
+    total_conflicts: int  # over every pair at the threshold, whatever the filter
+
+
+# --------------------------------------------------------------------------------------------------
+# the service
+
+
+class ReidService:
+    """A loaded model and (when its vectors match the model) a gallery, safe to share across threads.
+
+    Inference is serialised with a lock: torch already spreads one batch over the cores, and
+    concurrent forward passes would only fight for them. The Gallery is thread-safe on its own;
+    enrolments are serialised here as well, so an enrolment's wrong-patient check and its write see
+    the same gallery.
+    """
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        gallery: Gallery | None,
+        *,
+        default_far: str = "1e-3",
+        default_threshold: float | None = None,
+        max_pixels: int = 50_000_000,
+        gallery_problem: str | None = None,
+        on_embedded: Callable[[int], None] | None = None,
+    ) -> None:
+        self.embedder = embedder
+        self._gallery = gallery
+        self.gallery_problem = gallery_problem
+        self.default_far = default_far
+        self.default_threshold = default_threshold
+        self.max_pixels = max_pixels
+        self._on_embedded = on_embedded
+        self._model_lock = threading.Lock()
+        self._enrol_lock = threading.Lock()
+        # fail at start-up, not on the first request, when the default operating point is unusable
+        self.operating_point()
+
+    # ---------------------------------------------------------------- basics
+    @property
+    def model_id(self) -> str:
+        return self.embedder.model_id
+
+    @property
+    def calibration(self) -> Calibration:
+        return self.embedder.calibration
+
+    @property
+    def gallery(self) -> Gallery:
+        """The gallery, or 503 with the reason when it cannot serve (e.g. vectors of another model)."""
+        if self._gallery is None:
+            raise UnavailableError(self.gallery_problem or "no gallery is open")
+        return self._gallery
+
+    def gallery_size(self) -> int:
+        if self._gallery is None:
+            return 0
+        return len(self._gallery)
+
+    def readiness_problem(self) -> str | None:
+        """None when ready; otherwise what is wrong, in words."""
+        if self._gallery is None:
+            return self.gallery_problem or "no gallery is open"
+        if not self._gallery.is_consistent():
+            return "the gallery index does not match its database; restart the service to rebuild it"
+        return None
+
+    def close(self) -> None:
+        if self._gallery is not None:
+            self._gallery.close()
+
+    def operating_point(
+        self, far: str | float | None = None, threshold: float | None = None
+    ) -> OperatingPoint:
+        return resolve_operating_point(
+            self.calibration,
+            far=far,
+            threshold=threshold,
+            default_far=self.default_far,
+            default_threshold=self.default_threshold,
+        )
+
+    def probability(self, score: float) -> float:
+        return float(self.calibration.probability(score))
+
+    # ---------------------------------------------------------------- embedding
+    def embed(self, radiographs: Sequence[Radiograph]) -> np.ndarray:
+        """(N, dim) float32 unit vectors; one forward pass at a time."""
+        with self._model_lock:
+            try:
+                vectors = self.embedder.embed(list(radiographs))
+            except ImageDecodeError as exc:  # prepare() refuses degenerate arrays
+                raise InvalidInputError(str(exc)) from None
+        if self._on_embedded is not None:
+            self._on_embedded(len(radiographs))
+        return vectors
+
+    def embed_uploads(self, uploads: Sequence[Upload]) -> tuple[list[DecodedImage], np.ndarray]:
+        decoded = decode_uploads(uploads, max_pixels=self.max_pixels)
+        return decoded, self.embed([d.radiograph for d in decoded])
+
+    # ---------------------------------------------------------------- gallery reads
+    def record(self, image_id: int) -> ImageRecord:
+        record = self.gallery.get(image_id)
+        if record is None:
+            raise NotFoundError(f"image {image_id} not found")
+        return record
+
+    def stored_vector(self, image_id: int) -> tuple[ImageRecord, np.ndarray]:
+        record = self.gallery.get(image_id)
+        vector = self.gallery.get_vector(image_id) if record is not None else None
+        if record is None or vector is None:
+            raise NotFoundError(f"image {image_id} not found")
+        return record, vector
+
+    def _vectors(self, image_ids: Sequence[int]) -> dict[int, np.ndarray]:
+        """Stored vectors by id, for exact re-scoring (ids deleted meanwhile are left out)."""
+        out = {}
+        for image_id in dict.fromkeys(image_ids):
+            vector = self.gallery.get_vector(image_id)
+            if vector is not None:
+                out[image_id] = vector
+        return out
+
+    # ---------------------------------------------------------------- verify
+    def verify_patient(
+        self,
+        vector: np.ndarray,
+        patient_id: str,
+        *,
+        collection: str | None,
+        point: OperatingPoint,
+        exclude_image_id: int | None = None,
+    ) -> PatientVerdict:
+        """Score an image against every gallery image of one patient; decide on the best score."""
+        records, vectors = self.gallery.patient_images(patient_id, collection=collection)
+        keep = [i for i, r in enumerate(records) if r.image_id != exclude_image_id]
+        if not keep:
+            where = "any collection" if collection is None else f"collection '{collection}'"
+            raise NotFoundError(f"patient '{patient_id}' has no other images in {where}")
+        records = [records[i] for i in keep]
+        scores = cosine_scores(vector, np.asarray(vectors)[keep])
+        best = int(np.argmax(scores))
+        best_score = float(scores[best])
+        return PatientVerdict(
+            patient_id=patient_id,
+            collection=collection,
+            best_score=best_score,
+            mean_score=float(scores.mean()),
+            best_image_id=records[best].image_id,
+            compared_with=len(records),
+            same_patient=is_same_patient(best_score, point),
+            probability=self.probability(best_score),
+        )
+
+    # ---------------------------------------------------------------- search
+    def search(
+        self,
+        vector: np.ndarray,
+        *,
+        k: int,
+        collection: str | None,
+        point: OperatingPoint,
+        exclude_ids: Sequence[int] = (),
+        patient_id: str | None = None,
+        split: str | None = None,
+        only_matches: bool = False,
+    ) -> list[ScoredRecord]:
+        """Best matches first, scored exactly from stored vectors; filters apply before the cut to k."""
+        gallery = self.gallery
+        excluded = set(exclude_ids)
+        threshold = point.threshold - SCORE_SLACK if only_matches else None
+
+        def wanted(record: ImageRecord) -> bool:
+            return (
+                record.image_id not in excluded
+                and (patient_id is None or record.patient_id == patient_id)
+                and (split is None or record.split == split)
+            )
+
+        if patient_id is not None:
+            # every image of one patient: exact, no index needed
+            records, vectors = gallery.patient_images(patient_id, collection=collection)
+            candidates = list(records)
+            vector_of = {r.image_id: v for r, v in zip(records, np.asarray(vectors), strict=True)}
+        else:
+            total = len(gallery)
+            # a few spare candidates: exact re-scoring may reorder near-ties at the cut
+            fetch = k + 8 if split is None else 4 * k + 8
+            while True:
+                fetch = min(fetch, max(total, 1))
+                hits = gallery.search(
+                    vector, k=fetch, collection=collection, threshold=threshold, exclude_ids=tuple(excluded)
+                )
+                candidates = [m.record for m in hits]
+                if len(hits) < fetch or fetch >= total or sum(map(wanted, candidates)) >= k:
+                    break
+                fetch *= 4
+            vector_of = self._vectors([r.image_id for r in candidates])
+
+        results = []
+        for record in candidates:
+            if not wanted(record) or record.image_id not in vector_of:
+                continue
+            score = cosine(vector, vector_of[record.image_id])
+            same = is_same_patient(score, point)
+            if only_matches and not same:
+                continue
+            results.append(ScoredRecord(record, score, same))
+        results.sort(key=lambda r: (-r.score, r.record.image_id))
+        return results[:k]
+
+    # ---------------------------------------------------------------- enrol
+    def enrol(
+        self,
+        decoded: Sequence[DecodedImage],
+        vectors: np.ndarray,
+        meta: EnrolMetadata,
+        *,
+        point: OperatingPoint,
+    ) -> list[EnrolResult]:
+        """File images in the gallery, all or none, with their matches and a wrong-patient alert each.
+
+        Matches and alerts are computed against the gallery as it stood before this request (images of
+        one request are not compared with each other), under the enrolment lock so that no other
+        enrolment slips in between the check and the write.
+        """
+        images = [new_image(d.radiograph.identifiers, meta, sha256=d.sha256, blob=d.data) for d in decoded]
+        with self._enrol_lock:
+            gallery = self.gallery
+            pending = []
+            for image, vector in zip(images, vectors, strict=True):
+                existing = gallery.find_by_sha256(image.sha256, collection=image.collection)
+                matches = self.search(vector, k=ENROL_MATCHES, collection=image.collection, point=point)
+                alert = self._alert(vector, image.patient_id, image.collection, point)
+                pending.append((matches, alert, existing.image_id if existing is not None else None))
+            records = gallery.add(np.asarray(vectors, dtype=np.float32), images)
+        first_by_sha: dict[str, int] = {}
+        results = []
+        for record, (matches, alert, duplicate_of) in zip(records, pending, strict=True):
+            if duplicate_of is None and record.sha256 in first_by_sha:
+                duplicate_of = first_by_sha[record.sha256]  # same bytes twice in one request
+            first_by_sha.setdefault(record.sha256 or "", record.image_id)
+            results.append(EnrolResult(record, matches, alert, duplicate_of))
+        log.info("enrolled %d image(s): ids %s", len(records), [r.image_id for r in records])
+        return results
+
+    def _alert(
+        self, vector: np.ndarray, patient_id: str | None, collection: str, point: OperatingPoint
+    ) -> Alert | None:
+        """Wrong-patient check for an image filed under ``patient_id`` (None: nothing to check)."""
+        if patient_id is None:
+            return None
+        gallery = self.gallery
+        own_records, own_vectors = gallery.patient_images(patient_id, collection=collection)
+        own_best = float(cosine_scores(vector, own_vectors).max()) if own_records else None
+
+        fetch = len(own_records) + 20
+        while True:
+            hits = gallery.search(
+                vector, k=fetch, collection=collection, threshold=point.threshold - SCORE_SLACK
+            )
+            others = [m.record for m in hits if m.record.patient_id not in (None, patient_id)]
+            if others or len(hits) < fetch:
+                break
+            fetch *= 4
+        vectors = self._vectors([r.image_id for r in others])
+        scored = [(cosine(vector, vectors[r.image_id]), r) for r in others if r.image_id in vectors]
+        scored = [(s, r) for s, r in scored if is_same_patient(s, point)]
+        if scored:
+            score, other = max(scored, key=lambda item: (item[0], -item[1].image_id))
+            return Alert(
+                kind="matches_other_patient",
+                message=(
+                    f"filed under patient '{patient_id}' but matches image {other.image_id} of patient "
+                    f"'{other.patient_id}' (score {score:.3f} >= threshold {point.threshold:.3f})"
+                ),
+                score=score,
+                other_patient_id=other.patient_id,
+                other_image_id=other.image_id,
+                own_best_score=own_best,
+                own_images=len(own_records),
+            )
+        if own_best is not None and not is_same_patient(own_best, point):
+            return Alert(
+                kind="no_match_with_own_images",
+                message=(
+                    f"matches none of the {len(own_records)} earlier image(s) of patient '{patient_id}' "
+                    f"(best score {own_best:.3f} < threshold {point.threshold:.3f})"
+                ),
+                score=own_best,
+                own_best_score=own_best,
+                own_images=len(own_records),
+            )
+        return None
+
+    # ---------------------------------------------------------------- delete
+    def delete_image(self, image_id: int) -> None:
+        if not self.gallery.delete_image(image_id):
+            raise NotFoundError(f"image {image_id} not found")
+        log.info("deleted image %d", image_id)
+
+    def delete_patient(self, patient_id: str, collection: str | None) -> int:
+        count = self.gallery.delete_patient(patient_id, collection=collection)
+        if count == 0:
+            raise NotFoundError(
+                "no images of that patient" + ("" if collection is None else " in that collection")
+            )
+        log.info("deleted %d image(s) of one patient", count)
+        return count
+
+    # ---------------------------------------------------------------- duplicates
+    def duplicates(
+        self, *, point: OperatingPoint, collection: str | None, conflicts_only: bool
+    ) -> DuplicateReport:
+        """Every pair at or above the threshold (exact scores), best first, and their clusters."""
+        candidates = self.gallery.duplicates(point.threshold - SCORE_SLACK, collection=collection)
+        vectors = self._vectors([i for p in candidates for i in (p.a.image_id, p.b.image_id)])
+        kept = []
+        for pair in candidates:
+            if pair.a.image_id not in vectors or pair.b.image_id not in vectors:
+                continue
+            score = cosine(vectors[pair.a.image_id], vectors[pair.b.image_id])
+            if is_same_patient(score, point):
+                kept.append(DuplicatePair(a=pair.a, b=pair.b, score=score, conflict=pair.conflict))
+        total_conflicts = sum(p.conflict for p in kept)
+        if conflicts_only:
+            kept = [p for p in kept if p.conflict]
+        kept.sort(key=lambda p: (-p.score, p.a.image_id, p.b.image_id))
+        clusters = sorted((sorted(c) for c in cluster_pairs(kept)), key=lambda c: (-len(c), c[0]))
+        return DuplicateReport(kept, clusters, total_conflicts)
+
+
+def open_gallery(embedder: Embedder, settings: Any, *, allow_model_mismatch: bool = False) -> Gallery:
+    """Open the gallery in ``settings.data_dir`` for this model (one place for the index options)."""
+    return Gallery(
+        settings.data_dir,
+        dim=embedder.dim,
+        model_id=embedder.model_id,
+        index_factory=settings.index_factory,
+        nprobe=settings.nprobe,
+        ef_search=settings.ef_search,
+        allow_model_mismatch=allow_model_mismatch,
+    )
+
+
+def collection_arg(value: str | None, default: str | None = "default") -> str | None:
+    """Client collection -> gallery argument: "*" means every collection (None)."""
+    if value is None or value == "":
+        return default
+    return None if value == ALL_COLLECTIONS else value

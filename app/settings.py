@@ -1,0 +1,75 @@
+"""Service settings: one typed object, filled from ``CXR_REID_*`` environment variables.
+
+``cxr-reid serve`` turns its command-line flags into these variables before uvicorn starts, so a
+worker process (``--workers N``) reads the same configuration as the parent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told; every field has a default that runs as shipped."""
+
+    model_config = SettingsConfigDict(env_prefix="CXR_REID_", extra="ignore", protected_namespaces=())
+
+    model_path: Path | None = Field(
+        default=None, description="checkpoint to serve; None = the shipped models/weights/default.pt"
+    )
+    data_dir: Path = Field(
+        default=Path("./cxr-reid-data"), description="gallery folder (SQLite, FAISS, blobs)"
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, description="uvicorn worker processes")
+    far: str = Field(default="1e-3", description="default operating point: false-accept rate")
+    threshold: float | None = Field(
+        default=None, ge=-1.0, le=1.0, description="fixed cosine threshold; overrides `far` when set"
+    )
+    api_keys: SecretStr | None = Field(
+        default=None, description="comma-separated API keys; when set, clients send one as X-API-Key"
+    )
+    max_upload_bytes: int = Field(
+        default=50 * MIB, gt=0, description="largest request body (all files of one request together)"
+    )
+    max_pixels: int = Field(default=50_000_000, gt=0, description="largest image, in pixels, decoded")
+    max_files: int = Field(default=64, ge=1, description="most files in one multipart request")
+    index_factory: str = Field(default="Flat", description="FAISS index factory string")
+    nprobe: int = Field(default=16, ge=1)
+    ef_search: int = Field(default=64, ge=1)
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads; None = number of CPU cores (max 8)"
+    )
+    log_level: str = "info"
+
+    @field_validator("far")
+    @classmethod
+    def _far_is_number(cls, value: str) -> str:
+        far = float(value)
+        if not 0.0 < far < 1.0:
+            raise ValueError("far must be in (0, 1)")
+        return value.strip()
+
+    @property
+    def api_key_list(self) -> list[str]:
+        """The configured keys; an empty list means the API is open."""
+        if self.api_keys is None:
+            return []
+        return [key.strip() for key in self.api_keys.get_secret_value().split(",") if key.strip()]
+
+    @property
+    def request_body_limit(self) -> int:
+        """Bytes a request body may hold: the upload limit plus room for multipart headers and fields."""
+        return self.max_upload_bytes + 64 * 1024
+
+
+def key_fingerprint(key: str) -> str:
+    """A short, non-reversible name for an API key, safe to log."""
+    return hashlib.sha256(key.encode()).hexdigest()[:8]

@@ -1,0 +1,234 @@
+"""The gallery commands: enroll (manifest, folder, resume, --copy), reindex after a model change, audit."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from app.cli import main
+from app.main import create_app
+from app.settings import Settings
+from index import Gallery
+from models.embedder import Embedder
+
+
+@pytest.fixture(scope="module")
+def other_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second tiny model (other weights, so another model id) for reindex tests."""
+    from models.backbones import BackboneConfig, build_backbone
+    from models.calibration import Calibration
+    from models.checkpoint import save_checkpoint
+    from models.preprocess import PreprocessConfig
+
+    torch.manual_seed(1)
+    config = BackboneConfig(variant="ir", depth=18, width=8, embedding_dim=64)
+    rng = np.random.default_rng(1)
+    calibration = Calibration.fit(
+        rng.normal(0.8, 0.05, 300).clip(-1, 1), rng.normal(0.3, 0.1, 5000).clip(-1, 1)
+    )
+    path = tmp_path_factory.mktemp("other") / "other.pt"
+    save_checkpoint(
+        path,
+        name="tiny-other",
+        backbone_config=config.to_dict(),
+        preprocess_config=PreprocessConfig(size=64).to_dict(),
+        state_dict=build_backbone(config).eval().state_dict(),
+        calibration=calibration.to_dict(),
+    )
+    return path
+
+
+def records(data_dir: Path, checkpoint: Path) -> list:
+    embedder = Embedder.from_checkpoint(checkpoint)
+    with Gallery(data_dir, dim=embedder.dim, model_id=embedder.model_id) as gallery:
+        return gallery.list_images(collection=None, limit=1000)[0]
+
+
+def cli(*args: object) -> int:
+    return main([str(a) for a in args])
+
+
+def dicom_file(path: Path, pixels: np.ndarray, patient_id: str) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.Modality, ds.PatientID, ds.PatientName, ds.ViewPosition = "DX", patient_id, "Doe^John", "AP"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation = 15, 0
+    ds.PixelData = pixels.astype("<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ enroll
+def test_enroll_manifest_is_resumable(tiny_checkpoint: Path, phantom_set: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    rows = list(csv.DictReader(phantom_set.open()))
+    partial = tmp_path / "partial.csv"  # an interrupted run: the first 7 rows made it
+    with partial.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**row, "path": str(phantom_set.parent / row["path"])} for row in rows[:7])
+    assert cli("enroll", partial, "--data-dir", data, "--model", tiny_checkpoint, "--no-progress") == 0
+    assert len(records(data, tiny_checkpoint)) == 7
+
+    args = ("--data-dir", data, "--model", tiny_checkpoint, "--no-progress", "--batch-size", 4)
+    assert cli("enroll", phantom_set, *args) == 0
+    stored = records(data, tiny_checkpoint)
+    assert len(stored) == len(rows) == 18
+    first = stored[0]
+    assert first.patient_id == rows[0]["patient_id"]  # as written in the manifest, not namespaced
+    assert first.split == rows[0]["split"] and first.view == "PA"
+    assert first.tags["offset_days"] == rows[0]["offset_days"]
+    assert first.source_path == str((phantom_set.parent / rows[0]["path"]).resolve())
+    assert first.stored_path is None
+    assert cli("enroll", phantom_set, *args) == 0  # nothing new
+    assert len(records(data, tiny_checkpoint)) == 18
+
+
+def test_enroll_folder_with_copy_and_bad_files(
+    tiny_checkpoint: Path, phantom_images: list[Path], tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "incoming"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(phantom_images[0], folder / "a.png")
+    dicom_file(folder / "sub" / "IM0001", np.asarray(Image.open(phantom_images[3]), dtype=np.uint16), "D-42")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "sub" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 50)
+    data = tmp_path / "data"
+    code = cli(
+        "enroll", folder, "--data-dir", data, "--model", tiny_checkpoint, "--copy", "--collection", "in"
+    )
+    assert code == 1  # one image file could not be decoded; the others went in
+    stored = {Path(r.stored_path).name: r for r in records(data, tiny_checkpoint)}
+    assert len(stored) == 2
+    by_patient = {r.patient_id: r for r in stored.values()}
+    assert set(by_patient) == {None, "D-42"}
+    assert by_patient["D-42"].view == "AP" and by_patient["D-42"].collection == "in"
+    assert all(r.source_path is None and Path(r.stored_path).is_file() for r in stored.values())
+
+
+def test_enroll_missing_source_is_an_error(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    assert cli("enroll", tmp_path / "nope.csv", "--data-dir", tmp_path / "d", "--model", tiny_checkpoint) == 2
+
+
+# ------------------------------------------------------------------------------------------ reindex
+def test_model_change_needs_reindex(
+    tiny_checkpoint: Path, other_checkpoint: Path, phantom_images: list[Path], tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    with TestClient(create_app(Settings(data_dir=data, model_path=tiny_checkpoint))) as client:
+        for path in phantom_images[:3]:
+            assert client.post("/images", files={"file": (path.name, path.read_bytes())}).status_code == 201
+    assert cli("enroll", phantom_images[3].parent, "--data-dir", data, "--model", tiny_checkpoint) == 0
+    new_model = Embedder.from_checkpoint(other_checkpoint)
+
+    with TestClient(create_app(Settings(data_dir=data, model_path=other_checkpoint))) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "reindex" in ready.json()["detail"]
+        assert client.get("/images").status_code == 503
+        assert client.post("/search", data={"image_id": 1}).status_code == 503
+        assert client.get("/healthz").status_code == 200
+        embedded = client.post("/embed", files={"file": ("a.png", phantom_images[0].read_bytes())})
+        assert embedded.status_code == 200 and embedded.json()["model_id"] == new_model.model_id
+
+    assert cli("reindex", "--data-dir", data, "--model", other_checkpoint, "--no-progress") == 0
+    with TestClient(create_app(Settings(data_dir=data, model_path=other_checkpoint))) as client:
+        assert client.get("/readyz").status_code == 200
+        listing = client.get("/images").json()
+        assert listing["total"] == 6 and {i["model_id"] for i in listing["items"]} == {new_model.model_id}
+        hit = client.post("/search", files={"file": ("q.png", phantom_images[4].read_bytes())}).json()[
+            "matches"
+        ][0]
+        assert hit["score"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_reindex_stops_on_a_missing_original(
+    tiny_checkpoint: Path, other_checkpoint: Path, phantom_images: list[Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "refs"
+    folder.mkdir()
+    for path in phantom_images[:2]:
+        shutil.copy(path, folder / path.name.replace(".png", f"-{path.parent.name}.png"))
+    data = tmp_path / "data"
+    assert cli("enroll", folder, "--data-dir", data, "--model", tiny_checkpoint, "--no-progress") == 0
+    next(folder.iterdir()).unlink()
+    assert cli("reindex", "--data-dir", data, "--model", other_checkpoint, "--no-progress") == 1
+
+
+def test_commands_refuse_a_gallery_open_elsewhere(
+    tiny_checkpoint: Path, phantom_set: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    with TestClient(create_app(Settings(data_dir=data, model_path=tiny_checkpoint))):
+        assert cli("enroll", phantom_set, "--data-dir", data, "--model", tiny_checkpoint) == 2
+
+
+def test_serve_refuses_bad_options_before_starting(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    assert cli("serve", "--workers", 2, "--data-dir", tmp_path, "--model", tiny_checkpoint) == 2
+    assert cli("serve", "--data-dir", tmp_path, "--model", tmp_path / "missing.pt") == 2
+
+
+# ------------------------------------------------------------------------------------------ audit
+def test_audit_clean_and_leaky(
+    tiny_checkpoint: Path, phantom_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    strict = ("--threshold", "0.9999", "--model", tiny_checkpoint, "--no-progress")
+    assert cli("audit", phantom_set, *strict) == 0
+    assert "CLEAN" in capsys.readouterr().out
+
+    rows = list(csv.DictReader(phantom_set.open()))
+    train = next(r for r in rows if r["split"] == "train")
+    test = next(r for r in rows if r["split"] != "train")
+    leaky = [dict(r, path=str(phantom_set.parent / r["path"])) for r in rows]
+    leaky.append(
+        dict(train, path=str(phantom_set.parent / train["path"]), patient_id="renamed", split=test["split"])
+    )
+    leaky.append(dict(test, path=str(phantom_set.parent / test["path"]), split="train"))
+    manifest = tmp_path / "leaky.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(leaky)
+
+    assert cli("audit", manifest, *strict, "--json") == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["clean"] is False and report["images"] == len(rows) + 2
+    assert [leak["patient_id"] for leak in report["label_leaks"]] == [test["patient_id"]]
+    cross = {(p["a"]["patient_id"], p["b"]["patient_id"]) for p in report["cross_split_pairs"]}
+    assert cross == {(train["patient_id"], "renamed"), (test["patient_id"], test["patient_id"])}
+    assert [(p["a"]["patient_id"], p["b"]["patient_id"]) for p in report["duplicate_identities"]] == [
+        (train["patient_id"], "renamed")
+    ]
+    assert report["cross_split_pairs"][0]["score"] == pytest.approx(1.0, abs=1e-6)
+    assert not Path(report["cross_split_pairs"][0]["a"]["path"]).is_absolute()
+
+    assert cli("audit", manifest, *strict) == 1
+    summary = capsys.readouterr().out
+    assert "LEAKS FOUND" in summary and "label leakage" in summary and "renamed" in summary
+
+
+def test_audit_output_is_one_json_object(tiny_checkpoint: Path, phantom_set: Path, capsys) -> None:  # noqa: ANN001
+    assert cli("audit", phantom_set, "--model", tiny_checkpoint, "--json", "--far", "1e-2") in (0, 1)
+    report = json.load(io.StringIO(capsys.readouterr().out))
+    assert report["far"] == pytest.approx(1e-2) and report["images"] == 18

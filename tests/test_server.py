@@ -1,0 +1,189 @@
+"""The real server as a subprocess, over real HTTP: durability across kill -9, streaming limits, load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A server process on a free loopback port; ``stop`` ends it however it is asked to."""
+
+    def __init__(self, command: list[str], env: dict[str, str], port: int, log: Path) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self._log = log.open("ab")
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        self._wait_ready(log)
+
+    def _wait_ready(self, log: Path, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with {self.process.returncode}:\n{log.read_text()[-3000:]}"
+                )
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop(signal.SIGKILL)
+        raise RuntimeError(f"server not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def server_env(tiny_checkpoint: Path, tmp_path: Path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CXR_REID_")}
+    env.update(
+        CXR_REID_MODEL_PATH=str(tiny_checkpoint),
+        CXR_REID_DATA_DIR=str(tmp_path / "data"),
+        CXR_REID_TORCH_THREADS="1",
+        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    return env
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[list[Server]]:
+    started: list[Server] = []
+    yield started
+    for server in started:
+        server.stop(signal.SIGKILL)
+
+
+def uvicorn_command(port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "app.main:create_app_from_env",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+
+
+def test_acknowledged_enrolments_survive_kill_9(
+    server_env: dict[str, str], servers: list[Server], tmp_path: Path, phantom_images: list[Path]
+) -> None:
+    port = free_port()
+    first = Server(uvicorn_command(port), server_env, port, tmp_path / "server.log")
+    servers.append(first)
+    acknowledged = []
+    with httpx.Client(base_url=first.url, timeout=30) as http:
+        for i, path in enumerate(phantom_images[:4]):
+            response = http.post(
+                "/images", files={"file": (path.name, path.read_bytes())}, data={"patient_id": f"p{i // 3}"}
+            )
+            assert response.status_code == 201, response.text
+            acknowledged.append(response.json()["images"][0]["image_id"])
+        assert http.delete(f"/images/{acknowledged[1]}").status_code == 200
+    first.stop(signal.SIGKILL)
+    assert first.process.returncode == -signal.SIGKILL
+
+    # restart through the CLI this time: `cxr-reid serve`
+    port = free_port()
+    command = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
+    second = Server(command, server_env, port, tmp_path / "server.log")
+    servers.append(second)
+    with httpx.Client(base_url=second.url, timeout=30) as http:
+        listing = http.get("/images").json()
+        expected = [acknowledged[0], *acknowledged[2:]]
+        assert [item["image_id"] for item in listing["items"]] == expected
+        query = phantom_images[2]
+        hits = http.post("/search", files={"file": (query.name, query.read_bytes())}).json()["matches"]
+        assert hits[0]["image_id"] == acknowledged[2] and hits[0]["score"] == pytest.approx(1.0, abs=1e-6)
+        assert http.get("/readyz").json()["gallery_images"] == 3
+    second.stop()
+    # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells how it ended
+    assert second.process.returncode in (0, -signal.SIGTERM)
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+def _multipart(field: str, filename: str, payload: bytes, boundary: str) -> bytes:
+    return (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + payload
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+
+
+def test_limits_and_concurrency_over_real_http(
+    server_env: dict[str, str], servers: list[Server], tmp_path: Path, phantom_images: list[Path]
+) -> None:
+    limit = 300_000
+    port = free_port()
+    env = {**server_env, "CXR_REID_MAX_UPLOAD_BYTES": str(limit), "CXR_REID_API_KEYS": "k1"}
+    server = Server(uvicorn_command(port), env, port, tmp_path / "server.log")
+    servers.append(server)
+    headers = {"X-API-Key": "k1"}
+    body = _multipart("file", "huge.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * (3 * limit), "b0undary")
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit must hold while streaming
+        for start in range(0, len(body), 16_384):
+            yield body[start : start + 16_384]
+
+    with httpx.Client(base_url=server.url, timeout=30, headers=headers) as http:
+        streamed = http.post(
+            "/images", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b0undary"}
+        )
+        assert streamed.status_code == 413 and "limit" in streamed.json()["detail"]
+        declared = http.post("/embed", files={"file": ("huge.png", body)})
+        assert declared.status_code == 413
+
+        uploads = [p.read_bytes() for p in phantom_images[:6]]
+
+        def work(i: int) -> int:
+            data = uploads[i % len(uploads)]
+            if i % 2:
+                return http.post("/embed", files={"file": (f"{i}.png", data)}).status_code
+            return http.post(
+                "/images", files={"file": (f"{i}.png", data)}, data={"patient_id": f"p{i}"}
+            ).status_code
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            statuses = list(pool.map(work, range(16)))
+        assert sorted(set(statuses)) == [200, 201]
+        assert http.get("/images").json()["total"] == 8
+        assert http.get("/readyz").status_code == 200
+        assert http.get("/metrics", headers={"X-API-Key": ""}).status_code == 200
+    server.stop()
