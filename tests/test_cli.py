@@ -12,14 +12,27 @@ import pytest
 from app.cli import main
 
 REQUIRED_KEYS = {
-    "auc", "eer", "tar_at_far_1e-2", "tar_at_far_1e-3", "tar_at_far_1e-4", "precision_at_1", "r_precision",
-    "map_at_r", "n_images", "n_patients", "n_genuine_pairs", "n_impostor_pairs",
+    "auc",
+    "eer",
+    "tar_at_far_1e-2",
+    "tar_at_far_1e-3",
+    "tar_at_far_1e-4",
+    "precision_at_1",
+    "r_precision",
+    "map_at_r",
+    "n_images",
+    "n_patients",
+    "n_genuine_pairs",
+    "n_impostor_pairs",
 }
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "app.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
         cwd=Path(__file__).resolve().parents[1],
     )
 
@@ -34,19 +47,39 @@ def test_models_lists_every_variant(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_evaluate_json_prints_exactly_one_object(tiny_checkpoint: Path, phantom_set: Path) -> None:
-    result = _run("evaluate", "--model", str(tiny_checkpoint), "--manifest", str(phantom_set), "--json",
-                  "--bootstrap", "5")
+    result = _run(
+        "evaluate",
+        "--model",
+        str(tiny_checkpoint),
+        "--manifest",
+        str(phantom_set),
+        "--json",
+        "--bootstrap",
+        "5",
+    )
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)  # the whole stdout is one JSON object
-    assert REQUIRED_KEYS <= payload.keys()
+    assert payload.keys() >= REQUIRED_KEYS
     assert payload["n_images"] == 18 and payload["n_patients"] == 6
     assert payload["split"].startswith("all images")
 
 
-def test_evaluate_writes_plots(tiny_checkpoint: Path, phantom_set: Path, tmp_path: Path,
-                               capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["evaluate", "--model", str(tiny_checkpoint), "--manifest", str(phantom_set),
-                 "--bootstrap", "0", "--plots", str(tmp_path / "plots")])
+def test_evaluate_writes_plots(
+    tiny_checkpoint: Path, phantom_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(tiny_checkpoint),
+            "--manifest",
+            str(phantom_set),
+            "--bootstrap",
+            "0",
+            "--plots",
+            str(tmp_path / "plots"),
+        ]
+    )
     assert code == 0
     assert "auc" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["roc.png", "score_histogram.png"]
