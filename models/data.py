@@ -325,7 +325,7 @@ def load_images(
     stacked = np.stack(arrays) if arrays else np.zeros((0, config.size, config.size), np.uint8)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp.npy")
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp.npy")  # DDP ranks may write at once
         np.save(tmp, stacked)
         os.replace(tmp, cache_file)
     return stacked

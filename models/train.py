@@ -431,7 +431,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                 best_auc = metrics["auc"]
                 best_state = copy.deepcopy(model.backbone.state_dict())
             _save_training_state(state_file, model, optimizer, epoch, best_auc, best_state)
-        if config.optim.max_minutes and time.monotonic() - started > config.optim.max_minutes * 60:
+        if _out_of_time(config.optim.max_minutes, started, ctx, device):
             log.info("time budget of %.1f min reached after epoch %d", config.optim.max_minutes, epoch + 1)
             break
 
@@ -476,6 +476,14 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         dist.barrier()
         dist.destroy_process_group()
     return final
+
+
+def _out_of_time(max_minutes: float, started: float, ctx: DistributedContext, device: torch.device) -> bool:
+    """Rank 0 decides and every rank follows, so no rank waits forever in an all-reduce."""
+    stop = torch.tensor([bool(max_minutes) and time.monotonic() - started > max_minutes * 60], device=device)
+    if ctx.world_size > 1:
+        dist.broadcast(stop, src=0)
+    return bool(stop.item())
 
 
 def _load_samples(config: TrainConfig) -> list[Sample]:

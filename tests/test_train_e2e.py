@@ -56,3 +56,50 @@ def test_phantom_training_generalises_to_unseen_patients(tmp_path: Path) -> None
     train(resumed, resume=True, progress=False)
     again = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(again) == len(history) + 1
+
+
+def test_torchrun_ddp_trains_on_cpu(tmp_path: Path) -> None:
+    """Two processes under torchrun (gloo on the CPU) train one model and write one checkpoint."""
+    import subprocess
+    import sys
+
+    manifest = write_phantom_set(tmp_path / "ph", 24, 3, size=64, seed=3)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "app.cli",
+        "train",
+        "--manifest",
+        str(manifest),
+        "--output",
+        str(tmp_path / "run"),
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--set",
+        "backbone.width=8",
+        "--set",
+        "backbone.embedding_dim=32",
+        "--set",
+        "preprocess.size=64",
+        "--set",
+        "optim.patients_per_batch=4",
+        "--set",
+        f'data.cache_dir="{tmp_path / "cache"}"',
+        "--max-minutes",
+        "0.0001",
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=180, cwd=Path(__file__).resolve().parents[1]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "model.pt").is_file()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1  # the time budget stopped both ranks after the first epoch
