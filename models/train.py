@@ -94,7 +94,9 @@ class OptimConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 0  # CPU threads; 0 = torch's default
-    max_minutes: float = 0.0  # stop after this wall time (0 = no limit); the best epoch is kept
+    max_minutes: float = (
+        0.0  # wall-time budget (0 = none): the LR schedule anneals within it, best epoch kept
+    )
     eval_max_impostor_pairs: int = 200_000
 
 
@@ -240,11 +242,15 @@ class IdentityModel(torch.nn.Module):
         return embeddings, self.head(embeddings, labels)
 
 
-def _lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Linear warm-up then cosine decay to zero."""
+def _lr_factor(step: int, total_steps: int, warmup_steps: int, time_fraction: float = 0.0) -> float:
+    """Linear warm-up then cosine decay to zero, by steps or by the time budget, whichever is further.
+
+    With a time budget the schedule still anneals fully when the machine is slower than planned,
+    instead of being cut off at a high learning rate.
+    """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = max((step - warmup_steps) / max(1, total_steps - warmup_steps), time_fraction)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -377,8 +383,11 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         )
         for step_in_epoch, batch_indices in enumerate(bar):
             step = epoch * steps_per_epoch + step_in_epoch
+            time_fraction = _time_fraction(config.optim.max_minutes, started, ctx)
+            if time_fraction >= 1.0:
+                break  # the schedule has annealed to zero: validate this epoch and stop
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                group["lr"] = base * _lr_factor(step, total_steps, warmup_steps)
+                group["lr"] = base * _lr_factor(step, total_steps, warmup_steps, time_fraction)
             index = torch.as_tensor(batch_indices)
             clean = train_tensor[index].to(device).float().div_(255).unsqueeze(1)
             views = torch.cat(
@@ -476,6 +485,14 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         dist.barrier()
         dist.destroy_process_group()
     return final
+
+
+def _time_fraction(max_minutes: float, started: float, ctx: DistributedContext) -> float:
+    """Share of the time budget spent; 0 without a budget, and under DDP (ranks' clocks differ,
+    and their learning rates must not), where the budget only stops training between epochs."""
+    if not max_minutes or ctx.world_size > 1:
+        return 0.0
+    return (time.monotonic() - started) / (max_minutes * 60)
 
 
 def _out_of_time(max_minutes: float, started: float, ctx: DistributedContext, device: torch.device) -> bool:
