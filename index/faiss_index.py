@@ -48,6 +48,19 @@ _MIN_POINTS_PER_CENTROID = 39  # faiss k-means warns below this
 _MAX_POINTS_PER_CENTROID = 256  # and subsamples above it
 
 
+def _numpy_search(
+    index: faiss.Index, q: np.ndarray, k: int, params: object | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search`` for numpy queries, with search parameters.
+
+    ``faiss.contrib.torch_utils`` (imported by pytorch-metric-learning's inference utilities)
+    replaces ``Index.search`` process-wide with a version that takes no ``params``; it keeps the
+    original as ``search_numpy``, which is what we call when it is there.
+    """
+    search = getattr(index, "search_numpy", index.search)
+    return search(q, k) if params is None else search(q, k, params=params)
+
+
 class RWLock:
     """Many readers or one writer; waiting writers block new readers so writes are not starved.
 
@@ -354,10 +367,7 @@ class VectorIndex:
                     sel = allowed.selector()
                 try:
                     params = self._params(sel)
-                    if params is None:
-                        dist, lab = self._index.search(q, k)
-                    else:
-                        dist, lab = self._index.search(q, k, params=params)
+                    dist, lab = _numpy_search(self._index, q, k, params)
                     return self._clean(dist[0], lab[0])
                 except RuntimeError as exc:
                     if sel is None:
@@ -377,7 +387,7 @@ class VectorIndex:
         fetch = min(total, max(4 * k, k + len(self._tombstones)))
         tomb = np.fromiter(self._tombstones, dtype=np.int64) if self._tombstones else None
         while True:
-            dist, lab = self._index.search(q, fetch, params=self._params(None))
+            dist, lab = _numpy_search(self._index, q, fetch, self._params(None))
             scores, ids = self._clean(dist[0], lab[0])
             keep = np.ones(ids.shape, dtype=bool)
             if allowed is not None:

@@ -70,18 +70,9 @@ try:  # POSIX only; without it a second writer process is not detected
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
-__all__ = [
-    "DuplicatePair",
-    "Gallery",
-    "GalleryError",
-    "GalleryLockedError",
-    "GalleryModelMismatchError",
-    "GalleryValidationError",
-    "ImageRecord",
-    "Match",
-    "NewImage",
-    "cluster_pairs",
-]
+# The record and error types are imported above for this module's own use; the package
+# (index/__init__.py) is where they are exported, from .records.
+__all__ = ["Gallery", "cluster_pairs"]
 
 log = logging.getLogger(__name__)
 

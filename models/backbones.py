@@ -240,7 +240,28 @@ class SphereBlock(nn.Module):
         return x + self.residual(x)
 
 
-class BasicBlock(nn.Module):
+class _PostActivationBlock(nn.Module):
+    """The classic ResNet wiring shared by BasicBlock and Bottleneck: ReLU(residual(x) + shortcut(x)).
+
+    Subclasses build the residual branch (ending in its last BN) and the shortcut and pass them in,
+    residual first, so modules are created, initialised and named as before.
+    """
+
+    def __init__(self, residual: nn.Sequential, shortcut: nn.Module) -> None:
+        super().__init__()
+        self.residual = residual
+        self.shortcut = shortcut
+        self.act = nn.ReLU(inplace=True)
+
+    @property
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.residual[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.residual(x) + self.shortcut(x))
+
+
+class BasicBlock(_PostActivationBlock):
     """Classic ResNet basic block (torchvision): conv3x3(stride)-BN-ReLU-conv3x3-BN, sum, ReLU."""
 
     expansion = 1
@@ -248,26 +269,19 @@ class BasicBlock(nn.Module):
     def __init__(
         self, in_channels: int, planes: int, stride: int = 1, improved_shortcut: bool = False
     ) -> None:
-        super().__init__()
-        self.residual = nn.Sequential(
-            conv3x3(in_channels, planes, stride),
-            nn.BatchNorm2d(planes),
-            nn.ReLU(inplace=True),
-            conv3x3(planes, planes),
-            nn.BatchNorm2d(planes),
+        super().__init__(
+            nn.Sequential(
+                conv3x3(in_channels, planes, stride),
+                nn.BatchNorm2d(planes),
+                nn.ReLU(inplace=True),
+                conv3x3(planes, planes),
+                nn.BatchNorm2d(planes),
+            ),
+            make_shortcut(in_channels, planes, stride, improved_shortcut),
         )
-        self.shortcut = make_shortcut(in_channels, planes, stride, improved_shortcut)
-        self.act = nn.ReLU(inplace=True)
-
-    @property
-    def last_bn(self) -> nn.BatchNorm2d:
-        return self.residual[-1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.residual(x) + self.shortcut(x))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_PostActivationBlock):
     """Classic ResNet bottleneck, stride on the 3x3 (torchvision "v1.5"): 1x1-3x3(stride)-1x1(x4), ReLU."""
 
     expansion = 4
@@ -275,27 +289,20 @@ class Bottleneck(nn.Module):
     def __init__(
         self, in_channels: int, planes: int, stride: int = 1, improved_shortcut: bool = False
     ) -> None:
-        super().__init__()
         out_channels = planes * self.expansion
-        self.residual = nn.Sequential(
-            conv1x1(in_channels, planes),
-            nn.BatchNorm2d(planes),
-            nn.ReLU(inplace=True),
-            conv3x3(planes, planes, stride),
-            nn.BatchNorm2d(planes),
-            nn.ReLU(inplace=True),
-            conv1x1(planes, out_channels),
-            nn.BatchNorm2d(out_channels),
+        super().__init__(
+            nn.Sequential(
+                conv1x1(in_channels, planes),
+                nn.BatchNorm2d(planes),
+                nn.ReLU(inplace=True),
+                conv3x3(planes, planes, stride),
+                nn.BatchNorm2d(planes),
+                nn.ReLU(inplace=True),
+                conv1x1(planes, out_channels),
+                nn.BatchNorm2d(out_channels),
+            ),
+            make_shortcut(in_channels, out_channels, stride, improved_shortcut),
         )
-        self.shortcut = make_shortcut(in_channels, out_channels, stride, improved_shortcut)
-        self.act = nn.ReLU(inplace=True)
-
-    @property
-    def last_bn(self) -> nn.BatchNorm2d:
-        return self.residual[-1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.residual(x) + self.shortcut(x))
 
 
 Block = type[IRBlock] | type[SphereBlock] | type[BasicBlock] | type[Bottleneck]

@@ -18,7 +18,7 @@ import numpy as np
 
 from models.data import Sample, dataset_name, read_manifest, split_of
 from models.embedder import Embedder
-from models.metrics import evaluate_embeddings, pair_scores, save_plots
+from models.metrics import HEADLINE_METRICS, evaluate_embeddings, pair_scores, save_plots
 
 log = logging.getLogger(__name__)
 
@@ -134,17 +134,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"{result['n_images']} images, {result['n_patients']} patients, "
         f"{result['n_genuine_pairs']} genuine / {result['n_impostor_pairs']} impostor pairs",
     ]
-    for key in (
-        "auc",
-        "eer",
-        "tar_at_far_1e-2",
-        "tar_at_far_1e-3",
-        "tar_at_far_1e-4",
-        "precision_at_1",
-        "r_precision",
-        "map_at_r",
-        "accuracy",
-    ):
+    for key in (*HEADLINE_METRICS, "accuracy"):
         if key in result and result[key] is not None:
             interval = ci.get(key)
             suffix = f"  [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else ""

@@ -1,4 +1,7 @@
-"""Shared fixtures: a small random-weight checkpoint and a few phantom images.
+"""Shared fixtures: a small random-weight checkpoint, a few phantom images, API test clients.
+
+Plain helpers the test modules import (``from conftest import ...``): ``save_random_checkpoint``
+and ``dicom_dataset``.
 
 Random weights still embed deterministically, so identical bytes score 1.0; tests that need a
 model that knows identity train one (tests/test_train_e2e.py).
@@ -6,40 +9,68 @@ model that knows identity train one (tests/test_train_e2e.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 import torch
 
+if TYPE_CHECKING:
+    from fastapi.testclient import TestClient
+    from pydicom.dataset import Dataset
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A width-8 IR-18 at 64 px with a 128-d embedding and a fitted calibration."""
+    from models.embedder import Embedder
+
+
+def save_random_checkpoint(
+    path: Path,
+    *,
+    name: str,
+    seed: int,
+    embedding_dim: int,
+    genuine: tuple[float, float, int],
+    impostor: tuple[float, float, int],
+    **extra: object,
+) -> Path:
+    """Save a width-8 IR-18 at 64 px with seeded random weights and a calibration fitted to
+    synthetic genuine / impostor scores, each ``(mean, std, count)`` clipped to [-1, 1]."""
     from models.backbones import BackboneConfig, build_backbone
     from models.calibration import Calibration
     from models.checkpoint import save_checkpoint
     from models.preprocess import PreprocessConfig
 
-    torch.manual_seed(0)
-    backbone_config = BackboneConfig(variant="ir", depth=18, width=8, embedding_dim=128)
+    torch.manual_seed(seed)
+    backbone_config = BackboneConfig(variant="ir", depth=18, width=8, embedding_dim=embedding_dim)
     network = build_backbone(backbone_config).eval()
-    rng = np.random.default_rng(0)
-    calibration = Calibration.fit(
-        np.clip(rng.normal(0.8, 0.08, 500), -1, 1), np.clip(rng.normal(0.2, 0.15, 20_000), -1, 1)
-    )
-    path = tmp_path_factory.mktemp("checkpoint") / "tiny.pt"
+    rng = np.random.default_rng(seed)
+    calibration = Calibration.fit(np.clip(rng.normal(*genuine), -1, 1), np.clip(rng.normal(*impostor), -1, 1))
     save_checkpoint(
         path,
-        name="tiny-test",
+        name=name,
         backbone_config=backbone_config.to_dict(),
         preprocess_config=PreprocessConfig(size=64).to_dict(),
         state_dict=network.state_dict(),
         calibration=calibration.to_dict(),
+        **extra,
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A width-8 IR-18 at 64 px with a 128-d embedding and a fitted calibration."""
+    return save_random_checkpoint(
+        tmp_path_factory.mktemp("checkpoint") / "tiny.pt",
+        name="tiny-test",
+        seed=0,
+        embedding_dim=128,
+        genuine=(0.8, 0.08, 500),
+        impostor=(0.2, 0.15, 20_000),
         training_summary={"note": "random weights for tests"},
         metrics={},
     )
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +88,79 @@ def phantom_images(phantom_set: Path) -> list[Path]:
 
     with phantom_set.open() as handle:
         return [phantom_set.parent / row["path"] for row in csv.DictReader(handle)]
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_checkpoint: Path) -> Embedder:
+    """The tiny checkpoint loaded once per test module, shared by every app that module starts."""
+    from models.embedder import Embedder
+
+    return Embedder.from_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture
+def make_client(tmp_path: Path, embedder: Embedder) -> Iterator[Callable[..., TestClient]]:
+    """Start apps on tmp data dirs (shared model); every client is closed at the end.
+
+    ``raise_server_exceptions=False`` gives a test the 500 response instead of the exception.
+    """
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    opened: list[TestClient] = []
+
+    def _make(
+        data_dir: Path | None = None, *, raise_server_exceptions: bool = True, **settings: object
+    ) -> TestClient:
+        config = Settings(data_dir=data_dir or tmp_path / "data", **settings)
+        client = TestClient(
+            create_app(config, embedder=embedder), raise_server_exceptions=raise_server_exceptions
+        )
+        client.__enter__()
+        opened.append(client)
+        return client
+
+    yield _make
+    for client in reversed(opened):
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client: Callable[..., TestClient]) -> TestClient:
+    return make_client()
+
+
+def dicom_dataset(
+    pixels: np.ndarray | None, *, transfer_syntax: str | None = None, **elements: object
+) -> Dataset:
+    """A minimal DICOM: file meta and SOP ids (CR image storage), then ``elements`` as attributes.
+
+    With ``pixels`` it gets a 16-bit MONOCHROME2 pixel module, encapsulated when ``transfer_syntax``
+    is a compressed one (default: explicit VR little endian).
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = UID(transfer_syntax) if transfer_syntax else ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    if pixels is not None:
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 0
+        data = pixels.astype("<u2").tobytes()
+        ds.PixelData = encapsulate([data]) if meta.TransferSyntaxUID.is_compressed else data
+    return ds

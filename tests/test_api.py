@@ -10,49 +10,22 @@ from __future__ import annotations
 import base64
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import dicom_dataset
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.main import create_app
-from app.settings import Settings
 from models.embedder import Embedder
 
 STRICT = "0.9999"  # a threshold only (near-)identical images reach with the random-weight model
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def embedder(tiny_checkpoint: Path) -> Embedder:
-    return Embedder.from_checkpoint(tiny_checkpoint)
-
-
-@pytest.fixture
-def make_client(tmp_path: Path, embedder: Embedder) -> Iterator[Callable[..., TestClient]]:
-    """Start apps on tmp data dirs (shared model); every client is closed at the end."""
-    opened: list[TestClient] = []
-
-    def _make(data_dir: Path | None = None, **settings: object) -> TestClient:
-        config = Settings(data_dir=data_dir or tmp_path / "data", **settings)
-        client = TestClient(create_app(config, embedder=embedder))
-        client.__enter__()
-        opened.append(client)
-        return client
-
-    yield _make
-    for client in reversed(opened):
-        client.__exit__(None, None, None)
-
-
-@pytest.fixture
-def client(make_client: Callable[..., TestClient]) -> TestClient:
-    return make_client()
-
-
+# embedder, make_client and client come from tests/conftest.py
 @pytest.fixture(scope="module")
 def images(phantom_images: list[Path]) -> list[bytes]:
     """18 phantom PNGs: patients 0-5, three studies each (index // 3 = patient)."""
@@ -63,32 +36,19 @@ def dicom_bytes(
     pixels: np.ndarray, *, patient_id: str = "PAT-1", modality: str = "CR", view: str = "PA"
 ) -> bytes:
     """A CR DICOM with identifying attributes the service must never echo (name, birth date)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = modality
-    ds.PatientID = patient_id
-    ds.PatientName = "Doe^Jane"
-    ds.PatientBirthDate = "19700101"
-    ds.StudyDate = "20240102"
-    ds.ViewPosition = view
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.PixelData = pixels.astype("<u2").tobytes()
+    ds = dicom_dataset(
+        pixels,
+        StudyInstanceUID=generate_uid(),
+        SeriesInstanceUID=generate_uid(),
+        Modality=modality,
+        PatientID=patient_id,
+        PatientName="Doe^Jane",
+        PatientBirthDate="19700101",
+        StudyDate="20240102",
+        ViewPosition=view,
+    )
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()

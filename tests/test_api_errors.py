@@ -2,44 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import dicom_dataset
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.settings import Settings
-from models.embedder import Embedder
-
-
-@pytest.fixture(scope="module")
-def embedder(tiny_checkpoint: Path) -> Embedder:
-    return Embedder.from_checkpoint(tiny_checkpoint)
-
 
 @pytest.fixture
-def make_client(tmp_path: Path, embedder: Embedder) -> Iterator[Callable[..., TestClient]]:
-    opened: list[TestClient] = []
-
-    def _make(**settings: object) -> TestClient:
-        config = Settings(data_dir=tmp_path / "data", **settings)
-        client = TestClient(create_app(config, embedder=embedder), raise_server_exceptions=False)
-        client.__enter__()
-        opened.append(client)
-        return client
-
-    yield _make
-    for client in reversed(opened):
-        client.__exit__(None, None, None)
-
-
-@pytest.fixture
-def client(make_client: Callable[..., TestClient]) -> TestClient:
-    return make_client()
+def make_client(make_client: Callable[..., TestClient]) -> Callable[..., TestClient]:
+    """The conftest factory, but a server error comes back as a 500 response instead of raising."""
+    return functools.partial(make_client, raise_server_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -48,29 +26,8 @@ def png(phantom_images: list[Path]) -> bytes:
 
 
 def dicom(modality: str = "CR", *, pixels: bool = True, transfer_syntax: str | None = None) -> bytes:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = UID(transfer_syntax) if transfer_syntax else ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = modality
-    ds.PatientID = "P"
-    if pixels:
-        ds.Rows = ds.Columns = 32
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0
-        data = np.arange(32 * 32, dtype="<u2").tobytes()
-        ds.PixelData = encapsulate([data]) if meta.TransferSyntaxUID.is_compressed else data
+    image = np.arange(32 * 32, dtype="<u2").reshape(32, 32) if pixels else None
+    ds = dicom_dataset(image, transfer_syntax=transfer_syntax, Modality=modality, PatientID="P")
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import dicom_dataset, save_random_checkpoint
 from fastapi.testclient import TestClient
 
 from app.cli import main
@@ -23,27 +23,14 @@ from models.embedder import Embedder
 @pytest.fixture(scope="module")
 def other_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second tiny model (other weights, so another model id) for reindex tests."""
-    from models.backbones import BackboneConfig, build_backbone
-    from models.calibration import Calibration
-    from models.checkpoint import save_checkpoint
-    from models.preprocess import PreprocessConfig
-
-    torch.manual_seed(1)
-    config = BackboneConfig(variant="ir", depth=18, width=8, embedding_dim=64)
-    rng = np.random.default_rng(1)
-    calibration = Calibration.fit(
-        rng.normal(0.8, 0.05, 300).clip(-1, 1), rng.normal(0.3, 0.1, 5000).clip(-1, 1)
-    )
-    path = tmp_path_factory.mktemp("other") / "other.pt"
-    save_checkpoint(
-        path,
+    return save_random_checkpoint(
+        tmp_path_factory.mktemp("other") / "other.pt",
         name="tiny-other",
-        backbone_config=config.to_dict(),
-        preprocess_config=PreprocessConfig(size=64).to_dict(),
-        state_dict=build_backbone(config).eval().state_dict(),
-        calibration=calibration.to_dict(),
+        seed=1,
+        embedding_dim=64,
+        genuine=(0.8, 0.05, 300),
+        impostor=(0.3, 0.1, 5000),
     )
-    return path
 
 
 def records(data_dir: Path, checkpoint: Path) -> list:
@@ -57,23 +44,16 @@ def cli(*args: object) -> int:
 
 
 def dicom_file(path: Path, pixels: np.ndarray, patient_id: str) -> Path:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = generate_uid()
-    ds.Modality, ds.PatientID, ds.PatientName, ds.ViewPosition = "DX", patient_id, "Doe^John", "AP"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit, ds.PixelRepresentation = 15, 0
-    ds.PixelData = pixels.astype("<u2").tobytes()
+    ds = dicom_dataset(
+        pixels,
+        StudyInstanceUID=generate_uid(),
+        Modality="DX",
+        PatientID=patient_id,
+        PatientName="Doe^John",
+        ViewPosition="AP",
+    )
     ds.save_as(path, enforce_file_format=True)
     return path
 

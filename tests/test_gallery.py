@@ -161,6 +161,19 @@ def test_collections_are_isolated(gallery: Gallery, rng):
     assert gallery.search(xa[0], k=1, collection="a")[0].record.image_id == ra[0].image_id
 
 
+def test_collection_search_survives_faiss_torch_utils_patch(gallery: Gallery, rng):
+    """pytorch-metric-learning imports faiss.contrib.torch_utils, which replaces Index.search
+    process-wide with a version without ``params``: selector searches must still work."""
+    import faiss.contrib.torch_utils  # noqa: F401  (the import is the patch)
+
+    xa, xb = unit(rng, 20), unit(rng, 20)
+    ra = enrol(gallery, xa, collection="a")
+    enrol(gallery, xb, collection="b")
+    hits = gallery.search(xa[3], k=5, collection="a")
+    assert hits[0].record.image_id == ra[3].image_id
+    assert {h.record.image_id for h in hits} <= {r.image_id for r in ra}
+
+
 def test_delete_image_and_patient(gallery: Gallery, rng):
     x = unit(rng, 12)
     images = [NewImage(patient_id=f"p{i % 3}", blob=f"b{i}".encode()) for i in range(12)]
