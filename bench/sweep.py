@@ -1,11 +1,12 @@
 """A small training sweep: one base config, several named override sets, one table.
 
 Each variant trains under the same wall-time budget, then is evaluated on the held-out test
-patients of its own split (``cxr-reid evaluate --split auto``). The default sweep is the CPU
-sweep recorded in MODEL_CARD.md (covid-collection, a few minutes per variant); on a GPU, pass a
-bigger base config and budget.
+patients of its own split (``cxr-reid evaluate --split auto``). The base is covid-collection's
+CPU config, a few minutes per variant; on a GPU, pass a bigger base config and budget.
 
-    python bench/sweep.py                       # the model card's CPU sweep
+    OMP_NUM_THREADS=1 python bench/sweep.py --minutes 5 --only "arcface+supcon" "arcface only" \
+        "supcon only" "arcface+supcon, 128 px"  # the sweep in MODEL_CARD.md
+    python bench/sweep.py                       # every variant, 6 minutes each
     python bench/sweep.py --minutes 3 --only arcface+supcon cosface+supcon
     python bench/sweep.py --base configs/default.toml --minutes 30 --json sweep.json
 """

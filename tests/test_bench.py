@@ -174,3 +174,25 @@ def test_speed_quick_prints_its_table(tiny_checkpoint: Path, tmp_path: Path) -> 
     rows = json.loads(out.read_text())["rows"]
     flat = next(r for r in rows if r["case"].startswith("Flat"))
     assert flat["extra"]["recall"] == 1.0  # exact search finds the exact neighbours
+
+
+def test_sweep_table_has_a_row_per_variant_and_set() -> None:
+    sweep = _load("sweep")
+    result = {
+        "dataset": "s",
+        "n_images": 10,
+        "auc": 0.9,
+        "eer": 0.1,
+        "tar_at_far_1e-2": 0.5,
+        "precision_at_1": 0.7,
+        "ci": {"auc": [0.85, 0.95]},
+    }
+    table = sweep.format_rows(
+        [
+            {"name": "a", "epochs": 3, "results": [result]},
+            {"name": "b", "epochs": 4, "results": [result, {**result, "dataset": "t"}]},
+        ]
+    )
+    lines = table.splitlines()
+    assert len(lines) == 2 + 3
+    assert "| a | 3 | s | 10 | 0.900 [0.850, 0.950] | 0.100 | 0.500 | 0.700 |" in lines
