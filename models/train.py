@@ -35,7 +35,7 @@ from pytorch_metric_learning.losses import SupConLoss
 
 from models.backbones import BackboneConfig, build_backbone
 from models.calibration import Calibration
-from models.checkpoint import save_checkpoint
+from models.checkpoint import load_checkpoint, save_checkpoint
 from models.data import (
     AugmentConfig,
     PKSampler,
@@ -98,6 +98,7 @@ class OptimConfig:
         0.0  # wall-time budget (0 = none): the LR schedule anneals within it, best epoch kept
     )
     eval_max_impostor_pairs: int = 200_000
+    init_from: str = ""  # a checkpoint whose backbone weights start this run (e.g. phantom pre-training)
 
 
 @dataclass
@@ -318,6 +319,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     val_labels = np.array([val_ids[s.patient_id] for s in val_samples])
 
     backbone = build_backbone(config.backbone)
+    if config.optim.init_from and not (resume and (out_dir / "last.pt").is_file()):
+        _init_backbone(backbone, config.optim.init_from, config.backbone)
     head_kwargs = {
         k: v for k, v in asdict(config.head).items() if k not in ("name", "weight") and v is not None
     }
@@ -485,6 +488,20 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         dist.barrier()
         dist.destroy_process_group()
     return final
+
+
+def _init_backbone(backbone: torch.nn.Module, path: str, expected: BackboneConfig) -> None:
+    """Start from a pre-trained checkpoint's backbone; the margin head always starts fresh
+    (its classes are this run's patients)."""
+    payload = load_checkpoint(path)
+    if payload["backbone"] != expected.to_dict():
+        differing = sorted(k for k, v in expected.to_dict().items() if payload["backbone"].get(k) != v)
+        raise ValueError(
+            f"optim.init_from={path} has another architecture (differs in: {', '.join(differing)})"
+        )
+    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    backbone.load_state_dict(state)
+    log.info("backbone initialised from %s (%s)", path, payload["model_id"])
 
 
 def _time_fraction(max_minutes: float, started: float, ctx: DistributedContext) -> float:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from models.evaluate import evaluate
 from models.phantom import write_phantom_set
 from models.train import TrainConfig, load_config, train
@@ -56,6 +58,30 @@ def test_phantom_training_generalises_to_unseen_patients(tmp_path: Path) -> None
     train(resumed, resume=True, progress=False)
     again = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(again) == len(history) + 1
+
+    # optim.init_from starts another run from these weights (the head starts fresh): with a
+    # learning rate of zero its first epoch validates like the trained model, not a random one.
+    best_auc = max(h["val_auc"] for h in history)
+    warm = load_config(
+        str(tmp_path / "run" / "config.toml"),
+        [
+            f"output_dir={tmp_path / 'warm'}",
+            f"optim.init_from={checkpoint}",
+            "optim.epochs=1",
+            "optim.lr=0.0",
+            "optim.max_minutes=0.0",
+        ],
+    )
+    train(warm, progress=False)
+    first = json.loads((tmp_path / "warm" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["val_auc"] > best_auc - 0.05 and first["val_auc"] > 0.8
+
+    other = load_config(
+        str(tmp_path / "run" / "config.toml"),
+        [f"output_dir={tmp_path / 'other'}", f"optim.init_from={checkpoint}", "backbone.width=8"],
+    )
+    with pytest.raises(ValueError, match="differs in: width"):
+        train(other, progress=False)
 
 
 def test_torchrun_ddp_trains_on_cpu(tmp_path: Path) -> None:
