@@ -9,6 +9,7 @@ CPU config, a few minutes per variant; on a GPU, pass a bigger base config and b
     python bench/sweep.py                       # every variant, 6 minutes each
     python bench/sweep.py --minutes 3 --only arcface+supcon cosface+supcon
     python bench/sweep.py --base configs/default.toml --minutes 30 --json sweep.json
+    python bench/sweep.py --minutes 5 --only arcface+supcon --init-from runs/phantom-pretrain/model.pt
 """
 
 from __future__ import annotations
@@ -92,9 +93,14 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "runs" / "sweep"), help="run directories")
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--json", help="write all results here")
+    parser.add_argument(
+        "--init-from", help="start every variant from this checkpoint's backbone (pre-training)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
+    if args.init_from and not Path(args.init_from).is_file():
+        parser.error(f"--init-from {args.init_from}: no such checkpoint")
     from models.train import load_config
 
     missing = [m for m in load_config(args.base).data.manifests if not Path(m).is_file()]
@@ -102,6 +108,9 @@ def main() -> int:
         print(f"{', '.join(missing)} not found: nothing to measure; this sweep needs the real sets")
         return 0
     chosen = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only}
+    if args.init_from:
+        tag = Path(args.init_from).parent.name or Path(args.init_from).stem
+        chosen = {f"{k}, init {tag}": [*v, f'optim.init_from="{args.init_from}"'] for k, v in chosen.items()}
     rows = []
     for name, overrides in chosen.items():
         print(f"training {name} ({args.minutes} min)...", flush=True)

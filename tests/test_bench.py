@@ -196,3 +196,9 @@ def test_sweep_table_has_a_row_per_variant_and_set() -> None:
     lines = table.splitlines()
     assert len(lines) == 2 + 3
     assert "| a | 3 | s | 10 | 0.900 [0.850, 0.950] | 0.100 | 0.500 | 0.700 |" in lines
+
+
+def test_sweep_refuses_a_missing_pretrained_checkpoint(tmp_path: Path) -> None:
+    result = _run("sweep.py", "--init-from", str(tmp_path / "nope.pt"))
+    assert result.returncode == 2
+    assert "no such checkpoint" in result.stderr
