@@ -120,7 +120,7 @@ def evaluate(
             impostor,
             Path(plots_dir),
             threshold=threshold,
-            title=f"{embedder.model_id} on {dataset_name(manifest)} ({description})",
+            title=f"{embedder.model_id}\n{dataset_name(manifest)}: {description}",
         )
         result["plots"] = [str(p) for p in paths]
     return result

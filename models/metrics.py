@@ -645,7 +645,7 @@ def save_plots(
     ax.set_ylim(0.0, 1.01)
     ax.set_xlabel(f"false accept rate (FAR), {imp.size:,} impostor pairs")
     ax.set_ylabel(f"true accept rate (TAR), {g.size:,} genuine pairs")
-    ax.set_title(title or "ROC")
+    ax.set_title(title or "ROC", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -665,7 +665,7 @@ def save_plots(
         ax.axvline(threshold, color="C3", ls="--", lw=1.2, label=f"threshold {threshold:.3f}")
     ax.set_xlabel("score (cosine similarity)")
     ax.set_ylabel("density")
-    ax.set_title(title or "score distributions")
+    ax.set_title(title or "score distributions", fontsize=9)
     ax.legend(loc="upper left")
     fig.tight_layout()
     p = out / "score_histogram.png"
