@@ -437,6 +437,11 @@ class PKSampler:
     views of one image: an instance-discrimination positive, and a class/negative for the rest).
     Each epoch visits every patient once. With ``world_size > 1`` (torchrun DDP) every rank
     draws the same epoch plan from the shared seed and keeps every ``world_size``-th batch.
+
+    ``groups`` (one per image, e.g. its data set) balances the groups instead: an epoch keeps its
+    length (one draw per patient) but gives every group an equal share of the draws, cycling
+    through a small group's patients several times and through a large one's only partly. Without
+    it a set with most of the patients fills most of the batches.
     """
 
     def __init__(
@@ -445,6 +450,7 @@ class PKSampler:
         patients_per_batch: int,
         images_per_patient: int,
         *,
+        groups: Sequence[str] | None = None,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -453,9 +459,28 @@ class PKSampler:
         for index, label in enumerate(labels):
             self.by_label[int(label)].append(index)
         self.labels = sorted(self.by_label)
+        self.labels_by_group: dict[str, list[int]] = {}
+        if groups is not None:
+            if len(groups) != len(labels):
+                raise ValueError(f"{len(groups)} groups for {len(labels)} labels")
+            group_of = {int(label): str(group) for label, group in zip(labels, groups, strict=True)}
+            for label in self.labels:
+                self.labels_by_group.setdefault(group_of[label], []).append(label)
         self.p, self.k = patients_per_batch, images_per_patient
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
+
+    def _epoch_order(self, rng: np.random.Generator) -> np.ndarray:
+        """The patients of one epoch, in order: a permutation, or equal shares per group."""
+        if len(self.labels_by_group) < 2:
+            return rng.permutation(self.labels)
+        share = len(self.labels) // len(self.labels_by_group)
+        draws = []
+        for group in sorted(self.labels_by_group):
+            members = self.labels_by_group[group]
+            cycles = -(-share // len(members))  # ceil: enough permutations to fill the share
+            draws.append(np.concatenate([rng.permutation(members) for _ in range(cycles)])[:share])
+        return rng.permutation(np.concatenate(draws))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -465,7 +490,7 @@ class PKSampler:
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng((self.seed, self.epoch))
-        order = rng.permutation(self.labels)
+        order = self._epoch_order(rng)
         n_batches = len(self)
         for batch_index in range(n_batches):
             global_index = batch_index * self.world_size + self.rank

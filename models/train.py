@@ -61,6 +61,7 @@ class DataConfig:
     test_fraction: float = 0.2
     split_seed: int = 0
     holdout_sets: list[str] = field(default_factory=list)  # whole sets kept out of training (cross-site test)
+    balance_sets: bool = False  # equal share of each set's patients per epoch (PKSampler groups)
     cache_dir: str = ".cache/cxr-reid"
 
 
@@ -340,6 +341,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         train_labels,
         config.optim.patients_per_batch,
         config.optim.images_per_patient,
+        groups=[s.dataset for s in train_samples] if config.data.balance_sets else None,
         seed=config.optim.seed,
         rank=ctx.rank,
         world_size=ctx.world_size,

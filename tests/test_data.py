@@ -191,3 +191,23 @@ def test_pk_sampler_shards_for_ddp() -> None:
     flat0 = {i for b in rank0 for i in b}
     flat1 = {i for b in rank1 for i in b}
     assert len(rank0) == len(rank1) == 5 and not flat0 & flat1
+
+
+def test_pk_sampler_balances_sets_when_given_groups() -> None:
+    # 90 patients of a big set, 10 of a small one, two images each
+    labels = np.repeat(np.arange(100), 2)
+    groups = ["big" if label < 90 else "small" for label in labels]
+    plain = PKSampler(labels, 10, 2, seed=0)
+    balanced = PKSampler(labels, 10, 2, groups=groups, seed=0)
+    assert len(balanced) == len(plain) == 10  # the epoch keeps its length
+
+    def small_share(sampler: PKSampler) -> float:
+        drawn = [labels[i] for batch in sampler for i in batch]
+        return sum(label >= 90 for label in drawn) / len(drawn)
+
+    assert small_share(plain) == 0.1
+    assert small_share(balanced) == 0.5
+    small_drawn = Counter(labels[i] for batch in balanced for i in batch if labels[i] >= 90)
+    assert len(small_drawn) == 10 and set(small_drawn.values()) == {10}  # each small patient 5x, K=2
+    with pytest.raises(ValueError, match="groups"):
+        PKSampler(labels, 10, 2, groups=groups[:-1])
