@@ -440,8 +440,9 @@ class PKSampler:
 
     ``groups`` (one per image, e.g. its data set) balances the groups instead: an epoch keeps its
     length (one draw per patient) but gives every group an equal share of the draws, cycling
-    through a small group's patients several times and through a large one's only partly. Without
-    it a set with most of the patients fills most of the batches.
+    through a small group's patients several times and through a large one's only partly (so a
+    small group's patient can fall twice into one batch: more positives, no harm). Without it a set
+    with most of the patients fills most of the batches.
     """
 
     def __init__(
