@@ -28,7 +28,7 @@ VARIANTS: dict[str, list[str]] = {
     "arcface+supcon": [],
     "arcface only": ["loss.supcon_weight=0.0"],
     "supcon only": ["head.weight=0.0"],
-    "cosface+supcon": ['head.name="cosface"', "head.m2=0.0", "head.m3=0.35"],
+    "cosface+supcon": ['head.name="cosface"'],
     "arcface+supcon, 128 px": ["preprocess.size=128"],
     "arcface+supcon, ir_se": ['backbone.variant="ir_se"'],
 }

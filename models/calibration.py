@@ -121,6 +121,12 @@ class Calibration:
     n_genuine: int = 0
     n_impostor: int = 0
     prior: float = 0.5
+    #: where the numbers come from: "validation" (the model's own held-out patients, shipped in the
+    #: checkpoint) or "site" (the user's labelled images: ``cxr-reid calibrate``, POST /calibration)
+    source: str = "validation"
+    #: what it was fitted on and when: images, patients, date, manifest digest or gallery, the
+    #: patient-bootstrap interval of each threshold (``threshold_ci``); free-form JSON values
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.thresholds = {str(k): float(v) for k, v in self.thresholds.items()}
@@ -155,18 +161,29 @@ class Calibration:
         *,
         default_far: str = DEFAULT_FAR,
         max_points: int = MAX_PROBABILITY_POINTS,
+        fars: tuple[str, ...] = FAR_KEYS,
+        min_far: float = 0.0,
+        source: str = "validation",
+        provenance: dict[str, Any] | None = None,
     ) -> Calibration:
-        """Fit thresholds and the probability map on held-out genuine and impostor pair scores."""
+        """Fit thresholds and the probability map on held-out genuine and impostor pair scores.
+
+        ``fars`` are the headline operating points to store; ``min_far`` cuts the FAR curve below
+        the smallest FAR the data resolves, so a request for a lower FAR is refused instead of
+        answered with an unmeasured threshold (site calibration sets it; the shipped validation
+        calibration keeps the whole curve and records ``n_impostor``).
+        """
         from sklearn.isotonic import IsotonicRegression
 
         g = _as_scores(genuine, "genuine")
         imp = _as_scores(impostor, "impostor")
         asc = np.sort(imp)
-        keyed = thresholds_at_fars(asc, np.array([float(k) for k in FAR_KEYS]))
-        thresholds = {k: float(t) for k, t in zip(FAR_KEYS, keyed, strict=True)}
+        keyed = thresholds_at_fars(asc, np.array([float(k) for k in fars]))
+        thresholds = {k: float(t) for k, t in zip(fars, keyed, strict=True)}
         grid = far_curve_grid()
+        grid = grid[grid >= min_far * (1 - 1e-9)]
         curve = thresholds_at_fars(asc, grid)
-        for k in FAR_KEYS:
+        for k in fars:
             if float(k) * imp.size < 1.0:
                 logger.warning(
                     "calibration: FAR %s needs >= %d impostor pairs to be measured, have %d; "
@@ -195,6 +212,8 @@ class Calibration:
             n_genuine=int(g.size),
             n_impostor=int(imp.size),
             prior=0.5,
+            source=source,
+            provenance=dict(provenance or {}),
         )
 
     # ------------------------------------------------------------------ use
@@ -287,6 +306,8 @@ class Calibration:
             "n_genuine": int(self.n_genuine),
             "n_impostor": int(self.n_impostor),
             "prior": float(self.prior),
+            "source": self.source,
+            "provenance": self.provenance,
         }
 
     @classmethod
@@ -302,6 +323,8 @@ class Calibration:
             "n_genuine",
             "n_impostor",
             "prior",
+            "source",
+            "provenance",
         }
         unknown = set(d) - known - {"format_version"}
         if unknown:

@@ -435,7 +435,9 @@ class PKSampler:
 
     Patients with fewer than K images are drawn with replacement (a one-image patient gives K
     views of one image: an instance-discrimination positive, and a class/negative for the rest).
-    Each epoch visits every patient once. With ``world_size > 1`` (torchrun DDP) every rank
+    Each epoch visits every patient once, or, with ``batches_per_epoch``, draws that many batches
+    from cycled permutations of the patients (so epochs of sets of different sizes have the same
+    length and one schedule fits them all). With ``world_size > 1`` (torchrun DDP) every rank
     draws the same epoch plan from the shared seed and keeps every ``world_size``-th batch.
 
     ``groups`` (one per image, e.g. its data set) balances the groups instead: an epoch keeps its
@@ -455,7 +457,9 @@ class PKSampler:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        batches_per_epoch: int = 0,
     ) -> None:
+        self.batches_per_epoch = batches_per_epoch
         self.by_label: dict[int, list[int]] = defaultdict(list)
         for index, label in enumerate(labels):
             self.by_label[int(label)].append(index)
@@ -471,28 +475,30 @@ class PKSampler:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
 
-    def _epoch_order(self, rng: np.random.Generator) -> np.ndarray:
-        """The patients of one epoch, in order: a permutation, or equal shares per group."""
+    def _epoch_order(self, rng: np.random.Generator, draws: int) -> np.ndarray:
+        """``draws`` patients in order: cycled permutations, or equal shares per group."""
         if len(self.labels_by_group) < 2:
-            return rng.permutation(self.labels)
-        share = len(self.labels) // len(self.labels_by_group)
-        draws = []
-        for group in sorted(self.labels_by_group):
-            members = self.labels_by_group[group]
-            cycles = -(-share // len(members))  # ceil: enough permutations to fill the share
-            draws.append(np.concatenate([rng.permutation(members) for _ in range(cycles)])[:share])
-        return rng.permutation(np.concatenate(draws))
+            return _cycled_permutations(self.labels, draws, rng)
+        share = -(-draws // len(self.labels_by_group))
+        chosen = [
+            _cycled_permutations(self.labels_by_group[group], share, rng)
+            for group in sorted(self.labels_by_group)
+        ]
+        return rng.permutation(np.concatenate(chosen))[:draws]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
+        """Batches per rank: ``batches_per_epoch`` when set, else one draw per patient."""
+        if self.batches_per_epoch > 0:
+            return max(1, self.batches_per_epoch // self.world_size)
         return len(self.labels) // self.p // self.world_size
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng((self.seed, self.epoch))
-        order = self._epoch_order(rng)
         n_batches = len(self)
+        order = self._epoch_order(rng, n_batches * self.world_size * self.p)
         for batch_index in range(n_batches):
             global_index = batch_index * self.world_size + self.rank
             chosen = order[global_index * self.p : (global_index + 1) * self.p]
@@ -502,6 +508,12 @@ class PKSampler:
                 replace = len(pool) < self.k
                 batch.extend(int(i) for i in rng.choice(pool, size=self.k, replace=replace))
             yield batch
+
+
+def _cycled_permutations(members: Sequence[int], count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` draws from ``members``: whole permutations, the last one cut short."""
+    cycles = max(1, -(-count // max(1, len(members))))
+    return np.concatenate([rng.permutation(members) for _ in range(cycles)])[:count]
 
 
 def samples_to_dicts(samples: Sequence[Sample]) -> list[dict]:

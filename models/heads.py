@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,33 @@ HEAD_PRESETS: dict[str, dict[str, float]] = {
     "sphereface": {"s": 64.0, "m1": 4.0, "m2": 0.0, "m3": 0.0},
     "combined": {"s": 64.0, "m1": 1.0, "m2": 0.3, "m3": 0.2},
 }
+
+
+#: The one margin each preset is known by, as (m1, m2, m3) position; ``combined`` takes all three.
+MARGIN_PARAMETER: dict[str, str] = {"arcface": "m2", "cosface": "m3", "sphereface": "m1"}
+
+
+def head_margins(name: str, margin: float | Sequence[float] | None) -> dict[str, float]:
+    """m1, m2, m3 of a head: its preset, with its own margin replaced when one is given.
+
+    ``margin`` is the head's one margin (ArcFace's additive angle m2, CosFace's cosine m3,
+    SphereFace's multiplier m1), or ``[m1, m2, m3]`` for ``combined``. Raises ValueError otherwise.
+    """
+    preset = HEAD_PRESETS.get(name.lower())
+    if preset is None:
+        raise ValueError(f"unknown head {name!r}; choose from {sorted(HEAD_PRESETS)}")
+    margins = {k: preset[k] for k in ("m1", "m2", "m3")}
+    if margin is None:
+        return margins
+    parameter = MARGIN_PARAMETER.get(name.lower())
+    if parameter is None:
+        if isinstance(margin, int | float) or len(margin) != 3:
+            raise ValueError(f"{name} takes its margins as [m1, m2, m3], got {margin!r}")
+        return dict(zip(("m1", "m2", "m3"), (float(m) for m in margin), strict=True))
+    if not isinstance(margin, int | float) or isinstance(margin, bool):
+        raise ValueError(f"{name} takes one margin ({parameter}), got {margin!r}")
+    margins[parameter] = float(margin)
+    return margins
 
 
 class CombinedMarginHead(nn.Module):

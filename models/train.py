@@ -1,5 +1,10 @@
 """``cxr-reid train``: a config per experiment, CPU or CUDA, DDP through torchrun.
 
+Phases, each a function: :func:`setup` (data, model, optimiser, schedule, resume),
+:func:`train_epoch`, :func:`validate_epoch` (metrics line, best weights, ``last.pt``) and
+:func:`finalise` (calibrated checkpoint). The learning rate is a function of the step; a time
+budget (``optim.max_minutes``) only stops a run early and the checkpoint records that it did.
+
 The objective combines a margin head (ArcFace by default) over patient classes with a
 supervised-contrastive loss over two augmented views of every image in a P x K batch. The
 contrastive term lets one-image patients count (their two views are positives), which matters on
@@ -7,7 +12,7 @@ small sets where most patients have a single image.
 
 Layout of a run directory::
 
-    config.toml      the resolved config (file + overrides)
+    config.toml      the resolved config (base chain + file + overrides; models/config.py)
     splits.csv       every image with its split (patient-disjoint)
     metrics.jsonl    one line per epoch
     last.pt          training state for --resume (weights, head, optimiser, epoch)
@@ -22,8 +27,7 @@ import logging
 import math
 import os
 import time
-import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +40,8 @@ from pytorch_metric_learning.losses import SupConLoss
 from models.backbones import BackboneConfig, build_backbone
 from models.calibration import Calibration
 from models.checkpoint import load_checkpoint, save_checkpoint
+from models.config import TrainConfig, load_config, to_toml
 from models.data import (
-    AugmentConfig,
     PKSampler,
     Sample,
     assign_splits,
@@ -49,153 +53,11 @@ from models.data import (
 )
 from models.heads import build_head
 from models.metrics import pair_scores, retrieval_metrics, verification_metrics
-from models.preprocess import PreprocessConfig, to_tensor
+from models.preprocess import to_tensor
+
+__all__ = ["TrainConfig", "load_config", "train"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DataConfig:
-    manifests: list[str] = field(default_factory=list)
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
-    split_seed: int = 0
-    holdout_sets: list[str] = field(default_factory=list)  # whole sets kept out of training (cross-site test)
-    balance_sets: bool = False  # equal share of each set's patients per epoch (PKSampler groups)
-    cache_dir: str = ".cache/cxr-reid"
-
-
-@dataclass
-class HeadConfig:
-    name: str = "arcface"
-    s: float = 30.0
-    m1: float | None = None
-    m2: float | None = None
-    m3: float | None = None
-    sub_centers: int = 1
-    weight: float = 1.0  # weight of the margin loss in the objective
-
-
-@dataclass
-class LossConfig:
-    supcon_weight: float = 1.0
-    supcon_temperature: float = 0.1
-
-
-@dataclass
-class OptimConfig:
-    epochs: int = 20
-    patients_per_batch: int = 32
-    images_per_patient: int = 2
-    lr: float = 2e-3
-    head_lr_scale: float = 10.0  # the head's class centres start random: let them move faster
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0
-    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 0  # CPU threads; 0 = torch's default
-    max_minutes: float = (
-        0.0  # wall-time budget (0 = none): the LR schedule anneals within it, best epoch kept
-    )
-    eval_max_impostor_pairs: int = 200_000
-    init_from: str = ""  # a checkpoint whose backbone weights start this run (e.g. phantom pre-training)
-
-
-@dataclass
-class TrainConfig:
-    name: str = "cxr-reid"
-    output_dir: str = "runs/default"
-    data: DataConfig = field(default_factory=DataConfig)
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        sections = {
-            "data": DataConfig,
-            "head": HeadConfig,
-            "loss": LossConfig,
-            "optim": OptimConfig,
-        }
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown config section(s): {', '.join(sorted(unknown))}")
-        kwargs: dict[str, Any] = {}
-        for key, value in values.items():
-            if key in sections:
-                kwargs[key] = _build_section(sections[key], value, key)
-            elif key == "backbone":
-                kwargs[key] = BackboneConfig.from_dict(value)
-            elif key == "preprocess":
-                kwargs[key] = PreprocessConfig.from_dict(value)
-            elif key == "augment":
-                kwargs[key] = AugmentConfig.from_dict(value)
-            else:
-                kwargs[key] = value
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["backbone"] = self.backbone.to_dict()
-        out["preprocess"] = self.preprocess.to_dict()
-        return out
-
-
-def _build_section(section: type, values: dict[str, Any], name: str) -> Any:
-    allowed = {f.name for f in fields(section)}
-    unknown = set(values) - allowed
-    if unknown:
-        raise ValueError(f"unknown key(s) in [{name}]: {', '.join(sorted(unknown))}")
-    return section(**values)
-
-
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a TOML experiment config and apply ``section.key=value`` overrides (TOML values)."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        with open(path, "rb") as handle:
-            values = tomllib.load(handle)
-    for override in overrides or []:
-        key, sep, raw = override.partition("=")
-        if not sep:
-            raise ValueError(f"override must look like section.key=value, got {override!r}")
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw  # a bare string
-        target = values
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            target = target.setdefault(part, {})
-        target[parts[-1]] = value
-    return TrainConfig.from_dict(values)
-
-
-def _to_toml(values: dict[str, Any]) -> str:
-    """A small TOML writer for the resolved config (flat sections of scalars and lists)."""
-
-    def literal(value: Any) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, (int, float)):
-            return repr(value)
-        if isinstance(value, (list, tuple)):
-            return "[" + ", ".join(literal(v) for v in value) + "]"
-        return json.dumps(str(value))
-
-    top = [f"{k} = {literal(v)}" for k, v in values.items() if not isinstance(v, dict)]
-    blocks = []
-    for key, section in values.items():
-        if isinstance(section, dict):
-            lines = [f"{k} = {literal(v)}" for k, v in section.items() if v is not None]
-            blocks.append(f"[{key}]\n" + "\n".join(lines))
-    return "\n".join(top) + "\n\n" + "\n\n".join(blocks) + "\n"
 
 
 # --- the training loop ------------------------------------------------------------------------------
@@ -244,15 +106,12 @@ class IdentityModel(torch.nn.Module):
         return embeddings, self.head(embeddings, labels)
 
 
-def _lr_factor(step: int, total_steps: int, warmup_steps: int, time_fraction: float = 0.0) -> float:
-    """Linear warm-up then cosine decay to zero, by steps or by the time budget, whichever is further.
-
-    With a time budget the schedule still anneals fully when the machine is slower than planned,
-    instead of being cut off at a high learning rate.
-    """
+def _lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up, then cosine decay to zero at ``total_steps``: a function of the step only, so
+    a run follows the same schedule on a fast and a slow machine."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = max((step - warmup_steps) / max(1, total_steps - warmup_steps), time_fraction)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -265,7 +124,7 @@ def embed_images(
     backbone.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(images[start : start + batch_size]).to(device).float() / 255
+        batch = torch.as_tensor(images[start : start + batch_size]).to(device).float() / 255
         out.append(F.normalize(backbone(to_tensor(batch)).float(), dim=1).cpu().numpy())
     backbone.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
@@ -286,8 +145,78 @@ def validate(
     return metrics, genuine, impostor
 
 
+@dataclass
+class TrainingData:
+    """The split samples and their prepared pixels (uint8, decoded once)."""
+
+    samples: list[Sample]
+    train_samples: list[Sample]
+    val_samples: list[Sample]
+    train_images: np.ndarray
+    val_images: np.ndarray
+    train_labels: np.ndarray  # class index of each training image
+    val_labels: np.ndarray
+    num_classes: int
+
+
+@dataclass
+class Run:
+    """Everything one training run holds between its phases."""
+
+    config: TrainConfig
+    ctx: DistributedContext
+    device: torch.device
+    out_dir: Path
+    data: TrainingData
+    model: IdentityModel
+    ddp_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    base_lrs: list[float]
+    supcon: SupConLoss
+    sampler: PKSampler
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    generator: torch.Generator
+    train_tensor: torch.Tensor
+    start_epoch: int = 0
+    best_auc: float = -1.0
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    stopped_by_budget: bool = False
+
+    @property
+    def state_file(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    def out_of_time(self) -> bool:
+        budget = self.config.optim.max_minutes
+        return bool(budget) and time.monotonic() - self.started > budget * 60
+
+
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> Path:
     """Train, validate every epoch, keep the best; returns the path of the final checkpoint."""
+    run = setup(config, resume=resume, progress=progress)
+    for epoch in range(run.start_epoch, config.optim.epochs):
+        stats = train_epoch(run, epoch, progress=progress)
+        if run.ctx.is_main:
+            validate_epoch(run, epoch, stats)
+        if _agree(run.stopped_by_budget or run.out_of_time(), run):
+            run.stopped_by_budget = True
+            log.warning(
+                "time budget of %.1f min reached after epoch %d of %d: stopping early; the run is "
+                "recorded as cut short (its schedule had not finished)",
+                config.optim.max_minutes,
+                epoch + 1,
+                config.optim.epochs,
+            )
+            break
+    return finalise(run)
+
+
+def setup(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> Run:
+    """Seeds, data, model, optimiser, sampler and schedule; the state of ``last.pt`` when resuming."""
     ctx, device = _init_distributed(config.optim.device)
     if config.optim.threads:
         torch.set_num_threads(config.optim.threads)
@@ -296,37 +225,22 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     out_dir = Path(config.output_dir)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.toml").write_text(_to_toml(config.to_dict()))
+        (out_dir / "config.toml").write_text(to_toml(config.to_dict()))
 
-    samples = _load_samples(config)
-    train_samples = [s for s in samples if s.split == "train"]
-    val_samples = [s for s in samples if s.split == "val"]
+    data = load_training_data(config, progress=progress and ctx.is_main)
     if ctx.is_main:
-        write_manifest(samples, out_dir / "splits.csv")
-        log.info("data: %s", json.dumps(summarise(samples)))
-    if not train_samples or not val_samples:
-        raise ValueError("the split left no training or no validation images: check data fractions")
-
-    cache = config.data.cache_dir or None
-    train_images = load_images(
-        train_samples, config.preprocess, cache_dir=cache, progress=progress and ctx.is_main
-    )
-    val_images = load_images(
-        val_samples, config.preprocess, cache_dir=cache, progress=progress and ctx.is_main
-    )
-    patient_index = {p: i for i, p in enumerate(sorted({s.patient_id for s in train_samples}))}
-    train_labels = np.array([patient_index[s.patient_id] for s in train_samples])
-    val_ids = {p: i for i, p in enumerate(sorted({s.patient_id for s in val_samples}))}
-    val_labels = np.array([val_ids[s.patient_id] for s in val_samples])
+        write_manifest(data.samples, out_dir / "splits.csv")
+        log.info("data: %s", json.dumps(summarise(data.samples)))
 
     backbone = build_backbone(config.backbone)
     if config.optim.init_from and not (resume and (out_dir / "last.pt").is_file()):
         _init_backbone(backbone, config.optim.init_from, config.backbone)
-    head_kwargs = {
-        k: v for k, v in asdict(config.head).items() if k not in ("name", "weight") and v is not None
-    }
-    head = build_head(config.head.name, config.backbone.embedding_dim, len(patient_index), **head_kwargs)
+    head = build_head(
+        config.head.name, config.backbone.embedding_dim, data.num_classes, **config.head.build_kwargs()
+    )
     model = IdentityModel(backbone, head).to(device)
+    if config.optim.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(
         [
             {"params": model.backbone.parameters(), "lr": config.optim.lr},
@@ -334,130 +248,198 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         ],
         weight_decay=config.optim.weight_decay,
     )
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    supcon = SupConLoss(temperature=config.loss.supcon_temperature)
-
     sampler = PKSampler(
-        train_labels,
+        data.train_labels,
         config.optim.patients_per_batch,
         config.optim.images_per_patient,
-        groups=[s.dataset for s in train_samples] if config.data.balance_sets else None,
+        groups=[s.dataset for s in data.train_samples] if config.data.balance_sets else None,
         seed=config.optim.seed,
         rank=ctx.rank,
         world_size=ctx.world_size,
+        batches_per_epoch=config.optim.steps_per_epoch,
     )
     steps_per_epoch = max(1, len(sampler))
-    total_steps = steps_per_epoch * config.optim.epochs
-    warmup_steps = int(config.optim.warmup_epochs * steps_per_epoch)
-
-    start_epoch, best_auc, best_state, history = 0, -1.0, None, []
-    state_file = out_dir / "last.pt"
-    if resume and state_file.is_file():
-        state = torch.load(state_file, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best_auc = state["epoch"] + 1, state["best_auc"]
-        best_state = state["best_backbone"]
-        history = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line]
-        log.info("resuming at epoch %d (best val AUC %.4f)", start_epoch, best_auc)
-    elif ctx.is_main:
-        (out_dir / "metrics.jsonl").write_text("")
-
     ddp_model: torch.nn.Module = model
     if ctx.world_size > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.local_rank] if device.type == "cuda" else None
         )
-    use_amp = config.optim.amp and device.type == "cuda"
-    generator = torch.Generator(device=device).manual_seed(config.optim.seed * 1000 + ctx.rank)
-    started = time.monotonic()
-    train_tensor = torch.from_numpy(train_images)
+    # On a GPU the whole uint8 training set lives in device memory: no per-step host copies.
+    train_tensor = torch.from_numpy(data.train_images)
+    if device.type == "cuda":
+        train_tensor = train_tensor.to(device)
+    run = Run(
+        config=config,
+        ctx=ctx,
+        device=device,
+        out_dir=out_dir,
+        data=data,
+        model=model,
+        ddp_model=ddp_model,
+        optimizer=optimizer,
+        base_lrs=[group["lr"] for group in optimizer.param_groups],
+        supcon=SupConLoss(temperature=config.loss.supcon_temperature),
+        sampler=sampler,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=steps_per_epoch * config.optim.epochs,
+        warmup_steps=int(config.optim.warmup_epochs * steps_per_epoch),
+        generator=torch.Generator(device=device).manual_seed(config.optim.seed * 1000 + ctx.rank),
+        train_tensor=train_tensor,
+    )
+    if resume and run.state_file.is_file():
+        _restore(run)
+    elif ctx.is_main:
+        (out_dir / "metrics.jsonl").write_text("")
+    log.info(
+        "schedule: %d epochs x %d steps of %d patients x %d images (warm-up %d steps)",
+        config.optim.epochs,
+        steps_per_epoch,
+        config.optim.patients_per_batch,
+        config.optim.images_per_patient,
+        run.warmup_steps,
+    )
+    return run
 
+
+def load_training_data(config: TrainConfig, *, progress: bool = True) -> TrainingData:
+    """Read, split, decode and label the training and validation images."""
+    samples = _load_samples(config)
+    train_samples = [s for s in samples if s.split == "train"]
+    val_samples = [s for s in samples if s.split == "val"]
+    if not train_samples or not val_samples:
+        raise ValueError("the split left no training or no validation images: check data fractions")
+    cache = config.data.cache_dir or None
+    train_images = load_images(train_samples, config.preprocess, cache_dir=cache, progress=progress)
+    val_images = load_images(val_samples, config.preprocess, cache_dir=cache, progress=progress)
+    train_ids = {p: i for i, p in enumerate(sorted({s.patient_id for s in train_samples}))}
+    val_ids = {p: i for i, p in enumerate(sorted({s.patient_id for s in val_samples}))}
+    return TrainingData(
+        samples=samples,
+        train_samples=train_samples,
+        val_samples=val_samples,
+        train_images=train_images,
+        val_images=val_images,
+        train_labels=np.array([train_ids[s.patient_id] for s in train_samples]),
+        val_labels=np.array([val_ids[s.patient_id] for s in val_samples]),
+        num_classes=len(train_ids),
+    )
+
+
+def train_epoch(run: Run, epoch: int, *, progress: bool = True) -> dict[str, float]:
+    """One pass of the sampler: margin + supervised-contrastive loss over two augmented views.
+
+    A single process checks the time budget every step and stops mid-epoch when it is spent; under
+    DDP the ranks' clocks differ, so the budget is checked between epochs only (see :func:`train`).
+    """
     from tqdm.auto import tqdm
 
-    for epoch in range(start_epoch, config.optim.epochs):
-        sampler.set_epoch(epoch)
-        model.train()
-        epoch_loss, seen, epoch_start = 0.0, 0, time.monotonic()
-        bar = tqdm(
-            sampler,
-            total=steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{config.optim.epochs}",
-            disable=not (progress and ctx.is_main),
-            leave=False,
-        )
-        for step_in_epoch, batch_indices in enumerate(bar):
-            step = epoch * steps_per_epoch + step_in_epoch
-            time_fraction = _time_fraction(config.optim.max_minutes, started, ctx)
-            if time_fraction >= 1.0:
-                break  # the schedule has annealed to zero: validate this epoch and stop
-            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                group["lr"] = base * _lr_factor(step, total_steps, warmup_steps, time_fraction)
-            index = torch.as_tensor(batch_indices)
-            clean = train_tensor[index].to(device).float().div_(255).unsqueeze(1)
-            views = torch.cat(
-                [augment(clean, config.augment, generator), augment(clean, config.augment, generator)]
-            )
-            labels = torch.from_numpy(train_labels[batch_indices]).to(device).repeat(2)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                embeddings, logits = ddp_model(to_tensor(views), labels)
-            loss = config.head.weight * F.cross_entropy(logits.float(), labels)
-            if config.loss.supcon_weight > 0:
-                loss = loss + config.loss.supcon_weight * supcon(
-                    F.normalize(embeddings.float(), dim=1), labels
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            optimizer.step()
-            epoch_loss += loss.item() * len(views)
-            seen += len(views)
-            rate = seen / max(1e-6, time.monotonic() - epoch_start)
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
-        bar.close()
-
-        if ctx.is_main:
-            metrics, _, _ = validate(
-                model.backbone, val_images, val_labels, device, config.optim.eval_max_impostor_pairs
-            )
-            record = {
-                "epoch": epoch + 1,
-                "loss": epoch_loss / max(1, seen),
-                "lr": optimizer.param_groups[0]["lr"],
-                "images_per_s": seen / max(1e-6, time.monotonic() - epoch_start),
-                "elapsed_s": time.monotonic() - started,
-                "val_auc": metrics["auc"],
-                "val_eer": metrics["eer"],
-                "val_precision_at_1": metrics["precision_at_1"],
-            }
-            history.append(record)
-            with (out_dir / "metrics.jsonl").open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            log.info(
-                "epoch %d: loss %.4f, val AUC %.4f, EER %.4f, P@1 %.4f",
-                epoch + 1,
-                record["loss"],
-                metrics["auc"],
-                metrics["eer"],
-                metrics["precision_at_1"],
-            )
-            if metrics["auc"] > best_auc:
-                best_auc = metrics["auc"]
-                best_state = copy.deepcopy(model.backbone.state_dict())
-            _save_training_state(state_file, model, optimizer, epoch, best_auc, best_state)
-        if _out_of_time(config.optim.max_minutes, started, ctx, device):
-            log.info("time budget of %.1f min reached after epoch %d", config.optim.max_minutes, epoch + 1)
+    config, device = run.config, run.device
+    run.sampler.set_epoch(epoch)
+    run.model.train()
+    use_amp = config.optim.amp and device.type == "cuda"
+    memory_format = torch.channels_last if config.optim.channels_last else torch.contiguous_format
+    epoch_loss, seen, epoch_start = 0.0, 0, time.monotonic()
+    bar = tqdm(
+        run.sampler,
+        total=run.steps_per_epoch,
+        desc=f"epoch {epoch + 1}/{config.optim.epochs}",
+        disable=not (progress and run.ctx.is_main),
+        leave=False,
+    )
+    for step_in_epoch, batch_indices in enumerate(bar):
+        if run.ctx.world_size == 1 and run.out_of_time():
+            run.stopped_by_budget = True
             break
+        step = epoch * run.steps_per_epoch + step_in_epoch
+        factor = _lr_factor(step, run.total_steps, run.warmup_steps)
+        for group, base in zip(run.optimizer.param_groups, run.base_lrs, strict=True):
+            group["lr"] = base * factor
+        index = torch.as_tensor(batch_indices, device=run.train_tensor.device)
+        clean = run.train_tensor[index].to(device).float().div_(255).unsqueeze(1)
+        views = torch.cat(
+            [augment(clean, config.augment, run.generator), augment(clean, config.augment, run.generator)]
+        )
+        labels = torch.from_numpy(run.data.train_labels[batch_indices]).to(device).repeat(2)
+        inputs = to_tensor(views).contiguous(memory_format=memory_format)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            embeddings, logits = run.ddp_model(inputs, labels)
+        loss = config.head.weight * F.cross_entropy(logits.float(), labels)
+        if config.loss.supcon_weight > 0:
+            unit = F.normalize(embeddings.float(), dim=1)
+            loss = loss + config.loss.supcon_weight * run.supcon(unit, labels)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), 5.0)
+        run.optimizer.step()
+        epoch_loss += loss.item() * len(views)
+        seen += len(views)
+        rate = seen / max(1e-6, time.monotonic() - epoch_start)
+        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
+    bar.close()
+    return {
+        "loss": epoch_loss / max(1, seen),
+        "images_per_s": seen / max(1e-6, time.monotonic() - epoch_start),
+        "steps": step_in_epoch + 1 if seen else 0,
+    }
 
-    final = out_dir / "model.pt"
+
+def validate_epoch(run: Run, epoch: int, stats: dict[str, float]) -> None:
+    """Validation AUC of the epoch, its line in metrics.jsonl, the best weights so far, ``last.pt``."""
+    config = run.config
+    metrics, _, _ = validate(
+        run.model.backbone,
+        run.data.val_images,
+        run.data.val_labels,
+        run.device,
+        config.optim.eval_max_impostor_pairs,
+    )
+    record = {
+        "epoch": epoch + 1,
+        "steps": stats["steps"],
+        "loss": stats["loss"],
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "images_per_s": stats["images_per_s"],
+        "elapsed_s": time.monotonic() - run.started,
+        "val_auc": metrics["auc"],
+        "val_eer": metrics["eer"],
+        "val_precision_at_1": metrics["precision_at_1"],
+    }
+    if run.stopped_by_budget:
+        record["stopped_by_budget"] = True
+    run.history.append(record)
+    with (run.out_dir / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    log.info(
+        "epoch %d: loss %.4f, val AUC %.4f, EER %.4f, P@1 %.4f",
+        epoch + 1,
+        record["loss"],
+        metrics["auc"],
+        metrics["eer"],
+        metrics["precision_at_1"],
+    )
+    if metrics["auc"] > run.best_auc:
+        run.best_auc = metrics["auc"]
+        run.best_state = copy.deepcopy(run.model.backbone.state_dict())
+    _save_training_state(run, epoch)
+
+
+def finalise(run: Run) -> Path:
+    """Best epoch's weights, calibrated on the validation pairs, saved as a cxr-reid checkpoint."""
+    config, ctx = run.config, run.ctx
+    final = run.out_dir / "model.pt"
     if ctx.is_main:
-        assert best_state is not None
-        model.backbone.load_state_dict(best_state)
+        if run.best_state is None:
+            raise RuntimeError("no epoch was validated: nothing to save (is the time budget too small?)")
+        run.model.backbone.load_state_dict(run.best_state)
         metrics, genuine, impostor = validate(
-            model.backbone, val_images, val_labels, device, config.optim.eval_max_impostor_pairs
+            run.model.backbone,
+            run.data.val_images,
+            run.data.val_labels,
+            run.device,
+            config.optim.eval_max_impostor_pairs,
         )
         calibration = Calibration.fit(genuine, impostor)
-        summary = summarise(samples)
+        summary = summarise(run.data.samples)
         summary.update(
             {
                 "split": {
@@ -466,13 +448,16 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                     "seed": config.data.split_seed,
                     "holdout_sets": config.data.holdout_sets,
                 },
-                "train_images": len(train_samples),
-                "train_patients": len(patient_index),
-                "val_images": len(val_samples),
-                "val_patients": len(val_ids),
-                "epochs_run": len(history),
-                "config": config.to_dict(),
-                "train_minutes": (time.monotonic() - started) / 60,
+                "train_images": len(run.data.train_samples),
+                "train_patients": run.data.num_classes,
+                "val_images": len(run.data.val_samples),
+                "val_patients": int(len(np.unique(run.data.val_labels))),
+                "epochs_run": len(run.history),
+                "epochs_planned": config.optim.epochs,
+                "steps_per_epoch": run.steps_per_epoch,
+                "stopped_by_budget": run.stopped_by_budget,
+                "config": config.portable_dict(),
+                "train_minutes": (time.monotonic() - run.started) / 60,
             }
         )
         model_id = save_checkpoint(
@@ -480,12 +465,12 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             name=config.name,
             backbone_config=config.backbone.to_dict(),
             preprocess_config=config.preprocess.to_dict(),
-            state_dict=model.backbone.state_dict(),
+            state_dict=run.model.backbone.state_dict(),
             calibration=calibration.to_dict(),
             training_summary=summary,
-            metrics={"val": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}},
+            metrics={"val": {k: v for k, v in metrics.items() if isinstance(v, int | float)}},
         )
-        log.info("saved %s as %s (best val AUC %.4f)", final, model_id, best_auc)
+        log.info("saved %s as %s (best val AUC %.4f)", final, model_id, run.best_auc)
     if ctx.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -506,20 +491,13 @@ def _init_backbone(backbone: torch.nn.Module, path: str, expected: BackboneConfi
     log.info("backbone initialised from %s (%s)", path, payload["model_id"])
 
 
-def _time_fraction(max_minutes: float, started: float, ctx: DistributedContext) -> float:
-    """Share of the time budget spent; 0 without a budget, and under DDP (ranks' clocks differ,
-    and their learning rates must not), where the budget only stops training between epochs."""
-    if not max_minutes or ctx.world_size > 1:
-        return 0.0
-    return (time.monotonic() - started) / (max_minutes * 60)
-
-
-def _out_of_time(max_minutes: float, started: float, ctx: DistributedContext, device: torch.device) -> bool:
+def _agree(flag: bool, run: Run) -> bool:
     """Rank 0 decides and every rank follows, so no rank waits forever in an all-reduce."""
-    stop = torch.tensor([bool(max_minutes) and time.monotonic() - started > max_minutes * 60], device=device)
-    if ctx.world_size > 1:
-        dist.broadcast(stop, src=0)
-    return bool(stop.item())
+    if run.ctx.world_size == 1:
+        return flag
+    decision = torch.tensor([flag], device=run.device)
+    dist.broadcast(decision, src=0)
+    return bool(decision.item())
 
 
 def _load_samples(config: TrainConfig) -> list[Sample]:
@@ -539,24 +517,29 @@ def _load_samples(config: TrainConfig) -> list[Sample]:
     return rest + held_out
 
 
-def _save_training_state(
-    path: Path,
-    model: IdentityModel,
-    optimizer: torch.optim.Optimizer,
-    epoch: int,
-    best_auc: float,
-    best_state: dict | None,
-) -> None:
+def _save_training_state(run: Run, epoch: int) -> None:
     """Atomic write of everything --resume needs."""
-    tmp = path.with_suffix(".tmp")
+    tmp = run.state_file.with_suffix(".tmp")
     torch.save(
         {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
             "epoch": epoch,
-            "best_auc": best_auc,
-            "best_backbone": best_state,
+            "best_auc": run.best_auc,
+            "best_backbone": run.best_state,
         },
         tmp,
     )
-    os.replace(tmp, path)
+    os.replace(tmp, run.state_file)
+
+
+def _restore(run: Run) -> None:
+    """Continue from ``last.pt``: weights, optimiser, best epoch so far and the metrics history."""
+    state = torch.load(run.state_file, map_location=run.device, weights_only=True)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.start_epoch, run.best_auc = state["epoch"] + 1, state["best_auc"]
+    run.best_state = state["best_backbone"]
+    lines = (run.out_dir / "metrics.jsonl").read_text().splitlines()
+    run.history = [json.loads(line) for line in lines if line]
+    log.info("resuming at epoch %d (best val AUC %.4f)", run.start_epoch + 1, run.best_auc)

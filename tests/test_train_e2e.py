@@ -27,7 +27,7 @@ def test_phantom_training_generalises_to_unseen_patients(tmp_path: Path) -> None
             },
             "backbone": {"variant": "ir", "depth": 18, "width": 16, "embedding_dim": 64},
             "preprocess": {"size": 64},
-            "head": {"name": "arcface", "s": 16.0, "m2": 0.2},
+            "head": {"name": "arcface", "s": 16.0, "margins": {"arcface": 0.2}},
             "optim": {
                 "epochs": 20,
                 "patients_per_batch": 16,
@@ -35,7 +35,6 @@ def test_phantom_training_generalises_to_unseen_patients(tmp_path: Path) -> None
                 "lr": 3e-3,
                 "warmup_epochs": 1,
                 "device": "cpu",
-                "max_minutes": 2.0,
             },
         }
     )

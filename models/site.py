@@ -1,0 +1,324 @@
+"""Site calibration: thresholds fitted on the user's own labelled images, so the FAR promised is
+the FAR delivered at that site, plus the tools that measure whether it is.
+
+A threshold fitted on the model's validation patients holds on sites like the training data and
+not elsewhere (MODEL_CARD.md: the FAR-1e-3 threshold admits 16-57% of impostor pairs at an unseen
+site). A site's gallery already holds patient ids, so it can fit its own:
+
+- :func:`fit_site_calibration` embeds nothing; it takes the site's embeddings and patient ids,
+  refuses (:class:`CalibrationRefusedError`, saying how many more labelled images would do) when the
+  pairs cannot resolve a FAR asked for, and returns a :class:`~models.calibration.Calibration`
+  whose provenance records the data, the date and a patient-bootstrap interval of each threshold.
+- :func:`split_half` measures the promise honestly: calibrate on half of a site's patients,
+  count false accepts on the other half.
+- :class:`SNorm` is adaptive symmetric score normalisation against a cohort (speaker
+  verification's AS-norm), measured by :func:`split_half` with ``snorm_top_k``.
+
+Rules of refusal: a FAR f needs at least ``MIN_FALSE_ACCEPTS / f`` impostor pairs (so that the
+threshold rests on that many false accepts, not on the single highest impostor score), at least
+``MIN_GENUINE_PAIRS`` same-patient pairs (for the probability map and the TAR) and at least
+``MIN_PATIENTS`` patients.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from models.calibration import DEFAULT_FAR, FAR_KEYS, Calibration
+from models.metrics import pair_scores
+
+MIN_FALSE_ACCEPTS = 10
+MIN_GENUINE_PAIRS = 30
+MIN_PATIENTS = 20
+
+
+class CalibrationRefusedError(ValueError):
+    """The labelled data cannot support the calibration asked for; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class PairCounts:
+    images: int
+    patients: int
+    genuine: int
+    impostor: int
+
+
+def pair_counts(labels: Sequence[Any] | np.ndarray) -> PairCounts:
+    """Images, patients and the numbers of same- and different-patient pairs, without forming pairs."""
+    _, sizes = np.unique(np.asarray(labels), return_counts=True)
+    n = int(sizes.sum())
+    genuine = int(np.sum(sizes * (sizes - 1) // 2))
+    return PairCounts(n, int(sizes.size), genuine, n * (n - 1) // 2 - genuine)
+
+
+def required_impostor_pairs(far: float) -> int:
+    return math.ceil(MIN_FALSE_ACCEPTS / far)
+
+
+def _more_images_for_impostors(counts: PairCounts, needed_pairs: int) -> int:
+    """Images of new patients to add so that the different-patient pairs reach ``needed_pairs``."""
+    n, have = counts.images, counts.impostor
+    if have >= needed_pairs:
+        return 0
+    # every added image of a new patient pairs with every image there is: solve n*x + x(x-1)/2 >= missing
+    missing = needed_pairs - have
+    x = (-(2 * n - 1) + math.sqrt((2 * n - 1) ** 2 + 8 * missing)) / 2
+    return max(1, math.ceil(x))
+
+
+def check_resolvable(counts: PairCounts, fars: Sequence[str]) -> None:
+    """Raise :class:`CalibrationRefusedError` when the data cannot support every FAR in ``fars``."""
+    problems = []
+    if counts.patients < MIN_PATIENTS:
+        problems.append(
+            f"{counts.patients} patient(s); at least {MIN_PATIENTS} are needed (add images of "
+            f"{MIN_PATIENTS - counts.patients} more patients)"
+        )
+    if counts.genuine < MIN_GENUINE_PAIRS:
+        per_image = counts.genuine / counts.images if counts.images and counts.genuine else 0.5
+        extra = math.ceil((MIN_GENUINE_PAIRS - counts.genuine) / max(per_image, 0.5))
+        problems.append(
+            f"{counts.genuine} same-patient pair(s); at least {MIN_GENUINE_PAIRS} are needed for a stable "
+            f"threshold and probability map (about {extra} more images of patients already present)"
+        )
+    for far in sorted(fars, key=float, reverse=True):
+        needed = required_impostor_pairs(float(far))
+        if counts.impostor < needed:
+            more = _more_images_for_impostors(counts, needed)
+            problems.append(
+                f"FAR {far} needs at least {needed:,} different-patient pairs ({MIN_FALSE_ACCEPTS} false "
+                f"accepts), there are {counts.impostor:,}: about {more:,} more labelled images of new "
+                f"patients are needed, or calibrate fewer FARs (--far)"
+            )
+    if problems:
+        raise CalibrationRefusedError(
+            f"cannot calibrate on {counts.images} images of {counts.patients} patients: "
+            + "; ".join(problems)
+        )
+
+
+def _weighted_thresholds(impostor: np.ndarray, weights: np.ndarray, fars: Sequence[float]) -> np.ndarray:
+    """Thresholds where the weighted share of impostor scores at or above them is at most each FAR."""
+    order = np.argsort(-impostor, kind="stable")
+    s, w = impostor[order], weights[order]
+    share = np.cumsum(w) / max(w.sum(), 1e-12)
+    out = []
+    for far in fars:
+        k = int(np.searchsorted(share, far, side="right"))  # first score whose acceptance breaks the FAR
+        out.append(float(s[min(k, s.size - 1)]) if k < s.size else float(s[-1]))
+    return np.asarray(out)
+
+
+def threshold_intervals(
+    impostor: np.ndarray,
+    impostor_pairs: np.ndarray,
+    patient_codes: np.ndarray,
+    fars: Sequence[str],
+    *,
+    bootstrap: int = 200,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """95% patient-bootstrap interval of each FAR's threshold: resample patients, weight each
+    impostor pair by how often both its patients were drawn, take the weighted FAR quantile."""
+    if bootstrap <= 0:
+        return {}
+    rng = np.random.default_rng(seed)
+    n_patients = int(patient_codes.max()) + 1
+    pa, pb = patient_codes[impostor_pairs[:, 0]], patient_codes[impostor_pairs[:, 1]]
+    draws = []
+    for _ in range(bootstrap):
+        counts = np.bincount(rng.integers(0, n_patients, n_patients), minlength=n_patients)
+        draws.append(
+            _weighted_thresholds(impostor, (counts[pa] * counts[pb]).astype(float), [float(f) for f in fars])
+        )
+    table = np.asarray(draws)
+    return {
+        far: [float(np.percentile(table[:, i], 2.5)), float(np.percentile(table[:, i], 97.5))]
+        for i, far in enumerate(fars)
+    }
+
+
+def fit_site_calibration(
+    embeddings: np.ndarray,
+    patient_ids: Sequence[Any],
+    *,
+    fars: Sequence[str] = FAR_KEYS,
+    default_far: str = DEFAULT_FAR,
+    bootstrap: int = 200,
+    provenance: dict[str, Any] | None = None,
+    max_impostor_pairs: int = 5_000_000,
+    seed: int = 0,
+) -> Calibration:
+    """Thresholds at ``fars`` and the probability map from a site's own labelled images.
+
+    Raises :class:`CalibrationRefusedError` before any fitting when the data cannot support the request.
+    """
+    fars = tuple(dict.fromkeys(str(f) for f in fars))
+    if default_far not in fars:
+        raise CalibrationRefusedError(
+            f"the default FAR {default_far} must be one of the FARs calibrated {list(fars)}"
+        )
+    codes = np.unique(np.asarray(patient_ids), return_inverse=True)[1]
+    counts = pair_counts(codes)
+    check_resolvable(counts, fars)
+    genuine, impostor, _, impostor_pairs = pair_scores(
+        embeddings, codes, max_impostor_pairs=max_impostor_pairs, rng_seed=seed
+    )
+    min_far = MIN_FALSE_ACCEPTS / impostor.size  # the pairs fitted on (a sample when there are very many)
+    record = {
+        "images": counts.images,
+        "patients": counts.patients,
+        "genuine_pairs": int(genuine.size),
+        "impostor_pairs": int(impostor.size),
+        "impostor_pairs_sampled": impostor.size < counts.impostor,
+        "fitted_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "min_resolvable_far": min_far,
+        "threshold_ci": threshold_intervals(
+            impostor, impostor_pairs, codes, fars, bootstrap=bootstrap, seed=seed
+        ),
+        "bootstrap": bootstrap,
+        **(provenance or {}),
+    }
+    return Calibration.fit(
+        genuine,
+        impostor,
+        default_far=default_far,
+        fars=fars,
+        min_far=min_far,
+        source="site",
+        provenance=record,
+    )
+
+
+# --- score normalisation ------------------------------------------------------------------------------
+
+
+@dataclass
+class SNorm:
+    """Adaptive symmetric score normalisation (AS-norm; Matejka et al. 2017) against a cohort.
+
+    Each side of a pair is scored against the cohort; the mean and standard deviation of its
+    ``top_k`` highest cohort scores (its nearest impostors) standardise the pair score from that
+    side, and the two sides are averaged: ``0.5 * ((s - mu_a) / sd_a + (s - mu_b) / sd_b)``. An
+    image that resembles everyone (a blank, a child among adults, a scanner's look) is pulled down.
+    """
+
+    cohort: np.ndarray  # (C, dim) unit vectors of other patients
+    top_k: int = 100
+
+    def stats(
+        self, embeddings: np.ndarray, exclude: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(mu, sd) per embedding; ``exclude`` (N, C) bool masks cohort members of the same patient."""
+        scores = np.asarray(embeddings, np.float32) @ self.cohort.T
+        if exclude is not None:
+            scores = np.where(exclude, -np.inf, scores)
+        k = min(self.top_k, self.cohort.shape[0])
+        top = -np.sort(-scores, axis=1)[:, :k]
+        top = np.where(np.isfinite(top), top, np.nan)
+        mu = np.nanmean(top, axis=1)
+        sd = np.maximum(np.nanstd(top, axis=1), 1e-3)
+        return mu.astype(np.float64), sd.astype(np.float64)
+
+    @staticmethod
+    def normalise(scores: np.ndarray, pairs: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> np.ndarray:
+        """AS-norm of pair ``scores`` whose image indices are ``pairs`` (M, 2)."""
+        a, b = pairs[:, 0], pairs[:, 1]
+        return 0.5 * ((scores - mu[a]) / sd[a] + (scores - mu[b]) / sd[b])
+
+
+# --- measuring the promise --------------------------------------------------------------------------
+
+
+def half_split(patient_ids: Sequence[Any], seed: int) -> np.ndarray:
+    """True for images whose patient falls in the first half (patients shuffled with ``seed``)."""
+    patients, codes = np.unique(np.asarray(patient_ids), return_inverse=True)
+    first = np.random.default_rng(seed).permutation(patients.size) < patients.size // 2
+    return first[codes]
+
+
+def _far_tar(genuine: np.ndarray, impostor: np.ndarray, threshold: float) -> tuple[float, float]:
+    return float(np.mean(impostor >= threshold)), float(np.mean(genuine >= threshold))
+
+
+def split_half(
+    embeddings: np.ndarray,
+    patient_ids: Sequence[Any],
+    *,
+    fars: Sequence[str] = ("1e-2", "1e-3"),
+    repeats: int = 5,
+    seed: int = 0,
+    shipped: Calibration | None = None,
+    snorm_top_k: int | None = None,
+    max_impostor_pairs: int = 2_000_000,
+) -> dict[str, Any]:
+    """Calibrate on half of a site's patients, measure FAR and TAR on the other half, both ways,
+    over ``repeats`` random halvings. Returns, per FAR, the promised FAR and the mean, min and max
+    delivered FAR and mean TAR; with ``shipped``, the same for that calibration's thresholds (what a
+    user gets without calibrating); with ``snorm_top_k``, scores are AS-normalised against the
+    calibration half (the cohort), and AUC / TAR are reported for raw and normalised scores."""
+    e = np.asarray(embeddings, np.float32)
+    ids = np.asarray(patient_ids)
+    rows: dict[str, dict[str, list[float]]] = {f: {} for f in fars}
+
+    def add(far: str, key: str, value: float) -> None:
+        rows[far].setdefault(key, []).append(value)
+
+    for r in range(repeats):
+        first = half_split(ids, seed + r)
+        for fit_mask in (first, ~first):
+            fit_idx, test_idx = np.flatnonzero(fit_mask), np.flatnonzero(~fit_mask)
+            g_fit, i_fit, gp_fit, ip_fit = pair_scores(
+                e[fit_idx], ids[fit_idx], max_impostor_pairs=max_impostor_pairs
+            )
+            g_test, i_test, gp_test, ip_test = pair_scores(
+                e[test_idx], ids[test_idx], max_impostor_pairs=max_impostor_pairs
+            )
+            site = Calibration.fit(g_fit, i_fit, fars=tuple(fars), source="site")
+            for far in fars:
+                delivered, tar = _far_tar(g_test, i_test, site.thresholds[far])
+                add(far, "site_far", delivered)
+                add(far, "site_tar", tar)
+                if shipped is not None:
+                    far_s, tar_s = _far_tar(g_test, i_test, shipped.threshold_for(far))
+                    add(far, "shipped_far", far_s)
+                    add(far, "shipped_tar", tar_s)
+            if snorm_top_k:
+                norm = SNorm(e[fit_idx], top_k=snorm_top_k)
+                same = ids[fit_idx][:, None] == ids[fit_idx][None, :]
+                mu_f, sd_f = norm.stats(e[fit_idx], exclude=same)
+                mu_t, sd_t = norm.stats(e[test_idx])
+                gn_fit = SNorm.normalise(g_fit, gp_fit, mu_f, sd_f)
+                in_fit = SNorm.normalise(i_fit, ip_fit, mu_f, sd_f)
+                gn_test = SNorm.normalise(g_test, gp_test, mu_t, sd_t)
+                in_test = SNorm.normalise(i_test, ip_test, mu_t, sd_t)
+                normed = Calibration.fit(gn_fit, in_fit, fars=tuple(fars), source="site")
+                for far in fars:
+                    delivered, tar = _far_tar(gn_test, in_test, normed.thresholds[far])
+                    add(far, "snorm_far", delivered)
+                    add(far, "snorm_tar", tar)
+                add(fars[0], "auc_raw", _auc(g_test, i_test))
+                add(fars[0], "auc_snorm", _auc(gn_test, in_test))
+
+    out: dict[str, Any] = {"repeats": repeats, "fars": {}}
+    for far, values in rows.items():
+        summary: dict[str, Any] = {"promised": float(far)}
+        for key, series in values.items():
+            arr = np.asarray(series)
+            summary[key] = {"mean": float(arr.mean()), "min": float(arr.min()), "max": float(arr.max())}
+        out["fars"][far] = summary
+    return out
+
+
+def _auc(genuine: np.ndarray, impostor: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    y = np.r_[np.ones(genuine.size), np.zeros(impostor.size)]
+    return float(roc_auc_score(y, np.r_[genuine, impostor]))
