@@ -1,4 +1,4 @@
-"""Gallery and service subcommands of ``cxr-reid``: serve, enroll, reindex, audit.
+"""Gallery and service subcommands of ``cxr-reid``: serve, enroll, reindex, calibrate, audit.
 
 ``register(subparsers)`` adds them to the CLI in ``app/cli.py``. Every command reads the same
 ``CXR_REID_*`` settings as the service; its flags override them. Heavy imports happen inside the
@@ -166,6 +166,82 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0 if report["clean"] else 1
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from models.calibration import Calibration
+
+    from .routers.calibration import parse_fars
+    from .services import ServiceError
+
+    try:
+        fars = parse_fars(args.far)
+    except ServiceError as exc:
+        log.error("--%s", exc.detail)
+        return 2
+    settings = _settings(args)
+    if args.manifest:
+        from models.site import CalibrationRefusedError, calibrate_checkpoint
+
+        if args.data_dir:
+            log.error("give --manifest (a site's labelled images) or --data-dir (a gallery), not both")
+            return 2
+        if not args.out:
+            log.error("--manifest needs --out SITE.pt: the calibrated copy of the checkpoint to write")
+            return 2
+        try:
+            calibration: Calibration = calibrate_checkpoint(
+                args.manifest,
+                args.out,
+                model=settings.model_path,
+                fars=fars,
+                default_far=settings.far,
+                bootstrap=args.bootstrap,
+                progress=not (args.no_progress or args.json),
+            )
+        except CalibrationRefusedError as exc:
+            log.error("%s; nothing written", exc)
+            return 1
+        where = f"wrote {args.out}: serve it with `cxr-reid serve --model {args.out}`"
+    else:
+        from index import GalleryError
+
+        from .services import ReidService, collection_arg
+
+        if args.out:
+            log.error("--out is for --manifest; the gallery form keeps the calibration in the gallery")
+            return 2
+        try:
+            embedder, gallery = _open(settings)
+        except GalleryError as exc:
+            log.error("%s", exc)
+            return 2
+        try:
+            service = ReidService(embedder, gallery, default_far=settings.far)
+            calibration = service.calibrate(
+                fars=fars, collection=collection_arg(args.collection), bootstrap=args.bootstrap
+            )
+        except ServiceError as exc:
+            log.error("%s", exc.detail)
+            return 1
+        finally:
+            gallery.close()
+        where = f"kept in the gallery {settings.data_dir}; `cxr-reid serve` uses it from its next start"
+    report = {**calibration.summary(), "thresholds": calibration.thresholds, **calibration.provenance}
+    if args.json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        lines = [
+            f"site calibration on {report['images']} images of {report['patients']} patients "
+            f"({report['genuine_pairs']:,} same-patient / {report['impostor_pairs']:,} "
+            "different-patient pairs)"
+        ]
+        for far, threshold in calibration.thresholds.items():
+            low, high = report["threshold_ci"].get(far, (float("nan"), float("nan")))
+            lines.append(f"  FAR {far}: threshold {threshold:.4f}  [95% CI {low:.4f}, {high:.4f}]")
+        lines.append(where)
+        sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
 def _common(parser: argparse.ArgumentParser, *, data_dir: bool = True) -> None:
     parser.add_argument("--model", help="checkpoint (default: CXR_REID_MODEL_PATH, else the shipped model)")
     if data_dir:
@@ -207,6 +283,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(p)
     p.set_defaults(func=_cmd_reindex)
+
+    p = subparsers.add_parser(
+        "calibrate",
+        help="fit thresholds on a site's own labelled images (the FAR promised is the FAR delivered)",
+        description="A model's thresholds come from its validation patients and do not hold at a site unlike "
+        "them. --manifest: embed the site's labelled images (CSV path,patient_id) and write a copy of the "
+        "checkpoint carrying the site calibration to --out, for `evaluate`/`serve --model`. --data-dir (the "
+        "server stopped; POST /calibration while it runs): fit on the gallery's labelled images and keep the "
+        "calibration in the gallery. Refused, changing nothing, when the images cannot resolve a FAR asked "
+        "for; the message says how many more are needed. Exit 0 done, 1 refused, 2 could not run.",
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--manifest", help="a site's labelled images: CSV path,patient_id (paths relative to it)"
+    )
+    p.add_argument("--out", help="with --manifest: the calibrated checkpoint to write")
+    p.add_argument(
+        "--far", default="1e-2,1e-3,1e-4", help="comma-separated FARs to calibrate (default 1e-2,1e-3,1e-4)"
+    )
+    p.add_argument(
+        "--collection", default="*", help='gallery form: collection to use ("*" = all, the default)'
+    )
+    p.add_argument("--bootstrap", type=int, default=200, help="patient bootstrap resamples for threshold CIs")
+    p.add_argument("--json", action="store_true", help="print the calibration summary as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _common(p)
+    p.set_defaults(func=_cmd_calibrate)
 
     p = subparsers.add_parser(
         "audit",

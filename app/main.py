@@ -22,7 +22,7 @@ from models.embedder import Embedder
 
 from .dependencies import require_api_key
 from .middleware import BodyLimitMiddleware, MetricsMiddleware, ServiceMetrics
-from .routers import duplicates, embed, health, images, search, verify
+from .routers import calibration, duplicates, embed, health, images, search, verify
 from .services import ReidService, ServiceError, open_gallery
 from .settings import Settings
 
@@ -35,8 +35,11 @@ duplicate / conflicting-label discovery.
 
 * Images: DICOM (CR/DX), PNG, JPEG or TIFF, as multipart uploads.
 * Scores are cosine similarities of unit-norm embeddings; `same_patient` is `score >= threshold`,
-  the same rule on every route. The default threshold is the model's calibrated threshold at a
-  false-accept rate of `CXR_REID_FAR` (1e-3); requests may pass `far` or `threshold`.
+  the same rule on every route. The default threshold is the calibrated threshold at a
+  false-accept rate of `CXR_REID_FAR` (1e-3); requests may pass `far` or `threshold`. Responses
+  say which calibration is in force: the model's own (`shipped`, fitted on its validation patients,
+  which may not hold at your site) or this site's (`POST /calibration` fits it on the gallery's
+  labelled images).
 * Errors are JSON `{"detail": ...}`: 401 missing/invalid API key, 404 unknown id, 413 upload over the
   size limit, 422 unusable image or missing/contradictory fields, 503 not ready (e.g. the gallery holds
   vectors of another model: run `cxr-reid reindex`).
@@ -49,6 +52,7 @@ TAGS = [
     {"name": "images", "description": "The gallery: enrol, list, read and delete images and patients."},
     {"name": "search", "description": "Nearest gallery images of a query image."},
     {"name": "duplicates", "description": "Pairs and clusters of near-identical identities in the gallery."},
+    {"name": "calibration", "description": "The thresholds in force; fitting them on this site's images."},
     {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
 ]
 
@@ -123,7 +127,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
 
     secured = [Depends(require_api_key)]
     app.include_router(health.router)
-    for module in (embed, verify, images, search, duplicates):
+    for module in (embed, verify, images, search, duplicates, calibration):
         app.include_router(module.router, dependencies=secured)
 
     _add_error_handlers(app)

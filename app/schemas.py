@@ -15,17 +15,35 @@ class ErrorResponse(BaseModel):
     detail: str = Field(description="what is wrong, in words")
 
 
+class CalibrationOut(BaseModel):
+    """Which calibration turns scores into decisions: the model's own or this site's."""
+
+    source: Literal["shipped", "site"] = Field(
+        description="shipped: fitted in training on the model's validation patients (at a site unlike "
+        "them the promised FAR does not hold); site: fitted on this site's labelled images "
+        "(POST /calibration or `cxr-reid calibrate`)"
+    )
+    genuine_pairs: int = Field(description="same-patient pairs it was fitted on")
+    impostor_pairs: int = Field(description="different-patient pairs it was fitted on")
+    patients: int | None = Field(default=None, description="patients of the site data (site only)")
+    images: int | None = Field(default=None, description="images of the site data (site only)")
+    fitted_at: str | None = Field(default=None, description="ISO-8601 UTC time of the fit (site only)")
+    calibration_id: int | None = Field(
+        default=None, description="the gallery's id of a site calibration fitted by POST /calibration"
+    )
+    fars: list[str] = Field(description="false-accept rates with a calibrated threshold")
+
+
 class OperatingPointOut(BaseModel):
     threshold: float = Field(
         description="cosine score at or above which two images count as the same patient"
     )
-    far: float = Field(
-        description="false-accept rate the threshold stands for on the model's calibration set"
-    )
+    far: float = Field(description="false-accept rate the threshold stands for on the calibration in force")
+    calibration: CalibrationOut = Field(description="the calibration the threshold and FAR come from")
 
     @classmethod
     def of(cls, point: OperatingPoint) -> OperatingPointOut:
-        return cls(threshold=point.threshold, far=point.far)
+        return cls(threshold=point.threshold, far=point.far, calibration=CalibrationOut(**point.calibration))
 
 
 # ---------------------------------------------------------------------------------------------- embed
@@ -172,6 +190,7 @@ class PairVerification(BaseModel):
     same_patient: bool
     threshold: float
     far: float
+    calibration: CalibrationOut
 
 
 class PatientVerification(BaseModel):
@@ -189,6 +208,7 @@ class PatientVerification(BaseModel):
     same_patient: bool
     threshold: float
     far: float
+    calibration: CalibrationOut
 
 
 # ---------------------------------------------------------------------------------------------- search
@@ -245,3 +265,19 @@ class Readiness(BaseModel):
     embedding_dim: int
     gallery_images: int
     operating_point: OperatingPointOut
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+class CalibrationDetail(BaseModel):
+    """The calibration in force, with its thresholds and where they come from."""
+
+    calibration: CalibrationOut
+    default_far: str = Field(description="the FAR of the service's default operating point")
+    thresholds: dict[str, float] = Field(description="cosine threshold per calibrated FAR")
+    threshold_ci: dict[str, list[float]] = Field(
+        default_factory=dict,
+        description="95% patient-bootstrap interval of each threshold (site calibrations)",
+    )
+    provenance: dict = Field(
+        default_factory=dict, description="what it was fitted on: data, collection, model id, counts, date"
+    )

@@ -69,6 +69,13 @@ class PayloadTooLargeError(ServiceError):
     status_code = 413
 
 
+class ConflictError(ServiceError):
+    """The request is valid but the service's data cannot satisfy it yet (e.g. too few labelled
+    images to calibrate): 409, and nothing changed."""
+
+    status_code = 409
+
+
 class UnavailableError(ServiceError):
     """The service is up but cannot answer this yet (gallery of another model): 503."""
 
@@ -81,11 +88,12 @@ class UnavailableError(ServiceError):
 
 @dataclass(frozen=True)
 class OperatingPoint:
-    """A cosine threshold and the false-accept rate it stands for on the model's calibration set."""
+    """A cosine threshold and the false-accept rate it stands for on the calibration in force."""
 
     threshold: float
     far: float
     source: str  # "default" | "far" | "threshold"
+    calibration: dict[str, Any] = field(default_factory=dict, compare=False)  # Calibration.summary()
 
 
 def resolve_operating_point(
@@ -99,20 +107,21 @@ def resolve_operating_point(
     """Pick the operating point of a request: an explicit threshold, a FAR, or the service default."""
     if far is not None and threshold is not None:
         raise InvalidInputError("give either 'far' or 'threshold', not both")
+    summary = calibration.summary()
     if threshold is not None:
         if not (math.isfinite(threshold) and -1.0 <= threshold <= 1.0):
             raise InvalidInputError(f"threshold must be a cosine score in [-1, 1], got {threshold}")
-        return OperatingPoint(float(threshold), calibration.far_at(threshold), "threshold")
+        return OperatingPoint(float(threshold), calibration.far_at(threshold), "threshold", summary)
     if far is not None:
         try:
             value = calibration.threshold_for(far)
             far_value = float(far)
         except ValueError as exc:
             raise InvalidInputError(f"far: {exc}") from None
-        return OperatingPoint(value, far_value, "far")
+        return OperatingPoint(value, far_value, "far", summary)
     if default_threshold is not None:
-        return OperatingPoint(default_threshold, calibration.far_at(default_threshold), "default")
-    return OperatingPoint(calibration.threshold_for(default_far), float(default_far), "default")
+        return OperatingPoint(default_threshold, calibration.far_at(default_threshold), "default", summary)
+    return OperatingPoint(calibration.threshold_for(default_far), float(default_far), "default", summary)
 
 
 def is_same_patient(score: float, point: OperatingPoint) -> bool:
@@ -306,6 +315,8 @@ class ReidService:
         self._on_embedded = on_embedded
         self._model_lock = threading.Lock()
         self._enrol_lock = threading.Lock()
+        self._calibration_lock = threading.Lock()
+        self._calibration = self._stored_site_calibration() or embedder.calibration
         # fail at start-up, not on the first request, when the default operating point is unusable
         self.operating_point()
 
@@ -316,7 +327,74 @@ class ReidService:
 
     @property
     def calibration(self) -> Calibration:
-        return self.embedder.calibration
+        """The calibration in force: the gallery's site calibration if one was fitted, else the model's."""
+        return self._calibration
+
+    def _stored_site_calibration(self) -> Calibration | None:
+        """The site calibration kept in the gallery for this model, if any and if it is usable."""
+        if self._gallery is None:
+            return None
+        body = self._gallery.site_calibration()
+        if body is None:
+            return None
+        calibration = Calibration.from_dict(body)
+        calibration.provenance.update(calibration_id=body["calibration_id"])
+        try:
+            resolve_operating_point(
+                calibration, default_far=self.default_far, default_threshold=self.default_threshold
+            )
+        except (ValueError, KeyError) as exc:
+            log.error(
+                "site calibration %s cannot serve the default operating point (%s); using the model's own",
+                body["calibration_id"],
+                exc,
+            )
+            return None
+        log.info("site calibration %s in force (%s)", body["calibration_id"], calibration.summary())
+        return calibration
+
+    def calibrate(self, *, fars: Sequence[str], collection: str | None, bootstrap: int = 200) -> Calibration:
+        """Fit a site calibration on the gallery's labelled images, keep it in the gallery and use it.
+
+        Refused (409, nothing changes) when the labelled images cannot resolve a FAR asked for.
+        """
+        from models.site import CalibrationRefusedError, fit_site_calibration
+
+        fars = list(dict.fromkeys(fars))
+        if self.default_far not in fars:
+            raise InvalidInputError(
+                f"the service's default FAR {self.default_far} (CXR_REID_FAR) must be among the FARs "
+                f"calibrated, got {fars}"
+            )
+        with self._calibration_lock:
+            keys, vectors = self.gallery.labelled_vectors(collection=collection)
+            try:
+                calibration = fit_site_calibration(
+                    vectors,
+                    [f"{c}\x00{p}" for c, p in keys],
+                    fars=fars,
+                    default_far=self.default_far,
+                    bootstrap=bootstrap,
+                    provenance={
+                        "data": "gallery",
+                        "collection": ALL_COLLECTIONS if collection is None else collection,
+                        "model_id": self.model_id,
+                    },
+                )
+            except CalibrationRefusedError as exc:
+                raise ConflictError(f"{exc}; the calibration in force is unchanged") from None
+            calibration_id = self.gallery.save_calibration(calibration.to_dict())
+            calibration.provenance.update(calibration_id=calibration_id)
+            self._calibration = calibration
+        log.info("site calibration %d fitted and in force: %s", calibration_id, calibration.summary())
+        return calibration
+
+    def clear_calibration(self) -> bool:
+        """Go back to the model's own calibration; True when a site calibration was in force."""
+        with self._calibration_lock:
+            cleared = self.gallery.clear_site_calibration()
+            self._calibration = self.embedder.calibration
+        return cleared
 
     @property
     def gallery(self) -> Gallery:

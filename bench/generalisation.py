@@ -97,12 +97,19 @@ def fold_state(fold_dir: Path, wanted: dict[str, Any]) -> str:
 
 
 def train_folds(
-    config_path: str, overrides: list[str], folds: dict[str, Path], *, minutes: float, jobs: int
+    config_path: str,
+    overrides: list[str],
+    folds: dict[str, Path],
+    *,
+    minutes: float,
+    jobs: int,
+    threads: int = 0,
 ) -> None:
-    """Train the unfinished folds, ``jobs`` at a time, each in its own ``cxr-reid train`` process."""
+    """Train the unfinished folds, ``jobs`` at a time, each in its own ``cxr-reid train`` process
+    with ``threads`` CPU threads (default: the cores shared out between the jobs)."""
     from models.config import load_config
 
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     pending: list[tuple[str, list[str]]] = []
     for held_out, fold_dir in folds.items():
         extra = fold_overrides(held_out, fold_dir, minutes=minutes, threads=threads)
@@ -343,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--jobs", type=int, default=1, help="folds trained at once (threads split between them)"
     )
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads per fold (default: cores / jobs)")
     parser.add_argument("--bootstrap", type=int, default=200, help="patient bootstrap resamples for the CIs")
     parser.add_argument(
         "--repeats", type=int, default=5, help="random halvings for the split-half calibration"

@@ -617,6 +617,34 @@ class Gallery:
         self._check_model_matches()
         return self._store.records_with_vectors(patient_id, collection, self._stored_dim)
 
+    def labelled_vectors(self, *, collection: str | None = None) -> tuple[list[tuple[str, str]], np.ndarray]:
+        """(collection, patient id) and vector of every image filed under a patient (collection=None:
+        all). Collections are separate namespaces, so a patient is the pair, not the id alone."""
+        self._check_open()
+        self._check_model_matches()
+        return self._store.labelled_vectors(collection, self._stored_dim)
+
+    # ---------------------------------------------------------------- site calibration
+    def save_calibration(self, calibration: dict[str, Any]) -> int:
+        """Keep ``calibration`` (a JSON-able dict) as this model's site calibration; returns its id."""
+        self._check_open()
+        return self._store.save_calibration(self.model_id, calibration, _now_iso())
+
+    def site_calibration(self) -> dict[str, Any] | None:
+        """The site calibration in force for this gallery's model, with ``calibration_id`` and
+        ``stored_at`` added; None when there is none (the model's own calibration applies)."""
+        self._check_open()
+        found = self._store.active_calibration(self.model_id)
+        if found is None:
+            return None
+        calibration_id, stored_at, body = found
+        return {**body, "calibration_id": calibration_id, "stored_at": stored_at}
+
+    def clear_site_calibration(self) -> bool:
+        """Stop using the site calibration (kept as history); True when one was in force."""
+        self._check_open()
+        return self._store.deactivate_calibrations(self.model_id) > 0
+
     def _allowed(self, collection: str) -> AllowedIds:
         with self._cache_lock:
             hit = self._allowed_cache.get(collection)

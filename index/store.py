@@ -62,6 +62,15 @@ CREATE INDEX IF NOT EXISTS images_sha256 ON images(sha256);
 CREATE INDEX IF NOT EXISTS images_blob ON images(blob_sha256);
 -- new vectors of an unfinished reindex (see Gallery.reindex)
 CREATE TABLE IF NOT EXISTS reindex_staging (image_id INTEGER PRIMARY KEY, vector BLOB NOT NULL);
+-- site calibrations fitted on the gallery's labelled images: the newest active one of the serving
+-- model is in force (older ones stay as history)
+CREATE TABLE IF NOT EXISTS calibrations (
+    calibration_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model_id TEXT NOT NULL,
+    created_at TEXT NOT NULL,                    -- ISO-8601 UTC
+    body TEXT NOT NULL,                          -- JSON: the calibration with its provenance
+    active INTEGER NOT NULL DEFAULT 1
+);
 """
 
 RECORD_COLUMNS = (
@@ -388,6 +397,45 @@ class Store:
         c = conn or self.reader()
         rows = c.execute("SELECT vector FROM images ORDER BY RANDOM() LIMIT ?", (int(n),)).fetchall()
         return blobs_to_matrix([r[0] for r in rows], -1)
+
+    def labelled_vectors(self, collection: str | None, dim: int) -> tuple[list[tuple[str, str]], np.ndarray]:
+        """(collection, patient id) and vector of every image with a known patient."""
+        where, args = self._where(None, collection)
+        where = (where + " AND" if where else " WHERE") + " patient_id IS NOT NULL"
+        query = f"SELECT collection, patient_id, vector FROM images{where} ORDER BY image_id"
+        rows = self.reader().execute(query, args).fetchall()
+        return [(str(r[0]), str(r[1])) for r in rows], blobs_to_matrix([r[2] for r in rows], dim)
+
+    # ---------------------------------------------------------------- site calibrations
+    def save_calibration(self, model_id: str, body: dict, created_at: str) -> int:
+        """Store a calibration as the one in force for ``model_id``; earlier ones become history."""
+        with self.write_txn() as conn:
+            conn.execute("UPDATE calibrations SET active = 0 WHERE model_id = ?", (model_id,))
+            cur = conn.execute(
+                "INSERT INTO calibrations (model_id, created_at, body, active) VALUES (?, ?, ?, 1)",
+                (model_id, created_at, json.dumps(body, allow_nan=False)),
+            )
+            return int(cur.lastrowid)
+
+    def active_calibration(self, model_id: str) -> tuple[int, str, dict] | None:
+        """(id, created_at, body) of the calibration in force for ``model_id``, or None."""
+        row = (
+            self.reader()
+            .execute(
+                "SELECT calibration_id, created_at, body FROM calibrations WHERE model_id = ? AND active = 1 "
+                "ORDER BY calibration_id DESC LIMIT 1",
+                (model_id,),
+            )
+            .fetchone()
+        )
+        return None if row is None else (int(row[0]), str(row[1]), json.loads(row[2]))
+
+    def deactivate_calibrations(self, model_id: str) -> int:
+        with self.write_txn() as conn:
+            cur = conn.execute(
+                "UPDATE calibrations SET active = 0 WHERE model_id = ? AND active = 1", (model_id,)
+            )
+            return int(cur.rowcount)
 
     def find_by_sha256(self, sha256: str, collection: str | None) -> ImageRecord | None:
         where, args = self._where(None, collection)

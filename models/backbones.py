@@ -14,8 +14,9 @@ variant    residual unit                                          depths (units)
                                                                   100 [3,13,30,3]
 ``ir_se``  ``ir`` + squeeze-excitation (r=16) after the last BN   as ``ir``           pSp (Richardson et al.
                                                                                       2021) / TreB1eN IR-SE
-``sphere`` stage = conv3x3(stride)+PReLU, then units of           20 [1,2,4,1]        SphereFace, Liu et al.
-           2 x (conv3x3+PReLU); no BatchNorm anywhere in the body 36 [2,4,8,2]        CVPR 2017, Table 2
+``sphere`` stage = conv3x3(stride)+PReLU, then units of           4 [0,0,0,0]         SphereFace, Liu et al.
+           2 x (conv3x3+PReLU); no BatchNorm anywhere in the body 20 [1,2,4,1]        CVPR 2017, Table 2
+           (``output="fc"``: none in the output layer either)     36 [2,4,8,2]
                                                                   64 [3,8,16,3]
 ``resnet`` conv-BN-ReLU post-activation; basic block (2 x 3x3)    18 [2,2,2,2] basic  He et al. CVPR 2016,
            for 18/34, bottleneck (1x1-3x3-1x1, x4) for 50/101,    34 [3,4,6,3] basic  torchvision "v1.5"
@@ -25,12 +26,13 @@ variant    residual unit                                          depths (units)
 
 Shared by all variants:
 
-- Shortcuts: identity when shape is kept; ``MaxPool2d(1, stride)`` (plain subsampling) when only the
-  resolution changes; conv1x1(stride)+BN when channels change. ``improved_shortcut=True`` (Duta et
-  al. 2020, arXiv 2004.04989) replaces the strided 1x1 conv by MaxPool3x3(stride) -> conv1x1 -> BN
-  and the 1x1 subsampling by MaxPool3x3(stride), so a downsampling shortcut looks at every
-  activation instead of one in four. ``sphere`` has no projection shortcuts, so the option is
-  refused there.
+- Shortcuts: identity when shape is kept; conv1x1(stride)+BN when the unit strides or changes
+  channels (ArcFace's MXNet original and torchvision). ``downsample_shortcut="subsample"`` gives
+  TreB1eN's ``MaxPool2d(1, stride)`` where only the resolution changes (the first unit after the
+  ``face`` stem). ``improved_shortcut=True`` (Duta et al. 2020, arXiv 2004.04989) replaces the
+  strided 1x1 conv by MaxPool3x3(stride) -> conv1x1 -> BN and the 1x1 subsampling by
+  MaxPool3x3(stride), so a downsampling shortcut looks at every activation instead of one in four.
+  ``sphere`` has no projection shortcuts, so the option is refused there.
 - Stems: ``face`` is ArcFace's stride-1 conv3x3-BN-PReLU for 112 px crops, followed by four strided
   stages (112 px -> 7x7). ``cxr`` is a stride-4 stem (two conv3x3 stride 2, each BN + activation)
   followed by an unstrided first stage, as in torchvision (128 px -> 4x4, 512 px -> 16x16).
@@ -55,6 +57,8 @@ from torch.utils.flop_counter import FlopCounterMode
 logger = logging.getLogger(__name__)
 
 STEMS = ("cxr", "face")
+DOWNSAMPLE_SHORTCUTS = ("conv", "subsample")
+OUTPUTS = ("bn", "fc")
 
 
 @dataclass
@@ -73,6 +77,11 @@ class BackboneConfig:
         input size works; 7 with the face stem at 112 px reproduces ArcFace's 7x7 map exactly.
     zero_init_residual: start the last BN of every residual branch at gamma 0, so each block begins
         as its shortcut (Goyal et al. 2017); no effect on ``sphere``, which has no BN.
+    downsample_shortcut: the shortcut of a unit that strides without changing channels (the first
+        unit after the ``face`` stem): ``conv`` = conv1x1(stride)+BN, ArcFace's MXNet original (and
+        torchvision's); ``subsample`` = MaxPool2d(1, stride), TreB1eN's port (its issue #37).
+    output: ``bn`` = ArcFace's BN2d-Dropout-FC-BN1d; ``fc`` = SphereFace's plain FC (no BN), for
+        the BN-free ``sphere`` nets.
     """
 
     variant: str = "ir"
@@ -85,6 +94,8 @@ class BackboneConfig:
     in_channels: int = 1
     pool_size: int = 4
     zero_init_residual: bool = False
+    downsample_shortcut: str = "conv"
+    output: str = "bn"
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -96,6 +107,13 @@ class BackboneConfig:
             )
         if self.stem not in STEMS:
             raise ValueError(f"unknown stem {self.stem!r}; choose from {list(STEMS)}")
+        if self.downsample_shortcut not in DOWNSAMPLE_SHORTCUTS:
+            raise ValueError(
+                f"unknown downsample_shortcut {self.downsample_shortcut!r}; "
+                f"choose from {list(DOWNSAMPLE_SHORTCUTS)}"
+            )
+        if self.output not in OUTPUTS:
+            raise ValueError(f"unknown output {self.output!r}; choose from {list(OUTPUTS)}")
         if self.improved_shortcut and not VARIANTS[self.variant].has_projection_shortcuts:
             raise ValueError(f"variant {self.variant!r} has no projection shortcuts to improve")
         for name in ("width", "embedding_dim", "in_channels", "pool_size"):
@@ -129,22 +147,28 @@ def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
 
 
-def make_shortcut(in_channels: int, out_channels: int, stride: int, improved: bool) -> nn.Module:
+def make_shortcut(
+    in_channels: int, out_channels: int, stride: int, improved: bool, downsample: str = "conv"
+) -> nn.Module:
     """The shortcut branch of a residual block.
 
-    The seed notes' ArcFace rule: identity, or ``MaxPool2d(1, stride)`` (subsampling) when only the
-    resolution changes, else conv1x1(stride)+BN. (insightface's MXNet and arcface_torch code project
-    on every strided unit even when channels match; the subsampling shortcut saves that conv.)
-    With ``improved`` (Duta et al. 2020) downsampling goes through MaxPool3x3 first, so no
-    activation is skipped.
+    Identity when the shape is kept; conv1x1(stride)+BN when channels change. A unit that strides
+    without changing channels (the first after the ``face`` stem) gets conv1x1(stride)+BN by
+    default, as ArcFace's MXNet ``residual_unit_v3`` (``dim_match=False`` on every stage's first
+    unit) and torchvision do; ``downsample="subsample"`` gives TreB1eN's ``MaxPool2d(1, stride)``
+    instead, the departure the seed notes trace to its issue #37 (kept as a named option to
+    measure). With ``improved`` (Duta et al. 2020) downsampling goes through MaxPool3x3 first, so
+    no activation is skipped.
     """
-    if in_channels == out_channels:
-        if stride == 1:
-            return nn.Identity()
-        return nn.MaxPool2d(3, stride, padding=1) if improved else nn.MaxPool2d(1, stride)
+    if in_channels == out_channels and stride == 1:
+        return nn.Identity()
     if improved:
+        if in_channels == out_channels:
+            return nn.MaxPool2d(3, stride, padding=1)
         pool: list[nn.Module] = [nn.MaxPool2d(3, stride, padding=1)] if stride > 1 else []
         return nn.Sequential(*pool, conv1x1(in_channels, out_channels), nn.BatchNorm2d(out_channels))
+    if in_channels == out_channels and downsample == "subsample":
+        return nn.MaxPool2d(1, stride)
     return nn.Sequential(conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels))
 
 
@@ -177,7 +201,12 @@ class IRBlock(nn.Module):
     se_reduction: int | None = None
 
     def __init__(
-        self, in_channels: int, planes: int, stride: int = 1, improved_shortcut: bool = False
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int = 1,
+        improved_shortcut: bool = False,
+        downsample: str = "conv",
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [
@@ -191,7 +220,7 @@ class IRBlock(nn.Module):
         if self.se_reduction is not None:
             layers.append(SEModule(planes, self.se_reduction))
         self.residual = nn.Sequential(*layers)
-        self.shortcut = make_shortcut(in_channels, planes, stride, improved_shortcut)
+        self.shortcut = make_shortcut(in_channels, planes, stride, improved_shortcut, downsample)
 
     @property
     def last_bn(self) -> nn.BatchNorm2d:
@@ -218,13 +247,18 @@ class SphereBlock(nn.Module):
     expansion = 1
 
     def __init__(
-        self, in_channels: int, planes: int, stride: int = 1, improved_shortcut: bool = False
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int = 1,
+        improved_shortcut: bool = False,
+        downsample: str = "conv",
     ) -> None:
         super().__init__()
         if improved_shortcut:
             raise ValueError("SphereFace units have identity shortcuts only")
         self.transition: nn.Module = (
-            nn.Sequential(conv3x3(in_channels, planes, stride, bias=True), nn.PReLU(planes))
+            SphereTransition(in_channels, planes, stride)
             if stride != 1 or in_channels != planes
             else nn.Identity()
         )
@@ -238,6 +272,14 @@ class SphereBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.transition(x)
         return x + self.residual(x)
+
+
+class SphereTransition(nn.Sequential):
+    """A SphereFace stage's opening conv3x3(stride)+PReLU on its own: the 4-layer net of Table 2 is
+    four of these and nothing else."""
+
+    def __init__(self, in_channels: int, planes: int, stride: int) -> None:
+        super().__init__(conv3x3(in_channels, planes, stride, bias=True), nn.PReLU(planes))
 
 
 class _PostActivationBlock(nn.Module):
@@ -267,7 +309,12 @@ class BasicBlock(_PostActivationBlock):
     expansion = 1
 
     def __init__(
-        self, in_channels: int, planes: int, stride: int = 1, improved_shortcut: bool = False
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int = 1,
+        improved_shortcut: bool = False,
+        downsample: str = "conv",
     ) -> None:
         super().__init__(
             nn.Sequential(
@@ -277,7 +324,7 @@ class BasicBlock(_PostActivationBlock):
                 conv3x3(planes, planes),
                 nn.BatchNorm2d(planes),
             ),
-            make_shortcut(in_channels, planes, stride, improved_shortcut),
+            make_shortcut(in_channels, planes, stride, improved_shortcut, downsample),
         )
 
 
@@ -287,7 +334,12 @@ class Bottleneck(_PostActivationBlock):
     expansion = 4
 
     def __init__(
-        self, in_channels: int, planes: int, stride: int = 1, improved_shortcut: bool = False
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int = 1,
+        improved_shortcut: bool = False,
+        downsample: str = "conv",
     ) -> None:
         out_channels = planes * self.expansion
         super().__init__(
@@ -301,7 +353,7 @@ class Bottleneck(_PostActivationBlock):
                 conv1x1(planes, out_channels),
                 nn.BatchNorm2d(out_channels),
             ),
-            make_shortcut(in_channels, out_channels, stride, improved_shortcut),
+            make_shortcut(in_channels, out_channels, stride, improved_shortcut, downsample),
         )
 
 
@@ -354,6 +406,7 @@ VARIANTS: dict[str, Variant] = {
     "sphere": Variant(
         "sphere",
         {
+            4: (SphereBlock, (0, 0, 0, 0)),
             20: (SphereBlock, (1, 2, 4, 1)),
             36: (SphereBlock, (2, 4, 8, 2)),
             64: (SphereBlock, (3, 8, 16, 3)),
@@ -435,6 +488,20 @@ class OutputLayer(nn.Module):
         return self.bn1d(self.fc(torch.flatten(x, 1)))
 
 
+class PlainOutputLayer(nn.Module):
+    """SphereFace's output: the pooled feature map flattened into one FC with a bias, no BatchNorm
+    (its fc5); with ``sphere`` it keeps the whole network BN-free, as the paper's."""
+
+    def __init__(self, channels: int, embedding_dim: int, pool_size: int, dropout: float) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(pool_size)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(channels * pool_size * pool_size, embedding_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.dropout(self.pool(x)), 1))
+
+
 class Backbone(nn.Module):
     """(N, in_channels, H, W) -> (N, embedding_dim) for any H, W; see the module docstring."""
 
@@ -453,21 +520,23 @@ class Backbone(nn.Module):
         for index, num_units in enumerate(units):
             planes = config.width * 2**index
             stride = first_stride if index == 0 else 2
-            stages.append(
-                self._make_layer(block, channels, planes, num_units, stride, config.improved_shortcut)
-            )
+            stages.append(self._make_layer(block, channels, planes, num_units, stride, config))
             channels = planes * block.expansion
         self.body = nn.Sequential(*stages)
         self.feature_channels = channels
-        self.output = OutputLayer(channels, config.embedding_dim, config.pool_size, config.dropout)
+        output = OutputLayer if config.output == "bn" else PlainOutputLayer
+        self.output = output(channels, config.embedding_dim, config.pool_size, config.dropout)
         self._init_weights(config.zero_init_residual)
 
     @staticmethod
     def _make_layer(
-        block: Block, in_channels: int, planes: int, units: int, stride: int, improved_shortcut: bool
+        block: Block, in_channels: int, planes: int, units: int, stride: int, config: BackboneConfig
     ) -> nn.Sequential:
-        layers = [block(in_channels, planes, stride, improved_shortcut)]
-        layers += [block(planes * block.expansion, planes, 1, improved_shortcut) for _ in range(units - 1)]
+        options = {"improved_shortcut": config.improved_shortcut, "downsample": config.downsample_shortcut}
+        if units == 0:  # SphereFace's 4-layer net: the stage is its strided conv alone
+            return nn.Sequential(SphereTransition(in_channels, planes, stride))
+        layers = [block(in_channels, planes, stride, **options)]
+        layers += [block(planes * block.expansion, planes, 1, **options) for _ in range(units - 1)]
         return nn.Sequential(*layers)
 
     def _init_weights(self, zero_init_residual: bool) -> None:

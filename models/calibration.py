@@ -121,9 +121,9 @@ class Calibration:
     n_genuine: int = 0
     n_impostor: int = 0
     prior: float = 0.5
-    #: where the numbers come from: "validation" (the model's own held-out patients, shipped in the
-    #: checkpoint) or "site" (the user's labelled images: ``cxr-reid calibrate``, POST /calibration)
-    source: str = "validation"
+    #: where the numbers come from: "shipped" (fitted in training on the model's own validation
+    #: patients) or "site" (the user's labelled images: ``cxr-reid calibrate``, POST /calibration)
+    source: str = "shipped"
     #: what it was fitted on and when: images, patients, date, manifest digest or gallery, the
     #: patient-bootstrap interval of each threshold (``threshold_ci``); free-form JSON values
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -163,7 +163,7 @@ class Calibration:
         max_points: int = MAX_PROBABILITY_POINTS,
         fars: tuple[str, ...] = FAR_KEYS,
         min_far: float = 0.0,
-        source: str = "validation",
+        source: str = "shipped",
         provenance: dict[str, Any] | None = None,
     ) -> Calibration:
         """Fit thresholds and the probability map on held-out genuine and impostor pair scores.
@@ -291,6 +291,20 @@ class Calibration:
         if p.ndim == 0:
             return float(p)
         return p
+
+    def summary(self) -> dict[str, Any]:
+        """Which calibration this is, in a few fields (service responses, logs, reports)."""
+        p = self.provenance
+        return {
+            "source": self.source,
+            "genuine_pairs": int(self.n_genuine),
+            "impostor_pairs": int(self.n_impostor),
+            "patients": p.get("patients"),
+            "images": p.get("images"),
+            "fitted_at": p.get("fitted_at"),
+            "calibration_id": p.get("calibration_id"),
+            "fars": sorted(self.thresholds, key=float, reverse=True),
+        }
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:

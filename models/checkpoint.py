@@ -73,6 +73,12 @@ def save_checkpoint(
         "training": training_summary or {},
         "metrics": metrics or {},
     }
+    write_checkpoint(path, payload)
+    return model_id
+
+
+def write_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Write a checkpoint dict atomically: a reader sees the old file or the new one, never half."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -86,7 +92,20 @@ def save_checkpoint(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return model_id
+
+
+def with_calibration(
+    source: str | os.PathLike, target: str | os.PathLike, calibration: dict[str, Any]
+) -> str:
+    """Copy a checkpoint with another calibration (e.g. a site's); returns the model id.
+
+    The id hashes weights and configs only, so it does not change: the embeddings are the same and a
+    gallery built with the source checkpoint stays valid for the copy.
+    """
+    payload = load_checkpoint(source)
+    payload["calibration"] = calibration
+    write_checkpoint(target, payload)
+    return str(payload["model_id"])
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -331,6 +331,55 @@ def load_images(
     return stacked
 
 
+# --- label cleaning ---------------------------------------------------------------------------------
+
+#: Pixel correlation (32 x 32, z-scored) at which two prepared images count as the same picture. At
+#: 0.985 covid-collection's figure re-uses (one radiograph published under two case ids) are found and
+#: no pair of different children in kermany-paediatric is (0.97 already merges look-alikes there).
+NEAR_DUPLICATE_CORRELATION = 0.985
+
+
+def near_duplicate_pairs(
+    images: np.ndarray, *, threshold: float = NEAR_DUPLICATE_CORRELATION, side: int = 32
+) -> np.ndarray:
+    """(M, 2) index pairs i < j of prepared uint8 images (N, H, W) that are the same picture up to
+    rescaling, re-encoding and small intensity changes; blockwise, so memory stays O(N * block)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().unsqueeze(1)
+    small = F.adaptive_avg_pool2d(x, (side, side)).reshape(len(images), -1)
+    small = small - small.mean(1, keepdim=True)
+    small = small / small.norm(dim=1, keepdim=True).clamp(min=1e-6)
+    pairs = []
+    block = 1024
+    for start in range(0, len(small), block):
+        scores = small[start : start + block] @ small.T
+        i, j = torch.nonzero(scores >= threshold, as_tuple=True)
+        i = i + start
+        keep = i < j
+        pairs.append(torch.stack([i[keep], j[keep]], 1))
+    return torch.cat(pairs).numpy() if pairs else np.zeros((0, 2), np.int64)
+
+
+def merge_duplicate_identities(samples: Sequence[Sample], images: np.ndarray) -> dict[str, str]:
+    """Patient ids of one set that share a near-identical image are one patient (a figure published
+    under two case ids). Returns ``{old id: merged id}`` (the smallest id of each group) for the ids
+    that change; the caller applies it."""
+    parent: dict[str, str] = {}
+
+    def root(patient: str) -> str:
+        while parent.get(patient, patient) != patient:
+            patient = parent[patient]
+        return patient
+
+    for i, j in near_duplicate_pairs(images):
+        a, b = samples[i], samples[j]
+        if a.dataset != b.dataset or a.patient_id == b.patient_id:
+            continue
+        ra, rb = root(a.patient_id), root(b.patient_id)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return {p: root(p) for p in parent if root(p) != p}
+
+
 # --- augmentation ---------------------------------------------------------------------------------
 
 
@@ -350,6 +399,11 @@ class AugmentConfig:
     erase_prob: float = 0.5  # random erasing: defeats burnt-in letters, arrows and borders
     erase_area: tuple[float, float] = (0.02, 0.15)
     hflip_prob: float = 0.0
+    # Domain generalisation: what differs between hospitals, simulated so no site's look is learnt.
+    lowres_prob: float = 0.0  # down-sample to a random side in [lowres_min, size] px and back up
+    lowres_min: int = 64
+    equalize_prob: float = 0.0  # histogram equalisation (another site's contrast rendering)
+    overlay_prob: float = 0.0  # burnt-in marks: text, an arrow, a border or a ruler
 
     @classmethod
     def from_dict(cls, values: dict) -> AugmentConfig:
@@ -398,9 +452,109 @@ def augment(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generat
     if config.noise_std > 0:
         sigma = _uniform(n, 0, config.noise_std, generator, device).view(n, 1, 1, 1)
         out = out + torch.randn(out.shape, generator=generator, device=device) * sigma
+    if config.lowres_prob > 0:
+        out = _degrade_resolution(out, config, generator)
+    if config.equalize_prob > 0:
+        pick = torch.rand(n, generator=generator, device=device) < config.equalize_prob
+        out = torch.where(pick.view(n, 1, 1, 1), equalize_batch(out.clamp(0, 1)), out)
+    if config.overlay_prob > 0:
+        out = _overlay_marks(out, config.overlay_prob, generator)
     if config.erase_prob > 0:
         out = _random_erase(out, config, generator)
     return out.clamp(0, 1)
+
+
+def _degrade_resolution(
+    batch: torch.Tensor, config: AugmentConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """Down-sample picked images to a random side (area) and back up (bilinear): a 64 px archive,
+    a thumbnail-sized export or a soft detector look like this at the model's input size."""
+    n, _, height, width = batch.shape
+    device = batch.device
+    low = min(config.lowres_min, height)
+    picks = torch.rand(n, generator=generator, device=device) < config.lowres_prob
+    sides = torch.randint(low, height + 1, (n,), generator=generator, device=device)
+    out = batch.clone()
+    for i in torch.nonzero(picks).flatten().tolist():
+        side = int(sides[i])
+        if side >= height:
+            continue
+        small = F.interpolate(batch[i : i + 1], size=(side, max(1, side * width // height)), mode="area")
+        out[i : i + 1] = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)
+    return out
+
+
+def equalize_batch(batch: torch.Tensor, bins: int = 256) -> torch.Tensor:
+    """Histogram equalisation of each image of (N, 1, H, W) in [0, 1] over its non-zero pixels: the
+    same map as :func:`models.preprocess.equalize_histogram`, batched."""
+    n = batch.shape[0]
+    flat = batch.reshape(n, -1)
+    inside = flat > 0
+    position = flat * bins
+    index = position.long().clamp(max=bins - 1)
+    offsets = torch.arange(n, device=batch.device).unsqueeze(1) * bins
+    counts = torch.bincount((offsets + index)[inside], minlength=n * bins).view(n, bins).float()
+    share = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    below = share.cumsum(1) - share
+    mapped = below.gather(1, index) + (position - index) * share.gather(1, index)
+    return torch.where(inside, mapped, torch.zeros_like(flat)).view_as(batch)
+
+
+def _overlay_marks(batch: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:
+    """Burn one mark into each picked image, white or black: a block of glyph-like text in a corner
+    band, an arrow, a border on one to four sides, or a ruler with ticks along an edge. Sites and
+    paper figures carry such marks; a model must not learn them as identity."""
+    n, _, height, width = batch.shape
+    device = batch.device
+
+    def uniform(low: float, high: float) -> float:
+        return float(torch.rand((), generator=generator, device=device)) * (high - low) + low
+
+    ys = torch.linspace(0, 1, height, device=device).view(height, 1)
+    xs = torch.linspace(0, 1, width, device=device).view(1, width)
+    out = batch.clone()
+    picks = torch.nonzero(torch.rand(n, generator=generator, device=device) < prob).flatten().tolist()
+    for i in picks:
+        kind = int(torch.randint(0, 4, (), generator=generator, device=device))
+        if kind == 0:  # text: a random glyph grid in a box near an edge
+            rows, chars = 5, int(uniform(2, 9))
+            glyphs = (torch.rand(1, 1, rows, 4 * chars, generator=generator, device=device) < 0.45).float()
+            glyphs[..., 3::4] = 0  # a blank column between characters
+            box_h = max(3, int(height * uniform(0.04, 0.09)))
+            box_w = min(width - 1, max(4, int(box_h * chars * 0.8)))
+            top = int(uniform(0, height - box_h)) if uniform(0, 1) < 0.3 else int(uniform(0, 0.12) * height)
+            left = int(uniform(0, width - box_w))
+            mask = torch.zeros(height, width, dtype=torch.bool, device=device)
+            patch = F.interpolate(glyphs, size=(box_h, box_w), mode="nearest")[0, 0] > 0.5
+            mask[top : top + box_h, left : left + box_w] = patch
+        elif kind == 1:  # arrow: a shaft and a head, 10-30% of the image long
+            x0, y0 = uniform(0.1, 0.9), uniform(0.1, 0.9)
+            angle, length = uniform(0, 2 * math.pi), uniform(0.1, 0.3)
+            dx, dy = math.cos(angle) * length, math.sin(angle) * length
+            t = (((xs - x0) * dx + (ys - y0) * dy) / (length**2)).clamp(0, 1)
+            distance = torch.sqrt((xs - x0 - t * dx) ** 2 + (ys - y0 - t * dy) ** 2)
+            head = torch.sqrt((xs - x0 - dx) ** 2 + (ys - y0 - dy) ** 2)
+            mask = (distance < uniform(0.004, 0.012)) | (head < length * 0.18) & (t > 0.75)
+        elif kind == 2:  # border on 1-4 sides
+            band = uniform(0.02, 0.08)
+            sides = torch.rand(4, generator=generator, device=device) < 0.6
+            sides[int(torch.randint(0, 4, (), generator=generator, device=device))] = True
+            mask = (
+                (sides[0] & (ys < band))
+                | (sides[1] & (ys > 1 - band))
+                | (sides[2] & (xs < band))
+                | (sides[3] & (xs > 1 - band))
+            )
+        else:  # ruler: a line along an edge with ticks every few per cent
+            position, spacing = uniform(0.03, 0.12), uniform(0.02, 0.05)
+            tick = (torch.remainder(xs, spacing) < spacing * 0.2) & (ys > position) & (ys < position + 0.025)
+            line = (ys - position).abs() < 0.004
+            mask = tick | line
+            if uniform(0, 1) < 0.5:
+                mask = mask.flip(0)
+        value = 1.0 if uniform(0, 1) < 0.75 else 0.0
+        out[i, 0] = torch.where(mask, torch.full_like(out[i, 0], value), out[i, 0])
+    return out
 
 
 def _random_erase(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:

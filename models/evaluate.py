@@ -39,6 +39,7 @@ def select_split(samples: Sequence[Sample], embedder: Embedder, split: str) -> t
         split = "test"
     if not split_config:
         raise ValueError("this checkpoint records no split; use --split all")
+    merged = training.get("merged_patients") or {}  # label cleaning at training time moved these ids
     chosen = []
     for sample in samples:
         if sample.dataset not in trained_sets:
@@ -47,7 +48,7 @@ def select_split(samples: Sequence[Sample], embedder: Embedder, split: str) -> t
             which = sample.split
         else:
             which = split_of(
-                sample.patient_id,
+                merged.get(sample.patient_id, sample.patient_id),
                 val_fraction=split_config["val_fraction"],
                 test_fraction=split_config["test_fraction"],
                 seed=split_config["seed"],

@@ -70,6 +70,7 @@ class PreprocessConfig:
     fit: str = "pad"  # "pad" (keep whole image, letterbox) or "crop" (centre crop)
     low_percentile: float = 0.5  # robust intensity window
     high_percentile: float = 99.5
+    equalize: bool = False  # histogram-equalise after the window: one contrast whatever the scanner
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 1:
@@ -527,6 +528,8 @@ def prepare(image: Radiograph | np.ndarray, config: PreprocessConfig) -> np.ndar
         np.clip(scaled, 0.0, 1.0, out=scaled)
     else:  # constant image: nothing to show, and no division by zero
         scaled = np.zeros_like(resized)
+    if config.equalize:
+        scaled = equalize_histogram(scaled)
 
     if config.fit == "pad":
         out = np.zeros((size, size), dtype=np.float32)
@@ -535,6 +538,24 @@ def prepare(image: Radiograph | np.ndarray, config: PreprocessConfig) -> np.ndar
     else:
         top, left = (new_h - size) // 2, (new_w - size) // 2
         out = np.ascontiguousarray(scaled[top : top + size, left : left + size])
+    return out
+
+
+def equalize_histogram(image: np.ndarray, bins: int = 256) -> np.ndarray:
+    """Histogram equalisation of a [0, 1] image over its non-zero pixels (zero stays zero: it is the
+    padding and the air below the window), so sites whose scanners render contrast differently
+    reach the model with one intensity distribution. Each value maps to the share of pixels below
+    it, linear within its bin; ``models.data.equalize_batch`` is the same map for training batches."""
+    out = np.zeros_like(image, dtype=np.float32)
+    inside = image > 0
+    values = image[inside].astype(np.float64)
+    if values.size == 0:
+        return out
+    position = values * bins
+    index = np.minimum(position.astype(np.int64), bins - 1)
+    share = np.bincount(index, minlength=bins) / values.size
+    below = np.cumsum(share) - share
+    out[inside] = (below[index] + (position - index) * share[index]).astype(np.float32)
     return out
 
 

@@ -23,9 +23,12 @@ threshold rests on that many false accepts, not on the single highest impostor s
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -104,16 +107,12 @@ def check_resolvable(counts: PairCounts, fars: Sequence[str]) -> None:
         )
 
 
-def _weighted_thresholds(impostor: np.ndarray, weights: np.ndarray, fars: Sequence[float]) -> np.ndarray:
-    """Thresholds where the weighted share of impostor scores at or above them is at most each FAR."""
-    order = np.argsort(-impostor, kind="stable")
-    s, w = impostor[order], weights[order]
-    share = np.cumsum(w) / max(w.sum(), 1e-12)
-    out = []
-    for far in fars:
-        k = int(np.searchsorted(share, far, side="right"))  # first score whose acceptance breaks the FAR
-        out.append(float(s[min(k, s.size - 1)]) if k < s.size else float(s[-1]))
-    return np.asarray(out)
+def _weighted_thresholds(sorted_desc: np.ndarray, weights: np.ndarray, fars: Sequence[float]) -> np.ndarray:
+    """Thresholds where the weighted share of impostor scores (sorted high to low) at or above them
+    is at most each FAR: the score of the first impostor whose acceptance would break it."""
+    share = np.cumsum(weights) / max(float(weights.sum()), 1e-12)
+    index = np.searchsorted(share, np.asarray(fars), side="right").clip(0, sorted_desc.size - 1)
+    return sorted_desc[index]
 
 
 def threshold_intervals(
@@ -124,23 +123,29 @@ def threshold_intervals(
     *,
     bootstrap: int = 200,
     seed: int = 0,
+    max_pairs: int = 1_000_000,
 ) -> dict[str, list[float]]:
     """95% patient-bootstrap interval of each FAR's threshold: resample patients, weight each
-    impostor pair by how often both its patients were drawn, take the weighted FAR quantile."""
+    impostor pair by how often both its patients were drawn, take the weighted FAR quantile.
+    At most ``max_pairs`` impostor pairs (a uniform sample) enter, so it stays a few seconds."""
     if bootstrap <= 0:
         return {}
     rng = np.random.default_rng(seed)
+    if impostor.size > max_pairs:
+        keep = rng.choice(impostor.size, size=max_pairs, replace=False)
+        impostor, impostor_pairs = impostor[keep], impostor_pairs[keep]
+    order = np.argsort(-impostor, kind="stable")
+    scores = impostor[order]
+    pa = patient_codes[impostor_pairs[order, 0]]
+    pb = patient_codes[impostor_pairs[order, 1]]
     n_patients = int(patient_codes.max()) + 1
-    pa, pb = patient_codes[impostor_pairs[:, 0]], patient_codes[impostor_pairs[:, 1]]
-    draws = []
-    for _ in range(bootstrap):
-        counts = np.bincount(rng.integers(0, n_patients, n_patients), minlength=n_patients)
-        draws.append(
-            _weighted_thresholds(impostor, (counts[pa] * counts[pb]).astype(float), [float(f) for f in fars])
-        )
-    table = np.asarray(draws)
+    values = [float(f) for f in fars]
+    draws = np.empty((bootstrap, len(values)))
+    for b in range(bootstrap):
+        counts = np.bincount(rng.integers(0, n_patients, n_patients), minlength=n_patients).astype(float)
+        draws[b] = _weighted_thresholds(scores, counts[pa] * counts[pb], values)
     return {
-        far: [float(np.percentile(table[:, i], 2.5)), float(np.percentile(table[:, i], 97.5))]
+        far: [float(np.percentile(draws[:, i], 2.5)), float(np.percentile(draws[:, i], 97.5))]
         for i, far in enumerate(fars)
     }
 
@@ -322,3 +327,55 @@ def _auc(genuine: np.ndarray, impostor: np.ndarray) -> float:
 
     y = np.r_[np.ones(genuine.size), np.zeros(impostor.size)]
     return float(roc_auc_score(y, np.r_[genuine, impostor]))
+
+
+# --- the manifest form of ``cxr-reid calibrate`` -------------------------------------------------------
+
+
+def calibrate_checkpoint(
+    manifest: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    model: str | os.PathLike | None = None,
+    fars: Sequence[str] = FAR_KEYS,
+    default_far: str = DEFAULT_FAR,
+    bootstrap: int = 200,
+    progress: bool = True,
+) -> Calibration:
+    """Embed every image of a site's manifest, fit a site calibration, and write a copy of the
+    checkpoint (default: the shipped one) carrying it to ``out``. Nothing is written when refused.
+
+    The manifest is read and its pair counts checked before the model loads, so a wrong path or a
+    too-small site fails in a moment, not after embedding.
+    """
+    from models.checkpoint import with_calibration
+    from models.data import read_manifest
+    from models.embedder import DEFAULT_CHECKPOINT, Embedder
+    from models.evaluate import embed_samples
+
+    fars = tuple(dict.fromkeys(str(f) for f in fars))
+    if default_far not in fars:
+        raise CalibrationRefusedError(
+            f"the default FAR {default_far} must be one of the FARs calibrated {list(fars)}"
+        )
+    samples = read_manifest(manifest)
+    ids = [s.patient_id for s in samples]
+    check_resolvable(pair_counts(ids), fars)
+    source = Path(model) if model is not None else DEFAULT_CHECKPOINT
+    embedder = Embedder.from_checkpoint(source)
+    embeddings = embed_samples(embedder, samples, progress=progress)
+    calibration = fit_site_calibration(
+        embeddings,
+        ids,
+        fars=fars,
+        default_far=default_far,
+        bootstrap=bootstrap,
+        provenance={
+            "data": "manifest",
+            "manifest": Path(manifest).name,
+            "manifest_sha256": hashlib.sha256(Path(manifest).read_bytes()).hexdigest(),
+            "model_id": embedder.model_id,
+        },
+    )
+    with_calibration(source, out, calibration.to_dict())
+    return calibration

@@ -47,6 +47,7 @@ from models.data import (
     assign_splits,
     augment,
     load_images,
+    merge_duplicate_identities,
     read_manifests,
     summarise,
     write_manifest,
@@ -157,6 +158,7 @@ class TrainingData:
     train_labels: np.ndarray  # class index of each training image
     val_labels: np.ndarray
     num_classes: int
+    merged_patients: dict[str, str] = field(default_factory=dict)  # label cleaning: old id -> merged id
 
 
 @dataclass
@@ -302,26 +304,34 @@ def setup(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
 
 
 def load_training_data(config: TrainConfig, *, progress: bool = True) -> TrainingData:
-    """Read, split, decode and label the training and validation images."""
-    samples = _load_samples(config)
-    train_samples = [s for s in samples if s.split == "train"]
-    val_samples = [s for s in samples if s.split == "val"]
-    if not train_samples or not val_samples:
-        raise ValueError("the split left no training or no validation images: check data fractions")
+    """Read, decode (once, cached), clean, split and label the training and validation images."""
+    samples = _read_samples(config)
     cache = config.data.cache_dir or None
-    train_images = load_images(train_samples, config.preprocess, cache_dir=cache, progress=progress)
-    val_images = load_images(val_samples, config.preprocess, cache_dir=cache, progress=progress)
+    images = load_images(samples, config.preprocess, cache_dir=cache, progress=progress)
+    merged = merge_duplicate_identities(samples, images) if config.data.merge_duplicates else {}
+    if merged:
+        log.info("label cleaning: %d patient id(s) merged into another id with the same picture", len(merged))
+        for sample in samples:
+            sample.patient_id = merged.get(sample.patient_id, sample.patient_id)
+    _assign_splits(samples, config)
+    train_index = [i for i, s in enumerate(samples) if s.split == "train"]
+    val_index = [i for i, s in enumerate(samples) if s.split == "val"]
+    if not train_index or not val_index:
+        raise ValueError("the split left no training or no validation images: check data fractions")
+    train_samples = [samples[i] for i in train_index]
+    val_samples = [samples[i] for i in val_index]
     train_ids = {p: i for i, p in enumerate(sorted({s.patient_id for s in train_samples}))}
     val_ids = {p: i for i, p in enumerate(sorted({s.patient_id for s in val_samples}))}
     return TrainingData(
         samples=samples,
         train_samples=train_samples,
         val_samples=val_samples,
-        train_images=train_images,
-        val_images=val_images,
+        train_images=images[train_index],
+        val_images=images[val_index],
         train_labels=np.array([train_ids[s.patient_id] for s in train_samples]),
         val_labels=np.array([val_ids[s.patient_id] for s in val_samples]),
         num_classes=len(train_ids),
+        merged_patients=merged,
     )
 
 
@@ -448,6 +458,7 @@ def finalise(run: Run) -> Path:
                     "seed": config.data.split_seed,
                     "holdout_sets": config.data.holdout_sets,
                 },
+                "merged_patients": run.data.merged_patients,
                 "train_images": len(run.data.train_samples),
                 "train_patients": run.data.num_classes,
                 "val_images": len(run.data.val_samples),
@@ -500,21 +511,28 @@ def _agree(flag: bool, run: Run) -> bool:
     return bool(decision.item())
 
 
-def _load_samples(config: TrainConfig) -> list[Sample]:
+def _read_samples(config: TrainConfig) -> list[Sample]:
     if not config.data.manifests:
         raise ValueError("no training data: set data.manifests in the config or pass --manifest")
     samples = read_manifests(config.data.manifests)
-    held_out = [s for s in samples if s.dataset in config.data.holdout_sets]
-    rest = [s for s in samples if s.dataset not in config.data.holdout_sets]
+    unknown = sorted(set(config.data.holdout_sets) - {s.dataset for s in samples})
+    if unknown:
+        raise ValueError(f"data.holdout_sets names {unknown}, which are not among the training sets")
+    return samples
+
+
+def _assign_splits(samples: list[Sample], config: TrainConfig) -> None:
+    """Patient-disjoint hash split of the trained sets; every image of a held-out set is "test"."""
+    held_out = set(config.data.holdout_sets)
     assign_splits(
-        rest,
+        [s for s in samples if s.dataset not in held_out],
         val_fraction=config.data.val_fraction,
         test_fraction=config.data.test_fraction,
         seed=config.data.split_seed,
     )
-    for sample in held_out:
-        sample.split = "test"
-    return rest + held_out
+    for sample in samples:
+        if sample.dataset in held_out:
+            sample.split = "test"
 
 
 def _save_training_state(run: Run, epoch: int) -> None:

@@ -183,3 +183,33 @@ def test_flops_grow_with_input_size(small_table: list[dict]) -> None:
         assert b["params"] == a["params"]
     with pytest.raises(ValueError, match="unknown backbone variants"):
         describe_variants(variants=["vit"])
+
+
+def test_face_stem_downsampling_shortcut_is_mxnets_conv_by_default() -> None:
+    """The first unit after the face stem strides without changing channels: conv1x1+BN in the MXNet
+    original (the default), TreB1eN's MaxPool2d(1, 2) as the named option."""
+    original = build_backbone(tiny("ir", 18, stem="face")).body[0][0].shortcut
+    assert isinstance(original[0], nn.Conv2d) and original[0].stride == (2, 2)
+    assert isinstance(original[1], nn.BatchNorm2d)
+    port = build_backbone(tiny("ir", 18, stem="face", downsample_shortcut="subsample")).body[0][0].shortcut
+    assert isinstance(port, nn.MaxPool2d) and port.kernel_size == 1 and port.stride == 2
+    # later stages change channels: both project
+    assert isinstance(
+        build_backbone(tiny("ir", 18, downsample_shortcut="subsample")).body[1][0].shortcut[0], nn.Conv2d
+    )
+    with pytest.raises(ValueError, match="downsample_shortcut"):
+        tiny("ir", 18, downsample_shortcut="pool")
+
+
+def test_sphereface_four_layer_net_and_bn_free_output() -> None:
+    """SphereFace Table 2's 4-layer net: four strided conv+PReLU stages, no residual unit; with the
+    face stem and output="fc" there is no BatchNorm anywhere, as in the paper."""
+    model = build_backbone(tiny("sphere", 4, stem="face", output="fc"))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 4 and all(c.stride == (2, 2) for c in convs)
+    assert not any(isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) for m in model.modules())
+    assert model(torch.randn(2, 1, 112, 112)).shape == (2, EMBEDDING_DIM)
+    with torch.no_grad():
+        assert model.eval().features(torch.zeros(1, 1, 112, 112)).shape[-2:] == (7, 7)
+    bn_output = build_backbone(tiny("sphere", 20))
+    assert isinstance(bn_output.output.bn1d, nn.BatchNorm1d)

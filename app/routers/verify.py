@@ -8,7 +8,7 @@ import numpy as np
 from fastapi import APIRouter, File, Form, UploadFile
 
 from ..dependencies import MAX_IMAGE_ID, ServiceDep, SettingsDep, read_uploads
-from ..schemas import ErrorResponse, ImageRef, PairVerification, PatientVerification
+from ..schemas import CalibrationOut, ErrorResponse, ImageRef, PairVerification, PatientVerification
 from ..services import InvalidInputError, ReidService, collection_arg, cosine, is_same_patient
 from ..settings import Settings
 
@@ -122,6 +122,7 @@ def verify(
             same_patient=verdict.same_patient,
             threshold=point.threshold,
             far=point.far,
+            calibration=CalibrationOut(**point.calibration),
         )
     if file is not None or image_id is not None or collection:
         raise InvalidInputError(
@@ -141,4 +142,5 @@ def verify(
         same_patient=is_same_patient(score, point),
         threshold=point.threshold,
         far=point.far,
+        calibration=CalibrationOut(**point.calibration),
     )

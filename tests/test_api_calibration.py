@@ -1,0 +1,110 @@
+"""POST/GET/DELETE /calibration and `cxr-reid calibrate --data-dir`: a site calibration fitted on the
+gallery's labelled images, refused when they are too few, in force across restarts, and named in
+every response that decides "same patient"."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from fastapi.testclient import TestClient
+
+from index import Gallery, NewImage
+from models.embedder import Embedder
+
+
+def fill_gallery(data_dir: Path, embedder: Embedder, patients: int, per_patient: int, seed: int = 0) -> None:
+    """Labelled synthetic vectors in a real gallery (SQLite + FAISS) of the test model."""
+    rng = np.random.default_rng(seed)
+    vectors, images = [], []
+    for p in range(patients):
+        centre = rng.normal(size=embedder.dim)
+        for _ in range(per_patient):
+            v = centre + rng.normal(size=embedder.dim) * 1.2
+            vectors.append(v / np.linalg.norm(v))
+            images.append(NewImage(patient_id=f"site-{p}", collection="ward" if p % 2 else "default"))
+    with Gallery(data_dir, dim=embedder.dim, model_id=embedder.model_id) as gallery:
+        gallery.add(np.asarray(vectors, np.float32), images)
+
+
+def test_site_calibration_lifecycle(
+    tmp_path: Path, embedder: Embedder, make_client: Callable[..., TestClient]
+) -> None:
+    data_dir = tmp_path / "data"
+    fill_gallery(data_dir, embedder, patients=40, per_patient=3)  # 120 images: 7,020 impostor pairs
+    client = make_client(data_dir, far="1e-2")
+
+    shipped = client.get("/calibration").json()
+    assert shipped["calibration"]["source"] == "shipped"
+    assert client.get("/readyz").json()["operating_point"]["calibration"]["source"] == "shipped"
+
+    refused = client.post("/calibration", data={"far": "1e-2,1e-3"})
+    assert refused.status_code == 409
+    assert "FAR 1e-3 needs at least 10,000" in refused.json()["detail"]
+    assert "unchanged" in refused.json()["detail"]
+    assert client.get("/calibration").json() == shipped  # nothing changed
+
+    assert client.post("/calibration", data={"far": "1e-3"}).status_code == 422  # default FAR left out
+    assert client.post("/calibration", data={"far": "often"}).status_code == 422
+    assert client.post("/calibration", data={"far": "2"}).status_code == 422
+
+    fitted = client.post("/calibration", data={"far": "1e-2", "bootstrap": "50"})
+    assert fitted.status_code == 200, fitted.text
+    body = fitted.json()
+    assert body["calibration"]["source"] == "site" and body["calibration"]["patients"] == 40
+    assert body["calibration"]["images"] == 120 and body["calibration"]["calibration_id"] >= 1
+    assert body["provenance"]["collection"] == "*" and body["provenance"]["model_id"] == embedder.model_id
+    low, high = body["threshold_ci"]["1e-2"]
+    assert low <= body["thresholds"]["1e-2"] <= high + 1e-6
+
+    # every deciding response names it, and uses its threshold
+    site_threshold = body["thresholds"]["1e-2"]
+    ready = client.get("/readyz").json()["operating_point"]
+    assert ready["calibration"]["source"] == "site" and ready["threshold"] == site_threshold
+    dups = client.get("/duplicates", params={"collection": "*"}).json()
+    assert dups["operating_point"]["calibration"]["calibration_id"] == body["calibration"]["calibration_id"]
+    search = client.post("/search", data={"image_id": "1", "collection": "*"}).json()
+    assert search["operating_point"]["threshold"] == site_threshold
+    verify = client.post("/verify", data={"image_id_a": "1", "image_id_b": "2"}).json()
+    assert verify["calibration"]["source"] == "site" and verify["threshold"] == site_threshold
+    # a FAR the site data cannot resolve is refused, not extrapolated
+    assert (
+        client.post("/verify", data={"image_id_a": "1", "image_id_b": "2", "far": "1e-4"}).status_code == 422
+    )
+
+    # in force after a restart
+    client.__exit__(None, None, None)
+    again = make_client(data_dir, far="1e-2")
+    assert again.get("/calibration").json()["calibration"] == body["calibration"]
+
+    # one collection only
+    ward = again.post("/calibration", data={"far": "1e-2", "collection": "ward", "bootstrap": "0"})
+    assert ward.status_code == 200 and ward.json()["calibration"]["images"] == 60
+    assert ward.json()["calibration"]["calibration_id"] > body["calibration"]["calibration_id"]
+
+    cleared = again.delete("/calibration")
+    assert cleared.status_code == 200 and cleared.json()["calibration"]["source"] == "shipped"
+    assert again.get("/readyz").json()["operating_point"]["calibration"]["source"] == "shipped"
+
+
+def test_calibration_needs_the_api_key(tmp_path: Path, make_client: Callable[..., TestClient]) -> None:
+    client = make_client(api_keys="secret")
+    assert client.post("/calibration").status_code == 401
+    assert client.delete("/calibration").status_code == 401
+    assert client.get("/calibration", headers={"X-API-Key": "secret"}).status_code == 200
+
+
+def test_cli_calibrates_a_stopped_gallery(tmp_path: Path, tiny_checkpoint: Path, embedder: Embedder) -> None:
+    from app.cli import main
+
+    data_dir = tmp_path / "data"
+    fill_gallery(data_dir, embedder, patients=30, per_patient=2, seed=1)
+    common = ["calibrate", "--data-dir", str(data_dir), "--model", str(tiny_checkpoint), "--bootstrap", "0"]
+    assert main(common) == 1  # FAR 1e-3 and 1e-4 cannot be resolved on 60 images: refused
+    with Gallery(data_dir, dim=embedder.dim, model_id=embedder.model_id) as gallery:
+        assert gallery.site_calibration() is None
+    assert main([*common, "--far", "1e-2,1e-3"]) == 1
+    assert main(["calibrate", "--data-dir", str(data_dir), "--out", "x.pt"]) == 2  # --out is for --manifest
+    assert main(["calibrate", "--manifest", "m.csv"]) == 2  # --manifest needs --out
+    assert main(["calibrate", "--far", "1e-2,x"]) == 2
