@@ -1,6 +1,6 @@
 """The ``cxr-reid`` command line: one entry point, a subcommand per job.
 
-Model jobs (models, train, evaluate, phantoms) live here; gallery and service jobs (serve,
+Model jobs (models, train, evaluate, checkpoint, phantoms) live here; gallery and service jobs (serve,
 enroll, reindex, audit) are registered by ``app.commands``. Heavy imports happen inside each
 command so that ``cxr-reid --help`` stays fast.
 """
@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 log = logging.getLogger("cxr_reid")
 
@@ -72,6 +73,19 @@ def _cmd_phantoms(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_checkpoint(args: argparse.Namespace) -> int:
+    from models.checkpoint import join_parts, split_file
+
+    if args.action == "split":
+        index = split_file(args.path, args.out or Path(args.path).parent, int(args.part_mib * 2**20))
+        sys.stdout.write(f"{index}\n")
+    else:
+        if not args.out:
+            raise ValueError("join needs --out FILE: where to write the rejoined checkpoint")
+        sys.stdout.write(f"{join_parts(args.path, args.out)}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from models.evaluate import SPLIT_CHOICES
 
@@ -113,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", help="write ROC and score-histogram PNGs here")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "checkpoint",
+        help="split a checkpoint into parts of bounded size, or join them back (checked by sha256)",
+    )
+    p.add_argument("action", choices=("split", "join"))
+    p.add_argument("path", help="split: the checkpoint; join: its <name>.parts.json")
+    p.add_argument("--out", help="split: folder for the parts (default: beside it); join: the file to write")
+    p.add_argument("--part-mib", type=float, default=15.0, help="largest part, MiB (default 15)")
+    p.set_defaults(func=_cmd_checkpoint)
 
     p = sub.add_parser("phantoms", help="write a synthetic identity-labelled phantom set (not radiographs)")
     p.add_argument("output", help="output folder")

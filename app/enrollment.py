@@ -63,6 +63,8 @@ def items_from_manifest(manifest: str | os.PathLike) -> list[EnrolItem]:
         tags = {key: str(value) for key, value in sample.extra.items()}
         if sample.offset_days is not None:
             tags["offset_days"] = f"{sample.offset_days:g}"
+        if sample.follow_up is not None:
+            tags["follow_up"] = f"{sample.follow_up:g}"
         items.append(EnrolItem(Path(sample.path), patient, sample.view, sample.split, tags))
     return items
 

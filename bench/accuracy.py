@@ -130,7 +130,11 @@ BREAKDOWN_COLUMNS = (
     "TAR at the FAR 1e-3 threshold",
     "mean genuine score",
 )
-_BREAKDOWN_NAMES = {"view_pair": "view pair", "time_gap_days": "time gap (days)"}
+_BREAKDOWN_NAMES = {
+    "view_pair": "view pair",
+    "time_gap_days": "time gap (days)",
+    "follow_up_gap": "follow-up gap (visits)",
+}
 
 
 def format_breakdown_table(results: Sequence[dict[str, Any]]) -> str | None:

@@ -152,9 +152,18 @@ def train_folds(
 
 # ---------------------------------------------------------------------------------------------- evaluation
 def evaluate_fold(
-    fold_dir: Path, manifests: Sequence[str], *, bootstrap: int, repeats: int, snorm_top_k: int
+    fold_dir: Path,
+    manifests: Sequence[str],
+    *,
+    bootstrap: int,
+    repeats: int,
+    snorm_top_k: int,
+    tta: int | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a fold's model on every set (cached in ``eval.json`` by model id and settings)."""
+    """Evaluate a fold's model on every set (cached in ``eval.json`` by model id and settings);
+    ``tta`` overrides the checkpoint's test-time augmentation (cached apart, ``eval-tta<k>.json``)."""
+    import dataclasses
+
     import numpy as np
 
     from models.data import read_manifest
@@ -164,13 +173,16 @@ def evaluate_fold(
     from models.site import split_half
 
     embedder = Embedder.from_checkpoint(fold_dir / "model.pt")
+    if tta is not None:
+        embedder.preprocess_config = dataclasses.replace(embedder.preprocess_config, tta=tta)
     settings = {
         "version": EVAL_VERSION,
         "bootstrap": bootstrap,
         "repeats": repeats,
         "snorm_top_k": snorm_top_k,
+        "tta": embedder.preprocess_config.tta,
     }
-    cache = fold_dir / "eval.json"
+    cache = fold_dir / ("eval.json" if tta is None else f"eval-tta{tta}.json")
     if cache.is_file():
         cached = json.loads(cache.read_text())
         if cached.get("model_id") == embedder.model_id and cached.get("settings") == settings:
@@ -356,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats", type=int, default=5, help="random halvings for the split-half calibration"
     )
     parser.add_argument("--snorm-top-k", type=int, default=100, help="AS-norm cohort size (0 = not measured)")
+    parser.add_argument(
+        "--tta", type=int, help="evaluate with this many test-time views (default: as each checkpoint says)"
+    )
     parser.add_argument("--no-train", action="store_true", help="evaluate folds already trained; train none")
     parser.add_argument("--json", help="write every figure to this JSON file")
     parser.add_argument("--markdown", help="write the tables to this markdown file")
@@ -404,10 +419,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             bootstrap=args.bootstrap,
             repeats=args.repeats,
             snorm_top_k=args.snorm_top_k,
+            tta=args.tta,
         )
     if not results:
         return 1
     overrides = f" --set {' --set '.join(args.set)}" if args.set else ""
+    overrides += f" --tta {args.tta}" if args.tta is not None else ""
     title = (
         f"Leave-one-set-out of recipe `{args.config}`{overrides}; {args.bootstrap} bootstrap resamples, "
         f"{args.repeats} halvings; {dt.date.today().isoformat()}"

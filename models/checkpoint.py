@@ -125,3 +125,63 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{FORMAT_VERSION}: upgrade cxr-reid"
         )
     return payload
+
+
+# --- parts: a checkpoint carried in pieces of bounded size (a GPU machine returns files <= 16 MiB) ---
+
+PARTS_SUFFIX = ".parts.json"
+
+
+def split_file(path: str | os.PathLike, out_dir: str | os.PathLike, part_bytes: int = 15 * 2**20) -> Path:
+    """Cut a file into ``<name>.part000 ...`` of at most ``part_bytes`` each, plus ``<name>.parts.json``
+    (size, sha256 and part names) that :func:`join_parts` checks; returns the JSON's path."""
+    if part_bytes < 1:
+        raise ValueError("part size must be positive")
+    source = Path(path)
+    target = Path(out_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    digest, names = hashlib.sha256(), []
+    with source.open("rb") as handle:
+        while chunk := handle.read(part_bytes):
+            digest.update(chunk)
+            name = f"{source.name}.part{len(names):03d}"
+            (target / name).write_bytes(chunk)
+            names.append(name)
+    index = target / f"{source.name}{PARTS_SUFFIX}"
+    index.write_text(
+        json.dumps(
+            {"name": source.name, "size": source.stat().st_size, "sha256": digest.hexdigest(), "parts": names}
+        )
+    )
+    return index
+
+
+def join_parts(index: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Rejoin the parts an index from :func:`split_file` names (beside it), checking size and sha256;
+    the output appears only when it matches."""
+    index_path = Path(index)
+    spec = json.loads(index_path.read_text())
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest, size = hashlib.sha256(), 0
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            for name in spec["parts"]:
+                part = index_path.parent / name
+                if not part.is_file():
+                    raise CheckpointError(f"part {name} is missing beside {index_path}")
+                data = part.read_bytes()
+                digest.update(data)
+                size += len(data)
+                handle.write(data)
+        if size != spec["size"] or digest.hexdigest() != spec["sha256"]:
+            raise CheckpointError(
+                f"the parts of {spec['name']} do not add up to the original (size or sha256)"
+            )
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target

@@ -1,9 +1,10 @@
 """Identity-labelled image sets: manifests, public-set readers, splits, augmentation, sampling.
 
 Manifest contract (DESIGN.md): a CSV with at least ``path,patient_id``; ``path`` is relative to
-the CSV's folder; optional ``view,sex,age,offset_days,split``. Several manifests combine into one
-training set with patient ids kept apart per set (``<set>:<patient_id>``), because ``p1`` of one
-hospital is not ``p1`` of another.
+the CSV's folder; optional ``view,sex,age,offset_days,follow_up,split`` (``offset_days``: days since
+the patient's first study; ``follow_up``: a visit number, for sets that number visits instead).
+Several manifests combine into one training set with patient ids kept apart per set
+(``<set>:<patient_id>``), because ``p1`` of one hospital is not ``p1`` of another.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class Sample:
     view: str | None = None
     sex: str | None = None
     age: float | None = None
-    offset_days: float | None = None
+    offset_days: float | None = None  # days since the patient's first study
+    follow_up: float | None = None  # visit number, where a set numbers visits instead of dating them
     split: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -64,6 +66,12 @@ def _optional_float(value: str | None) -> float | None:
         return None
 
 
+#: Sets whose manifests put ChestX-ray14's "Follow-up #" (a visit number: 0, 1, 2, ...) in the
+#: ``offset_days`` column. It orders a patient's images but counts visits, not days, so it is read
+#: as ``follow_up``. Matched by the start of the set's (folder) name.
+FOLLOW_UP_NUMBER_SETS: tuple[str, ...] = ("nih-cxr14", "chestxray14")
+
+
 def read_manifest(manifest: str | os.PathLike, *, namespace: str | None = None) -> list[Sample]:
     """Read a manifest CSV; paths resolve against the CSV's folder."""
     manifest_path = Path(manifest)
@@ -77,7 +85,8 @@ def read_manifest(manifest: str | os.PathLike, *, namespace: str | None = None) 
         missing = {"path", "patient_id"} - set(reader.fieldnames or [])
         if missing:
             raise ManifestError(f"{manifest_path}: missing column(s) {', '.join(sorted(missing))}")
-        known = {"path", "patient_id", "view", "sex", "age", "offset_days", "split"}
+        known = {"path", "patient_id", "view", "sex", "age", "offset_days", "follow_up", "split"}
+        visits_in_offset = name.startswith(FOLLOW_UP_NUMBER_SETS)
         for line, row in enumerate(reader, start=2):
             path, patient = (row.get("path") or "").strip(), (row.get("patient_id") or "").strip()
             if not path or not patient:
@@ -93,7 +102,10 @@ def read_manifest(manifest: str | os.PathLike, *, namespace: str | None = None) 
                     view=(row.get("view") or "").strip() or None,
                     sex=(row.get("sex") or "").strip() or None,
                     age=_optional_float(row.get("age")),
-                    offset_days=_optional_float(row.get("offset_days")),
+                    offset_days=None if visits_in_offset else _optional_float(row.get("offset_days")),
+                    follow_up=_optional_float(
+                        row.get("follow_up") or (row.get("offset_days") if visits_in_offset else None)
+                    ),
                     split=split,
                     extra={k: v for k, v in row.items() if k not in known and k and v},
                 )
@@ -118,14 +130,23 @@ def write_manifest(samples: Sequence[Sample], path: str | os.PathLike) -> Path:
     root = target.resolve().parent
     with target.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "patient_id", "view", "sex", "age", "offset_days", "split"])
+        writer.writerow(["path", "patient_id", "view", "sex", "age", "offset_days", "follow_up", "split"])
         for s in samples:
             rel = os.path.relpath(s.path, root)
             patient = (
                 s.patient_id.split(":", 1)[1] if s.patient_id.startswith(f"{s.dataset}:") else s.patient_id
             )
             writer.writerow(
-                [rel, patient, s.view or "", s.sex or "", _fmt(s.age), _fmt(s.offset_days), s.split or ""]
+                [
+                    rel,
+                    patient,
+                    s.view or "",
+                    s.sex or "",
+                    _fmt(s.age),
+                    _fmt(s.offset_days),
+                    _fmt(s.follow_up),
+                    s.split or "",
+                ]
             )
     return target
 
@@ -154,7 +175,7 @@ def read_chestxray14(data_entry_csv: str | os.PathLike, images_dir: str | os.Pat
                     view=(row.get("View Position") or None),
                     sex=(row.get("Patient Gender") or None),
                     age=_optional_float(age),
-                    offset_days=_optional_float(row.get("Follow-up #")),
+                    follow_up=_optional_float(row.get("Follow-up #")),
                 )
             )
     return samples

@@ -14,7 +14,7 @@ import torch
 from models.backbones import BackboneConfig, build_backbone
 from models.calibration import Calibration
 from models.checkpoint import load_checkpoint
-from models.preprocess import PreprocessConfig, Radiograph, decode_image, prepare, to_tensor
+from models.preprocess import TTA_VIEWS, PreprocessConfig, Radiograph, decode_image, prepare, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,17 @@ class Embedder:
 
     @torch.inference_mode()
     def embed_prepared(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Embed a stack of prepared images (N, size, size) in [0, 1]; returns (N, dim) unit vectors."""
+        """Embed a stack of prepared images (N, size, size) in [0, 1]; returns (N, dim) unit vectors.
+
+        With test-time augmentation (``preprocess.tta = k``) the unit embeddings of the plain view and
+        of the first k of :data:`~models.preprocess.TTA_VIEWS` are averaged, then normalised again.
+        """
         inputs = to_tensor(batch).to(self.device)
-        vectors = self.network(inputs).float()
-        vectors = torch.nn.functional.normalize(vectors, dim=1)
+        total = torch.nn.functional.normalize(self.network(inputs).float(), dim=1)
+        for zoom, dx, dy in TTA_VIEWS[: self.preprocess_config.tta]:
+            view = _affine_view(inputs, zoom, dx, dy)
+            total += torch.nn.functional.normalize(self.network(view).float(), dim=1)
+        vectors = torch.nn.functional.normalize(total, dim=1)
         return vectors.cpu().numpy().astype(np.float32, copy=False)
 
     def embed(self, images: Sequence[ImageSource], batch_size: int = 32, **decode_kwargs: Any) -> np.ndarray:
@@ -98,3 +105,12 @@ class Embedder:
             "calibration": self.calibration.to_dict(),
             "metrics": self.metrics,
         }
+
+
+def _affine_view(inputs: torch.Tensor, zoom: float, dx: float, dy: float) -> torch.Tensor:
+    """The batch zoomed in by ``zoom`` about the centre and shifted by (dx, dy) of the side; the
+    border that comes into view is the padding value (-1: black after ``to_tensor``)."""
+    n = inputs.shape[0]
+    theta = inputs.new_tensor([[1 / zoom, 0.0, 2 * dx], [0.0, 1 / zoom, 2 * dy]]).expand(n, 2, 3)
+    grid = torch.nn.functional.affine_grid(theta, list(inputs.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(inputs + 1, grid, align_corners=False) - 1

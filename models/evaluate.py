@@ -103,6 +103,7 @@ def evaluate(
         max_impostor_pairs=max_impostor_pairs,
         views=[s.view for s in chosen],
         offsets=[s.offset_days for s in chosen],
+        follow_ups=[s.follow_up for s in chosen],
     )
     result.update(
         {

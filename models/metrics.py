@@ -35,6 +35,14 @@ TIME_GAP_BUCKETS: tuple[tuple[str, float, float], ...] = (
     ("31-365", 31, 365),
     (">365", 366, math.inf),
 )
+#: ChestX-ray14's "Follow-up #" orders a patient's visits but says nothing of days between them.
+FOLLOW_UP_GAP_BUCKETS: tuple[tuple[str, float, float], ...] = (
+    ("0", 0, 0),
+    ("1", 1, 1),
+    ("2-5", 2, 5),
+    ("6-20", 6, 20),
+    (">20", 21, math.inf),
+)
 MIN_BUCKET_PAIRS = 5
 _BLOCK_ELEMENTS = 4_000_000  # floats per score block (16 MB float32)
 
@@ -434,8 +442,10 @@ def _breakdown(
     views: Sequence[Any] | None,
     offsets: Sequence[Any] | None,
     far_threshold: float,
+    follow_ups: Sequence[Any] | None = None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """Genuine-pair metrics by view pair and by time gap; buckets with < 5 genuine pairs skipped."""
+    """Genuine-pair metrics by view pair, by time gap in days and by follow-up (visit) gap;
+    buckets with < 5 genuine pairs skipped."""
     imp_sorted = np.sort(imp)
     out: dict[str, dict[str, dict[str, Any]]] = {}
 
@@ -470,18 +480,23 @@ def _breakdown(
             by_view[key] = row
         out["view_pair"] = by_view
 
-    if offsets is not None:
-        off = np.array([_to_float(o) for o in offsets], dtype=np.float64)
-        gap = np.rint(np.abs(off[gp[:, 0]] - off[gp[:, 1]]))
-        by_gap: dict[str, dict[str, Any]] = {}
-        for key, lo, hi in TIME_GAP_BUCKETS:
+    def by_gap(values: Sequence[Any], buckets: tuple[tuple[str, float, float], ...]) -> dict[str, Any]:
+        position = np.array([_to_float(v) for v in values], dtype=np.float64)
+        gap = np.rint(np.abs(position[gp[:, 0]] - position[gp[:, 1]]))
+        rows: dict[str, dict[str, Any]] = {}
+        for key, lo, hi in buckets:
             gs = g[(gap >= lo) & (gap <= hi)]  # NaN gaps fall in no bucket
             if gs.size < MIN_BUCKET_PAIRS:
                 continue
             row = summary(gs)
             row["auc"] = row["auc_vs_all_impostors"]
-            by_gap[key] = row
-        out["time_gap_days"] = by_gap
+            rows[key] = row
+        return rows
+
+    if offsets is not None:
+        out["time_gap_days"] = by_gap(offsets, TIME_GAP_BUCKETS)
+    if follow_ups is not None:
+        out["follow_up_gap"] = by_gap(follow_ups, FOLLOW_UP_GAP_BUCKETS)
     return out
 
 
@@ -512,13 +527,14 @@ def evaluate_embeddings(
     bootstrap_impostor_pairs: int = 200_000,
     views: Sequence[Any] | None = None,
     offsets: Sequence[Any] | None = None,
+    follow_ups: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
     """All headline metrics in one flat dict, plus ``ci`` and ``breakdown``.
 
     Keys: everything from :func:`verification_metrics` and :func:`retrieval_metrics`, n_images,
     n_patients, ``ci`` = {metric: [lo, hi]} (95% percentile intervals over ``bootstrap`` patient
-    resamples; {} when bootstrap = 0) and ``breakdown`` = {"view_pair": {...}, "time_gap_days": {...}}
-    (present when ``views`` / ``offsets`` are given).
+    resamples; {} when bootstrap = 0) and ``breakdown`` = {"view_pair": {...}, "time_gap_days": {...},
+    "follow_up_gap": {...}} (present when ``views`` / ``offsets`` / ``follow_ups`` are given).
 
     Bootstrap: patients are drawn with replacement. Pair metrics: a patient drawn c times counts as
     c distinct patients, whose genuine pairs weigh c, whose impostor pairs with a patient drawn c'
@@ -529,14 +545,15 @@ def evaluate_embeddings(
     View-pair breakdown: ``auc`` is genuine pairs of that view pair against impostor pairs of the
     same view pair (the harder, like-for-like comparison; None with < 5 such impostors);
     ``auc_vs_all_impostors`` against all impostors. Time-gap breakdown (|offset_i - offset_j| in
-    days, rounded): genuine pairs of that gap against all impostors. ``tar_at_far_1e-3`` in both uses
-    the overall FAR 1e-3 threshold.
+    days, rounded) and follow-up gap (difference of visit numbers, where a set numbers visits
+    instead of dating them): genuine pairs of that gap against all impostors. ``tar_at_far_1e-3``
+    everywhere uses the overall FAR 1e-3 threshold.
     """
     t0 = time.perf_counter()
     e = _check_embeddings(embeddings)
     n = e.shape[0]
     codes = _encode_labels(labels, n)
-    for name, seq in (("views", views), ("offsets", offsets)):
+    for name, seq in (("views", views), ("offsets", offsets), ("follow_ups", follow_ups)):
         if seq is not None and len(seq) != n:
             raise ValueError(f"{name} has {len(seq)} entries for {n} images")
     g, imp, gp, ip = pair_scores(e, codes, max_impostor_pairs=max_impostor_pairs, rng_seed=seed)
@@ -583,6 +600,7 @@ def evaluate_embeddings(
         ip,
         views=views,
         offsets=offsets,
+        follow_ups=follow_ups,
         far_threshold=math.inf if t_1e3 is None else t_1e3,
     )
     logger.info(

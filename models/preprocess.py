@@ -58,6 +58,17 @@ _DICOM_VRS = frozenset(
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
+#: Test-time views as (zoom, shift x, shift y), shifts in fractions of the side, in the order they are
+#: added: ``PreprocessConfig(tta=k)`` averages the plain view with the first k of these. Mild crops
+#: and shifts of the thorax, the geometry that differs between sites' positioning and collimation.
+TTA_VIEWS: tuple[tuple[float, float, float], ...] = (
+    (1.1, 0.0, 0.0),
+    (1.0, 0.04, 0.0),
+    (1.0, -0.04, 0.0),
+    (1.0, 0.0, 0.04),
+)
+
+
 class ImageDecodeError(ValueError):
     """The input cannot be turned into a radiograph; the message says why in plain words."""
 
@@ -71,10 +82,13 @@ class PreprocessConfig:
     low_percentile: float = 0.5  # robust intensity window
     high_percentile: float = 99.5
     equalize: bool = False  # histogram-equalise after the window: one contrast whatever the scanner
+    tta: int = 0  # test-time augmentation: extra views averaged into the embedding (see TTA_VIEWS)
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 1:
             raise ValueError(f"size must be a positive integer, got {self.size!r}")
+        if not 0 <= self.tta <= len(TTA_VIEWS):
+            raise ValueError(f"tta must be 0..{len(TTA_VIEWS)} extra views, got {self.tta!r}")
         if self.fit not in ("pad", "crop"):
             raise ValueError(f"fit must be 'pad' or 'crop', got {self.fit!r}")
         if not 0.0 <= self.low_percentile < self.high_percentile <= 100.0:

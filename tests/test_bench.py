@@ -176,29 +176,45 @@ def test_speed_quick_prints_its_table(tiny_checkpoint: Path, tmp_path: Path) -> 
     assert flat["extra"]["recall"] == 1.0  # exact search finds the exact neighbours
 
 
-def test_sweep_table_has_a_row_per_variant_and_set() -> None:
-    sweep = _load("sweep")
-    result = {
-        "dataset": "s",
-        "n_images": 10,
-        "auc": 0.9,
-        "eer": 0.1,
-        "tar_at_far_1e-2": 0.5,
-        "precision_at_1": 0.7,
-        "ci": {"auc": [0.85, 0.95]},
-    }
-    table = sweep.format_rows(
-        [
-            {"name": "a", "epochs": 3, "results": [result]},
-            {"name": "b", "epochs": 4, "results": [result, {**result, "dataset": "t"}]},
-        ]
+def test_generalisation_without_data_says_so(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[data]\nmanifests = ["nowhere/a/manifest.csv", "nowhere/b/manifest.csv"]\n')
+    result = _run("generalisation.py", "--config", str(config), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0 and "nothing to measure" in result.stdout
+
+
+def test_generalisation_trains_a_fold_per_set_and_reports_unseen_sites_first(tmp_path: Path) -> None:
+    """Two phantom 'sites', a tiny recipe: each fold trains without one site and is scored on all of
+    it; the unseen table comes first, then thresholds there, then the seen sets; a rerun trains
+    nothing and a fold folder of another recipe is refused."""
+    from models.phantom import write_phantom_set
+
+    for name, seed in (("site-a", 1), ("site-b", 2)):
+        write_phantom_set(tmp_path / "data" / name, 24, 3, size=48, seed=seed)
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        f'name = "tiny"\n[data]\nmanifests = ["data/site-a/manifest.csv", "data/site-b/manifest.csv"]\n'
+        f'cache_dir = "{tmp_path / "cache"}"\nval_fraction = 0.25\ntest_fraction = 0.25\n'
+        "[backbone]\nwidth = 8\nembedding_dim = 32\n[preprocess]\nsize = 48\n"
+        '[optim]\nepochs = 1\nsteps_per_epoch = 2\npatients_per_batch = 4\ndevice = "cpu"\n'
     )
-    lines = table.splitlines()
-    assert len(lines) == 2 + 3
-    assert "| a | 3 | s | 10 | 0.900 [0.850, 0.950] | 0.100 | 0.500 | 0.700 |" in lines
-
-
-def test_sweep_refuses_a_missing_pretrained_checkpoint(tmp_path: Path) -> None:
-    result = _run("sweep.py", "--init-from", str(tmp_path / "nope.pt"))
-    assert result.returncode == 2
-    assert "no such checkpoint" in result.stderr
+    out = tmp_path / "out"
+    args = ["--config", str(config), "--out", str(out), "--bootstrap", "10", "--repeats", "1"]
+    args += ["--snorm-top-k", "10", "--jobs", "2", "--json", str(tmp_path / "g.json")]
+    result = _run("generalisation.py", *args, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = result.stdout
+    assert text.index("Unseen sites") < text.index("Thresholds at the unseen site") < text.index("Seen sets")
+    assert "| site-a | `holdout-site-a-" in text and "| **mean** |" in text
+    folds = json.loads((tmp_path / "g.json").read_text())["folds"]
+    assert set(folds) == {"site-a", "site-b"}
+    unseen = folds["site-a"]["sets"]["site-a"]
+    assert unseen["split"].startswith("all images") and unseen["n_images"] == 72
+    assert set(unseen["calibration"]["fars"]) == {"1e-2", "1e-3"}
+    assert folds["site-a"]["sets"]["site-b"]["split"].startswith("test patients")
+    # a rerun finds both folds trained and evaluated: nothing is retrained
+    again = _run("generalisation.py", *args, timeout=300)
+    assert again.returncode == 0 and "training (log" not in again.stderr
+    # a fold folder of another recipe is not silently reused
+    other = _run("generalisation.py", *args, "--set", "backbone.width=16", timeout=300)
+    assert other.returncode != 0 and "another recipe" in other.stderr

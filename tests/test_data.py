@@ -109,7 +109,8 @@ def test_chestxray14_reader(tmp_path: Path) -> None:
     )
     samples = read_chestxray14(csv_path, tmp_path / "images")
     assert [s.patient_id for s in samples] == ["chestxray14:1", "chestxray14:1"]
-    assert samples[0].age == 58 and samples[1].view == "AP" and samples[1].offset_days == 1
+    assert samples[0].age == 58 and samples[1].view == "AP"
+    assert samples[1].follow_up == 1 and samples[1].offset_days is None  # a visit number, not days
     assert samples[0].path.endswith("images/00000001_000.png")
 
 
@@ -211,3 +212,15 @@ def test_pk_sampler_balances_sets_when_given_groups() -> None:
     assert len(small_drawn) == 10 and set(small_drawn.values()) == {10}  # each small patient 5x, K=2
     with pytest.raises(ValueError, match="groups"):
         PKSampler(labels, 10, 2, groups=groups[:-1])
+
+
+def test_chestxray14_sets_read_offset_days_as_a_visit_number(tmp_path: Path) -> None:
+    """nih-cxr14's manifest puts the follow-up number in offset_days: it is read as what it is."""
+    for name in ("nih-cxr14-64px", "covid"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "manifest.csv").write_text("path,patient_id,offset_days\na.png,p1,013\n")
+    (nih,) = read_manifest(tmp_path / "nih-cxr14-64px" / "manifest.csv")
+    (other,) = read_manifest(tmp_path / "covid" / "manifest.csv")
+    assert (nih.follow_up, nih.offset_days) == (13.0, None)
+    assert (other.follow_up, other.offset_days) == (None, 13.0)

@@ -65,3 +65,23 @@ def test_embed_gives_unit_vectors_deterministically(
     assert embedder.embed([]).shape == (0, 128)
     described = embedder.describe()
     assert described["model_id"] == embedder.model_id and "calibration" in described
+
+
+def test_test_time_augmentation_averages_views(tiny_checkpoint: Path) -> None:
+    import dataclasses
+
+    from models.preprocess import TTA_VIEWS, PreprocessConfig
+
+    embedder = Embedder.from_checkpoint(tiny_checkpoint)
+    from models.phantom import make_patient, render_study
+
+    images = np.stack([render_study(make_patient(p), 0, size=64) for p in range(3)]).astype(np.float32)
+    plain = embedder.embed_prepared(images)
+    embedder.preprocess_config = dataclasses.replace(embedder.preprocess_config, tta=len(TTA_VIEWS))
+    averaged = embedder.embed_prepared(images)
+    assert np.allclose(np.linalg.norm(averaged, axis=1), 1.0, atol=1e-5)
+    cosines = (plain * averaged).sum(1)
+    assert np.all(cosines < 0.99999) and np.all(cosines > 0.5)  # other views, same image
+    assert np.allclose(embedder.embed_prepared(images), averaged, atol=1e-6)  # deterministic
+    with pytest.raises(ValueError, match="tta"):
+        PreprocessConfig(tta=len(TTA_VIEWS) + 1)

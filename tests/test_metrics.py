@@ -318,6 +318,15 @@ def test_breakdown_by_view_pair_and_time_gap():
         assert tg[key]["auc"] == pytest.approx(verification_metrics(g[m], imp)["auc"])
     assert sum(r["n_genuine_pairs"] for r in tg.values()) <= len(g) - np.sum((gp == 1).any(axis=1))
 
+    # visit numbers (ChestX-ray14's follow-up #) get their own breakdown, never read as days
+    visits = rng.integers(0, 8, size=n).astype(float).tolist()
+    by_visit = evaluate_embeddings(e, labels, bootstrap=0, follow_ups=visits)["breakdown"]
+    assert "time_gap_days" not in by_visit
+    step = np.abs(np.array(visits)[gp[:, 0]] - np.array(visits)[gp[:, 1]])
+    for key, m in {"0": step == 0, "1": step == 1, "2-5": (step >= 2) & (step <= 5)}.items():
+        if m.sum() >= M.MIN_BUCKET_PAIRS:
+            assert by_visit["follow_up_gap"][key]["n_genuine_pairs"] == m.sum()
+
     # a bucket under 5 pairs is skipped
     few_views = ["PA"] * n
     few_views[gp[0, 0]] = few_views[gp[0, 1]] = "AP"

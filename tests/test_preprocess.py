@@ -606,7 +606,11 @@ def test_config_round_trip_and_validation() -> None:
         "fit": "pad",
         "low_percentile": 0.5,
         "high_percentile": 99.5,
+        "equalize": False,
+        "tta": 0,
     }
+    # checkpoints written before a field existed load with its default
+    assert PreprocessConfig.from_dict({"size": 160, "fit": "pad"}) == PreprocessConfig(size=160)
     with pytest.raises(ValueError):
         PreprocessConfig.from_dict({"size": 64, "colour": True})
     for bad in ({"size": 0}, {"fit": "stretch"}, {"low_percentile": 60, "high_percentile": 50}):
