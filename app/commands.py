@@ -195,6 +195,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                 fars=fars,
                 default_far=settings.far,
                 bootstrap=args.bootstrap,
+                score_norm=args.score_norm == "as-norm",
                 progress=not (args.no_progress or args.json),
             )
         except CalibrationRefusedError as exc:
@@ -217,7 +218,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         try:
             service = ReidService(embedder, gallery, default_far=settings.far)
             calibration = service.calibrate(
-                fars=fars, collection=collection_arg(args.collection), bootstrap=args.bootstrap
+                fars=fars,
+                collection=collection_arg(args.collection),
+                bootstrap=args.bootstrap,
+                score_norm=args.score_norm == "as-norm",
             )
         except ServiceError as exc:
             log.error("%s", exc.detail)
@@ -306,6 +310,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--collection", default="*", help='gallery form: collection to use ("*" = all, the default)'
     )
     p.add_argument("--bootstrap", type=int, default=200, help="patient bootstrap resamples for threshold CIs")
+    p.add_argument(
+        "--score-norm",
+        choices=("as-norm", "none"),
+        default="as-norm",
+        help="normalise scores against a cohort of the site's images (AS-norm, the default: higher TAR at "
+        "unseen sites, MODEL_CARD.md) or decide on raw cosines",
+    )
     p.add_argument("--json", action="store_true", help="print the calibration summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(p)

@@ -32,12 +32,19 @@ class CalibrationOut(BaseModel):
         default=None, description="the gallery's id of a site calibration fitted by POST /calibration"
     )
     fars: list[str] = Field(description="false-accept rates with a calibrated threshold")
+    score_norm: str | None = Field(
+        default=None, description="the score normalisation its thresholds are in (null: raw cosines)"
+    )
+
+
+SCORE_DESCRIPTION = (
+    "the score decisions use: the cosine similarity, or its AS-norm (standard deviations above each "
+    "image's nearest other patients at this site) when a site calibration normalises scores"
+)
 
 
 class OperatingPointOut(BaseModel):
-    threshold: float = Field(
-        description="cosine score at or above which two images count as the same patient"
-    )
+    threshold: float = Field(description="score at or above which two images count as the same patient")
     far: float = Field(description="false-accept rate the threshold stands for on the calibration in force")
     calibration: CalibrationOut = Field(description="the calibration the threshold and FAR come from")
 
@@ -114,7 +121,8 @@ class MatchOut(BaseModel):
     image_id: int
     patient_id: str | None
     collection: str
-    score: float = Field(description="cosine similarity with the query")
+    score: float = Field(description=SCORE_DESCRIPTION)
+    cosine: float = Field(description="cosine similarity with the query")
     same_patient: bool = Field(description="score >= threshold (the same rule /verify uses)")
 
     @classmethod
@@ -124,6 +132,7 @@ class MatchOut(BaseModel):
             patient_id=match.record.patient_id,
             collection=match.record.collection,
             score=match.score,
+            cosine=match.cosine,
             same_patient=match.same_patient,
         )
 
@@ -185,7 +194,8 @@ class PairVerification(BaseModel):
     model_id: str
     a: ImageRef
     b: ImageRef
-    score: float = Field(description="cosine similarity")
+    score: float = Field(description=SCORE_DESCRIPTION)
+    cosine: float = Field(description="cosine similarity of the two embeddings")
     probability: float = Field(description="calibrated P(same patient | score) at a 50/50 prior")
     same_patient: bool
     threshold: float
@@ -200,6 +210,7 @@ class PatientVerification(BaseModel):
     patient_id: str
     collection: str | None
     score: float = Field(description="best score over the patient's images (the decision uses it)")
+    cosine: float = Field(description="cosine similarity with the best-scoring image")
     best_score: float
     mean_score: float
     best_image_id: int

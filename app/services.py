@@ -28,6 +28,7 @@ from index import DuplicatePair, Gallery, ImageRecord, NewImage, cluster_pairs
 from models.calibration import Calibration
 from models.embedder import Embedder
 from models.preprocess import ImageDecodeError, Radiograph, decode_image
+from models.scorenorm import Neighbours, ScoreNorm, patient_key
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,10 @@ def resolve_operating_point(
         raise InvalidInputError("give either 'far' or 'threshold', not both")
     summary = calibration.summary()
     if threshold is not None:
-        if not (math.isfinite(threshold) and -1.0 <= threshold <= 1.0):
+        if calibration.score_norm is not None:  # AS-norm units: any finite score
+            if not math.isfinite(threshold):
+                raise InvalidInputError(f"threshold must be a finite score, got {threshold}")
+        elif not (math.isfinite(threshold) and -1.0 <= threshold <= 1.0):
             raise InvalidInputError(f"threshold must be a cosine score in [-1, 1], got {threshold}")
         return OperatingPoint(float(threshold), calibration.far_at(threshold), "threshold", summary)
     if far is not None:
@@ -130,15 +134,98 @@ def is_same_patient(score: float, point: OperatingPoint) -> bool:
 
 
 def cosine_scores(query: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """Cosine scores of one unit vector against rows of unit vectors, in float64, clipped to [-1, 1]."""
+    """Cosine scores of one unit vector against rows of unit vectors, in float64, clipped to [-1, 1].
+
+    Row by row (an elementwise product summed along the row), not a matrix product: a BLAS product
+    rounds a row differently with the number of rows, and /verify (one pair) and /search (many)
+    must give one pair one score, to the last bit.
+    """
     q = np.asarray(query, dtype=np.float64).reshape(-1)
     m = np.asarray(vectors, dtype=np.float64).reshape(-1, q.size)
-    return np.clip(m @ q, -1.0, 1.0)
+    return np.clip((m * q).sum(axis=1), -1.0, 1.0)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Cosine score of a pair (same arithmetic as :func:`cosine_scores`)."""
     return float(cosine_scores(a, np.asarray(b)[None, :])[0])
+
+
+def image_key(patient_id: str | None, collection: str | None) -> str:
+    """The key AS-norm leaves a patient out by: collection and id, as :meth:`ReidService.calibrate`
+    keys the gallery's patients ("" when the patient or its collection is unknown)."""
+    if not patient_id or collection is None:
+        return ""
+    return patient_key(f"{collection}\x00{patient_id}")
+
+
+def record_key(record: ImageRecord) -> str:
+    return image_key(record.patient_id, record.collection)
+
+
+class Scorer:
+    """Cosines -> the scores decisions are made on: the cosines themselves, or their AS-norm against
+    the cohort of the calibration in force (``models/scorenorm.py``), leaving out both patients of
+    each pair. One per calibration; it caches each gallery image's bounds for range searches."""
+
+    def __init__(self, calibration: Calibration) -> None:
+        self.norm = ScoreNorm.from_dict(calibration.score_norm) if calibration.score_norm else None
+        self._bounds: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def scores(
+        self, query: np.ndarray, query_key: str, vectors: np.ndarray, keys: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(cosines, decision scores) of one query against rows of ``vectors`` (patients ``keys``)."""
+        raw = cosine_scores(query, vectors)
+        if self.norm is None or raw.size == 0:
+            return raw, raw
+        n = raw.size
+        decided = self.norm.normalise_pairs(
+            raw,
+            self.norm.neighbours(np.asarray(query)[None, :]),
+            np.zeros(n, dtype=np.int64),
+            np.repeat(self.norm.codes([query_key]), n),
+            self.norm.neighbours(vectors),
+            np.arange(n),
+            self.norm.codes(keys),
+        )
+        return raw, decided
+
+    def pair(self, a: np.ndarray, key_a: str, b: np.ndarray, key_b: str) -> tuple[float, float]:
+        raw, decided = self.scores(a, key_a, np.asarray(b)[None, :], [key_b])
+        return float(raw[0]), float(decided[0])
+
+    def floors(self, threshold: float, vectors: np.ndarray) -> np.ndarray:
+        """Per image, the lowest cosine at which a pair with it can reach ``threshold``."""
+        if self.norm is None:
+            return np.full(len(vectors), threshold)
+        bounds = self.norm.bounds(self.norm.neighbours(vectors))
+        sd = bounds[:, 1] if threshold >= 0 else bounds[:, 2]
+        return threshold * sd + bounds[:, 0]
+
+    def gallery_floor(self, threshold: float, gallery: Gallery, collection: str | None) -> float:
+        """The lowest cosine at which any gallery image of ``collection`` can be in a pair reaching
+        ``threshold`` (bounds cached per image; new images computed on the way)."""
+        if self.norm is None:
+            return threshold
+        ids, vectors = gallery.vectors(collection=collection)
+        with self._lock:
+            missing = [i for i, image_id in enumerate(ids) if int(image_id) not in self._bounds]
+            if missing:
+                fresh = self.norm.bounds(self.norm.neighbours(vectors[missing]))
+                for row, i in zip(fresh, missing, strict=True):
+                    self._bounds[int(ids[i])] = row
+            bounds = np.asarray([self._bounds[int(i)] for i in ids]).reshape(-1, 3)
+        return ScoreNorm.raw_floor(threshold, bounds)
+
+    def query_floor(self, threshold: float, query: np.ndarray) -> float:
+        if self.norm is None:
+            return threshold
+        return ScoreNorm.raw_floor(threshold, self.norm.bounds(self.norm.neighbours(query[None, :])))
+
+
+def _unused(_: Neighbours) -> None:  # pragma: no cover
+    """Keeps the import of Neighbours for type checkers."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,7 +327,16 @@ def new_image(
 @dataclass
 class ScoredRecord:
     record: ImageRecord
+    score: float  # the decision score (the cosine, or its AS-norm)
+    same_patient: bool
+    cosine: float = math.nan
+
+
+@dataclass
+class PairVerdict:
     score: float
+    cosine: float
+    probability: float
     same_patient: bool
 
 
@@ -254,6 +350,7 @@ class PatientVerdict:
     compared_with: int
     same_patient: bool
     probability: float
+    best_cosine: float = math.nan
 
 
 @dataclass
@@ -316,7 +413,7 @@ class ReidService:
         self._model_lock = threading.Lock()
         self._enrol_lock = threading.Lock()
         self._calibration_lock = threading.Lock()
-        self._calibration = self._stored_site_calibration() or embedder.calibration
+        self._use(self._stored_site_calibration() or embedder.calibration)
         # fail at start-up, not on the first request, when the default operating point is unusable
         self.operating_point()
 
@@ -328,7 +425,16 @@ class ReidService:
     @property
     def calibration(self) -> Calibration:
         """The calibration in force: the gallery's site calibration if one was fitted, else the model's."""
-        return self._calibration
+        return self._state[0]
+
+    def _use(self, calibration: Calibration) -> None:
+        """Put a calibration in force, with the scorer its thresholds need (one reference swap, so a
+        request sees the calibration and the scorer of one moment)."""
+        self._state = (calibration, Scorer(calibration))
+
+    @property
+    def scorer(self) -> Scorer:
+        return self._state[1]
 
     def _stored_site_calibration(self) -> Calibration | None:
         """The site calibration kept in the gallery for this model, if any and if it is usable."""
@@ -353,7 +459,14 @@ class ReidService:
         log.info("site calibration %s in force (%s)", body["calibration_id"], calibration.summary())
         return calibration
 
-    def calibrate(self, *, fars: Sequence[str], collection: str | None, bootstrap: int = 200) -> Calibration:
+    def calibrate(
+        self,
+        *,
+        fars: Sequence[str],
+        collection: str | None,
+        bootstrap: int = 200,
+        score_norm: bool = True,
+    ) -> Calibration:
         """Fit a site calibration on the gallery's labelled images, keep it in the gallery and use it.
 
         Refused (409, nothing changes) when the labelled images cannot resolve a FAR asked for.
@@ -375,6 +488,7 @@ class ReidService:
                     fars=fars,
                     default_far=self.default_far,
                     bootstrap=bootstrap,
+                    score_norm=score_norm,
                     provenance={
                         "data": "gallery",
                         "collection": ALL_COLLECTIONS if collection is None else collection,
@@ -385,7 +499,7 @@ class ReidService:
                 raise ConflictError(f"{exc}; the calibration in force is unchanged") from None
             calibration_id = self.gallery.save_calibration(calibration.to_dict())
             calibration.provenance.update(calibration_id=calibration_id)
-            self._calibration = calibration
+            self._use(calibration)
         log.info("site calibration %d fitted and in force: %s", calibration_id, calibration.summary())
         return calibration
 
@@ -393,7 +507,7 @@ class ReidService:
         """Go back to the model's own calibration; True when a site calibration was in force."""
         with self._calibration_lock:
             cleared = self.gallery.clear_site_calibration()
-            self._calibration = self.embedder.calibration
+            self._use(self.embedder.calibration)
         return cleared
 
     @property
@@ -490,7 +604,12 @@ class ReidService:
             where = "any collection" if collection is None else f"collection '{collection}'"
             raise NotFoundError(f"patient '{patient_id}' has no other images in {where}")
         records = [records[i] for i in keep]
-        scores = cosine_scores(vector, np.asarray(vectors)[keep])
+        raw, scores = self.scorer.scores(
+            vector,
+            image_key(patient_id, collection),
+            np.asarray(vectors)[keep],
+            [record_key(r) for r in records],
+        )
         best = int(np.argmax(scores))
         best_score = float(scores[best])
         return PatientVerdict(
@@ -502,7 +621,15 @@ class ReidService:
             compared_with=len(records),
             same_patient=is_same_patient(best_score, point),
             probability=self.probability(best_score),
+            best_cosine=float(raw[best]),
         )
+
+    def verify_pair(
+        self, a: np.ndarray, key_a: str, b: np.ndarray, key_b: str, *, point: OperatingPoint
+    ) -> PairVerdict:
+        """Two images (keys: ``record_key`` of a gallery image, "" for an upload)."""
+        raw, score = self.scorer.pair(a, key_a, b, key_b)
+        return PairVerdict(score, raw, self.probability(score), is_same_patient(score, point))
 
     # ---------------------------------------------------------------- search
     def search(
@@ -516,11 +643,22 @@ class ReidService:
         patient_id: str | None = None,
         split: str | None = None,
         only_matches: bool = False,
+        query_key: str = "",
     ) -> list[ScoredRecord]:
-        """Best matches first, scored exactly from stored vectors; filters apply before the cut to k."""
+        """Best matches first, scored exactly from stored vectors; filters apply before the cut to k.
+
+        ``query_key``: the query's patient key (``image_key``) where known, so AS-norm leaves the
+        patient out of its statistics."""
         gallery = self.gallery
+        scorer = self.scorer
         excluded = set(exclude_ids)
-        threshold = point.threshold - SCORE_SLACK if only_matches else None
+        threshold = None
+        if only_matches:  # the lowest cosine that can decide "same"
+            threshold = min(
+                scorer.query_floor(point.threshold, vector),
+                scorer.gallery_floor(point.threshold, gallery, collection),
+            )
+            threshold -= SCORE_SLACK
 
         def wanted(record: ImageRecord) -> bool:
             return (
@@ -536,8 +674,8 @@ class ReidService:
             vector_of = {r.image_id: v for r, v in zip(records, np.asarray(vectors), strict=True)}
         else:
             total = len(gallery)
-            # a few spare candidates: exact re-scoring may reorder near-ties at the cut
-            fetch = k + 8 if split is None else 4 * k + 8
+            # spare candidates: exact re-scoring may reorder near-ties at the cut; AS-norm reorders more
+            fetch = k + 8 if split is None and scorer.norm is None else 4 * k + 8
             while True:
                 fetch = min(fetch, max(total, 1))
                 hits = gallery.search(
@@ -549,15 +687,21 @@ class ReidService:
                 fetch *= 4
             vector_of = self._vectors([r.image_id for r in candidates])
 
+        kept = [r for r in candidates if wanted(r) and r.image_id in vector_of]
+        if not kept:
+            return []
+        raw, scores = scorer.scores(
+            vector,
+            query_key,
+            np.stack([vector_of[r.image_id] for r in kept]),
+            [record_key(r) for r in kept],
+        )
         results = []
-        for record in candidates:
-            if not wanted(record) or record.image_id not in vector_of:
-                continue
-            score = cosine(vector, vector_of[record.image_id])
-            same = is_same_patient(score, point)
+        for record, cos, score in zip(kept, raw, scores, strict=True):
+            same = is_same_patient(float(score), point)
             if only_matches and not same:
                 continue
-            results.append(ScoredRecord(record, score, same))
+            results.append(ScoredRecord(record, float(score), same, float(cos)))
         results.sort(key=lambda r: (-r.score, r.record.image_id))
         return results[:k]
 
@@ -582,7 +726,13 @@ class ReidService:
             pending = []
             for image, vector in zip(images, vectors, strict=True):
                 existing = gallery.find_by_sha256(image.sha256, collection=image.collection)
-                matches = self.search(vector, k=ENROL_MATCHES, collection=image.collection, point=point)
+                matches = self.search(
+                    vector,
+                    k=ENROL_MATCHES,
+                    collection=image.collection,
+                    point=point,
+                    query_key=image_key(image.patient_id, image.collection),
+                )
                 alert = self._alert(vector, image.patient_id, image.collection, point)
                 pending.append((matches, alert, existing.image_id if existing is not None else None))
             records = gallery.add(np.asarray(vectors, dtype=np.float32), images)
@@ -602,22 +752,36 @@ class ReidService:
         """Wrong-patient check for an image filed under ``patient_id`` (None: nothing to check)."""
         if patient_id is None:
             return None
-        gallery = self.gallery
+        gallery, scorer = self.gallery, self.scorer
+        key = image_key(patient_id, collection)
         own_records, own_vectors = gallery.patient_images(patient_id, collection=collection)
-        own_best = float(cosine_scores(vector, own_vectors).max()) if own_records else None
+        own_best = None
+        if own_records:
+            own_best = float(scorer.scores(vector, key, own_vectors, [key] * len(own_records))[1].max())
 
+        floor = min(
+            scorer.query_floor(point.threshold, vector),
+            scorer.gallery_floor(point.threshold, gallery, collection),
+        )
         fetch = len(own_records) + 20
         while True:
-            hits = gallery.search(
-                vector, k=fetch, collection=collection, threshold=point.threshold - SCORE_SLACK
-            )
+            hits = gallery.search(vector, k=fetch, collection=collection, threshold=floor - SCORE_SLACK)
             others = [m.record for m in hits if m.record.patient_id not in (None, patient_id)]
             if others or len(hits) < fetch:
                 break
             fetch *= 4
         vectors = self._vectors([r.image_id for r in others])
-        scored = [(cosine(vector, vectors[r.image_id]), r) for r in others if r.image_id in vectors]
-        scored = [(s, r) for s, r in scored if is_same_patient(s, point)]
+        others = [r for r in others if r.image_id in vectors]
+        scored: list[tuple[float, ImageRecord]] = []
+        if others:
+            _, decided = scorer.scores(
+                vector, key, np.stack([vectors[r.image_id] for r in others]), [record_key(r) for r in others]
+            )
+            scored = [
+                (float(v), r)
+                for v, r in zip(decided, others, strict=True)
+                if is_same_patient(float(v), point)
+            ]
         if scored:
             score, other = max(scored, key=lambda item: (item[0], -item[1].image_id))
             return Alert(
@@ -665,13 +829,19 @@ class ReidService:
         self, *, point: OperatingPoint, collection: str | None, conflicts_only: bool
     ) -> DuplicateReport:
         """Every pair at or above the threshold (exact scores), best first, and their clusters."""
-        candidates = self.gallery.duplicates(point.threshold - SCORE_SLACK, collection=collection)
+        scorer = self.scorer
+        candidates = self.gallery.duplicates(
+            collection=collection,
+            row_thresholds=lambda ids, vectors: scorer.floors(point.threshold, vectors) - SCORE_SLACK,
+        )
         vectors = self._vectors([i for p in candidates for i in (p.a.image_id, p.b.image_id)])
         kept = []
         for pair in candidates:
             if pair.a.image_id not in vectors or pair.b.image_id not in vectors:
                 continue
-            score = cosine(vectors[pair.a.image_id], vectors[pair.b.image_id])
+            _, score = scorer.pair(
+                vectors[pair.a.image_id], record_key(pair.a), vectors[pair.b.image_id], record_key(pair.b)
+            )
             if is_same_patient(score, point):
                 kept.append(DuplicatePair(a=pair.a, b=pair.b, score=score, conflict=pair.conflict))
         total_conflicts = sum(p.conflict for p in kept)

@@ -48,7 +48,7 @@ from accuracy import _json_safe, _markdown_table, _num, _with_ci  # noqa: E402
 
 log = logging.getLogger("generalisation")
 
-EVAL_VERSION = 1  # bump when eval.json's content changes, so cached evaluations are redone
+EVAL_VERSION = 2  # bump when eval.json's content changes, so cached evaluations are redone
 #: config keys that may differ between invocations without making a fold another recipe
 RUN_ONLY_KEYS = (("optim", "max_minutes"), ("optim", "threads"), ("output_dir",), ("name",))
 

@@ -706,12 +706,20 @@ class Gallery:
         return out
 
     def duplicates(
-        self, threshold: float, *, collection: str | None = "default", chunk: int = 2048
+        self,
+        threshold: float | None = None,
+        *,
+        collection: str | None = "default",
+        chunk: int = 2048,
+        row_thresholds: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
     ) -> list[DuplicatePair]:
         """Every pair of images with similarity >= threshold, each pair once (a < b), best first.
 
+        ``row_thresholds(ids, vectors)`` instead gives every image a threshold of its own, and a pair
+        counts when its score reaches the threshold of either image (a caller whose decision score
+        is not the cosine passes, per image, the lowest cosine at which it could decide "same").
         Exact (range search over a flat copy of the collection's vectors); O(n^2) work and as many
-        pairs as the threshold lets through, so keep the threshold high on big galleries.
+        pairs as the thresholds let through, so keep them high on big galleries.
         """
         self._check_open()
         store = self._store
@@ -721,21 +729,29 @@ class Gallery:
             return []
         ids = np.concatenate([p[0] for p in parts])
         X = np.ascontiguousarray(np.concatenate([p[1] for p in parts]), dtype=np.float32)
-        if ids.shape[0] < 2:
+        n = ids.shape[0]
+        if n < 2:
             return []
+        if row_thresholds is not None:
+            limits = np.asarray(row_thresholds(ids, X), dtype=np.float32).reshape(n)
+        elif threshold is not None:
+            limits = np.full(n, threshold, dtype=np.float32)
+        else:
+            raise GalleryValidationError("give a threshold or row_thresholds")
         flat = faiss.IndexFlatIP(X.shape[1])
         flat.add(X)
-        thr = np.float32(threshold)
-        radius = float(np.nextafter(thr, np.float32(-np.inf)))
-        ia, ib, sc = [], [], []
-        for s in range(0, X.shape[0], chunk):
+        keys, scores = [], []
+        for s in range(0, n, chunk):
+            radius = float(np.nextafter(limits[s : s + chunk].min(), np.float32(-np.inf)))
             lims, dist, lab = flat.range_search(X[s : s + chunk], radius)
             q = np.repeat(np.arange(s, s + len(lims) - 1), np.diff(lims).astype(np.int64))
-            m = (lab > q) & (dist >= thr)  # each pair once; range_search keeps score > radius
-            ia.append(q[m])
-            ib.append(lab[m])
-            sc.append(dist[m])
-        ia, ib, sc = np.concatenate(ia), np.concatenate(ib), np.concatenate(sc)
+            m = (lab != q) & (dist >= limits[q])  # range_search keeps score > radius
+            keys.append(np.minimum(q, lab)[m].astype(np.int64) * n + np.maximum(q, lab)[m])
+            scores.append(dist[m])
+        key, sc = np.concatenate(keys), np.concatenate(scores)
+        key, first = np.unique(key, return_index=True)  # a pair found from both of its images once
+        sc = sc[first]
+        ia, ib = key // n, key % n
         if not ia.size:
             return []
         order = np.lexsort((ids[ib], ids[ia], -sc))
@@ -748,6 +764,16 @@ class Gallery:
             conflict = a.patient_id is not None and b.patient_id is not None and a.patient_id != b.patient_id
             pairs.append(DuplicatePair(a=a, b=b, score=float(sc[j]), conflict=conflict))
         return pairs
+
+    def vectors(self, *, collection: str | None = "default") -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of every image of a collection (None: all), in id order."""
+        self._check_open()
+        self._check_model_matches()
+        with self._store.read_txn() as conn:
+            parts = list(self._store.iter_vectors(collection, conn=conn))
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros((0, self._stored_dim), np.float32)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def remove_orphan_blobs(self) -> int:
         """Delete stored originals no row references, and temp files; returns how many files went.

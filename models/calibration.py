@@ -127,6 +127,9 @@ class Calibration:
     #: what it was fitted on and when: images, patients, date, manifest digest or gallery, the
     #: patient-bootstrap interval of each threshold (``threshold_ci``); free-form JSON values
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: when set, thresholds and the probability map are in AS-norm units: scores are normalised
+    #: against this cohort first (``models.scorenorm.ScoreNorm.to_dict()``); None = raw cosines
+    score_norm: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.thresholds = {str(k): float(v) for k, v in self.thresholds.items()}
@@ -165,6 +168,7 @@ class Calibration:
         min_far: float = 0.0,
         source: str = "shipped",
         provenance: dict[str, Any] | None = None,
+        score_norm: dict[str, Any] | None = None,
     ) -> Calibration:
         """Fit thresholds and the probability map on held-out genuine and impostor pair scores.
 
@@ -214,6 +218,7 @@ class Calibration:
             prior=0.5,
             source=source,
             provenance=dict(provenance or {}),
+            score_norm=score_norm,
         )
 
     # ------------------------------------------------------------------ use
@@ -304,6 +309,7 @@ class Calibration:
             "fitted_at": p.get("fitted_at"),
             "calibration_id": p.get("calibration_id"),
             "fars": sorted(self.thresholds, key=float, reverse=True),
+            "score_norm": p.get("score_norm"),
         }
 
     # ------------------------------------------------------------------ serialisation
@@ -322,6 +328,7 @@ class Calibration:
             "prior": float(self.prior),
             "source": self.source,
             "provenance": self.provenance,
+            "score_norm": self.score_norm,
         }
 
     @classmethod
@@ -339,6 +346,7 @@ class Calibration:
             "prior",
             "source",
             "provenance",
+            "score_norm",
         }
         unknown = set(d) - known - {"format_version"}
         if unknown:

@@ -19,6 +19,7 @@ import numpy as np
 from models.data import Sample, dataset_name, read_manifest, split_of
 from models.embedder import Embedder
 from models.metrics import HEADLINE_METRICS, evaluate_embeddings, pair_scores, save_plots
+from models.scorenorm import ScoreNorm, patient_key
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,14 @@ def evaluate(
     ids = {p: i for i, p in enumerate(sorted({s.patient_id for s in chosen}))}
     labels = np.array([ids[s.patient_id] for s in chosen])
     threshold = embedder.calibration.threshold_for(None)
+    transform = None
+    if embedder.calibration.score_norm is not None:  # a site calibration decides on AS-norm scores
+        norm = ScoreNorm.from_dict(embedder.calibration.score_norm)
+        keys = [patient_key(s.patient_id) for s in chosen]
+
+        def transform(scores: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+            return norm.normalise_within(embeddings, keys, scores, pairs)
+
     result = evaluate_embeddings(
         embeddings,
         labels,
@@ -104,6 +113,7 @@ def evaluate(
         views=[s.view for s in chosen],
         offsets=[s.offset_days for s in chosen],
         follow_ups=[s.follow_up for s in chosen],
+        pair_transform=transform,
     )
     result.update(
         {
@@ -113,10 +123,15 @@ def evaluate(
             "split": description,
             "threshold": threshold,
             "threshold_far": embedder.calibration.default_far,
+            "calibration": embedder.calibration.summary(),
         }
     )
     if plots_dir is not None:
-        genuine, impostor, *_ = pair_scores(embeddings, labels, max_impostor_pairs=max_impostor_pairs)
+        genuine, impostor, genuine_pairs, impostor_pairs = pair_scores(
+            embeddings, labels, max_impostor_pairs=max_impostor_pairs
+        )
+        if transform is not None:
+            genuine, impostor = transform(genuine, genuine_pairs), transform(impostor, impostor_pairs)
         paths = save_plots(
             genuine,
             impostor,

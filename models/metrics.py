@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -528,8 +528,12 @@ def evaluate_embeddings(
     views: Sequence[Any] | None = None,
     offsets: Sequence[Any] | None = None,
     follow_ups: Sequence[Any] | None = None,
+    pair_transform: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """All headline metrics in one flat dict, plus ``ci`` and ``breakdown``.
+
+    ``pair_transform(scores, pairs)`` maps pair cosines to the scores decisions use (AS-norm), for
+    every verification metric; retrieval metrics rank by cosine.
 
     Keys: everything from :func:`verification_metrics` and :func:`retrieval_metrics`, n_images,
     n_patients, ``ci`` = {metric: [lo, hi]} (95% percentile intervals over ``bootstrap`` patient
@@ -557,6 +561,8 @@ def evaluate_embeddings(
         if seq is not None and len(seq) != n:
             raise ValueError(f"{name} has {len(seq)} entries for {n} images")
     g, imp, gp, ip = pair_scores(e, codes, max_impostor_pairs=max_impostor_pairs, rng_seed=seed)
+    if pair_transform is not None:
+        g, imp = pair_transform(g, gp), pair_transform(imp, ip)
     out: dict[str, Any] = verification_metrics(g, imp, threshold)
     rd = _Retrieval.build(e, codes)
     out.update({k: _opt(v) for k, v in rd.metrics().items()})

@@ -11,8 +11,8 @@ site). A site's gallery already holds patient ids, so it can fit its own:
   whose provenance records the data, the date and a patient-bootstrap interval of each threshold.
 - :func:`split_half` measures the promise honestly: calibrate on half of a site's patients,
   count false accepts on the other half.
-- :class:`SNorm` is adaptive symmetric score normalisation against a cohort (speaker
-  verification's AS-norm), measured by :func:`split_half` with ``snorm_top_k``.
+- AS-norm (``models/scorenorm.py``) normalises scores against a cohort of the site's own images;
+  :func:`split_half` measures it with ``snorm_top_k``.
 
 Rules of refusal: a FAR f needs at least ``MIN_FALSE_ACCEPTS / f`` impostor pairs (so that the
 threshold rests on that many false accepts, not on the single highest impostor score), at least
@@ -35,6 +35,7 @@ import numpy as np
 
 from models.calibration import DEFAULT_FAR, FAR_KEYS, Calibration
 from models.metrics import pair_scores
+from models.scorenorm import ScoreNorm, choose_cohort, patient_key
 
 MIN_FALSE_ACCEPTS = 10
 MIN_GENUINE_PAIRS = 30
@@ -158,24 +159,36 @@ def fit_site_calibration(
     default_far: str = DEFAULT_FAR,
     bootstrap: int = 200,
     provenance: dict[str, Any] | None = None,
+    score_norm: bool = True,
     max_impostor_pairs: int = 5_000_000,
     seed: int = 0,
 ) -> Calibration:
     """Thresholds at ``fars`` and the probability map from a site's own labelled images.
 
-    Raises :class:`CalibrationRefusedError` before any fitting when the data cannot support the request.
+    With ``score_norm`` (the default, measured in MODEL_CARD.md to raise TAR at unseen sites) the
+    scores are AS-normalised first against a cohort drawn from these images, leave-pair-out
+    (``models/scorenorm.py``), and the cohort is kept with the calibration. Raises
+    :class:`CalibrationRefusedError` before any fitting when the data cannot support the request.
     """
     fars = tuple(dict.fromkeys(str(f) for f in fars))
     if default_far not in fars:
         raise CalibrationRefusedError(
             f"the default FAR {default_far} must be one of the FARs calibrated {list(fars)}"
         )
-    codes = np.unique(np.asarray(patient_ids), return_inverse=True)[1]
+    ids = [str(p) for p in patient_ids]
+    codes = np.unique(np.asarray(ids), return_inverse=True)[1]
     counts = pair_counts(codes)
     check_resolvable(counts, fars)
-    genuine, impostor, _, impostor_pairs = pair_scores(
+    genuine, impostor, genuine_pairs, impostor_pairs = pair_scores(
         embeddings, codes, max_impostor_pairs=max_impostor_pairs, rng_seed=seed
     )
+    norm = None
+    if score_norm:
+        keys = [patient_key(p) for p in ids]
+        cohort = choose_cohort(keys, seed=seed)
+        norm = ScoreNorm(np.asarray(embeddings)[cohort], [keys[i] for i in cohort])
+        genuine = norm.normalise_within(embeddings, keys, genuine, genuine_pairs)
+        impostor = norm.normalise_within(embeddings, keys, impostor, impostor_pairs)
     min_far = MIN_FALSE_ACCEPTS / impostor.size  # the pairs fitted on (a sample when there are very many)
     record = {
         "images": counts.images,
@@ -185,6 +198,7 @@ def fit_site_calibration(
         "impostor_pairs_sampled": impostor.size < counts.impostor,
         "fitted_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "min_resolvable_far": min_far,
+        "score_norm": None if norm is None else norm.describe(),
         "threshold_ci": threshold_intervals(
             impostor, impostor_pairs, codes, fars, bootstrap=bootstrap, seed=seed
         ),
@@ -199,44 +213,8 @@ def fit_site_calibration(
         min_far=min_far,
         source="site",
         provenance=record,
+        score_norm=None if norm is None else norm.to_dict(),
     )
-
-
-# --- score normalisation ------------------------------------------------------------------------------
-
-
-@dataclass
-class SNorm:
-    """Adaptive symmetric score normalisation (AS-norm; Matejka et al. 2017) against a cohort.
-
-    Each side of a pair is scored against the cohort; the mean and standard deviation of its
-    ``top_k`` highest cohort scores (its nearest impostors) standardise the pair score from that
-    side, and the two sides are averaged: ``0.5 * ((s - mu_a) / sd_a + (s - mu_b) / sd_b)``. An
-    image that resembles everyone (a blank, a child among adults, a scanner's look) is pulled down.
-    """
-
-    cohort: np.ndarray  # (C, dim) unit vectors of other patients
-    top_k: int = 100
-
-    def stats(
-        self, embeddings: np.ndarray, exclude: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(mu, sd) per embedding; ``exclude`` (N, C) bool masks cohort members of the same patient."""
-        scores = np.asarray(embeddings, np.float32) @ self.cohort.T
-        if exclude is not None:
-            scores = np.where(exclude, -np.inf, scores)
-        k = min(self.top_k, self.cohort.shape[0])
-        top = -np.sort(-scores, axis=1)[:, :k]
-        top = np.where(np.isfinite(top), top, np.nan)
-        mu = np.nanmean(top, axis=1)
-        sd = np.maximum(np.nanstd(top, axis=1), 1e-3)
-        return mu.astype(np.float64), sd.astype(np.float64)
-
-    @staticmethod
-    def normalise(scores: np.ndarray, pairs: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> np.ndarray:
-        """AS-norm of pair ``scores`` whose image indices are ``pairs`` (M, 2)."""
-        a, b = pairs[:, 0], pairs[:, 1]
-        return 0.5 * ((scores - mu[a]) / sd[a] + (scores - mu[b]) / sd[b])
 
 
 # --- measuring the promise --------------------------------------------------------------------------
@@ -265,10 +243,16 @@ def split_half(
     max_impostor_pairs: int = 2_000_000,
 ) -> dict[str, Any]:
     """Calibrate on half of a site's patients, measure FAR and TAR on the other half, both ways,
-    over ``repeats`` random halvings. Returns, per FAR, the promised FAR and the mean, min and max
-    delivered FAR and mean TAR; with ``shipped``, the same for that calibration's thresholds (what a
-    user gets without calibrating); with ``snorm_top_k``, scores are AS-normalised against the
-    calibration half (the cohort), and AUC / TAR are reported for raw and normalised scores."""
+    over ``repeats`` random halvings.
+
+    Returns, per FAR, the promised FAR and the mean, min and max delivered FAR and mean TAR of:
+    ``site`` (thresholds fitted on raw cosines of the calibration half); with ``shipped``, that
+    calibration's thresholds (what a user gets without calibrating); with ``snorm_top_k``,
+    ``snorm``: AS-norm as :func:`fit_site_calibration` does it, the cohort drawn from the
+    calibration half and every pair of that half normalised leave-pair-out
+    (``models/scorenorm.py``). AUC of the measured half, raw and normalised, comes with the first
+    FAR.
+    """
     e = np.asarray(embeddings, np.float32)
     ids = np.asarray(patient_ids)
     rows: dict[str, dict[str, list[float]]] = {f: {} for f in fars}
@@ -276,16 +260,16 @@ def split_half(
     def add(far: str, key: str, value: float) -> None:
         rows[far].setdefault(key, []).append(value)
 
+    def pairs_of(index: np.ndarray) -> tuple[np.ndarray, ...]:
+        g, i, gp, ip = pair_scores(e[index], ids[index], max_impostor_pairs=max_impostor_pairs)
+        return g, i, gp, ip
+
     for r in range(repeats):
         first = half_split(ids, seed + r)
         for fit_mask in (first, ~first):
             fit_idx, test_idx = np.flatnonzero(fit_mask), np.flatnonzero(~fit_mask)
-            g_fit, i_fit, gp_fit, ip_fit = pair_scores(
-                e[fit_idx], ids[fit_idx], max_impostor_pairs=max_impostor_pairs
-            )
-            g_test, i_test, gp_test, ip_test = pair_scores(
-                e[test_idx], ids[test_idx], max_impostor_pairs=max_impostor_pairs
-            )
+            g_fit, i_fit, _, _ = pairs_of(fit_idx)
+            g_test, i_test, gp_test, ip_test = pairs_of(test_idx)
             site = Calibration.fit(g_fit, i_fit, fars=tuple(fars), source="site")
             for far in fars:
                 delivered, tar = _far_tar(g_test, i_test, site.thresholds[far])
@@ -295,21 +279,25 @@ def split_half(
                     far_s, tar_s = _far_tar(g_test, i_test, shipped.threshold_for(far))
                     add(far, "shipped_far", far_s)
                     add(far, "shipped_tar", tar_s)
+            add(fars[0], "auc_raw", _auc(g_test, i_test))
             if snorm_top_k:
-                norm = SNorm(e[fit_idx], top_k=snorm_top_k)
-                same = ids[fit_idx][:, None] == ids[fit_idx][None, :]
-                mu_f, sd_f = norm.stats(e[fit_idx], exclude=same)
-                mu_t, sd_t = norm.stats(e[test_idx])
-                gn_fit = SNorm.normalise(g_fit, gp_fit, mu_f, sd_f)
-                in_fit = SNorm.normalise(i_fit, ip_fit, mu_f, sd_f)
-                gn_test = SNorm.normalise(g_test, gp_test, mu_t, sd_t)
-                in_test = SNorm.normalise(i_test, ip_test, mu_t, sd_t)
-                normed = Calibration.fit(gn_fit, in_fit, fars=tuple(fars), source="site")
+                keys = [patient_key(str(p)) for p in ids]
+                fit_keys = [keys[i] for i in fit_idx]
+                cohort = fit_idx[choose_cohort(fit_keys, seed=seed + r)]
+                norm = ScoreNorm(e[cohort], [keys[i] for i in cohort], top_k=snorm_top_k)
+                _, _, gp_fit, ip_fit = pairs_of(fit_idx)
+                normed = Calibration.fit(
+                    norm.normalise_within(e[fit_idx], fit_keys, g_fit, gp_fit),
+                    norm.normalise_within(e[fit_idx], fit_keys, i_fit, ip_fit),
+                    fars=tuple(fars),
+                )
+                test_keys = [keys[i] for i in test_idx]
+                gn_test = norm.normalise_within(e[test_idx], test_keys, g_test, gp_test)
+                in_test = norm.normalise_within(e[test_idx], test_keys, i_test, ip_test)
                 for far in fars:
                     delivered, tar = _far_tar(gn_test, in_test, normed.thresholds[far])
                     add(far, "snorm_far", delivered)
                     add(far, "snorm_tar", tar)
-                add(fars[0], "auc_raw", _auc(g_test, i_test))
                 add(fars[0], "auc_snorm", _auc(gn_test, in_test))
 
     out: dict[str, Any] = {"repeats": repeats, "fars": {}}
@@ -340,6 +328,7 @@ def calibrate_checkpoint(
     fars: Sequence[str] = FAR_KEYS,
     default_far: str = DEFAULT_FAR,
     bootstrap: int = 200,
+    score_norm: bool = True,
     progress: bool = True,
 ) -> Calibration:
     """Embed every image of a site's manifest, fit a site calibration, and write a copy of the
@@ -370,6 +359,7 @@ def calibrate_checkpoint(
         fars=fars,
         default_far=default_far,
         bootstrap=bootstrap,
+        score_norm=score_norm,
         provenance={
             "data": "manifest",
             "manifest": Path(manifest).name,

@@ -353,6 +353,7 @@ def test_search_by_file_and_by_image_id(client: TestClient, images: list[bytes])
         "patient_id": "p0",
         "collection": "other",
         "score": pytest.approx(1.0, abs=1e-6),
+        "cosine": pytest.approx(1.0, abs=1e-6),
         "same_patient": True,
     }
     own_collection = client.post("/search", data={"image_id": 7}).json()

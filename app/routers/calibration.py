@@ -82,8 +82,20 @@ def fit_calibration(
     bootstrap: Annotated[
         int, Form(ge=0, le=2000, description="patient bootstrap resamples for the threshold intervals")
     ] = 200,
+    score_norm: Annotated[
+        bool,
+        Form(
+            description="normalise scores against a cohort of these images (AS-norm; higher TAR at a site "
+            "the model never saw, see MODEL_CARD.md); false = decide on raw cosines"
+        ),
+    ] = True,
 ) -> CalibrationDetail:
-    service.calibrate(fars=parse_fars(far), collection=collection_arg(collection), bootstrap=bootstrap)
+    service.calibrate(
+        fars=parse_fars(far),
+        collection=collection_arg(collection),
+        bootstrap=bootstrap,
+        score_norm=score_norm,
+    )
     return _detail(service)
 
 

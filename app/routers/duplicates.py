@@ -30,7 +30,7 @@ def find_duplicates(
     service: ServiceDep,
     collection: Annotated[str | None, Query(description='"*" = every collection')] = "default",
     far: Annotated[str | None, Query(description="false-accept rate of the operating point")] = None,
-    threshold: Annotated[float | None, Query(description="explicit cosine threshold")] = None,
+    threshold: Annotated[float | None, Query(description="explicit threshold on `score`")] = None,
     conflicts_only: Annotated[bool, Query(description="only pairs whose patient ids disagree")] = False,
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,

@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 
 from ..dependencies import MAX_IMAGE_ID, ServiceDep, SettingsDep, read_uploads
 from ..schemas import ErrorResponse, ImageRef, MatchOut, OperatingPointOut, SearchResponse
-from ..services import InvalidInputError, collection_arg
+from ..services import InvalidInputError, collection_arg, record_key
 
 router = APIRouter(tags=["search"])
 
@@ -19,7 +19,8 @@ router = APIRouter(tags=["search"])
     summary="Find the gallery images most like a query image",
     description=(
         "Query by `file` (an upload) or `image_id` (a gallery image, itself excluded from the results). "
-        "Returns up to `k` matches best first, each with its cosine `score` and `same_patient` (score >= "
+        "Returns up to `k` matches best first, each with its `score` (the cosine, or its AS-norm when a "
+        "site calibration normalises scores), its `cosine` and `same_patient` (score >= "
         'threshold: the rule /verify uses). `collection`: default "default" for an upload and the '
         'query image\'s own collection for an `image_id`; "*" searches every collection. Optional '
         "filters: `patient_id`, `split`; `only_matches=true` keeps only matches at or above the "
@@ -44,7 +45,7 @@ def search(
     split: Annotated[str | None, Form(description="only images of this split")] = None,
     only_matches: Annotated[bool, Form(description="only matches at or above the threshold")] = False,
     far: Annotated[str | None, Form(description="false-accept rate of the operating point")] = None,
-    threshold: Annotated[float | None, Form(description="explicit cosine threshold")] = None,
+    threshold: Annotated[float | None, Form(description="explicit threshold on `score`")] = None,
 ) -> SearchResponse:
     point = service.operating_point(far=far or None, threshold=threshold)
     if file is not None and image_id is not None:
@@ -56,11 +57,13 @@ def search(
         query = ImageRef(image_id=record.image_id, patient_id=record.patient_id)
         where = collection_arg(collection, record.collection)
         exclude = (record.image_id,)
+        query_key = record_key(record)
     else:
         decoded, vectors = service.embed_uploads(read_uploads([file], settings))
         vector, query = vectors[0], ImageRef(filename=decoded[0].filename)
         where = collection_arg(collection)
         exclude = ()
+        query_key = ""
     matches = service.search(
         vector,
         k=k,
@@ -70,6 +73,7 @@ def search(
         patient_id=patient_id or None,
         split=split or None,
         only_matches=only_matches,
+        query_key=query_key,
     )
     return SearchResponse(
         model_id=service.model_id,

@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 
 from ..dependencies import MAX_IMAGE_ID, ServiceDep, SettingsDep, read_uploads
 from ..schemas import CalibrationOut, ErrorResponse, ImageRef, PairVerification, PatientVerification
-from ..services import InvalidInputError, ReidService, collection_arg, cosine, is_same_patient
+from ..services import InvalidInputError, ReidService, collection_arg, record_key
 from ..settings import Settings
 
 router = APIRouter(tags=["verify"])
@@ -24,22 +24,25 @@ def _one_of(file: UploadFile | None, image_id: int | None, file_field: str, id_f
 
 def resolve_images(
     service: ReidService, settings: Settings, sides: list[tuple[UploadFile | None, int | None]]
-) -> tuple[list[ImageRef], np.ndarray]:
-    """Vectors for a mix of uploads (embedded in one batch) and gallery ids (stored vectors)."""
+) -> tuple[list[ImageRef], np.ndarray, list[str]]:
+    """Vectors for a mix of uploads (embedded in one batch) and gallery ids (stored vectors), with
+    each side's patient key (``record_key`` of a gallery image, "" for an upload)."""
     files = [file for file, _ in sides if file is not None]
     uploads = read_uploads(files, settings)
     decoded, upload_vectors = service.embed_uploads(uploads) if uploads else ([], None)
-    refs, vectors, next_upload = [], [], 0
+    refs, vectors, keys, next_upload = [], [], [], 0
     for file, image_id in sides:
         if file is not None:
             refs.append(ImageRef(filename=decoded[next_upload].filename))
             vectors.append(upload_vectors[next_upload])
+            keys.append("")
             next_upload += 1
         else:
             record, vector = service.stored_vector(int(image_id))
             refs.append(ImageRef(image_id=record.image_id, patient_id=record.patient_id))
             vectors.append(vector)
-    return refs, np.stack(vectors)
+            keys.append(record_key(record))
+    return refs, np.stack(vectors), keys
 
 
 @router.post(
@@ -48,14 +51,15 @@ def resolve_images(
     summary="Are two radiographs of the same patient? Or: is this radiograph patient X?",
     description=(
         "**Pair mode**: side A is `file_a` (an upload) or `image_id_a` (a gallery image), side B is "
-        "`file_b` or `image_id_b`, in any mix. Returns the cosine `score`, the calibrated "
+        "`file_b` or `image_id_b`, in any mix. Returns the `score` the decision uses (the cosine, or "
+        "its AS-norm when a site calibration normalises scores), the `cosine`, the calibrated "
         "`probability` (P(same patient | score) at a 50/50 prior), `same_patient` (score >= "
         "threshold) and the `threshold` with the false-accept rate `far` it stands for.\n\n"
         "**Patient mode**: `file` (or `image_id`) plus `patient_id` [+ `collection`, default "
         '"default", "*" = all]: the image is scored against every gallery image of that patient '
         "(itself excluded); the decision uses the best score, and the mean and the number of images "
         "compared are returned too.\n\n"
-        "Pass `far` (e.g. 1e-4) or `threshold` (a cosine score) for another operating point. "
+        "Pass `far` (e.g. 1e-4) or `threshold` (on `score`) for another operating point. "
         "/search and /images decide with the same rule, so they never disagree on a pair."
     ),
     responses={
@@ -84,7 +88,7 @@ def verify(
     far: Annotated[
         str | None, Form(description="false-accept rate of the operating point, e.g. 1e-4")
     ] = None,
-    threshold: Annotated[float | None, Form(description="explicit cosine threshold")] = None,
+    threshold: Annotated[float | None, Form(description="explicit threshold on `score`")] = None,
 ) -> PairVerification | PatientVerification:
     point = service.operating_point(far=far or None, threshold=threshold)
     pair_fields = [
@@ -103,7 +107,7 @@ def verify(
                 f"patient mode ('patient_id') takes 'file' or 'image_id'; remove {', '.join(pair_fields)}"
             )
         _one_of(file, image_id, "file", "image_id")
-        (query,), vectors = resolve_images(service, settings, [(file, image_id)])
+        (query,), vectors, _ = resolve_images(service, settings, [(file, image_id)])
         where = collection_arg(collection)
         verdict = service.verify_patient(
             vectors[0], patient_id, collection=where, point=point, exclude_image_id=image_id
@@ -114,6 +118,7 @@ def verify(
             patient_id=patient_id,
             collection=where,
             score=verdict.best_score,
+            cosine=verdict.best_cosine,
             best_score=verdict.best_score,
             mean_score=verdict.mean_score,
             best_image_id=verdict.best_image_id,
@@ -131,15 +136,18 @@ def verify(
         )
     _one_of(file_a, image_id_a, "file_a", "image_id_a")
     _one_of(file_b, image_id_b, "file_b", "image_id_b")
-    (ref_a, ref_b), vectors = resolve_images(service, settings, [(file_a, image_id_a), (file_b, image_id_b)])
-    score = cosine(vectors[0], vectors[1])
+    (ref_a, ref_b), vectors, keys = resolve_images(
+        service, settings, [(file_a, image_id_a), (file_b, image_id_b)]
+    )
+    verdict = service.verify_pair(vectors[0], keys[0], vectors[1], keys[1], point=point)
     return PairVerification(
         model_id=service.model_id,
         a=ref_a,
         b=ref_b,
-        score=score,
-        probability=service.probability(score),
-        same_patient=is_same_patient(score, point),
+        score=verdict.score,
+        cosine=verdict.cosine,
+        probability=verdict.probability,
+        same_patient=verdict.same_patient,
         threshold=point.threshold,
         far=point.far,
         calibration=CalibrationOut(**point.calibration),
