@@ -234,7 +234,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
         lines = [
-            f"site calibration on {report['images']} images of {report['patients']} patients "
+            f"site calibration ({report['score_norm'] or 'raw cosines'}) on {report['images']} images of "
+            f"{report['patients']} patients "
             f"({report['genuine_pairs']:,} same-patient / {report['impostor_pairs']:,} "
             "different-patient pairs)"
         ]

@@ -34,8 +34,10 @@ Chest X-ray patient re-identification: identity embeddings of radiographs, verif
 duplicate / conflicting-label discovery.
 
 * Images: DICOM (CR/DX), PNG, JPEG or TIFF, as multipart uploads.
-* Scores are cosine similarities of unit-norm embeddings; `same_patient` is `score >= threshold`,
-  the same rule on every route. The default threshold is the calibrated threshold at a
+* `score` is the cosine similarity of unit-norm embeddings, or, under a site calibration that
+  normalises scores (AS-norm), how far that cosine stands above each image's nearest other patients
+  at the site; `cosine` is always the raw similarity. `same_patient` is `score >= threshold`, the
+  same rule on every route. The default threshold is the calibrated threshold at a
   false-accept rate of `CXR_REID_FAR` (1e-3); requests may pass `far` or `threshold`. Responses
   say which calibration is in force: the model's own (`shipped`, fitted on its validation patients,
   which may not hold at your site) or this site's (`POST /calibration` fits it on the gallery's
