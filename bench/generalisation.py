@@ -46,6 +46,8 @@ for path in (REPO_ROOT, REPO_ROOT / "bench"):
 
 from accuracy import _json_safe, _markdown_table, _num, _with_ci  # noqa: E402
 
+from models.scorenorm import DEFAULT_TOP_K  # noqa: E402
+
 log = logging.getLogger("generalisation")
 
 EVAL_VERSION = 2  # bump when eval.json's content changes, so cached evaluations are redone
@@ -367,7 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--repeats", type=int, default=5, help="random halvings for the split-half calibration"
     )
-    parser.add_argument("--snorm-top-k", type=int, default=100, help="AS-norm cohort size (0 = not measured)")
+    parser.add_argument(
+        "--snorm-top-k",
+        type=int,
+        default=DEFAULT_TOP_K,
+        help=f"AS-norm: nearest cohort scores per side (default {DEFAULT_TOP_K}, as served; 0 = not measured)",
+    )
     parser.add_argument(
         "--tta", type=int, help="evaluate with this many test-time views (default: as each checkpoint says)"
     )
