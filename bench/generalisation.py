@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--snorm-top-k",
         type=int,
         default=DEFAULT_TOP_K,
-        help=f"AS-norm: nearest cohort scores per side (default {DEFAULT_TOP_K}, as served; 0 = not measured)",
+        help=f"AS-norm: nearest cohort scores per side (default {DEFAULT_TOP_K}, as served; 0 = off)",
     )
     parser.add_argument(
         "--tta", type=int, help="evaluate with this many test-time views (default: as each checkpoint says)"
