@@ -1,7 +1,7 @@
 """Shared fixtures: a small random-weight checkpoint, a few phantom images, API test clients.
 
-Plain helpers the test modules import (``from conftest import ...``): ``save_random_checkpoint``
-and ``dicom_dataset``.
+Plain helpers the test modules import (``from conftest import ...``): ``save_random_checkpoint``,
+``synthetic_site`` and ``dicom_dataset``.
 
 Random weights still embed deterministically, so identical bytes score 1.0; tests that need a
 model that knows identity train one (tests/test_train_e2e.py).
@@ -130,6 +130,24 @@ def make_client(tmp_path: Path, embedder: Embedder) -> Iterator[Callable[..., Te
 @pytest.fixture
 def client(make_client: Callable[..., TestClient]) -> TestClient:
     return make_client()
+
+
+def synthetic_site(
+    patients: int, per_patient: int, *, noise: float, seed: int = 0, dim: int = 32, shared: float = 0.0
+) -> tuple[np.ndarray, list[str]]:
+    """Unit vectors around a random centre per patient, ids ``p0, p1, ...``: a labelled site with
+    known identities. ``shared`` adds one direction every image leans to (a site whose images all
+    look alike)."""
+    rng = np.random.default_rng(seed)
+    common = rng.normal(size=dim)
+    vectors, ids = [], []
+    for p in range(patients):
+        centre = rng.normal(size=dim) + shared * common
+        for _ in range(per_patient):
+            v = centre + rng.normal(size=dim) * noise
+            vectors.append(v / np.linalg.norm(v))
+            ids.append(f"p{p}")
+    return np.asarray(vectors, np.float32), ids
 
 
 def dicom_dataset(

@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
+from conftest import synthetic_site
 from fastapi.testclient import TestClient
 
 from index import Gallery, NewImage
@@ -16,17 +16,14 @@ from models.embedder import Embedder
 
 
 def fill_gallery(data_dir: Path, embedder: Embedder, patients: int, per_patient: int, seed: int = 0) -> None:
-    """Labelled synthetic vectors in a real gallery (SQLite + FAISS) of the test model."""
-    rng = np.random.default_rng(seed)
-    vectors, images = [], []
-    for p in range(patients):
-        centre = rng.normal(size=embedder.dim)
-        for _ in range(per_patient):
-            v = centre + rng.normal(size=embedder.dim) * 1.2
-            vectors.append(v / np.linalg.norm(v))
-            images.append(NewImage(patient_id=f"site-{p}", collection="ward" if p % 2 else "default"))
+    """Labelled synthetic vectors in a real gallery (SQLite + FAISS) of the test model, patients
+    alternating between two collections."""
+    vectors, ids = synthetic_site(patients, per_patient, noise=1.2, seed=seed, dim=embedder.dim)
+    images = [
+        NewImage(patient_id=f"site-{p[1:]}", collection="ward" if int(p[1:]) % 2 else "default") for p in ids
+    ]
     with Gallery(data_dir, dim=embedder.dim, model_id=embedder.model_id) as gallery:
-        gallery.add(np.asarray(vectors, np.float32), images)
+        gallery.add(vectors, images)
 
 
 def test_site_calibration_lifecycle(

@@ -5,25 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import synthetic_site
 
 from models.metrics import pair_scores
 from models.scorenorm import MAX_PER_PATIENT, UNKNOWN, ScoreNorm, choose_cohort, patient_key
 from models.site import fit_site_calibration, split_half
-
-
-def site(patients: int, per_patient: int, *, noise: float, seed: int = 0, dim: int = 24, shared: float = 0.0):
-    """Unit vectors around a centre per patient; ``shared`` adds one direction every image leans to
-    (a site whose images all look alike)."""
-    rng = np.random.default_rng(seed)
-    common = rng.normal(size=dim)
-    vectors, ids = [], []
-    for p in range(patients):
-        centre = rng.normal(size=dim) + shared * common
-        for _ in range(per_patient):
-            v = centre + rng.normal(size=dim) * noise
-            vectors.append(v / np.linalg.norm(v))
-            ids.append(f"p{p}")
-    return np.asarray(vectors, np.float32), ids
 
 
 def test_cohort_caps_each_patient_and_the_size() -> None:
@@ -36,7 +22,7 @@ def test_cohort_caps_each_patient_and_the_size() -> None:
 
 
 def test_statistics_leave_both_patients_of_a_pair_out() -> None:
-    vectors, ids = site(30, 4, noise=0.4)
+    vectors, ids = synthetic_site(30, 4, noise=0.4, dim=24)
     keys = [patient_key(p) for p in ids]
     norm = ScoreNorm(vectors, keys, top_k=5)
     side = norm.neighbours(vectors[:1])
@@ -58,7 +44,7 @@ def test_statistics_leave_both_patients_of_a_pair_out() -> None:
 
 @pytest.mark.parametrize("threshold", [-0.5, 0.5, 2.0, 3.5])
 def test_raw_floors_never_miss_a_pair(threshold: float) -> None:
-    vectors, ids = site(60, 3, noise=0.7, seed=2)
+    vectors, ids = synthetic_site(60, 3, noise=0.7, seed=2, dim=24)
     keys = [patient_key(p) for p in ids]
     cohort = choose_cohort(keys, size=80)
     norm = ScoreNorm(vectors[cohort], [keys[i] for i in cohort], top_k=10)
@@ -76,7 +62,7 @@ def test_raw_floors_never_miss_a_pair(threshold: float) -> None:
 
 
 def test_serialisation_keeps_the_cohort_and_no_patient_id() -> None:
-    vectors, ids = site(10, 2, noise=0.3)
+    vectors, ids = synthetic_site(10, 2, noise=0.3, dim=24)
     norm = ScoreNorm(vectors, [patient_key(p) for p in ids], top_k=4)
     data = norm.to_dict()
     assert "p1" not in str(data["cohort_keys"])
@@ -89,7 +75,7 @@ def test_serialisation_keeps_the_cohort_and_no_patient_id() -> None:
 def test_as_norm_raises_tar_at_a_site_whose_images_look_alike() -> None:
     """At a site where every image leans one way, AS-norm separates patients better and a site
     calibration in its units still delivers the FAR it promises."""
-    vectors, ids = site(160, 3, noise=0.9, seed=5, shared=1.5)
+    vectors, ids = synthetic_site(160, 3, noise=0.9, seed=5, shared=1.5, dim=24)
     result = split_half(vectors, ids, repeats=2, snorm_top_k=20)
     row = result["fars"]["1e-2"]
     assert row["auc_snorm"]["mean"] >= row["auc_raw"]["mean"] - 0.01

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
+from conftest import synthetic_site
 
 from models.checkpoint import load_checkpoint
 from models.site import (
@@ -18,19 +18,6 @@ from models.site import (
     pair_counts,
     split_half,
 )
-
-
-def synthetic_site(patients: int, per_patient: int, *, noise: float, seed: int = 0, dim: int = 32):
-    """Unit vectors around one random centre per patient: a 'site' with known identities."""
-    rng = np.random.default_rng(seed)
-    vectors, ids = [], []
-    for p in range(patients):
-        centre = rng.normal(size=dim)
-        for _ in range(per_patient):
-            v = centre + rng.normal(size=dim) * noise
-            vectors.append(v / np.linalg.norm(v))
-            ids.append(f"p{p}")
-    return np.asarray(vectors, np.float32), ids
 
 
 def test_pair_counts_match_the_pairs() -> None:
