@@ -150,3 +150,29 @@ def test_as_norm_decisions_agree_across_routes(
     found = client.get("/duplicates", params={"collection": "*", "limit": "1000"}).json()
     assert {(p["a"]["image_id"], p["b"]["image_id"]) for p in found["pairs"]} == expected
     assert expected  # the test means something: some pairs are accepted
+
+
+def test_serving_a_site_calibrated_checkpoint(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """`cxr-reid calibrate --manifest` writes SITE.pt; serving it uses its site calibration (AS-norm
+    included) with no gallery calibration at all."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+    from models.phantom import write_phantom_set
+    from models.site import calibrate_checkpoint
+
+    manifest = write_phantom_set(tmp_path / "site", 25, 3, size=64, seed=9)
+    site = tmp_path / "site.pt"
+    calibrate_checkpoint(
+        manifest, site, model=tiny_checkpoint, fars=("1e-2",), default_far="1e-2", bootstrap=0, progress=False
+    )
+    settings = Settings(data_dir=tmp_path / "data", model_path=site, far="1e-2")
+    with TestClient(create_app(settings)) as client:
+        ready = client.get("/readyz").json()
+        assert ready["operating_point"]["calibration"]["source"] == "site"
+        assert ready["operating_point"]["calibration"]["score_norm"].startswith("as-norm")
+        images = sorted((tmp_path / "site" / "images").rglob("*.png"))
+        files = {"file_a": ("a.png", images[0].read_bytes()), "file_b": ("b.png", images[1].read_bytes())}
+        pair = client.post("/verify", files=files).json()
+        assert pair["calibration"]["source"] == "site" and pair["score"] != pytest.approx(pair["cosine"])
