@@ -208,14 +208,16 @@ class Scorer:
         ``threshold`` (bounds cached per image; new images computed on the way)."""
         if self.norm is None:
             return threshold
-        ids, vectors = gallery.vectors(collection=collection)
+        ids = gallery.image_ids(collection=collection).tolist()
         with self._lock:
-            missing = [i for i, image_id in enumerate(ids) if int(image_id) not in self._bounds]
+            missing = [i for i in ids if i not in self._bounds]
             if missing:
-                fresh = self.norm.bounds(self.norm.neighbours(vectors[missing]))
-                for row, i in zip(fresh, missing, strict=True):
-                    self._bounds[int(ids[i])] = row
-            bounds = np.asarray([self._bounds[int(i)] for i in ids]).reshape(-1, 3)
+                stored = gallery.get_vectors(missing)
+                found = [i for i in missing if i in stored]
+                if found:
+                    fresh = self.norm.bounds(self.norm.neighbours(np.stack([stored[i] for i in found])))
+                    self._bounds.update(zip(found, fresh, strict=True))
+            bounds = np.asarray([self._bounds[i] for i in ids if i in self._bounds]).reshape(-1, 3)
         return ScoreNorm.raw_floor(threshold, bounds)
 
     def query_floor(self, threshold: float, query: np.ndarray) -> float:
@@ -580,12 +582,7 @@ class ReidService:
 
     def _vectors(self, image_ids: Sequence[int]) -> dict[int, np.ndarray]:
         """Stored vectors by id, for exact re-scoring (ids deleted meanwhile are left out)."""
-        out = {}
-        for image_id in dict.fromkeys(image_ids):
-            vector = self.gallery.get_vector(image_id)
-            if vector is not None:
-                out[image_id] = vector
-        return out
+        return self.gallery.get_vectors(image_ids)
 
     # ---------------------------------------------------------------- verify
     def verify_patient(

@@ -585,6 +585,18 @@ class Gallery:
         self._check_open()
         return self._store.get_vector(int(image_id))
 
+    def get_vectors(self, image_ids: Iterable[int]) -> dict[int, np.ndarray]:
+        """Stored unit vectors by id, in a few queries; ids not found (deleted) are left out."""
+        self._check_open()
+        return self._store.get_vectors(list(image_ids))
+
+    def image_ids(self, *, collection: str | None = "default") -> np.ndarray:
+        """Ids of every image of a collection (None: all), ascending; cached between writes."""
+        self._check_open()
+        if collection is None:
+            return self._store.ids(None)
+        return np.asarray(self._allowed(collection).ids, dtype=np.int64)
+
     def list_images(
         self,
         *,
@@ -764,16 +776,6 @@ class Gallery:
             conflict = a.patient_id is not None and b.patient_id is not None and a.patient_id != b.patient_id
             pairs.append(DuplicatePair(a=a, b=b, score=float(sc[j]), conflict=conflict))
         return pairs
-
-    def vectors(self, *, collection: str | None = "default") -> tuple[np.ndarray, np.ndarray]:
-        """(ids, vectors) of every image of a collection (None: all), in id order."""
-        self._check_open()
-        self._check_model_matches()
-        with self._store.read_txn() as conn:
-            parts = list(self._store.iter_vectors(collection, conn=conn))
-        if not parts:
-            return np.zeros(0, np.int64), np.zeros((0, self._stored_dim), np.float32)
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def remove_orphan_blobs(self) -> int:
         """Delete stored originals no row references, and temp files; returns how many files went.

@@ -311,6 +311,20 @@ class Store:
                 out[int(row[0])] = self.to_record(row)
         return out
 
+    def get_vectors(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
+        """Stored vectors by id, ``_IN_CHUNK`` ids a query (ids not found are left out)."""
+        c = self.reader()
+        out: dict[int, np.ndarray] = {}
+        uniq = list(dict.fromkeys(int(i) for i in ids))
+        for s in range(0, len(uniq), _IN_CHUNK):
+            part = uniq[s : s + _IN_CHUNK]
+            marks = ",".join("?" * len(part))
+            for image_id, blob in c.execute(
+                f"SELECT image_id, vector FROM images WHERE image_id IN ({marks})", part
+            ):
+                out[int(image_id)] = blob_to_vector(blob)
+        return out
+
     def get_vector(self, image_id: int) -> np.ndarray | None:
         row = (
             self.reader().execute("SELECT vector FROM images WHERE image_id = ?", (int(image_id),)).fetchone()

@@ -571,3 +571,16 @@ def test_acknowledged_adds_survive_kill_9(tmp_path: Path):
             r = g.get(image_id)
             assert r is not None and r.patient_id == f"p{i}"
             assert Path(r.stored_path).read_bytes() == b"x%d" % i
+
+
+def test_batched_vector_reads_and_collection_ids(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(5, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    with Gallery(tmp_path / "g", dim=DIM, model_id="m") as g:
+        records = g.add(vectors, [NewImage(collection="a" if i % 2 else "b") for i in range(5)])
+        ids = [r.image_id for r in records]
+        got = g.get_vectors([ids[3], ids[0], 999])
+        assert set(got) == {ids[3], ids[0]} and np.allclose(got[ids[3]], vectors[3])
+        assert g.image_ids(collection="a").tolist() == [ids[1], ids[3]]
+        assert g.image_ids(collection=None).tolist() == ids
