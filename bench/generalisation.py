@@ -51,8 +51,15 @@ from models.scorenorm import DEFAULT_TOP_K  # noqa: E402
 log = logging.getLogger("generalisation")
 
 EVAL_VERSION = 2  # bump when eval.json's content changes, so cached evaluations are redone
-#: config keys that may differ between invocations without making a fold another recipe
-RUN_ONLY_KEYS = (("optim", "max_minutes"), ("optim", "threads"), ("output_dir",), ("name",))
+#: config keys that may differ between invocations without making a fold another recipe: how a run
+#: is executed, and test-time augmentation (inference only: folds are evaluated with the recipe's)
+RUN_ONLY_KEYS = (
+    ("optim", "max_minutes"),
+    ("optim", "threads"),
+    ("output_dir",),
+    ("name",),
+    ("preprocess", "tta"),
+)
 
 
 # ---------------------------------------------------------------------------------------------- folds
@@ -163,7 +170,7 @@ def evaluate_fold(
     tta: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a fold's model on every set (cached in ``eval.json`` by model id and settings);
-    ``tta`` overrides the checkpoint's test-time augmentation (cached apart, ``eval-tta<k>.json``)."""
+    ``tta`` sets the test-time augmentation (cached apart, ``eval-tta<k>.json``; None: the checkpoint's)."""
     import dataclasses
 
     import numpy as np
@@ -184,7 +191,7 @@ def evaluate_fold(
         "snorm_top_k": snorm_top_k,
         "tta": embedder.preprocess_config.tta,
     }
-    cache = fold_dir / ("eval.json" if tta is None else f"eval-tta{tta}.json")
+    cache = fold_dir / (f"eval-tta{tta}.json" if tta else "eval.json")
     if cache.is_file():
         cached = json.loads(cache.read_text())
         if cached.get("model_id") == embedder.model_id and cached.get("settings") == settings:
@@ -369,7 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"AS-norm: nearest cohort scores per side (default {DEFAULT_TOP_K}, as served; 0 = off)",
     )
     parser.add_argument(
-        "--tta", type=int, help="evaluate with this many test-time views (default: as each checkpoint says)"
+        "--tta",
+        type=int,
+        help="evaluate with this many test-time views (default: the recipe's preprocess.tta)",
     )
     parser.add_argument("--no-train", action="store_true", help="evaluate folds already trained; train none")
     parser.add_argument("--json", help="write every figure to this JSON file")
@@ -419,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bootstrap=args.bootstrap,
             repeats=args.repeats,
             snorm_top_k=args.snorm_top_k,
-            tta=args.tta,
+            tta=config.preprocess.tta if args.tta is None else args.tta,
         )
     if not results:
         return 1
