@@ -168,9 +168,12 @@ def evaluate_fold(
     repeats: int,
     snorm_top_k: int,
     tta: int | None = None,
+    partners: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """Evaluate a fold's model on every set (cached in ``eval.json`` by model id and settings);
-    ``tta`` sets the test-time augmentation (cached apart, ``eval-tta<k>.json``; None: the checkpoint's)."""
+    ``tta`` sets the test-time augmentation (cached apart, ``eval-tta<k>.json``; None: the checkpoint's);
+    ``partners``: fold folders of other recipes (same held-out set) whose embeddings are averaged
+    with this one's, a small ensemble (cached apart, ``eval-ensemble-<ids>.json``)."""
     import dataclasses
 
     import numpy as np
@@ -181,9 +184,11 @@ def evaluate_fold(
     from models.metrics import evaluate_embeddings
     from models.site import split_half
 
-    embedder = Embedder.from_checkpoint(fold_dir / "model.pt")
+    members = [Embedder.from_checkpoint(d / "model.pt") for d in (fold_dir, *partners)]
     if tta is not None:
-        embedder.preprocess_config = dataclasses.replace(embedder.preprocess_config, tta=tta)
+        for member in members:
+            member.preprocess_config = dataclasses.replace(member.preprocess_config, tta=tta)
+    embedder = members[0]
     settings = {
         "version": EVAL_VERSION,
         "bootstrap": bootstrap,
@@ -191,7 +196,12 @@ def evaluate_fold(
         "snorm_top_k": snorm_top_k,
         "tta": embedder.preprocess_config.tta,
     }
-    cache = fold_dir / (f"eval-tta{tta}.json" if tta else "eval.json")
+    if partners:
+        settings["ensemble"] = [m.model_id for m in members[1:]]
+    name = f"eval-tta{tta}" if tta else "eval"
+    if partners:
+        name += "-ensemble-" + "-".join(m.model_id.rsplit("-", 1)[-1][:6] for m in members[1:])
+    cache = fold_dir / f"{name}.json"
     if cache.is_file():
         cached = json.loads(cache.read_text())
         if cached.get("model_id") == embedder.model_id and cached.get("settings") == settings:
@@ -210,7 +220,8 @@ def evaluate_fold(
     for manifest in manifests:
         samples = read_manifest(manifest)
         chosen, description = select_split(samples, embedder, "auto")
-        embeddings = embed_samples(embedder, chosen, progress=False)
+        embeddings = sum(embed_samples(m, chosen, progress=False) for m in members)
+        embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
         ids = [s.patient_id for s in chosen]
         labels = np.unique(ids, return_inverse=True)[1]
         threshold = embedder.calibration.threshold_for("1e-3")
@@ -380,6 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="evaluate with this many test-time views (default: the recipe's preprocess.tta)",
     )
+    parser.add_argument(
+        "--ensemble",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="average each fold's embeddings with the same fold of the recipe whose folds are in DIR",
+    )
     parser.add_argument("--no-train", action="store_true", help="evaluate folds already trained; train none")
     parser.add_argument("--json", help="write every figure to this JSON file")
     parser.add_argument("--markdown", help="write the tables to this markdown file")
@@ -429,11 +447,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeats=args.repeats,
             snorm_top_k=args.snorm_top_k,
             tta=config.preprocess.tta if args.tta is None else args.tta,
+            partners=[Path(d) / fold_dir.name for d in args.ensemble],
         )
     if not results:
         return 1
     overrides = f" --set {' --set '.join(args.set)}" if args.set else ""
     overrides += f" --tta {args.tta}" if args.tta is not None else ""
+    overrides += "".join(f" --ensemble {d}" for d in args.ensemble)
     title = (
         f"Leave-one-set-out of recipe `{args.config}`{overrides}; {args.bootstrap} bootstrap resamples, "
         f"{args.repeats} halvings; {dt.date.today().isoformat()}"

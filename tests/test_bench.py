@@ -215,6 +215,20 @@ def test_generalisation_trains_a_fold_per_set_and_reports_unseen_sites_first(tmp
     # a rerun finds both folds trained and evaluated: nothing is retrained
     again = _run("generalisation.py", *args, timeout=300)
     assert again.returncode == 0 and "training (log" not in again.stderr
+    # a fold averaged with itself (the smallest "ensemble") scores as the fold alone
+    ensemble = _run(
+        "generalisation.py",
+        *args[:-2],
+        "--no-train",
+        "--ensemble",
+        str(out),
+        "--json",
+        str(tmp_path / "e.json"),
+        timeout=300,
+    )
+    assert ensemble.returncode == 0, ensemble.stderr[-2000:]
+    paired = json.loads((tmp_path / "e.json").read_text())["folds"]["site-a"]["sets"]["site-a"]
+    assert paired["auc"] == pytest.approx(unseen["auc"], abs=1e-4)
     # a fold folder of another recipe is not silently reused
     other = _run("generalisation.py", *args, "--set", "backbone.width=16", timeout=300)
     assert other.returncode != 0 and "another recipe" in other.stderr
