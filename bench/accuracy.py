@@ -19,6 +19,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -183,6 +184,11 @@ def format_tables(results: Sequence[dict[str, Any]], *, title: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------- running
+def shown_path(path: Path) -> str:
+    """``path`` relative to the repository root, so no report names the machine it ran on."""
+    return os.path.relpath(Path(path).resolve(), REPO_ROOT)
+
+
 def find_manifests(data_dir: Path) -> list[Path]:
     """``<data_dir>/<set>/manifest.csv`` for every set folder, sorted by set name."""
     if not data_dir.is_dir():
@@ -238,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if missing:
             print(f"error: manifest not found: {', '.join(missing)}", file=sys.stderr)
             return 2
-        source = "manifests " + ", ".join(str(m) for m in manifests)
+        source = "manifests " + ", ".join(shown_path(m) for m in manifests)
     else:
         data_dir = Path(args.data_dir) if args.data_dir else DEFAULT_DATA_DIR
         shown = args.data_dir or "../shared/data"
@@ -252,16 +258,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "this benchmark needs the real sets"
             )
             return 0
-        source = f"data dir {data_dir}"
+        source = f"data dir {shown_path(data_dir)}"
 
     from models.embedder import DEFAULT_CHECKPOINT, Embedder  # torch: imported only when there is work
 
     if args.model is None:
         checkpoint = DEFAULT_CHECKPOINT
         if not checkpoint.is_file():
-            shown = checkpoint.relative_to(REPO_ROOT) if checkpoint.is_relative_to(REPO_ROOT) else checkpoint
             print(
-                f"default checkpoint {shown} not found: nothing to measure; "
+                f"default checkpoint {shown_path(checkpoint)} not found: nothing to measure; "
                 "pass --model CKPT or ship the default model first"
             )
             return 0
@@ -279,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors: list[dict[str, str]] = []
     for manifest in manifests:
         name = manifest.resolve().parent.name
-        print(f"evaluating {name} ({manifest}) ...", file=sys.stderr, flush=True)
+        print(f"evaluating {name} ({shown_path(manifest)}) ...", file=sys.stderr, flush=True)
         try:
             result = evaluate(
                 manifest,
@@ -290,13 +295,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress=progress,
             )
         except (ValueError, OSError) as exc:  # too few images / pairs in the split, unreadable files
-            errors.append({"dataset": name, "manifest": str(manifest), "error": str(exc)})
+            errors.append({"dataset": name, "manifest": shown_path(manifest), "error": str(exc)})
             print(f"  {name}: failed: {exc}", file=sys.stderr)
             continue
         results.append(result)
 
     title = (
-        f"Accuracy of model `{model_id}` ({checkpoint}) on {source}; split={args.split}, "
+        f"Accuracy of model `{model_id}` ({shown_path(checkpoint)}) on {source}; split={args.split}, "
         f"{args.bootstrap} bootstrap resamples; {dt.date.today().isoformat()}"
     )
     report = format_tables(results, title=title) if results else title + "\n\nno set could be evaluated\n"
@@ -309,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(args.markdown).write_text(report, encoding="utf-8")
     if args.json:
         payload = {
-            "model": str(checkpoint),
+            "model": shown_path(checkpoint),
             "model_id": model_id,
             "source": source,
             "split": args.split,

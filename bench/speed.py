@@ -204,6 +204,7 @@ def bench_decode(embedder: Any, cases: Sequence[tuple[str, bytes]], seconds: flo
 def bench_forward(embedder: Any, batch_sizes: Sequence[int], seconds: float) -> list[Row]:
     """embed_prepared on random prepared images, images/s at each batch size."""
     size = embedder.preprocess_config.size
+    views = 1 + embedder.preprocess_config.tta  # test-time views: each image costs this many forwards
     rng = np.random.default_rng(0)
     rows = []
     for batch in batch_sizes:
@@ -223,7 +224,7 @@ def bench_forward(embedder: Any, batch_sizes: Sequence[int], seconds: float) -> 
                 p50,
                 _p(times, 95),
                 f"{batch * 1000.0 / p50:.1f} img/s",
-                f"{embedder.dim}-d",
+                f"{embedder.dim}-d; {views} test-time view{'s' if views > 1 else ''} averaged per image",
             )
         )
     return rows

@@ -143,6 +143,9 @@ def test_accuracy_on_a_phantom_set(tmp_path: Path, tiny_checkpoint: Path) -> Non
     assert proc.returncode == 0, proc.stderr
     assert "| phantom-set | all images (set not used in training) | 18 | 6 |" in proc.stdout
     assert "AUC [95% CI]" in proc.stdout
+    title = proc.stdout.splitlines()[0]
+    assert " /" not in title and "(/" not in title, f"absolute path in the report: {title}"
+    assert "phantom-set/manifest.csv" in title
     payload = json.loads(out.read_text())
     assert [r["dataset"] for r in payload["results"]] == ["phantom-set"]
     assert payload["results"][0]["n_images"] == 18 and payload["errors"] == []
