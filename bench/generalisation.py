@@ -324,7 +324,7 @@ def calibration_table(results: dict[str, dict[str, Any]]) -> str:
         "TAR",
         "FAR delivered, site-calibrated [min, max]",
         "TAR",
-        "FAR delivered, site-calibrated + AS-norm",
+        "FAR delivered, site-calibrated + AS-norm [min, max]",
         "TAR",
     )
     return _markdown_table(header, rows)

@@ -44,7 +44,8 @@ class Embedder:
             for key, value in checkpoint["state_dict"].items()
         }
         network.load_state_dict(state)
-        self.network = network.to(self.device).eval()
+        # NHWC: measured 1.14x the images/s of NCHW for the default net on a 2-core CPU (bench/speed.py).
+        self.network = network.to(self.device, memory_format=torch.channels_last).eval()
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike | None = None, device: str = "cpu") -> Embedder:
@@ -77,11 +78,7 @@ class Embedder:
         of the first k of :data:`~models.preprocess.TTA_VIEWS` are averaged, then normalised again.
         """
         inputs = to_tensor(batch).to(self.device)
-        total = torch.nn.functional.normalize(self.network(inputs).float(), dim=1)
-        for zoom, dx, dy in TTA_VIEWS[: self.preprocess_config.tta]:
-            view = _affine_view(inputs, zoom, dx, dy)
-            total += torch.nn.functional.normalize(self.network(view).float(), dim=1)
-        vectors = torch.nn.functional.normalize(total, dim=1)
+        vectors = embed_views(self.network, inputs, self.preprocess_config.tta)
         return vectors.cpu().numpy().astype(np.float32, copy=False)
 
     def embed(self, images: Sequence[ImageSource], batch_size: int = 32, **decode_kwargs: Any) -> np.ndarray:
@@ -105,6 +102,21 @@ class Embedder:
             "calibration": self.calibration.to_dict(),
             "metrics": self.metrics,
         }
+
+
+def embed_views(network: torch.nn.Module, inputs: torch.Tensor, views: int = 0) -> torch.Tensor:
+    """Unit embeddings of a prepared batch (N, 1, H, W): the plain view averaged with the first
+    ``views`` of :data:`~models.preprocess.TTA_VIEWS`, normalised again. The one definition that
+    serving and training's final calibration share, so thresholds are fitted on the embeddings
+    the checkpoint serves."""
+    inputs = inputs.contiguous(memory_format=torch.channels_last)
+    total = torch.nn.functional.normalize(network(inputs).float(), dim=1)
+    if not views:
+        return total
+    for zoom, dx, dy in TTA_VIEWS[:views]:
+        view = _affine_view(inputs, zoom, dx, dy)
+        total += torch.nn.functional.normalize(network(view).float(), dim=1)
+    return torch.nn.functional.normalize(total, dim=1)
 
 
 def _affine_view(inputs: torch.Tensor, zoom: float, dx: float, dy: float) -> torch.Tensor:

@@ -52,6 +52,7 @@ from models.data import (
     summarise,
     write_manifest,
 )
+from models.embedder import embed_views
 from models.heads import build_head
 from models.metrics import pair_scores, retrieval_metrics, verification_metrics
 from models.preprocess import to_tensor
@@ -117,16 +118,22 @@ def _lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
 
 
 @torch.inference_mode()
+@torch.no_grad()
 def embed_images(
-    backbone: torch.nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 128
+    backbone: torch.nn.Module,
+    images: np.ndarray,
+    device: torch.device,
+    batch_size: int = 128,
+    views: int = 0,
 ) -> np.ndarray:
-    """Embed prepared uint8 images (N, H, W) with a backbone in eval mode; unit vectors."""
+    """Embed prepared uint8 images (N, H, W) with a backbone in eval mode; unit vectors averaged
+    over ``views`` test-time views besides the plain one (``preprocess.tta``)."""
     was_training = backbone.training
     backbone.eval()
     out = []
     for start in range(0, len(images), batch_size):
         batch = torch.as_tensor(images[start : start + batch_size]).to(device).float() / 255
-        out.append(F.normalize(backbone(to_tensor(batch)).float(), dim=1).cpu().numpy())
+        out.append(embed_views(backbone, to_tensor(batch), views).cpu().numpy())
     backbone.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
 
@@ -137,9 +144,11 @@ def validate(
     labels: np.ndarray,
     device: torch.device,
     max_impostor_pairs: int,
+    views: int = 0,
 ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """Verification AUC and retrieval on held-out patients; returns metrics and pair scores."""
-    embeddings = embed_images(backbone, images, device)
+    """Verification AUC and retrieval on held-out patients; returns metrics and pair scores.
+    Epochs are compared on the plain view; the final calibration passes the served ``views``."""
+    embeddings = embed_images(backbone, images, device, views=views)
     genuine, impostor, *_ = pair_scores(embeddings, labels, max_impostor_pairs=max_impostor_pairs)
     metrics = verification_metrics(genuine, impostor)
     metrics.update(retrieval_metrics(embeddings, labels))
@@ -447,6 +456,7 @@ def finalise(run: Run) -> Path:
             run.data.val_labels,
             run.device,
             config.optim.eval_max_impostor_pairs,
+            views=config.preprocess.tta,  # calibrate the embeddings the checkpoint will serve
         )
         calibration = Calibration.fit(genuine, impostor)
         summary = summarise(run.data.samples)
@@ -560,4 +570,6 @@ def _restore(run: Run) -> None:
     run.best_state = state["best_backbone"]
     lines = (run.out_dir / "metrics.jsonl").read_text().splitlines()
     run.history = [json.loads(line) for line in lines if line]
+    if run.history:  # the clock (elapsed_s, train_minutes, max_minutes) counts earlier sessions too
+        run.started -= run.history[-1].get("elapsed_s", 0.0)
     log.info("resuming at epoch %d (best val AUC %.4f)", run.start_epoch + 1, run.best_auc)

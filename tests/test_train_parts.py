@@ -138,3 +138,52 @@ def test_time_budget_is_a_recorded_hard_stop(tmp_path: Path) -> None:
     (record,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert record["stopped_by_budget"] is True and record["steps"] < 1000
     assert not os.path.isabs(summary["config"]["data"]["manifests"][0])  # no machine paths in a model
+
+
+def test_training_views_match_the_embedder(tiny_checkpoint: Path) -> None:
+    from models.embedder import Embedder
+    from models.train import embed_images
+
+    embedder = Embedder.from_checkpoint(tiny_checkpoint)
+    size = embedder.preprocess_config.size
+    images = np.random.default_rng(0).integers(0, 256, (6, size, size), dtype=np.uint8)
+    for views in (0, 2):
+        embedder.preprocess_config = PreprocessConfig(size=size, tta=views)
+        served = embedder.embed_prepared(images.astype(np.float32) / 255)
+        trained = embed_images(embedder.network, images, torch.device("cpu"), views=views)
+        np.testing.assert_allclose(trained, served, atol=1e-5)
+
+
+def test_shipped_thresholds_are_fitted_on_the_embeddings_served(tmp_path: Path) -> None:
+    """A run with test-time views calibrates on view-averaged embeddings: same seed and weights,
+    other thresholds than the single-view run."""
+    from models.checkpoint import load_checkpoint
+    from models.phantom import write_phantom_set
+
+    manifest = write_phantom_set(tmp_path / "ph", 16, 3, size=48, seed=3)
+    thresholds = {}
+    for views in (0, 2):
+        config = load_config(
+            None,
+            [
+                f'data.manifests=["{manifest}"]',
+                f'output_dir="{tmp_path / f"run{views}"}"',
+                f'data.cache_dir="{tmp_path / "cache"}"',
+                "data.val_fraction=0.4",
+                "data.test_fraction=0.0",
+                "backbone.width=8",
+                "backbone.embedding_dim=32",
+                "preprocess.size=48",
+                f"preprocess.tta={views}",
+                "optim.patients_per_batch=4",
+                "optim.epochs=1",
+                "optim.steps_per_epoch=2",
+                "optim.threads=1",
+                'optim.device="cpu"',
+            ],
+        )
+        payload = load_checkpoint(train(config, progress=False))
+        thresholds[views] = (payload["state_dict"], payload["calibration"]["thresholds"])
+    (weights0, cal0), (weights2, cal2) = thresholds[0], thresholds[2]
+    assert all(torch.equal(weights0[k], weights2[k]) for k in weights0)  # same training
+    assert cal0 != cal2  # calibrated on what each checkpoint serves
