@@ -195,6 +195,7 @@ class Run:
     best_state: dict[str, torch.Tensor] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    earlier_s: float = 0.0  # training time of the sessions before a --resume
     stopped_by_budget: bool = False
 
     @property
@@ -418,7 +419,7 @@ def validate_epoch(run: Run, epoch: int, stats: dict[str, float]) -> None:
         "loss": stats["loss"],
         "lr": run.optimizer.param_groups[0]["lr"],
         "images_per_s": stats["images_per_s"],
-        "elapsed_s": time.monotonic() - run.started,
+        "elapsed_s": run.earlier_s + time.monotonic() - run.started,
         "val_auc": metrics["auc"],
         "val_eer": metrics["eer"],
         "val_precision_at_1": metrics["precision_at_1"],
@@ -478,7 +479,7 @@ def finalise(run: Run) -> Path:
                 "steps_per_epoch": run.steps_per_epoch,
                 "stopped_by_budget": run.stopped_by_budget,
                 "config": config.portable_dict(),
-                "train_minutes": (time.monotonic() - run.started) / 60,
+                "train_minutes": (run.earlier_s + time.monotonic() - run.started) / 60,
             }
         )
         model_id = save_checkpoint(
@@ -570,6 +571,6 @@ def _restore(run: Run) -> None:
     run.best_state = state["best_backbone"]
     lines = (run.out_dir / "metrics.jsonl").read_text().splitlines()
     run.history = [json.loads(line) for line in lines if line]
-    if run.history:  # the clock (elapsed_s, train_minutes, max_minutes) counts earlier sessions too
-        run.started -= run.history[-1].get("elapsed_s", 0.0)
+    if run.history:  # elapsed_s and train_minutes count earlier sessions; max_minutes only this one
+        run.earlier_s = run.history[-1].get("elapsed_s", 0.0)
     log.info("resuming at epoch %d (best val AUC %.4f)", run.start_epoch + 1, run.best_auc)
