@@ -187,3 +187,10 @@ def test_shipped_thresholds_are_fitted_on_the_embeddings_served(tmp_path: Path) 
     (weights0, cal0), (weights2, cal2) = thresholds[0], thresholds[2]
     assert all(torch.equal(weights0[k], weights2[k]) for k in weights0)  # same training
     assert cal0 != cal2  # calibrated on what each checkpoint serves
+
+    # Resuming a finished run only re-finalises it: same weights, and its clock keeps the first session.
+    elapsed = json.loads((tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()[-1])["elapsed_s"]
+    again = load_checkpoint(train(config, resume=True, progress=False))
+    assert all(torch.equal(weights2[k], again["state_dict"][k]) for k in weights2)
+    assert again["calibration"]["thresholds"] == cal2
+    assert again["training"]["train_minutes"] * 60 >= elapsed
