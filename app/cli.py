@@ -160,6 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # faiss's loader logs each instruction-set build it tries and fails to find (a ModuleNotFoundError
+    # that reads like a failure); the service says once which build it runs instead (index.faiss_build).
+    logging.getLogger("faiss.loader").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:

@@ -17,7 +17,13 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from index import GalleryError, GalleryLockedError, GalleryModelMismatchError, GalleryValidationError
+from index import (
+    GalleryError,
+    GalleryLockedError,
+    GalleryModelMismatchError,
+    GalleryValidationError,
+    faiss_build,
+)
 from models.embedder import Embedder
 
 from .dependencies import require_api_key
@@ -90,11 +96,12 @@ def build_service(settings: Settings, embedder: Embedder | None, metrics: Servic
         on_embedded=metrics.embeddings.inc,
     )
     log.info(
-        "serving model %s (dim %d) with %d gallery image(s) from %s",
+        "serving model %s (dim %d) with %d gallery image(s) from %s; %s",
         embedder.model_id,
         embedder.dim,
         service.gallery_size(),
         settings.data_dir,
+        faiss_build(),
     )
     return service
 

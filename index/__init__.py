@@ -1,5 +1,6 @@
 """The gallery: FAISS index + SQLite metadata and vectors (numpy only, no torch)."""
 
+from .faiss_index import faiss_build
 from .gallery import Gallery, cluster_pairs
 from .records import (
     DuplicatePair,
@@ -23,4 +24,5 @@ __all__ = [
     "Match",
     "NewImage",
     "cluster_pairs",
+    "faiss_build",
 ]

@@ -42,6 +42,12 @@ from .records import GalleryValidationError
 
 log = logging.getLogger(__name__)
 
+
+def faiss_build() -> str:
+    """The FAISS version and the instruction set its loaded library was compiled for (e.g. AVX2)."""
+    return f"faiss {faiss.__version__} ({faiss.get_compile_options().strip() or 'generic'})"
+
+
 TAG_FORMAT = 1
 TOMBSTONE_COMPACT_FRACTION = 0.10
 _MIN_POINTS_PER_CENTROID = 39  # faiss k-means warns below this

@@ -133,7 +133,11 @@ def test_acknowledged_enrolments_survive_kill_9(
     second.stop()
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells how it ended
     assert second.process.returncode in (0, -signal.SIGTERM)
-    assert "Traceback" not in (tmp_path / "server.log").read_text()
+    log = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in log
+    # quiet start-up: faiss's loader does not report the builds it failed to find; we name the one loaded
+    assert "ModuleNotFoundError" not in log
+    assert "; faiss 1." in log
 
 
 def _multipart(field: str, filename: str, payload: bytes, boundary: str) -> bytes:
