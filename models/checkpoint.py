@@ -116,7 +116,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         payload = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        raise CheckpointError(f"{source} is not a readable checkpoint: {exc}") from exc
+        # torch's own message advises weights_only=False: unsafe for a file of unknown origin and never
+        # what a cxr-reid user should do, so it is not passed on.
+        text = str(exc).strip()
+        reason = type(exc).__name__ if not text or "weights_only" in text else text.splitlines()[0]
+        raise CheckpointError(
+            f"{source} is not a cxr-reid checkpoint (torch.load: {reason}); pass a .pt file written by "
+            "`cxr-reid train` or `cxr-reid calibrate`, or leave --model out for the shipped model"
+        ) from exc
     if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED_KEYS):
         raise CheckpointError(f"{source} is not a cxr-reid checkpoint (missing keys)")
     if payload["format_version"] > FORMAT_VERSION:

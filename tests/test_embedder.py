@@ -43,8 +43,13 @@ def test_checkpoint_round_trip_and_content_id(tiny_checkpoint: Path, tmp_path: P
 def test_not_a_checkpoint(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a cxr-reid checkpoint") as caught:
         load_checkpoint(bad)
+    assert "cxr-reid train" in str(caught.value)  # says what to pass instead
+    readme = Path(__file__).resolve().parents[1] / "README.md"  # a text file: torch's unpickling error
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(readme)
+    assert "weights_only" not in str(caught.value)  # torch's unsafe advice is not passed on
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="missing keys"):
         load_checkpoint(tmp_path / "other.pt")
