@@ -75,16 +75,36 @@ FOLLOW_UP_NUMBER_SETS: tuple[str, ...] = ("nih-cxr14", "chestxray14")
 def read_manifest(manifest: str | os.PathLike, *, namespace: str | None = None) -> list[Sample]:
     """Read a manifest CSV; paths resolve against the CSV's folder."""
     manifest_path = Path(manifest)
+    if manifest_path.is_dir():
+        inside = manifest_path / "manifest.csv"
+        hint = f"did you mean {inside}?" if inside.is_file() else "give the CSV file inside it"
+        raise ManifestError(
+            f"{manifest_path} is a folder, not a manifest: {hint} (a CSV with columns path,patient_id)"
+        )
     if not manifest_path.is_file():
-        raise ManifestError(f"manifest not found: {manifest_path}")
+        raise ManifestError(
+            f"manifest not found: {manifest_path} (a CSV with columns path,patient_id; "
+            "its paths are relative to the CSV's folder)"
+        )
     name = namespace if namespace is not None else dataset_name(manifest_path)
     root = manifest_path.resolve().parent
     samples: list[Sample] = []
     with manifest_path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
-        missing = {"path", "patient_id"} - set(reader.fieldnames or [])
+        found = [name for name in reader.fieldnames or [] if name]
+        missing = {"path", "patient_id"} - set(found)
         if missing:
-            raise ManifestError(f"{manifest_path}: missing column(s) {', '.join(sorted(missing))}")
+            header = ", ".join(found) if found else "nothing"
+            delimiter = next((d for d in ";\t|" if len(found) == 1 and d in found[0]), None)
+            hint = (
+                f"; the header looks {'tab' if delimiter == chr(9) else repr(delimiter)}-separated: "
+                "save it comma-separated"
+                if delimiter
+                else "; the first line must name the columns"
+            )
+            raise ManifestError(
+                f"{manifest_path}: missing column(s) {', '.join(sorted(missing))}; found {header}{hint}"
+            )
         known = {"path", "patient_id", "view", "sex", "age", "offset_days", "follow_up", "split"}
         visits_in_offset = name.startswith(FOLLOW_UP_NUMBER_SETS)
         for line, row in enumerate(reader, start=2):

@@ -54,7 +54,8 @@ def test_manifests_keep_patient_ids_apart(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("path,patient\nx.png,p1\n", "missing column"),
+        ("path,patient\nx.png,p1\n", "missing column.*found path, patient; the first line must name"),
+        ("path;patient_id\nx.png;p1\n", "found path;patient_id; the header looks ';'-separated"),
         ("path,patient_id\n", "no rows"),
         ("path,patient_id\nx.png,\n", "empty path or patient_id"),
         ("path,patient_id,split\nx.png,p1,holdout\n", "split must be one of"),
@@ -66,8 +67,12 @@ def test_bad_manifests_are_explained(tmp_path: Path, text: str, message: str) ->
 
 
 def test_missing_manifest(tmp_path: Path) -> None:
-    with pytest.raises(ManifestError, match="not found"):
+    with pytest.raises(ManifestError, match="not found.*relative to the CSV's folder"):
         read_manifest(tmp_path / "nope.csv")
+    # a folder is not "not found": say what to give instead
+    manifest = _write(tmp_path / "set" / "manifest.csv", "path,patient_id\nx.png,p1\n")
+    with pytest.raises(ManifestError, match=f"is a folder, not a manifest: did you mean {manifest}"):
+        read_manifest(manifest.parent)
 
 
 def test_write_manifest_round_trips(tmp_path: Path) -> None:
