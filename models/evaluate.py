@@ -86,8 +86,8 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (default: the shipped one) on a manifest; returns one flat dict."""
+    samples = read_manifest(manifest)  # before the model: a typo fails at once, not after loading it
     embedder = Embedder.from_checkpoint(model)
-    samples = read_manifest(manifest)
     chosen, description = select_split(samples, embedder, split)
     if len(chosen) < 2:
         raise ValueError(f"{manifest}: only {len(chosen)} image(s) in the chosen split ({description})")

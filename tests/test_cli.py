@@ -83,3 +83,10 @@ def test_bad_paths_fail_with_a_message_not_a_traceback(tmp_path: Path) -> None:
     result = _run("evaluate", "--model", str(tmp_path / "missing.pt"), "--manifest", str(tmp_path / "m.csv"))
     assert result.returncode == 2
     assert "not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_evaluate_checks_the_manifest_before_loading_a_model(tmp_path: Path) -> None:
+    """A typo in the manifest fails at once, with the manifest named, whatever the model."""
+    result = _run("evaluate", "--manifest", str(tmp_path / "typo.csv"), "--model", "README.md")
+    assert result.returncode == 2
+    assert "manifest not found" in result.stderr and "checkpoint" not in result.stderr
