@@ -135,6 +135,17 @@ def read_manifest(manifest: str | os.PathLike, *, namespace: str | None = None) 
     return samples
 
 
+def check_files_exist(samples: Sequence[Sample], manifest: str | os.PathLike) -> None:
+    """Raise ManifestError naming the missing images (and how paths resolve) before any work starts."""
+    missing = [s.path for s in samples if not os.path.isfile(s.path)]
+    if missing:
+        folder = Path(manifest).resolve().parent
+        raise ManifestError(
+            f"{manifest}: {len(missing)} of {len(samples)} image(s) not found, e.g. {missing[0]}; "
+            f"its paths are relative to the CSV's folder ({folder}): fix the paths or move the CSV"
+        )
+
+
 def read_manifests(manifests: Sequence[str | os.PathLike]) -> list[Sample]:
     """Combine several manifests; patient ids stay apart because each is namespaced by its set."""
     names = [dataset_name(m) for m in manifests]

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from models.data import Sample, dataset_name, read_manifest, split_of
+from models.data import Sample, check_files_exist, dataset_name, read_manifest, split_of
 from models.embedder import Embedder
 from models.metrics import HEADLINE_METRICS, evaluate_embeddings, pair_scores, save_plots
 from models.scorenorm import ScoreNorm, patient_key
@@ -87,6 +87,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (default: the shipped one) on a manifest; returns one flat dict."""
     samples = read_manifest(manifest)  # before the model: a typo fails at once, not after loading it
+    check_files_exist(samples, manifest)
     embedder = Embedder.from_checkpoint(model)
     chosen, description = select_split(samples, embedder, split)
     if len(chosen) < 2:

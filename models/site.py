@@ -338,7 +338,7 @@ def calibrate_checkpoint(
     too-small site fails in a moment, not after embedding.
     """
     from models.checkpoint import with_calibration
-    from models.data import read_manifest
+    from models.data import check_files_exist, read_manifest
     from models.embedder import DEFAULT_CHECKPOINT, Embedder
     from models.evaluate import embed_samples
 
@@ -350,6 +350,7 @@ def calibrate_checkpoint(
     samples = read_manifest(manifest)
     ids = [s.patient_id for s in samples]
     check_resolvable(pair_counts(ids), fars)
+    check_files_exist(samples, manifest)
     source = Path(model) if model is not None else DEFAULT_CHECKPOINT
     embedder = Embedder.from_checkpoint(source)
     embeddings = embed_samples(embedder, samples, progress=progress)

@@ -90,3 +90,13 @@ def test_evaluate_checks_the_manifest_before_loading_a_model(tmp_path: Path) -> 
     result = _run("evaluate", "--manifest", str(tmp_path / "typo.csv"), "--model", "README.md")
     assert result.returncode == 2
     assert "manifest not found" in result.stderr and "checkpoint" not in result.stderr
+
+
+def test_missing_images_are_named_before_the_model_loads(tmp_path: Path) -> None:
+    manifest = tmp_path / "site" / "manifest.csv"
+    manifest.parent.mkdir()
+    manifest.write_text("path,patient_id\nimgs/a.png,p1\nimgs/b.png,p1\n")
+    result = _run("evaluate", "--manifest", str(manifest), "--model", "README.md")
+    assert result.returncode == 2
+    assert "2 of 2 image(s) not found" in result.stderr
+    assert "relative to the CSV's folder" in result.stderr and "checkpoint" not in result.stderr
