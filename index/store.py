@@ -300,30 +300,24 @@ class Store:
         )
         return None if row is None else self.to_record(row)
 
-    def get_many(self, ids: Sequence[int], conn: sqlite3.Connection | None = None) -> dict[int, ImageRecord]:
+    def _rows_by_id(
+        self, columns: str, ids: Sequence[int], conn: sqlite3.Connection | None = None
+    ) -> Iterator[tuple]:
+        """``SELECT columns`` of the given image ids (each once), ``_IN_CHUNK`` ids a query; ids not
+        found are left out. ``columns`` starts with image_id."""
         c = conn or self.reader()
-        out: dict[int, ImageRecord] = {}
         uniq = list(dict.fromkeys(int(i) for i in ids))
         for s in range(0, len(uniq), _IN_CHUNK):
             part = uniq[s : s + _IN_CHUNK]
             marks = ",".join("?" * len(part))
-            for row in c.execute(f"SELECT {RECORD_COLUMNS} FROM images WHERE image_id IN ({marks})", part):
-                out[int(row[0])] = self.to_record(row)
-        return out
+            yield from c.execute(f"SELECT {columns} FROM images WHERE image_id IN ({marks})", part)
+
+    def get_many(self, ids: Sequence[int], conn: sqlite3.Connection | None = None) -> dict[int, ImageRecord]:
+        return {int(row[0]): self.to_record(row) for row in self._rows_by_id(RECORD_COLUMNS, ids, conn)}
 
     def get_vectors(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
-        """Stored vectors by id, ``_IN_CHUNK`` ids a query (ids not found are left out)."""
-        c = self.reader()
-        out: dict[int, np.ndarray] = {}
-        uniq = list(dict.fromkeys(int(i) for i in ids))
-        for s in range(0, len(uniq), _IN_CHUNK):
-            part = uniq[s : s + _IN_CHUNK]
-            marks = ",".join("?" * len(part))
-            for image_id, blob in c.execute(
-                f"SELECT image_id, vector FROM images WHERE image_id IN ({marks})", part
-            ):
-                out[int(image_id)] = blob_to_vector(blob)
-        return out
+        """Stored vectors by id (ids not found are left out)."""
+        return {int(i): blob_to_vector(blob) for i, blob in self._rows_by_id("image_id, vector", ids)}
 
     def get_vector(self, image_id: int) -> np.ndarray | None:
         row = (
