@@ -1,4 +1,4 @@
-"""Gallery and service subcommands of ``cxr-reid``: serve, enroll, reindex, calibrate, audit.
+"""Gallery and service subcommands of ``cxr-reid``: serve, healthcheck, enroll, reindex, calibrate, audit.
 
 ``register(subparsers)`` adds them to the CLI in ``app/cli.py``. Every command reads the same
 ``CXR_REID_*`` settings as the service; its flags override them. Heavy imports happen inside the
@@ -57,6 +57,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         access_log=False,  # it logs raw paths and query strings (patient ids); app.access logs templates
     )
     return 0
+
+
+def _cmd_healthcheck(args: argparse.Namespace) -> int:
+    """Exit 0 only when the local service answers /readyz with 200 (the container HEALTHCHECK)."""
+    import urllib.error
+    import urllib.request
+
+    port = args.port or _settings(args).port
+    url = f"http://127.0.0.1:{port}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        detail = exc.read(2000).decode("utf-8", "replace")
+        sys.stderr.write(f"not ready: {url} answered {exc.code}: {detail}\n")
+        return 1
+    except OSError as exc:
+        sys.stderr.write(f"not ready: {url} did not answer ({exc})\n")
+        return 1
+    sys.stdout.write(f"ready: {url} answered {status}\n")
+    return 0 if status == 200 else 1
 
 
 def _open(settings: Any, *, allow_model_mismatch: bool = False) -> tuple[Any, Any]:
@@ -256,13 +277,21 @@ def _common(parser: argparse.ArgumentParser, *, data_dir: bool = True) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add serve, enroll, reindex and audit to the ``cxr-reid`` command line."""
+    """Add serve, healthcheck, enroll, reindex, calibrate and audit to the ``cxr-reid`` command line."""
     p = subparsers.add_parser("serve", help="run the HTTP service (uvicorn)")
     p.add_argument("--host", help="bind address (default: CXR_REID_HOST, else 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: CXR_REID_PORT, else 8000)")
     p.add_argument("--workers", type=int, help="worker processes; the gallery allows only 1")
     _common(p)
     p.set_defaults(func=_cmd_serve)
+
+    p = subparsers.add_parser(
+        "healthcheck",
+        help="exit 0 if the local service is ready (GET /readyz is 200), else 1: the container health check",
+    )
+    p.add_argument("--port", type=int, help="port (default: CXR_REID_PORT, else 8000)")
+    p.add_argument("--timeout", type=float, default=4.0, help="seconds to wait for the answer (default 4)")
+    p.set_defaults(func=_cmd_healthcheck)
 
     p = subparsers.add_parser(
         "enroll",

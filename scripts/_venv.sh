@@ -1,12 +1,24 @@
-# Sourced by scripts/*.sh: make (or reuse) the project's virtual environment with the package in it.
-# torch is installed first, as the CPU build from PyTorch's CPU wheel index: a bare `torch==2.13.0`
-# on a normal machine pulls the multi-GB CUDA build and about 20 nvidia-* packages. Override with
-# TORCH_SPEC (e.g. TORCH_SPEC="torch==2.13.0" for CUDA).
+# Sourced by scripts/*.sh and the Dockerfile: make (or reuse) a virtual environment with the package
+# in it, in one pip call whose torch requirement is pinned to a build of PyTorch's own wheel index.
+#
+# Why the pin: PyPI's `torch==2.13.0` is the CUDA build (several GB with about 20 nvidia-* and triton
+# packages). `torch==2.13.0+cpu` names the CPU build by its local version, which only PyTorch's CPU
+# index carries, so no pip configuration (another index, a mirror, a cache) can swap in a CUDA build.
+# tests/test_install.py dry-runs this exact command with pip's configuration ignored.
+#
+#   TORCH_VARIANT  cpu (default), or a CUDA build of 2.13.0 listed at https://download.pytorch.org/whl/
+#                  (e.g. cu128) for training on a GPU machine
+#   TORCH_INDEX    the wheel index holding that build (default: PyTorch's index for TORCH_VARIANT)
+#   VENV           where the environment goes (default .venv)
+#   PACKAGE        what to install with torch (default: this checkout, editable, with EXTRAS)
 VENV=${VENV:-.venv}
-TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu}
+TORCH_VERSION=2.13.0
+TORCH_VARIANT=${TORCH_VARIANT:-cpu}
+TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/$TORCH_VARIANT}
+PACKAGE=${PACKAGE:--e .[$EXTRAS]}
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
-# shellcheck disable=SC2086  # TORCH_SPEC is a requirement plus pip options, split on purpose
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check $TORCH_SPEC
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[$EXTRAS]"
+# shellcheck disable=SC2086  # PACKAGE may be "-e .[extras]": two words on purpose
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+    "torch==$TORCH_VERSION+$TORCH_VARIANT" --extra-index-url "$TORCH_INDEX" $PACKAGE

@@ -130,6 +130,7 @@ def test_acknowledged_enrolments_survive_kill_9(
         hits = http.post("/search", files={"file": (query.name, query.read_bytes())}).json()["matches"]
         assert hits[0]["image_id"] == acknowledged[2] and hits[0]["score"] == pytest.approx(1.0, abs=1e-6)
         assert http.get("/readyz").json()["gallery_images"] == 3
+    _assert_healthcheck(second, server_env, tmp_path)
     second.stop()
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells how it ended
     assert second.process.returncode in (0, -signal.SIGTERM)
@@ -138,6 +139,30 @@ def test_acknowledged_enrolments_survive_kill_9(
     # quiet start-up: faiss's loader does not report the builds it failed to find; we name the one loaded
     assert "ModuleNotFoundError" not in log
     assert "; faiss 1." in log
+
+
+def _healthcheck(port: int, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "app.cli", "healthcheck", "--port", str(port), "--timeout", "10"]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def _assert_healthcheck(ready: Server, env: dict[str, str], tmp_path: Path) -> None:
+    """The container HEALTHCHECK: healthy only when ready; a locked gallery or no server is unhealthy."""
+    assert _healthcheck(ready.port, env).returncode == 0
+    nothing = _healthcheck(free_port(), env)
+    assert nothing.returncode == 1 and "did not answer" in nothing.stderr
+    port = free_port()  # a second server on the same data dir finds the gallery locked
+    locked = subprocess.Popen(
+        uvicorn_command(port), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while "did not answer" in (answer := _healthcheck(port, env)).stderr and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert answer.returncode == 1 and "answered 503" in answer.stderr, answer.stderr
+    finally:
+        locked.kill()
+        locked.wait()
 
 
 def _multipart(field: str, filename: str, payload: bytes, boundary: str) -> bytes:
