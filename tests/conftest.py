@@ -1,4 +1,5 @@
-"""Shared fixtures: a small random-weight checkpoint, a few phantom images, API test clients.
+"""Shared fixtures: a small random-weight checkpoint, a few phantom images, API test clients, real
+server processes (``tests/serving.py``).
 
 Plain helpers the test modules import (``from conftest import ...``): ``save_random_checkpoint``,
 ``synthetic_site`` and ``dicom_dataset``.
@@ -16,6 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 import torch
+
+from tests.serving import Server
 
 if TYPE_CHECKING:
     from fastapi.testclient import TestClient
@@ -125,6 +128,15 @@ def make_client(tmp_path: Path, embedder: Embedder) -> Iterator[Callable[..., Te
     yield _make
     for client in reversed(opened):
         client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    """Server processes a test starts; whatever is left running is killed at the end."""
+    started: list[Server] = []
+    yield started
+    for server in started:
+        server.kill()
 
 
 @pytest.fixture
