@@ -8,6 +8,8 @@ ARG BASE=python:3.11-slim
 FROM ${BASE}
 
 ARG TORCH_VARIANT=cpu
+# a wheel index holding that torch build, when PyTorch's own cannot be reached (empty: PyTorch's)
+ARG TORCH_INDEX=""
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -20,7 +22,7 @@ COPY app ./app
 COPY index ./index
 COPY models ./models
 # The same install as scripts/serve.sh: torch pinned to the CPU build of PyTorch's index, one pip call.
-RUN VENV=/opt/venv PACKAGE=".[serve]" TORCH_VARIANT="${TORCH_VARIANT}" sh scripts/_venv.sh \
+RUN VENV=/opt/venv PACKAGE=".[serve]" TORCH_VARIANT="${TORCH_VARIANT}" TORCH_INDEX="${TORCH_INDEX}" sh scripts/_venv.sh \
     && rm -rf /opt/cxr-reid/build
 ENV PATH=/opt/venv/bin:$PATH
 
