@@ -6,7 +6,7 @@ import hmac
 import logging
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, UploadFile
+from fastapi import Depends, HTTPException, Path, Query, Request, UploadFile
 from fastapi.security import APIKeyHeader
 
 from .services import InvalidInputError, PayloadTooLargeError, ReidService, Upload
@@ -58,6 +58,11 @@ def require_api_key(
 
 ServiceDep = Annotated[ReidService, Depends(get_service)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+# parameters several routes share, declared once
+ImageIdPath = Annotated[int, Path(ge=1, le=MAX_IMAGE_ID, description="a gallery image id")]
+PageOffset = Annotated[int, Query(ge=0, description="items to skip before the page (pagination)")]
+PageLimit = Annotated[int, Query(ge=1, le=1000, description="most items in the page (1-1000)")]
 
 
 def read_uploads(files: list[UploadFile], settings: Settings) -> list[Upload]:

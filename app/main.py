@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from index import (
@@ -29,6 +32,7 @@ from models.embedder import Embedder
 from .dependencies import require_api_key
 from .middleware import BodyLimitMiddleware, MetricsMiddleware, ServiceMetrics
 from .routers import calibration, duplicates, embed, health, images, search, verify
+from .schemas import ErrorResponse, FieldError, error_responses
 from .services import ReidService, ServiceError, open_gallery
 from .settings import Settings
 
@@ -48,7 +52,8 @@ duplicate / conflicting-label discovery.
   say which calibration is in force: the model's own (`shipped`, fitted on its validation patients,
   which may not hold at your site) or this site's (`POST /calibration` fits it on the gallery's
   labelled images).
-* Errors are JSON `{"detail": ...}`: 401 missing/invalid API key, 404 unknown id, 413 upload over the
+* Every error is JSON `{"detail": ...}` (`ErrorResponse`; a 422 from request checks also lists
+  `errors`, one per rejected field): 401 missing/invalid API key, 404 unknown id, 413 upload over the
   size limit, 422 unusable image or missing/contradictory fields, 503 not ready (e.g. the gallery holds
   vectors of another model: run `cxr-reid reindex`).
 * With `CXR_REID_API_KEYS` set, every route but /healthz, /readyz and /metrics needs `X-API-Key`.
@@ -121,7 +126,8 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
             app.state.service = None
             await run_in_threadpool(service.close)
 
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from files the package ships, not a CDN
+    app = FastAPIOffline(
         title="cxr-reid",
         summary="Chest X-ray patient re-identification",
         description=DESCRIPTION,
@@ -135,9 +141,10 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     metrics.track_gallery(lambda: app.state.service.gallery_size() if app.state.service is not None else 0)
 
     secured = [Depends(require_api_key)]
-    app.include_router(health.router)
+    app.include_router(health.router, responses=error_responses(500))
     for module in (embed, verify, images, search, duplicates, calibration):
-        app.include_router(module.router, dependencies=secured)
+        app.include_router(module.router, dependencies=secured, responses=error_responses(401, 422, 500, 503))
+    app.openapi = _openapi_with_form_descriptions(app)
 
     _add_error_handlers(app)
     # outermost last: metrics see every response, including the body limit's 413
@@ -153,8 +160,46 @@ def create_app_from_env() -> FastAPI:
     return create_app(Settings())
 
 
+def _openapi_with_form_descriptions(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """FastAPI names each multipart form ``Body_<operation>`` without a description; give it one."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = build()
+        schemas = spec.get("components", {}).get("schemas", {})
+        for operations in spec["paths"].values():
+            for operation in operations.values():
+                for media in operation.get("requestBody", {}).get("content", {}).values():
+                    name = media.get("schema", {}).get("$ref", "").rsplit("/", 1)[-1]
+                    if name in schemas and not schemas[name].get("description"):
+                        schemas[name]["description"] = f"Form fields of: {operation['summary']}"
+        return spec
+
+    return openapi
+
+
+def _field_errors(exc: RequestValidationError) -> list[FieldError]:
+    """Pydantic's errors as `where: what`, without the rejected values (they may hold patient ids)."""
+    return [
+        FieldError(field=".".join(str(part) for part in error["loc"]), message=error["msg"])
+        for error in exc.errors()
+    ]
+
+
 def _add_error_handlers(app: FastAPI) -> None:
-    """Map service and gallery errors to JSON 4xx/503; anything else is a bug (500, logged)."""
+    """Map service and gallery errors to JSON 4xx/503; anything else is a bug (500, logged).
+
+    Every body is an ``ErrorResponse``, request validation errors included.
+    """
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = _field_errors(exc)
+        detail = "invalid request: " + "; ".join(f"{error.field}: {error.message}" for error in errors)
+        body = ErrorResponse(detail=detail, errors=errors)
+        return JSONResponse(body.model_dump(), status_code=422)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:

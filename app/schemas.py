@@ -11,8 +11,43 @@ from index import ImageRecord
 from .services import Alert, OperatingPoint, ScoredRecord
 
 
+class FieldError(BaseModel):
+    """One request field the service rejected before doing anything (422 validation errors)."""
+
+    field: str = Field(description="where the field is, e.g. `query.limit` or `body.k`")
+    message: str = Field(description="what is wrong with it")
+
+
 class ErrorResponse(BaseModel):
-    detail: str = Field(description="what is wrong, in words")
+    """The body of every 4xx and 5xx answer."""
+
+    detail: str = Field(description="what is wrong and, where it helps, what to do about it")
+    errors: list[FieldError] | None = Field(
+        default=None, description="for request validation errors: one entry per rejected field"
+    )
+
+
+ERROR_DESCRIPTIONS = {
+    401: "missing or wrong `X-API-Key` (only when the service has API keys)",
+    404: "unknown image id or patient",
+    409: "refused: the site's labelled images cannot support the calibration (nothing changed)",
+    413: "request body over the upload limit",
+    422: "an unusable image or a missing, malformed or contradictory field",
+    500: "a bug: the service logged it; nothing was written",
+    503: "not ready: the model is loading, or the gallery cannot be served (locked by another "
+    "process, unreadable, or holding another model's vectors)",
+}
+
+
+def error_responses(*codes: int, **descriptions: str) -> dict[int | str, dict]:
+    """OpenAPI `responses` for these status codes, all with the ErrorResponse body.
+
+    ``descriptions`` (keyed ``e404=...``) replace the generic wording for one route.
+    """
+    return {
+        code: {"model": ErrorResponse, "description": descriptions.get(f"e{code}", ERROR_DESCRIPTIONS[code])}
+        for code in codes
+    }
 
 
 class CalibrationOut(BaseModel):
@@ -44,6 +79,8 @@ SCORE_DESCRIPTION = (
 
 
 class OperatingPointOut(BaseModel):
+    """The threshold decisions use, and the false-accept rate it stands for."""
+
     threshold: float = Field(description="score at or above which two images count as the same patient")
     far: float = Field(description="false-accept rate the threshold stands for on the calibration in force")
     calibration: CalibrationOut = Field(description="the calibration the threshold and FAR come from")
@@ -55,19 +92,26 @@ class OperatingPointOut(BaseModel):
 
 # ---------------------------------------------------------------------------------------------- embed
 class ImageSize(BaseModel):
-    width: int
-    height: int
+    """Size of the decoded image, in pixels."""
+
+    width: int = Field(description="columns")
+    height: int = Field(description="rows")
+
+
+MODEL_ID_DESCRIPTION = "the model that made the embeddings (its weights and preprocessing)"
 
 
 class EmbedResult(BaseModel):
-    filename: str
-    model_id: str
-    dim: int
-    encoding: Literal["json", "base64"]
+    """The identity embedding of one uploaded image."""
+
+    filename: str = Field(description="the upload's file name")
+    model_id: str = Field(description=MODEL_ID_DESCRIPTION)
+    dim: int = Field(description="length of the embedding")
+    encoding: Literal["json", "base64"] = Field(description="how `embedding` is written (`?encoding=`)")
     embedding: list[float] | str = Field(
         description="unit-norm float32 vector: a JSON list, or base64 of little-endian float32 bytes"
     )
-    image_size: ImageSize
+    image_size: ImageSize = Field(description="the decoded image's size")
     source_format: str = Field(description="dicom | png | jpeg | tiff (from the file's bytes, not its name)")
     identifiers: dict[str, str] = Field(
         description="DICOM SOPInstanceUID, StudyInstanceUID, ViewPosition when present; never names, "
@@ -76,24 +120,33 @@ class EmbedResult(BaseModel):
 
 
 class EmbedResponse(BaseModel):
-    model_id: str
-    results: list[EmbedResult]
+    """Embeddings of the uploaded images, in upload order."""
+
+    model_id: str = Field(description=MODEL_ID_DESCRIPTION)
+    results: list[EmbedResult] = Field(description="one per uploaded file")
 
 
 # ---------------------------------------------------------------------------------------------- images
+IMAGE_ID_DESCRIPTION = "the gallery's id of the image (never reused)"
+PATIENT_ID_DESCRIPTION = "the patient the image is filed under; null = unknown"
+COLLECTION_DESCRIPTION = "the gallery collection the image belongs to"
+
+
 class ImageOut(BaseModel):
-    image_id: int
-    patient_id: str | None
-    collection: str
-    model_id: str
-    created_at: str
-    sha256: str | None
-    sop_instance_uid: str | None
-    study_instance_uid: str | None
-    view: str | None
-    study_date: str | None
-    split: str | None
-    tags: dict[str, str | int | float | bool | None]
+    """A gallery image: its labels and metadata (never its pixels or DICOM names and dates of birth)."""
+
+    image_id: int = Field(description=IMAGE_ID_DESCRIPTION)
+    patient_id: str | None = Field(description=PATIENT_ID_DESCRIPTION)
+    collection: str = Field(description=COLLECTION_DESCRIPTION)
+    model_id: str = Field(description="the model its stored embedding comes from")
+    created_at: str = Field(description="ISO-8601 UTC time of enrolment")
+    sha256: str | None = Field(description="SHA-256 of the uploaded bytes")
+    sop_instance_uid: str | None = Field(description="DICOM SOPInstanceUID, when known")
+    study_instance_uid: str | None = Field(description="DICOM StudyInstanceUID, when known")
+    view: str | None = Field(description="view position, e.g. PA, AP, LL")
+    study_date: str | None = Field(description="study date as given, or the DICOM StudyDate")
+    split: str | None = Field(description="data-set split label, e.g. train / val / test")
+    tags: dict[str, str | int | float | bool | None] = Field(description="free metadata given at enrolment")
     source_path: str | None = Field(description="external original (bulk enrolment), when referenced by path")
     stored: bool = Field(description="whether the gallery keeps a copy of the original (for reindex)")
 
@@ -118,9 +171,11 @@ class ImageOut(BaseModel):
 
 
 class MatchOut(BaseModel):
-    image_id: int
-    patient_id: str | None
-    collection: str
+    """A gallery image scored against a query."""
+
+    image_id: int = Field(description=IMAGE_ID_DESCRIPTION)
+    patient_id: str | None = Field(description=PATIENT_ID_DESCRIPTION)
+    collection: str = Field(description=COLLECTION_DESCRIPTION)
     score: float = Field(description=SCORE_DESCRIPTION)
     cosine: float = Field(description="cosine similarity with the query")
     same_patient: bool = Field(description="score >= threshold (the same rule /verify uses)")
@@ -138,11 +193,18 @@ class MatchOut(BaseModel):
 
 
 class AlertOut(BaseModel):
-    kind: Literal["matches_other_patient", "no_match_with_own_images"]
-    message: str
+    """A wrong-patient warning raised at enrolment: check how the image was filed."""
+
+    kind: Literal["matches_other_patient", "no_match_with_own_images"] = Field(
+        description="matches_other_patient: it looks like another patient of the collection; "
+        "no_match_with_own_images: it looks like none of its patient's earlier images"
+    )
+    message: str = Field(description="the warning in words")
     score: float = Field(description="the other patient's match score, or the best score with own images")
-    other_patient_id: str | None = None
-    other_image_id: int | None = None
+    other_patient_id: str | None = Field(
+        default=None, description="the patient it matches (matches_other_patient)"
+    )
+    other_image_id: int | None = Field(default=None, description="that patient's best-matching image")
     own_best_score: float | None = Field(description="best score against the patient's earlier images")
     own_images: int = Field(description="earlier images of the patient it was compared with")
 
@@ -154,9 +216,11 @@ class AlertOut(BaseModel):
 
 
 class EnrolledImage(BaseModel):
-    image_id: int
-    filename: str
-    image: ImageOut
+    """One enrolled upload: its new gallery record, its best matches and any wrong-patient alert."""
+
+    image_id: int = Field(description=IMAGE_ID_DESCRIPTION)
+    filename: str = Field(description="the upload's file name")
+    image: ImageOut = Field(description="the gallery record as stored")
     duplicate_of: int | None = Field(
         description="an earlier image of this collection with byte-identical content, if any "
         "(the upload is still enrolled)"
@@ -166,123 +230,162 @@ class EnrolledImage(BaseModel):
 
 
 class EnrolResponse(BaseModel):
-    model_id: str
-    operating_point: OperatingPointOut
-    images: list[EnrolledImage]
+    """The images of one enrolment request, in upload order."""
+
+    model_id: str = Field(description=MODEL_ID_DESCRIPTION)
+    operating_point: OperatingPointOut = Field(description="the threshold matches and alerts were decided at")
+    images: list[EnrolledImage] = Field(description="one per uploaded file")
+
+
+OFFSET_DESCRIPTION = "items skipped before this page"
+LIMIT_DESCRIPTION = "most items in this page"
 
 
 class ImagePage(BaseModel):
-    total: int
-    offset: int
-    limit: int
-    items: list[ImageOut]
+    """One page of gallery images, oldest first."""
+
+    total: int = Field(description="images matching the filters, over all pages")
+    offset: int = Field(description=OFFSET_DESCRIPTION)
+    limit: int = Field(description=LIMIT_DESCRIPTION)
+    items: list[ImageOut] = Field(description="the images of this page")
 
 
 class DeleteResponse(BaseModel):
-    deleted: int
+    """What a delete removed."""
+
+    deleted: int = Field(description="number of gallery images removed")
 
 
 # ---------------------------------------------------------------------------------------------- verify
 class ImageRef(BaseModel):
-    image_id: int | None = None
-    filename: str | None = None
+    """Which image a side of a comparison was: an upload (filename) or a gallery image (image_id)."""
+
+    image_id: int | None = Field(default=None, description="gallery image id (gallery images only)")
+    filename: str | None = Field(default=None, description="the upload's file name (uploads only)")
     patient_id: str | None = Field(default=None, description="gallery label (gallery images only)")
 
 
+THRESHOLD_DESCRIPTION = "the score at or above which the answer is the same patient"
+FAR_DESCRIPTION = "the false-accept rate the threshold stands for under the calibration in force"
+CALIBRATION_DESCRIPTION = "the calibration the threshold comes from: the model's own or this site's"
+SAME_PATIENT_DESCRIPTION = "score >= threshold"
+PROBABILITY_DESCRIPTION = "calibrated P(same patient | score) at a 50/50 prior"
+
+
 class PairVerification(BaseModel):
-    mode: Literal["pair"] = "pair"
-    model_id: str
-    a: ImageRef
-    b: ImageRef
+    """Are two images the same patient?"""
+
+    mode: Literal["pair"] = Field(default="pair", description="pair: image against image")
+    model_id: str = Field(description=MODEL_ID_DESCRIPTION)
+    a: ImageRef = Field(description="the first image")
+    b: ImageRef = Field(description="the second image")
     score: float = Field(description=SCORE_DESCRIPTION)
     cosine: float = Field(description="cosine similarity of the two embeddings")
-    probability: float = Field(description="calibrated P(same patient | score) at a 50/50 prior")
-    same_patient: bool
-    threshold: float
-    far: float
-    calibration: CalibrationOut
+    probability: float = Field(description=PROBABILITY_DESCRIPTION)
+    same_patient: bool = Field(description=SAME_PATIENT_DESCRIPTION)
+    threshold: float = Field(description=THRESHOLD_DESCRIPTION)
+    far: float = Field(description=FAR_DESCRIPTION)
+    calibration: CalibrationOut = Field(description=CALIBRATION_DESCRIPTION)
 
 
 class PatientVerification(BaseModel):
-    mode: Literal["patient"] = "patient"
-    model_id: str
-    query: ImageRef
-    patient_id: str
-    collection: str | None
+    """Is an image the given patient? Scored against every gallery image of that patient."""
+
+    mode: Literal["patient"] = Field(default="patient", description="patient: image against a patient")
+    model_id: str = Field(description=MODEL_ID_DESCRIPTION)
+    query: ImageRef = Field(description="the image checked")
+    patient_id: str = Field(description="the patient it was checked against")
+    collection: str | None = Field(
+        description="the collection of the patient's images; null = every collection"
+    )
     score: float = Field(description="best score over the patient's images (the decision uses it)")
     cosine: float = Field(description="cosine similarity with the best-scoring image")
-    best_score: float
-    mean_score: float
-    best_image_id: int
+    best_score: float = Field(description="the best score over the patient's images (= score)")
+    mean_score: float = Field(description="the mean score over the patient's images")
+    best_image_id: int = Field(description="the patient's best-scoring gallery image")
     compared_with: int = Field(description="how many of the patient's images were scored")
-    probability: float
-    same_patient: bool
-    threshold: float
-    far: float
-    calibration: CalibrationOut
+    probability: float = Field(description=PROBABILITY_DESCRIPTION)
+    same_patient: bool = Field(description=SAME_PATIENT_DESCRIPTION)
+    threshold: float = Field(description=THRESHOLD_DESCRIPTION)
+    far: float = Field(description=FAR_DESCRIPTION)
+    calibration: CalibrationOut = Field(description=CALIBRATION_DESCRIPTION)
 
 
 # ---------------------------------------------------------------------------------------------- search
 class SearchResponse(BaseModel):
-    model_id: str
-    query: ImageRef
+    """The nearest gallery images of a query image, best first."""
+
+    model_id: str = Field(description=MODEL_ID_DESCRIPTION)
+    query: ImageRef = Field(description="the query image")
     collection: str | None = Field(description="collection searched; null = every collection")
-    k: int
-    operating_point: OperatingPointOut
-    matches: list[MatchOut]
+    k: int = Field(description="most matches asked for")
+    operating_point: OperatingPointOut = Field(description="the threshold `same_patient` was decided at")
+    matches: list[MatchOut] = Field(description="best first")
 
 
 # ---------------------------------------------------------------------------------------------- duplicates
 class PairImage(BaseModel):
-    image_id: int
-    patient_id: str | None
-    collection: str
+    """One image of a duplicate pair."""
+
+    image_id: int = Field(description=IMAGE_ID_DESCRIPTION)
+    patient_id: str | None = Field(description=PATIENT_ID_DESCRIPTION)
+    collection: str = Field(description=COLLECTION_DESCRIPTION)
 
 
 class DuplicatePairOut(BaseModel):
-    a: PairImage
-    b: PairImage
-    score: float
+    """Two gallery images whose score reaches the threshold: one patient, or one image twice."""
+
+    a: PairImage = Field(description="the image with the lower id")
+    b: PairImage = Field(description="the image with the higher id")
+    score: float = Field(description=SCORE_DESCRIPTION)
     conflict: bool = Field(description="both patient ids known and different: one label is probably wrong")
     cluster: int = Field(description="index into `clusters`")
 
 
 class ClusterOut(BaseModel):
-    image_ids: list[int]
+    """Images linked by duplicate pairs (a connected component)."""
+
+    image_ids: list[int] = Field(description="the gallery images of the cluster")
     patient_ids: list[str | None] = Field(description="distinct labels in the cluster")
     conflict: bool = Field(description="more than one known patient id in the cluster")
 
 
 class DuplicatesResponse(BaseModel):
-    model_id: str
-    collection: str | None
-    operating_point: OperatingPointOut
-    total_pairs: int
-    total_conflicts: int
-    offset: int
-    limit: int
-    pairs: list[DuplicatePairOut]
-    clusters: list[ClusterOut]
+    """Pairs of gallery images that look like one patient, with label conflicts marked."""
+
+    model_id: str = Field(description=MODEL_ID_DESCRIPTION)
+    collection: str | None = Field(description="the collection searched; null = every collection")
+    operating_point: OperatingPointOut = Field(description="the threshold pairs were found at")
+    total_pairs: int = Field(description="pairs found, over all pages")
+    total_conflicts: int = Field(description="pairs whose patient ids disagree, over all pages")
+    offset: int = Field(description=OFFSET_DESCRIPTION)
+    limit: int = Field(description=LIMIT_DESCRIPTION)
+    pairs: list[DuplicatePairOut] = Field(description="this page of pairs, best first")
+    clusters: list[ClusterOut] = Field(description="every cluster of the pairs found, largest first")
 
 
 # ---------------------------------------------------------------------------------------------- health
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
+    """The process is alive (it may still be loading the model)."""
+
+    status: Literal["ok"] = Field(default="ok", description="always ok")
 
 
 class Readiness(BaseModel):
-    status: Literal["ready"] = "ready"
-    model_id: str
-    embedding_dim: int
-    gallery_images: int
-    operating_point: OperatingPointOut
+    """The model is loaded and the gallery can be served."""
+
+    status: Literal["ready"] = Field(default="ready", description="always ready (else the answer is a 503)")
+    model_id: str = Field(description="the model served")
+    embedding_dim: int = Field(description="length of its embeddings")
+    gallery_images: int = Field(description="images in the gallery, every collection")
+    operating_point: OperatingPointOut = Field(description="the default threshold and its calibration")
 
 
 # ---------------------------------------------------------------------------------------------- calibration
 class CalibrationDetail(BaseModel):
     """The calibration in force, with its thresholds and where they come from."""
 
-    calibration: CalibrationOut
+    calibration: CalibrationOut = Field(description="which calibration is in force")
     default_far: str = Field(description="the FAR of the service's default operating point")
     thresholds: dict[str, float] = Field(description="cosine threshold per calibrated FAR")
     threshold_ci: dict[str, list[float]] = Field(

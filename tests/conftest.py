@@ -10,6 +10,7 @@ model that knows identity train one (tests/test_train_e2e.py).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.serving import Server
+from tests.serving import ROOT, Server
 
 if TYPE_CHECKING:
     from fastapi.testclient import TestClient
@@ -128,6 +129,19 @@ def make_client(tmp_path: Path, embedder: Embedder) -> Iterator[Callable[..., Te
     yield _make
     for client in reversed(opened):
         client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def server_env(tiny_checkpoint: Path, tmp_path: Path) -> dict[str, str]:
+    """Environment for a server process on the tiny checkpoint, with its gallery in tmp_path."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CXR_REID_")}
+    env.update(
+        CXR_REID_MODEL_PATH=str(tiny_checkpoint),
+        CXR_REID_DATA_DIR=str(tmp_path / "data"),
+        CXR_REID_TORCH_THREADS="1",
+        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    return env
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,21 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving import Server, free_port, uvicorn_command
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def server_env(tiny_checkpoint: Path, tmp_path: Path) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("CXR_REID_")}
-    env.update(
-        CXR_REID_MODEL_PATH=str(tiny_checkpoint),
-        CXR_REID_DATA_DIR=str(tmp_path / "data"),
-        CXR_REID_TORCH_THREADS="1",
-        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-    )
-    return env
+from tests.serving import ROOT, Server, free_port, uvicorn_command
 
 
 def test_acknowledged_enrolments_survive_kill_9(

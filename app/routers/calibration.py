@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form
 
 from ..dependencies import ServiceDep
-from ..schemas import CalibrationDetail, CalibrationOut, ErrorResponse
+from ..schemas import CalibrationDetail, CalibrationOut, error_responses
 from ..services import InvalidInputError, ReidService, collection_arg
 
 router = APIRouter(tags=["calibration"])
@@ -68,10 +68,7 @@ def get_calibration(service: ServiceDep) -> CalibrationDetail:
         "a FAR asked for (each FAR f needs 10/f different-patient pairs) or hold too few same-patient "
         "pairs; the message says how many more labelled images are needed."
     ),
-    responses={
-        409: {"model": ErrorResponse, "description": "too few labelled images; nothing changed"},
-        422: {"model": ErrorResponse, "description": "malformed `far`, or the default FAR left out"},
-    },
+    responses=error_responses(409, 422, e422="malformed `far`, or the default FAR left out, or a bad field"),
 )
 def fit_calibration(
     service: ServiceDep,

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from ..dependencies import ServiceDep
+from ..dependencies import PageLimit, PageOffset, ServiceDep
 from ..schemas import ClusterOut, DuplicatePairOut, DuplicatesResponse, OperatingPointOut, PairImage
 from ..services import collection_arg
 
@@ -32,8 +32,8 @@ def find_duplicates(
     far: Annotated[str | None, Query(description="false-accept rate of the operating point")] = None,
     threshold: Annotated[float | None, Query(description="explicit threshold on `score`")] = None,
     conflicts_only: Annotated[bool, Query(description="only pairs whose patient ids disagree")] = False,
-    offset: Annotated[int, Query(ge=0)] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: PageOffset = 0,
+    limit: PageLimit = 100,
 ) -> DuplicatesResponse:
     point = service.operating_point(far=far or None, threshold=threshold)
     where = collection_arg(collection)

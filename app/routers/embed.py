@@ -9,15 +9,10 @@ import numpy as np
 from fastapi import APIRouter, File, Query, UploadFile
 
 from ..dependencies import ServiceDep, SettingsDep, collect_files, read_uploads
-from ..schemas import EmbedResponse, EmbedResult, ErrorResponse, ImageSize
+from ..schemas import EmbedResponse, EmbedResult, ImageSize, error_responses
 from ..services import InvalidInputError
 
 router = APIRouter(tags=["embed"])
-
-IMAGE_ERRORS = {
-    413: {"model": ErrorResponse, "description": "upload over the size limit"},
-    422: {"model": ErrorResponse, "description": "not a usable image, or missing / contradictory fields"},
-}
 
 
 def encode_vector(vector: np.ndarray, encoding: str) -> list[float] | str:
@@ -39,7 +34,7 @@ def encode_vector(vector: np.ndarray, encoding: str) -> list[float] | str:
         "(SOPInstanceUID, StudyInstanceUID, ViewPosition; never names, birth dates or the PatientID). "
         "One unusable file fails the whole request (422) and nothing is returned for the others."
     ),
-    responses=IMAGE_ERRORS,
+    responses=error_responses(413),
 )
 def embed_images(
     service: ServiceDep,

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..schemas import ErrorResponse, Health, OperatingPointOut, Readiness
+from ..schemas import Health, OperatingPointOut, Readiness, error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -30,7 +30,7 @@ def healthz() -> Health:
         "FAISS index matches the database. 503 with the reason in `detail` otherwise (for example a "
         "gallery embedded with another model: run `cxr-reid reindex`)."
     ),
-    responses={503: {"model": ErrorResponse, "description": "not ready; `detail` says why"}},
+    responses=error_responses(503, e503="not ready; `detail` says why and what to do"),
 )
 def readyz(request: Request) -> Readiness | JSONResponse:
     service = request.app.state.service

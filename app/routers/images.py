@@ -7,23 +7,31 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Path, Query, UploadFile
 
-from ..dependencies import MAX_IMAGE_ID, ServiceDep, SettingsDep, collect_files, read_uploads
+from ..dependencies import (
+    ImageIdPath,
+    PageLimit,
+    PageOffset,
+    ServiceDep,
+    SettingsDep,
+    collect_files,
+    read_uploads,
+)
 from ..schemas import (
     AlertOut,
     DeleteResponse,
     EnrolledImage,
     EnrolResponse,
-    ErrorResponse,
     ImageOut,
     ImagePage,
     MatchOut,
     OperatingPointOut,
+    error_responses,
 )
 from ..services import ALL_COLLECTIONS, EnrolMetadata, InvalidInputError, collection_arg
 
 router = APIRouter(tags=["images"])
 
-NOT_FOUND = {404: {"model": ErrorResponse, "description": "unknown image or patient"}}
+NOT_FOUND = error_responses(404)
 
 
 def parse_tags(raw: str | None) -> dict[str, str]:
@@ -72,11 +80,7 @@ def _clean(value: str | None) -> str | None:
         "Identical bytes already in the collection are still enrolled as a new image, and "
         "`duplicate_of` names the earlier one (it then also shows as a score-1.0 pair in /duplicates)."
     ),
-    responses={
-        413: {"model": ErrorResponse, "description": "upload over the size limit"},
-        422: {"model": ErrorResponse, "description": "unusable image, or bad fields"},
-        503: {"model": ErrorResponse, "description": "gallery not servable (e.g. another model's vectors)"},
-    },
+    responses=error_responses(413),
 )
 def enrol_images(
     service: ServiceDep,
@@ -85,7 +89,9 @@ def enrol_images(
     files: Annotated[list[UploadFile] | None, File(description="several images (all or nothing)")] = None,
     patient_id: Annotated[str | None, Form(description="patient label; default: DICOM PatientID")] = None,
     collection: Annotated[str, Form(description="gallery collection")] = "default",
-    study_instance_uid: Annotated[str | None, Form()] = None,
+    study_instance_uid: Annotated[
+        str | None, Form(description="default: the DICOM header")
+    ] = None,
     view: Annotated[str | None, Form(description="e.g. PA, AP, LL")] = None,
     study_date: Annotated[str | None, Form(description="e.g. 2024-05-01 or 20240501")] = None,
     split: Annotated[str | None, Form(description="data-set split, e.g. train / val / test")] = None,
@@ -139,10 +145,10 @@ def enrol_images(
 )
 def list_images(
     service: ServiceDep,
-    patient_id: Annotated[str | None, Query()] = None,
+    patient_id: Annotated[str | None, Query(description="only this patient's images")] = None,
     collection: Annotated[str | None, Query(description='"*" or omitted = every collection')] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: PageOffset = 0,
+    limit: PageLimit = 100,
 ) -> ImagePage:
     records, total = service.gallery.list_images(
         patient_id=patient_id, collection=collection_arg(collection, None), offset=offset, limit=limit
@@ -157,7 +163,7 @@ def list_images(
     description="Labels, DICOM identifiers, metadata, the model that embedded it and when it was enrolled.",
     responses=NOT_FOUND,
 )
-def get_image(service: ServiceDep, image_id: Annotated[int, Path(ge=1, le=MAX_IMAGE_ID)]) -> ImageOut:
+def get_image(service: ServiceDep, image_id: ImageIdPath) -> ImageOut:
     return ImageOut.of(service.record(image_id))
 
 
@@ -168,9 +174,7 @@ def get_image(service: ServiceDep, image_id: Annotated[int, Path(ge=1, le=MAX_IM
     description="Removes the image, its vector and (when no other image shares it) its stored original.",
     responses=NOT_FOUND,
 )
-def delete_image(
-    service: ServiceDep, image_id: Annotated[int, Path(ge=1, le=MAX_IMAGE_ID)]
-) -> DeleteResponse:
+def delete_image(service: ServiceDep, image_id: ImageIdPath) -> DeleteResponse:
     service.delete_image(image_id)
     return DeleteResponse(deleted=1)
 
@@ -184,7 +188,7 @@ def delete_image(
 )
 def delete_patient(
     service: ServiceDep,
-    patient_id: Annotated[str, Path()],
+    patient_id: Annotated[str, Path(description="the patient whose images to delete")],
     collection: Annotated[str | None, Query(description='"*" or omitted = every collection')] = None,
 ) -> DeleteResponse:
     return DeleteResponse(deleted=service.delete_patient(patient_id, collection_arg(collection, None)))

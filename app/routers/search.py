@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 
 from ..dependencies import MAX_IMAGE_ID, ServiceDep, SettingsDep, read_uploads
-from ..schemas import ErrorResponse, ImageRef, MatchOut, OperatingPointOut, SearchResponse
+from ..schemas import ImageRef, MatchOut, OperatingPointOut, SearchResponse, error_responses
 from ..services import InvalidInputError, collection_arg, record_key
 
 router = APIRouter(tags=["search"])
@@ -26,11 +26,7 @@ router = APIRouter(tags=["search"])
         "filters: `patient_id`, `split`; `only_matches=true` keeps only matches at or above the "
         "threshold. `far` or `threshold` pick the operating point."
     ),
-    responses={
-        404: {"model": ErrorResponse, "description": "unknown query image id"},
-        413: {"model": ErrorResponse, "description": "upload over the size limit"},
-        422: {"model": ErrorResponse, "description": "unusable image, or missing / contradictory fields"},
-    },
+    responses=error_responses(404, 413, e404="unknown query image id"),
 )
 def search(
     service: ServiceDep,

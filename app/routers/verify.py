@@ -8,7 +8,7 @@ import numpy as np
 from fastapi import APIRouter, File, Form, UploadFile
 
 from ..dependencies import MAX_IMAGE_ID, ServiceDep, SettingsDep, read_uploads
-from ..schemas import CalibrationOut, ErrorResponse, ImageRef, PairVerification, PatientVerification
+from ..schemas import CalibrationOut, ImageRef, PairVerification, PatientVerification, error_responses
 from ..services import InvalidInputError, ReidService, collection_arg, record_key
 from ..settings import Settings
 
@@ -62,11 +62,7 @@ def resolve_images(
         "Pass `far` (e.g. 1e-4) or `threshold` (on `score`) for another operating point. "
         "/search and /images decide with the same rule, so they never disagree on a pair."
     ),
-    responses={
-        404: {"model": ErrorResponse, "description": "unknown image id, or a patient without images"},
-        413: {"model": ErrorResponse, "description": "upload over the size limit"},
-        422: {"model": ErrorResponse, "description": "unusable image, or missing / contradictory fields"},
-    },
+    responses=error_responses(404, 413, e404="unknown image id, or a patient without images"),
 )
 def verify(
     service: ServiceDep,

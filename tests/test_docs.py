@@ -1,0 +1,126 @@
+"""The API documents itself: every schema, field and parameter described, one error body for every
+4xx/5xx (as sent), and /docs and /redoc rendering from the app's own files with the network off."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.schemas import ErrorResponse
+from app.settings import Settings
+from tests.serving import Server, free_port, uvicorn_command
+
+# everything but loopback goes to a dead proxy, and no host name resolves: no CDN can answer
+OFFLINE_CHROMIUM = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--proxy-server=http://127.0.0.1:9",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    "--virtual-time-budget=20000",
+    "--dump-dom",
+]
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return create_app(Settings(data_dir=tmp_path_factory.mktemp("data"))).openapi()
+
+
+def _operations(spec: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [(method, path, op) for path, ops in spec["paths"].items() for method, op in ops.items()]
+
+
+def test_every_schema_field_and_parameter_has_a_description(spec: dict[str, Any]) -> None:
+    missing = []
+    for name, schema in spec["components"]["schemas"].items():
+        if not schema.get("description"):
+            missing.append(f"schema {name}")
+        missing += [
+            f"field {name}.{field}"
+            for field, prop in schema.get("properties", {}).items()
+            if not prop.get("description")
+        ]
+    for method, path, op in _operations(spec):
+        missing += [
+            f"parameter {method} {path} {p['name']}"
+            for p in op.get("parameters", [])
+            if not p.get("description")
+        ]
+    assert not missing, missing
+
+
+def test_every_error_response_is_documented_as_error_response(spec: dict[str, Any]) -> None:
+    wrong = []
+    for method, path, op in _operations(spec):
+        for code, response in op["responses"].items():
+            if int(code) >= 400:
+                ref = response.get("content", {}).get("application/json", {}).get("schema", {}).get("$ref")
+                if ref != "#/components/schemas/ErrorResponse":
+                    wrong.append(f"{method} {path} {code}: {ref}")
+        if path not in ("/healthz", "/readyz", "/metrics"):
+            assert {"401", "422", "500", "503"} <= set(op["responses"]), (method, path)
+    assert not wrong, wrong
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+
+
+def _assert_error_body(response: Any, status: int) -> ErrorResponse:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) <= set(ErrorResponse.model_fields), body
+    return ErrorResponse.model_validate(body)
+
+
+def test_error_bodies_sent_match_the_documented_schema(make_client: Any) -> None:
+    client: TestClient = make_client(api_keys="k1")
+    headers = {"X-API-Key": "k1"}
+    invalid = _assert_error_body(client.get("/images?limit=0&offset=-1", headers=headers), 422)
+    assert [error.field for error in invalid.errors or []] == ["query.offset", "query.limit"]
+    assert invalid.detail.startswith("invalid request: query.offset: ")
+    invalid = _assert_error_body(client.post("/search", data={"k": "many"}, headers=headers), 422)
+    assert invalid.errors and invalid.errors[0].field == "body.k" and "integer" in invalid.errors[0].message
+    assert "many" not in invalid.detail  # rejected values are not echoed (they may be patient ids)
+    _assert_error_body(client.get("/images"), 401)
+    _assert_error_body(client.get("/images/999", headers=headers), 404)
+    _assert_error_body(client.get("/no-such-route"), 404)
+    _assert_error_body(
+        client.post("/embed", files={"file": ("x.png", b"not an image")}, headers=headers), 422
+    )
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="needs Debian's chromium (scripts/test.sh installs it)"
+)
+def test_docs_render_offline_in_headless_chromium(
+    server_env: dict[str, str], servers: list[Server], tmp_path: Path, spec: dict[str, Any]
+) -> None:
+    port = free_port()
+    server = Server(uvicorn_command(port), server_env, port, tmp_path / "server.log")
+    servers.append(server)
+
+    def render(page: str) -> str:
+        done = subprocess.run(
+            ["chromium", *OFFLINE_CHROMIUM, f"{server.url}{page}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    operations = _operations(spec)
+    swagger = render("/docs")
+    rendered = re.findall(r'class="opblock-summary-path" data-path="([^"]+)"', swagger)
+    assert sorted(rendered) == sorted(path for _, path, _ in operations)
+    redoc = render("/redoc")
+    for _, _, op in operations:
+        assert op["summary"] in redoc
