@@ -89,9 +89,7 @@ def enrol_images(
     files: Annotated[list[UploadFile] | None, File(description="several images (all or nothing)")] = None,
     patient_id: Annotated[str | None, Form(description="patient label; default: DICOM PatientID")] = None,
     collection: Annotated[str, Form(description="gallery collection")] = "default",
-    study_instance_uid: Annotated[
-        str | None, Form(description="default: the DICOM header")
-    ] = None,
+    study_instance_uid: Annotated[str | None, Form(description="default: the DICOM header")] = None,
     view: Annotated[str | None, Form(description="e.g. PA, AP, LL")] = None,
     study_date: Annotated[str | None, Form(description="e.g. 2024-05-01 or 20240501")] = None,
     split: Annotated[str | None, Form(description="data-set split, e.g. train / val / test")] = None,
