@@ -22,7 +22,7 @@ COPY app ./app
 COPY index ./index
 COPY models ./models
 # The same install as scripts/serve.sh: torch pinned to the CPU build of PyTorch's index, one pip call.
-RUN VENV=/opt/venv PACKAGE=".[serve]" TORCH_VARIANT="${TORCH_VARIANT}" TORCH_INDEX="${TORCH_INDEX}" sh scripts/_venv.sh \
+RUN VENV=/opt/venv PACKAGE=".[serve]" TORCH_VARIANT="${TORCH_VARIANT}" TORCH_INDEX="${TORCH_INDEX}" sh -e scripts/_venv.sh \
     && rm -rf /opt/cxr-reid/build
 ENV PATH=/opt/venv/bin:$PATH
 
