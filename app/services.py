@@ -27,7 +27,7 @@ import numpy as np
 from index import DuplicatePair, Gallery, ImageRecord, NewImage, cluster_pairs
 from models.calibration import Calibration
 from models.embedder import Embedder
-from models.preprocess import ImageDecodeError, Radiograph, decode_image
+from models.preprocess import ImageDecodeError, Radiograph, check_usable, decode_image
 from models.scorenorm import Neighbours, ScoreNorm, patient_key
 
 log = logging.getLogger(__name__)
@@ -266,11 +266,14 @@ def sha256_of(data: bytes) -> str:
 
 
 def decode_source(source: bytes | str | os.PathLike, *, max_pixels: int, name: str) -> Radiograph:
-    """Decode one file or upload; any unusable input becomes :class:`InvalidInputError` naming it."""
+    """Decode one file or upload and pass it through the quality gate; any unusable input becomes
+    :class:`InvalidInputError` naming it."""
     if isinstance(source, bytes) and not source:
         raise InvalidInputError(f"{name}: the file is empty")
     try:
-        return decode_image(source, max_pixels=max_pixels)
+        radiograph = decode_image(source, max_pixels=max_pixels)
+        check_usable(radiograph, "the image data" if isinstance(source, bytes) else f"'{source}'")
+        return radiograph
     except ImageDecodeError as exc:
         raise InvalidInputError(f"{name}: {exc}") from None
 

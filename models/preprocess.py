@@ -343,9 +343,10 @@ def _dicom_display_pixels(ds, arr: np.ndarray, name: str) -> np.ndarray:
 
     pixels = _modality_lut(ds, arr, name)
     pixels = _voi(ds, pixels, name)
+    _require_finite(pixels, name)
     if photometric == "MONOCHROME1":  # low values are bright: flip within the image's own range
         pixels = (float(pixels.max()) + float(pixels.min())) - pixels
-    return _finite(pixels)
+    return np.ascontiguousarray(pixels, dtype=np.float32)
 
 
 def _modality_lut(ds, arr: np.ndarray, name: str) -> np.ndarray:
@@ -494,11 +495,23 @@ def _pillow_to_grey(im: Image.Image) -> np.ndarray:
         pixels = _luma(np.asarray(im.convert("RGB")))
     if pixels.ndim != 2:
         raise ImageDecodeError(f"unexpected decoded shape {pixels.shape} for mode {mode}")
-    return _finite(pixels)
+    _require_finite(pixels)
+    return np.ascontiguousarray(pixels, dtype=np.float32)
 
 
 def _luma(arr: np.ndarray) -> np.ndarray:
     return np.asarray(arr[..., :3], dtype=np.float32) @ _LUMA
+
+
+def _require_finite(pixels: np.ndarray, name: str = "the image data") -> None:
+    """A file whose pixels hold NaN or infinity is damaged, not a radiograph (only float TIFFs and
+    float DICOM can)."""
+    if pixels.dtype.kind == "f":
+        bad = int(pixels.size - np.count_nonzero(np.isfinite(pixels)))
+        if bad:
+            raise ImageDecodeError(
+                f"{name} holds {bad:,} NaN or infinite pixel value(s): not a usable radiograph"
+            )
 
 
 def _finite(pixels: np.ndarray) -> np.ndarray:
@@ -508,6 +521,43 @@ def _finite(pixels: np.ndarray) -> np.ndarray:
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
         pixels = np.nan_to_num(pixels, nan=lo, posinf=hi, neginf=lo)
     return np.ascontiguousarray(pixels, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# input quality gate
+
+#: What an image must have to be embedded by the service (``check_usable``): anything less has no
+#: anatomy to tell patients apart by, and all such images would match each other.
+MIN_SIDE = 32  # pixels on the shorter side; the smallest real set here is 64 x 64
+MAX_ASPECT = 4.0  # longer side / shorter side; chest radiographs are near 1
+MIN_GREY_LEVELS = 16  # distinct values in a sample of at most 256 x 256 pixels
+_SAMPLE_SIDE = 256
+
+
+def check_usable(image: Radiograph, name: str = "the image") -> None:
+    """Refuse a decoded image with no usable content: too small, a strip, blank or nearly constant.
+
+    The bar: every radiograph of the project's data sets and the DICOM test files pass; a blank or
+    one-colour image, a 1 x 1 image or a 1 x 100000 strip does not.
+    """
+    height, width = image.pixels.shape[:2]
+    short, long = min(height, width), max(height, width)
+    if short < MIN_SIDE:
+        raise ImageDecodeError(
+            f"{name} is {height} x {width} pixels; a radiograph needs at least {MIN_SIDE} on each side"
+        )
+    if long > MAX_ASPECT * short:
+        raise ImageDecodeError(
+            f"{name} is {height} x {width} pixels, {long / short:.1f} times longer than wide; a "
+            f"radiograph is at most {MAX_ASPECT:g} times"
+        )
+    step = max(1, -(-long // _SAMPLE_SIDE))
+    levels = np.unique(image.pixels[::step, ::step]).size
+    if levels < MIN_GREY_LEVELS:
+        raise ImageDecodeError(
+            f"{name} is blank or nearly constant ({levels} grey level(s)): there is no anatomy to identify a "
+            "patient by"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
