@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hmac
 import logging
+import unicodedata
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Query, Request, UploadFile
 from fastapi.security import APIKeyHeader
+from pydantic import AfterValidator, BeforeValidator
 
 from .services import InvalidInputError, PayloadTooLargeError, ReidService, Upload
 from .settings import Settings, key_fingerprint
@@ -59,9 +61,44 @@ def require_api_key(
 ServiceDep = Annotated[ReidService, Depends(get_service)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
+MAX_LABEL_CHARS = 256
+
+
+def clean_label(value: str | None) -> str | None:
+    """A patient id, collection or other label from a client: stripped, and an empty value means
+    "not given"; refused when only whitespace, over 256 characters, holding control characters or
+    undecodable bytes (U+FFFD), so that what is stored is what the client meant."""
+    if value is None:
+        return None
+    label = value.strip()
+    if not label:
+        if value:
+            raise ValueError("is only whitespace: give a value, or leave the field out")
+        return None
+    if len(label) > MAX_LABEL_CHARS:
+        raise ValueError(f"is {len(label):,} characters long; at most {MAX_LABEL_CHARS}")
+    if "\ufffd" in label:
+        raise ValueError("is not valid UTF-8")
+    if any(unicodedata.category(char) in ("Cc", "Cs") for char in label):
+        raise ValueError("contains control characters (e.g. NUL, tab, newline)")
+    return label
+
+
+def _digits_only(value: object) -> object:
+    """Path ids are plain digits: `/images/ 1` or `/images/+1` is not image 1."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("must be a positive whole number written in digits")
+    return value
+
+
 # parameters several routes share, declared once
-ImageIdPath = Annotated[int, Path(ge=1, le=MAX_IMAGE_ID, description="a gallery image id")]
-PageOffset = Annotated[int, Query(ge=0, description="items to skip before the page (pagination)")]
+Label = AfterValidator(clean_label)
+ImageIdPath = Annotated[
+    int, Path(ge=1, le=MAX_IMAGE_ID, description="a gallery image id"), BeforeValidator(_digits_only)
+]
+PageOffset = Annotated[
+    int, Query(ge=0, le=MAX_IMAGE_ID, description="items to skip before the page (pagination)")
+]
 PageLimit = Annotated[int, Query(ge=1, le=1000, description="most items in the page (1-1000)")]
 
 

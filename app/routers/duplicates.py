@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from ..dependencies import PageLimit, PageOffset, ServiceDep
+from ..dependencies import Label, PageLimit, PageOffset, ServiceDep
 from ..schemas import ClusterOut, DuplicatePairOut, DuplicatesResponse, OperatingPointOut, PairImage
 from ..services import collection_arg
 
@@ -28,7 +28,7 @@ router = APIRouter(tags=["duplicates"])
 )
 def find_duplicates(
     service: ServiceDep,
-    collection: Annotated[str | None, Query(description='"*" = every collection')] = "default",
+    collection: Annotated[str | None, Query(description='"*" = every collection'), Label] = "default",
     far: Annotated[str | None, Query(description="false-accept rate of the operating point")] = None,
     threshold: Annotated[float | None, Query(description="explicit threshold on `score`")] = None,
     conflicts_only: Annotated[bool, Query(description="only pairs whose patient ids disagree")] = False,

@@ -9,6 +9,7 @@ from fastapi import APIRouter, File, Form, Path, Query, UploadFile
 
 from ..dependencies import (
     ImageIdPath,
+    Label,
     PageLimit,
     PageOffset,
     ServiceDep,
@@ -87,26 +88,27 @@ def enrol_images(
     settings: SettingsDep,
     file: Annotated[UploadFile | None, File(description="one image")] = None,
     files: Annotated[list[UploadFile] | None, File(description="several images (all or nothing)")] = None,
-    patient_id: Annotated[str | None, Form(description="patient label; default: DICOM PatientID")] = None,
-    collection: Annotated[str, Form(description="gallery collection")] = "default",
-    study_instance_uid: Annotated[str | None, Form(description="default: the DICOM header")] = None,
-    view: Annotated[str | None, Form(description="e.g. PA, AP, LL")] = None,
-    study_date: Annotated[str | None, Form(description="e.g. 2024-05-01 or 20240501")] = None,
-    split: Annotated[str | None, Form(description="data-set split, e.g. train / val / test")] = None,
+    patient_id: Annotated[
+        str | None, Form(description="patient label; default: DICOM PatientID"), Label
+    ] = None,
+    collection: Annotated[str | None, Form(description="gallery collection"), Label] = "default",
+    study_instance_uid: Annotated[str | None, Form(description="default: the DICOM header"), Label] = None,
+    view: Annotated[str | None, Form(description="e.g. PA, AP, LL"), Label] = None,
+    study_date: Annotated[str | None, Form(description="e.g. 2024-05-01 or 20240501"), Label] = None,
+    split: Annotated[str | None, Form(description="data-set split, e.g. train / val / test"), Label] = None,
     tags: Annotated[str | None, Form(description="JSON object of free metadata")] = None,
     far: Annotated[str | None, Form(description="FAR of the alert threshold")] = None,
     threshold: Annotated[float | None, Form(description="explicit alert threshold")] = None,
 ) -> EnrolResponse:
-    collection = collection.strip()
-    if not collection or collection == ALL_COLLECTIONS:
+    if collection is None or collection == ALL_COLLECTIONS:
         raise InvalidInputError("collection must be a non-empty name other than '*'")
     meta = EnrolMetadata(
-        patient_id=_clean(patient_id),
+        patient_id=patient_id,
         collection=collection,
-        study_instance_uid=_clean(study_instance_uid),
-        view=_clean(view),
-        study_date=_clean(study_date),
-        split=_clean(split),
+        study_instance_uid=study_instance_uid,
+        view=view,
+        study_date=study_date,
+        split=split,
         tags=parse_tags(tags),
     )
     point = service.operating_point(far=_clean(far), threshold=threshold)
@@ -143,8 +145,8 @@ def enrol_images(
 )
 def list_images(
     service: ServiceDep,
-    patient_id: Annotated[str | None, Query(description="only this patient's images")] = None,
-    collection: Annotated[str | None, Query(description='"*" or omitted = every collection')] = None,
+    patient_id: Annotated[str | None, Query(description="only this patient's images"), Label] = None,
+    collection: Annotated[str | None, Query(description='"*" or omitted = every collection'), Label] = None,
     offset: PageOffset = 0,
     limit: PageLimit = 100,
 ) -> ImagePage:
@@ -186,7 +188,7 @@ def delete_image(service: ServiceDep, image_id: ImageIdPath) -> DeleteResponse:
 )
 def delete_patient(
     service: ServiceDep,
-    patient_id: Annotated[str, Path(description="the patient whose images to delete")],
-    collection: Annotated[str | None, Query(description='"*" or omitted = every collection')] = None,
+    patient_id: Annotated[str, Path(description="the patient whose images to delete"), Label],
+    collection: Annotated[str | None, Query(description='"*" or omitted = every collection'), Label] = None,
 ) -> DeleteResponse:
     return DeleteResponse(deleted=service.delete_patient(patient_id, collection_arg(collection, None)))

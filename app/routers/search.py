@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 
-from ..dependencies import MAX_IMAGE_ID, ServiceDep, SettingsDep, read_uploads
+from ..dependencies import MAX_IMAGE_ID, Label, ServiceDep, SettingsDep, read_uploads
 from ..schemas import ImageRef, MatchOut, OperatingPointOut, SearchResponse, error_responses
 from ..services import InvalidInputError, collection_arg, record_key
 
@@ -36,9 +36,9 @@ def search(
         int | None, Form(ge=1, le=MAX_IMAGE_ID, description="query by a gallery image")
     ] = None,
     k: Annotated[int, Form(ge=1, le=1000, description="number of matches")] = 10,
-    collection: Annotated[str | None, Form(description='collection to search, "*" = all')] = None,
-    patient_id: Annotated[str | None, Form(description="only images of this patient")] = None,
-    split: Annotated[str | None, Form(description="only images of this split")] = None,
+    collection: Annotated[str | None, Form(description='collection to search, "*" = all'), Label] = None,
+    patient_id: Annotated[str | None, Form(description="only images of this patient"), Label] = None,
+    split: Annotated[str | None, Form(description="only images of this split"), Label] = None,
     only_matches: Annotated[bool, Form(description="only matches at or above the threshold")] = False,
     far: Annotated[str | None, Form(description="false-accept rate of the operating point")] = None,
     threshold: Annotated[float | None, Form(description="explicit threshold on `score`")] = None,

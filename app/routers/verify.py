@@ -7,7 +7,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, File, Form, UploadFile
 
-from ..dependencies import MAX_IMAGE_ID, ServiceDep, SettingsDep, read_uploads
+from ..dependencies import MAX_IMAGE_ID, Label, ServiceDep, SettingsDep, read_uploads
 from ..schemas import CalibrationOut, ImageRef, PairVerification, PatientVerification, error_responses
 from ..services import InvalidInputError, ReidService, collection_arg, record_key
 from ..settings import Settings
@@ -79,8 +79,10 @@ def verify(
     image_id: Annotated[
         int | None, Form(ge=1, le=MAX_IMAGE_ID, description="patient mode: a gallery image to check")
     ] = None,
-    patient_id: Annotated[str | None, Form(description="patient mode: the patient to check against")] = None,
-    collection: Annotated[str | None, Form(description='patient mode: collection, "*" = all')] = None,
+    patient_id: Annotated[
+        str | None, Form(description="patient mode: the patient to check against"), Label
+    ] = None,
+    collection: Annotated[str | None, Form(description='patient mode: collection, "*" = all'), Label] = None,
     far: Annotated[
         str | None, Form(description="false-accept rate of the operating point, e.g. 1e-4")
     ] = None,
