@@ -11,6 +11,7 @@ from fastapi import Depends, HTTPException, Path, Query, Request, UploadFile
 from fastapi.security import APIKeyHeader
 from pydantic import AfterValidator, BeforeValidator
 
+from .middleware import route_template
 from .services import InvalidInputError, PayloadTooLargeError, ReidService, Upload
 from .settings import Settings, key_fingerprint
 
@@ -53,8 +54,12 @@ def require_api_key(
             status_code=401, detail="missing X-API-Key header", headers={"WWW-Authenticate": "ApiKey"}
         )
     if not any(hmac.compare_digest(api_key.encode(), key.encode()) for key in keys):
-        route = getattr(request.scope.get("route"), "path", "?")  # the template: no patient ids in logs
-        log.warning("rejected API key sha256:%s for %s %s", key_fingerprint(api_key), request.method, route)
+        log.warning(
+            "rejected API key sha256:%s for %s %s",
+            key_fingerprint(api_key),
+            request.method,
+            route_template(request.scope),
+        )
         raise HTTPException(status_code=401, detail="invalid API key", headers={"WWW-Authenticate": "ApiKey"})
 
 

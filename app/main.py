@@ -30,7 +30,7 @@ from index import (
 from models.embedder import Embedder
 
 from .dependencies import require_api_key
-from .middleware import BodyLimitMiddleware, MetricsMiddleware, ServiceMetrics
+from .middleware import BodyLimitMiddleware, MetricsMiddleware, ServiceMetrics, route_template
 from .routers import calibration, duplicates, embed, health, images, search, verify
 from .schemas import ErrorResponse, FieldError, error_responses
 from .services import ReidService, ServiceError, open_gallery
@@ -215,10 +215,13 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(GalleryError)
     async def _gallery_error(request: Request, exc: GalleryError) -> JSONResponse:
-        log.error("gallery error on %s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse({"detail": f"gallery error: {exc}"}, status_code=500)
+        log.error("gallery error on %s %s: %s", request.method, route_template(request.scope), exc)
+        body = ErrorResponse(
+            detail="the gallery could not complete the request; the error is in the server log"
+        )
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=500)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        log.exception("unhandled error on %s %s", request.method, route_template(request.scope))
         return JSONResponse({"detail": "internal server error"}, status_code=500)

@@ -25,6 +25,12 @@ def _too_large_detail(limit: int) -> str:
     )
 
 
+def route_template(scope: Scope) -> str:
+    """The matched route's template (`/patients/{patient_id}`), never the raw path: paths hold
+    patient ids, which must not reach logs or metrics."""
+    return getattr(scope.get("route"), "path", None) or "unmatched"
+
+
 class BodyLimitMiddleware:
     """Refuse request bodies over ``limit`` bytes with 413, without buffering more than the limit.
 
@@ -137,8 +143,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = route_template(scope)
             method = scope.get("method", "")
             elapsed = time.perf_counter() - start
             self.metrics.requests.labels(template, method, str(status)).inc()

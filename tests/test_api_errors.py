@@ -216,3 +216,24 @@ def test_logs_hold_no_names_or_pixels(client: TestClient, caplog: pytest.LogCapt
     for secret in ("CompressedSamples", "19400305", "9RG1"):
         assert secret not in server_side
     assert len(server_side) < 20_000  # no pixel dumps
+
+
+def test_gallery_errors_keep_patient_ids_out_of_logs_and_internals_out_of_answers(
+    client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:  # noqa: ANN001
+    from index import GalleryError
+
+    service = client.app.state.service
+
+    def broken(*args: object, **kwargs: object) -> int:
+        raise GalleryError("database disk image is malformed (/srv/secret/gallery.sqlite)")
+
+    monkeypatch.setattr(service, "delete_patient", broken)
+    with caplog.at_level("INFO"):
+        response = client.delete("/patients/PATIENT-12345")
+    assert response.status_code == 500
+    assert "secret" not in response.text and "malformed" not in response.text
+    assert "server log" in response.json()["detail"]
+    server_log = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("httpx"))
+    assert "PATIENT-12345" not in server_log  # (httpx, the test's own client, logs the URL it sent)
+    assert "/patients/{patient_id}" in server_log and "malformed" in server_log
