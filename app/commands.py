@@ -1,4 +1,5 @@
-"""Gallery and service subcommands of ``cxr-reid``: serve, healthcheck, enroll, reindex, calibrate, audit.
+"""Gallery and service subcommands of ``cxr-reid``: serve, healthcheck, check, enroll, reindex,
+calibrate, audit.
 
 ``register(subparsers)`` adds them to the CLI in ``app/cli.py``. Every command reads the same
 ``CXR_REID_*`` settings as the service; its flags override them. Heavy imports happen inside the
@@ -23,6 +24,7 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Any:
     given = {
         "model_path": getattr(args, "model", None),
         "data_dir": getattr(args, "data_dir", None),
+        "init": True if getattr(args, "init", False) else None,
         **extra,
     }
     return Settings(**{key: value for key, value in given.items() if value is not None})
@@ -89,6 +91,30 @@ def _open(settings: Any, *, allow_model_mismatch: bool = False) -> tuple[Any, An
     configure_torch_threads(settings.torch_threads)
     embedder = Embedder.from_checkpoint(settings.model_path)
     return embedder, open_gallery(embedder, settings, allow_model_mismatch=allow_model_mismatch)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Open the gallery offline the way the service does (integrity checks, orphan clean-up, FAISS
+    rebuilt if stale) and report; exit 1 with the reason when it cannot be served."""
+    from index import GalleryError
+
+    settings = _settings(args)
+    try:
+        _, gallery = _open(settings, allow_model_mismatch=True)
+    except GalleryError as exc:
+        sys.stderr.write(f"check failed: {exc}\n")
+        return 1
+    with gallery:
+        report = {
+            "data_dir": str(gallery.data_dir),
+            "images": len(gallery),
+            "collections": gallery.collections(),
+            "gallery_model_id": gallery.stored_model_id,
+            "orphaned_originals_removed": gallery.remove_orphan_blobs(),
+            "index_matches_database": gallery.is_consistent(),
+        }
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    return 0 if report["index_matches_database"] else 1
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
@@ -277,13 +303,28 @@ def _common(parser: argparse.ArgumentParser, *, data_dir: bool = True) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add serve, healthcheck, enroll, reindex, calibrate and audit to the ``cxr-reid`` command line."""
+    """Add the gallery and service subcommands (see the module docstring) to ``cxr-reid``."""
     p = subparsers.add_parser("serve", help="run the HTTP service (uvicorn)")
     p.add_argument("--host", help="bind address (default: CXR_REID_HOST, else 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: CXR_REID_PORT, else 8000)")
     p.add_argument("--workers", type=int, help="worker processes; the gallery allows only 1")
     _common(p)
+    p.add_argument(
+        "--init",
+        action="store_true",
+        help="allow a new, empty gallery in a data dir that holds stored data but no database",
+    )
     p.set_defaults(func=_cmd_serve)
+
+    p = subparsers.add_parser(
+        "check",
+        help="integrity check of a gallery data dir, offline: database, stored originals, FAISS index",
+        description="Runs SQLite's quick_check, refuses a data dir whose database is missing next to "
+        "stored data, removes stored originals no row references and rebuilds a stale FAISS index, as "
+        "the service does at start. Exit 0 when the gallery can be served, 1 with the reason if not.",
+    )
+    _common(p)
+    p.set_defaults(func=_cmd_check)
 
     p = subparsers.add_parser(
         "healthcheck",
@@ -303,6 +344,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("source", metavar="MANIFEST_OR_FOLDER")
     p.add_argument("--collection", default="default", help="gallery collection (default: default)")
     p.add_argument("--copy", action="store_true", help="store copies of the originals instead of their paths")
+    p.add_argument(
+        "--init", action="store_true", help="allow a new gallery where stored data but no database is"
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(p)

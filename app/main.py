@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from index import (
     GalleryError,
+    GalleryIntegrityError,
     GalleryLockedError,
     GalleryModelMismatchError,
     GalleryValidationError,
@@ -82,15 +84,19 @@ def build_service(settings: Settings, embedder: Embedder | None, metrics: Servic
     configure_torch_threads(settings.torch_threads)
     if embedder is None:
         embedder = Embedder.from_checkpoint(settings.model_path)
-    gallery, problem = None, None
+    gallery, problem, locked = None, None, False
     try:
         gallery = open_gallery(embedder, settings)
     except GalleryModelMismatchError as exc:
         problem = f"{exc} (run `cxr-reid reindex` to re-embed the gallery with model {embedder.model_id})"
         log.error("gallery in %s cannot be served: %s", settings.data_dir, problem)
     except GalleryLockedError as exc:
-        problem = f"{exc}"
-        log.error("gallery in %s cannot be opened: %s", settings.data_dir, problem)
+        problem = f"{exc}; this server opens it as soon as the other process lets go"
+        locked = True
+        log.error("gallery in %s cannot be opened yet: %s", settings.data_dir, exc)
+    except GalleryIntegrityError as exc:
+        problem = str(exc)
+        log.error("gallery in %s will not be served: %s", settings.data_dir, problem)
     service = ReidService(
         embedder,
         gallery,
@@ -98,6 +104,7 @@ def build_service(settings: Settings, embedder: Embedder | None, metrics: Servic
         default_threshold=settings.threshold,
         max_pixels=settings.max_pixels,
         gallery_problem=problem,
+        gallery_locked=locked,
         on_embedded=metrics.embeddings.inc,
     )
     log.info(
@@ -111,6 +118,26 @@ def build_service(settings: Settings, embedder: Embedder | None, metrics: Servic
     return service
 
 
+def _open_when_unlocked(service: ReidService, settings: Settings, stop: threading.Event) -> None:
+    """A second server on a locked data dir keeps trying, and becomes ready when the lock frees."""
+    while not stop.wait(settings.lock_retry_seconds):
+        try:
+            gallery = open_gallery(service.embedder, settings)
+        except GalleryLockedError:
+            continue
+        except GalleryError as exc:  # integrity or model problems: say so, and stop retrying
+            service.gallery_problem = f"{exc}"
+            log.error("gallery in %s cannot be served: %s", settings.data_dir, exc)
+            return
+        service.attach_gallery(gallery)
+        log.info(
+            "gallery in %s was released by the other process; serving %d image(s)",
+            settings.data_dir,
+            len(gallery),
+        )
+        return
+
+
 def create_app(settings: Settings | None = None, *, embedder: Embedder | None = None) -> FastAPI:
     """Build the app; ``embedder`` may be passed in to share an already loaded model (tests, CLI)."""
     settings = settings or Settings()
@@ -120,9 +147,22 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = await run_in_threadpool(build_service, settings, embedder, metrics)
         app.state.service = service
+        stop = threading.Event()
+        retry = None
+        if service.gallery_locked:
+            retry = threading.Thread(
+                target=_open_when_unlocked,
+                args=(service, settings, stop),
+                name="gallery-lock-retry",
+                daemon=True,
+            )
+            retry.start()
         try:
             yield
         finally:
+            stop.set()
+            if retry is not None:
+                retry.join()
             app.state.service = None
             await run_in_threadpool(service.close)
 

@@ -406,11 +406,13 @@ class ReidService:
         default_threshold: float | None = None,
         max_pixels: int = 50_000_000,
         gallery_problem: str | None = None,
+        gallery_locked: bool = False,
         on_embedded: Callable[[int], None] | None = None,
     ) -> None:
         self.embedder = embedder
         self._gallery = gallery
         self.gallery_problem = gallery_problem
+        self.gallery_locked = gallery_locked  # another process holds it: worth opening again later
         self.default_far = default_far
         self.default_threshold = default_threshold
         self.max_pixels = max_pixels
@@ -521,6 +523,14 @@ class ReidService:
         if self._gallery is None:
             raise UnavailableError(self.gallery_problem or "no gallery is open")
         return self._gallery
+
+    def attach_gallery(self, gallery: Gallery) -> None:
+        """Serve a gallery opened after start-up (it was locked by another process until now)."""
+        with self._calibration_lock:
+            self._gallery = gallery
+            self.gallery_problem = None
+            self.gallery_locked = False
+            self._use(self._stored_site_calibration() or self.embedder.calibration)
 
     def gallery_size(self) -> int:
         if self._gallery is None:
@@ -862,6 +872,7 @@ def open_gallery(embedder: Embedder, settings: Any, *, allow_model_mismatch: boo
         nprobe=settings.nprobe,
         ef_search=settings.ef_search,
         allow_model_mismatch=allow_model_mismatch,
+        init=settings.init,
     )
 
 

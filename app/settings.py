@@ -48,6 +48,14 @@ class Settings(BaseSettings):
         default=None, ge=1, description="torch intra-op threads; None = number of CPU cores (max 8)"
     )
     log_level: str = "info"
+    init: bool = Field(
+        default=False,
+        description="allow a new, empty gallery in a data dir that holds stored data but no database "
+        "(otherwise refused: a mis-mounted volume must not look like an empty gallery)",
+    )
+    lock_retry_seconds: float = Field(
+        default=5.0, gt=0, description="how often a server whose gallery is locked tries to open it again"
+    )
 
     @field_validator("far")
     @classmethod

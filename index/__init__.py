@@ -5,6 +5,7 @@ from .gallery import Gallery, cluster_pairs
 from .records import (
     DuplicatePair,
     GalleryError,
+    GalleryIntegrityError,
     GalleryLockedError,
     GalleryModelMismatchError,
     GalleryValidationError,
@@ -17,6 +18,7 @@ __all__ = [
     "DuplicatePair",
     "Gallery",
     "GalleryError",
+    "GalleryIntegrityError",
     "GalleryLockedError",
     "GalleryModelMismatchError",
     "GalleryValidationError",

@@ -16,6 +16,11 @@ Storage (all under ``data_dir``):
 - ``.lock``: ``fcntl.flock`` held while open; a second process gets ``GalleryLockedError``. The kernel
   drops the lock when the holder dies, so a restart after kill -9 just works.
 
+Integrity on open (``Store``): a missing or empty ``gallery.sqlite`` next to stored originals or a
+FAISS file (a mis-mounted or lost volume) raises ``GalleryIntegrityError`` instead of starting an
+empty gallery over them, unless ``init=True``; so does a database failing ``PRAGMA quick_check``.
+Stored originals no row references (a crash between the blob write and the commit) are removed.
+
 Concurrency (one process, many threads, e.g. FastAPI's threadpool): writers are serialised by one
 RLock (``Store.write_lock``) that covers the SQLite write transaction, blob files and FAISS mutation.
 Readers take no gallery lock: each thread reads SQLite through its own connection (WAL snapshots of
@@ -159,6 +164,7 @@ class Gallery:
         ef_search: int = 64,
         allow_model_mismatch: bool = False,
         autosave_seconds: float | None = 300.0,
+        init: bool = False,
     ) -> None:
         if not isinstance(dim, int | np.integer) or int(dim) <= 0:
             raise GalleryValidationError(f"dim must be a positive integer, got {dim!r}")
@@ -188,11 +194,12 @@ class Gallery:
             raise GalleryError(f"cannot open gallery data dir {self.data_dir}: {exc}") from exc
         self._store: Store | None = None
         try:
-            self._store = Store(self.data_dir)
+            self._store = Store(self.data_dir, init=init, other_data=[self._index_path])
             self._wlock = self._store.write_lock
             self._stored_dim = self._check_model(allow_model_mismatch)
             self._closed = False
             with self._wlock:
+                self._store.remove_orphan_blobs()
                 self._index = self._load_or_build()
         except BaseException:
             self._closed = True

@@ -21,6 +21,11 @@ class GalleryLockedError(GalleryError):
     """Another process already has this data directory open for writing."""
 
 
+class GalleryIntegrityError(GalleryError):
+    """The data dir cannot be trusted as it is: its database is missing while stored data is there,
+    or the database fails SQLite's integrity check. Nothing is created or changed over it."""
+
+
 @dataclass
 class NewImage:
     """What a caller enrols; the vector travels next to it in ``Gallery.add``."""

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ._fs import atomic_write_bytes, fsync_dir
-from .records import GalleryError, ImageRecord
+from .records import GalleryError, GalleryIntegrityError, ImageRecord
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,13 @@ def blobs_to_matrix(blobs: Sequence[bytes], dim: int) -> np.ndarray:
 class Store:
     """Owns the SQLite file and the blob directory of one data dir."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, init: bool = False, other_data: Sequence[Path] = ()) -> None:
+        """Open (or, in an empty data dir, create) the database, after the integrity checks.
+
+        ``other_data``: files besides the stored originals whose presence means the dir already held
+        a gallery (the FAISS index). ``init=True`` allows a new database where they or stored
+        originals are found without one.
+        """
         self.data_dir = data_dir
         self.path = data_dir / DB_NAME
         self.images_dir = (data_dir / IMAGES_DIR).resolve()
@@ -105,12 +111,49 @@ class Store:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
+        if not init:
+            self._refuse_new_database_over_data(other_data)
         self._writer = self._connect(writer=True)
         try:
+            self._check_integrity()
             self._init_schema()
+        except sqlite3.DatabaseError as exc:
+            self._writer.close()
+            if isinstance(exc, sqlite3.OperationalError):  # locked, read-only, I/O: not damage
+                raise GalleryError(f"cannot open gallery database {self.path}: {exc}") from exc
+            raise self._corrupt(str(exc)) from exc
         except BaseException:
             self._writer.close()
             raise
+
+    def _refuse_new_database_over_data(self, other_data: Sequence[Path]) -> None:
+        """A missing or empty database next to stored data is a mis-mounted or lost volume: never
+        paper over it with a new empty gallery (the originals would be orphaned)."""
+        if self.path.is_file() and self.path.stat().st_size > 0:
+            return
+        originals = sum(1 for _ in self.images_dir.glob("*/*")) if self.images_dir.is_dir() else 0
+        found = [f"{originals:,} stored original(s)"] if originals else []
+        found += [f"{p.name}" for p in other_data if p.exists()]
+        if found:
+            state = "is empty" if self.path.exists() else "is missing"
+            raise GalleryIntegrityError(
+                f"{self.data_dir} holds {' and '.join(found)} but its database {DB_NAME} {state}: is the "
+                "right volume mounted? Restore the database from a backup, or start once with --init "
+                "(CXR_REID_INIT=1) to begin a new, empty gallery there"
+            )
+
+    def _check_integrity(self) -> None:
+        """SQLite's quick_check (page structure, no index cross-check): seconds for a large gallery."""
+        rows = [str(r[0]) for r in self._writer.execute("PRAGMA quick_check(5)").fetchall()]
+        if rows != ["ok"]:
+            raise self._corrupt("; ".join(rows))
+
+    def _corrupt(self, problem: str) -> GalleryIntegrityError:
+        problem = "; ".join(line.strip() for line in problem.splitlines() if line.strip())
+        return GalleryIntegrityError(
+            f"the gallery database {self.path} is damaged ({problem}); stop the service, restore it "
+            "from a backup (or `sqlite3 .recover` it), then run `cxr-reid check`"
+        )
 
     # ---------------------------------------------------------------- connections
     def _connect(self, *, writer: bool) -> sqlite3.Connection:
@@ -124,6 +167,10 @@ class Store:
             conn.execute("PRAGMA foreign_keys=ON")
             if not writer:
                 conn.execute("PRAGMA query_only=ON")
+        except sqlite3.OperationalError as exc:  # locked, read-only, I/O: not damage
+            raise GalleryError(f"cannot open gallery database {self.path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed"
+            raise self._corrupt(str(exc)) from exc
         except sqlite3.Error as exc:
             raise GalleryError(f"cannot open gallery database {self.path}: {exc}") from exc
         return conn

@@ -47,7 +47,7 @@ def test_acknowledged_enrolments_survive_kill_9(
         hits = http.post("/search", files={"file": (query.name, query.read_bytes())}).json()["matches"]
         assert hits[0]["image_id"] == acknowledged[2] and hits[0]["score"] == pytest.approx(1.0, abs=1e-6)
         assert http.get("/readyz").json()["gallery_images"] == 3
-    _assert_healthcheck(second, server_env, tmp_path)
+    _assert_healthcheck_and_lock_retry(second, server_env, tmp_path)  # stops `second` on the way
     second.stop()
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells how it ended
     assert second.process.returncode in (0, -signal.SIGTERM)
@@ -63,13 +63,15 @@ def _healthcheck(port: int, env: dict[str, str]) -> subprocess.CompletedProcess[
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
-def _assert_healthcheck(ready: Server, env: dict[str, str], tmp_path: Path) -> None:
-    """The container HEALTHCHECK: healthy only when ready; a locked gallery or no server is unhealthy."""
+def _assert_healthcheck_and_lock_retry(ready: Server, env: dict[str, str], tmp_path: Path) -> None:
+    """The container HEALTHCHECK: healthy only when ready; no server, or a second server finding the
+    gallery locked, is unhealthy, and that second server becomes ready once the first one stops."""
     assert _healthcheck(ready.port, env).returncode == 0
     nothing = _healthcheck(free_port(), env)
     assert nothing.returncode == 1 and "did not answer" in nothing.stderr
-    port = free_port()  # a second server on the same data dir finds the gallery locked
-    locked = subprocess.Popen(
+    port = free_port()
+    env = {**env, "CXR_REID_LOCK_RETRY_SECONDS": "0.5"}
+    second = subprocess.Popen(
         uvicorn_command(port), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
@@ -77,9 +79,16 @@ def _assert_healthcheck(ready: Server, env: dict[str, str], tmp_path: Path) -> N
         while "did not answer" in (answer := _healthcheck(port, env)).stderr and time.monotonic() < deadline:
             time.sleep(0.5)
         assert answer.returncode == 1 and "answered 503" in answer.stderr, answer.stderr
+        assert "as soon as the other process lets go" in answer.stderr
+        ready.stop()
+        deadline = time.monotonic() + 30
+        while (answer := _healthcheck(port, env)).returncode != 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert answer.returncode == 0, answer.stderr
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz").json()["gallery_images"] == 3
     finally:
-        locked.kill()
-        locked.wait()
+        second.kill()
+        second.wait()
 
 
 def _multipart(field: str, filename: str, payload: bytes, boundary: str) -> bytes:
