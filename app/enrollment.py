@@ -21,6 +21,7 @@ from models.data import read_manifest
 from models.embedder import Embedder
 from models.preprocess import sniff_format
 
+from .phi import stored_original
 from .services import EnrolMetadata, InvalidInputError, decode_source, new_image, sha256_of
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ def bulk_enrol(
                     identifiers,
                     meta,
                     sha256=sha,
-                    blob=data if copy else None,
+                    blob=stored_original(data, radiograph.source_format) if copy else None,
                     source_path=None if copy else str(item.path),
                 )
             )

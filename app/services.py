@@ -30,6 +30,8 @@ from models.embedder import Embedder
 from models.preprocess import ImageDecodeError, Radiograph, check_usable, decode_image
 from models.scorenorm import Neighbours, ScoreNorm, patient_key
 
+from .phi import stored_original
+
 log = logging.getLogger(__name__)
 
 #: Candidates are fetched from FAISS this far below the threshold, then re-scored exactly, so a
@@ -730,7 +732,15 @@ class ReidService:
         one request are not compared with each other), under the enrolment lock so that no other
         enrolment slips in between the check and the write.
         """
-        images = [new_image(d.radiograph.identifiers, meta, sha256=d.sha256, blob=d.data) for d in decoded]
+        images = [
+            new_image(
+                d.radiograph.identifiers,
+                meta,
+                sha256=d.sha256,
+                blob=stored_original(d.data, d.radiograph.source_format),
+            )
+            for d in decoded
+        ]
         with self._enrol_lock:
             gallery = self.gallery
             pending = []

@@ -40,11 +40,32 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+#: Gallery files hold patient data: readable by the service's user only.
+PRIVATE_FILE = 0o600
+PRIVATE_DIR = 0o700
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` (and missing parents) and make it the owner's only; an existing directory
+    someone else owns (a mounted volume) is left as it is."""
+    path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    with contextlib.suppress(PermissionError):
+        os.chmod(path, PRIVATE_DIR)
+
+
+def restrict_file(path: Path) -> None:
+    """Make an existing file the owner's only (files from before this rule, SQLite's WAL files)."""
+    with contextlib.suppress(FileNotFoundError, PermissionError):
+        os.chmod(path, PRIVATE_FILE)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None], *, sync_dir: bool = True) -> None:
-    """Call ``write(tmp)`` to fill a temp file, then fsync it and rename it over ``path``."""
+    """Call ``write(tmp)`` to fill a temp file, then fsync it, make it the owner's only and rename
+    it over ``path``."""
     tmp = temp_path_for(path)
     try:
         write(tmp)
+        os.chmod(tmp, PRIVATE_FILE)
         fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -57,7 +78,7 @@ def atomic_write(path: Path, write: Callable[[Path], None], *, sync_dir: bool = 
 
 def atomic_write_bytes(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
     def _write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE), "wb") as f:
             f.write(data)
 
     atomic_write(path, _write, sync_dir=sync_dir)

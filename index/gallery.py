@@ -57,6 +57,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from ._fs import PRIVATE_FILE, make_private_dir
 from .faiss_index import AllowedIds, VectorIndex, _make_base, min_training_points, validate_factory
 from .records import (
     DuplicatePair,
@@ -97,7 +98,7 @@ def _now_iso() -> str:
 
 def _acquire_process_lock(data_dir: Path) -> int | None:
     path = data_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
     if fcntl is None:  # pragma: no cover
         log.warning("fcntl unavailable: cannot stop a second process from opening %s", data_dir)
         return fd
@@ -188,7 +189,7 @@ class Gallery:
         self._saved_generation: int | None = None
         self._last_save = time.monotonic()
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+            make_private_dir(self.data_dir)
             self._lock_fd = _acquire_process_lock(self.data_dir)
         except OSError as exc:
             raise GalleryError(f"cannot open gallery data dir {self.data_dir}: {exc}") from exc
@@ -469,11 +470,10 @@ class Gallery:
             if not blob:
                 raise GalleryValidationError(f"images[{i}].blob is empty")
             digest = hashlib.sha256(blob).hexdigest()
-            if sha is not None and sha != digest:
-                raise GalleryValidationError(f"images[{i}].sha256 does not match the blob's sha256 {digest}")
-            sha = digest
             row["blob"] = blob
             row["blob_sha256"] = digest
+            # `sha256` names what the client sent; the stored blob may be a de-identified copy of it
+            sha = sha or digest
         row["sha256"] = sha
         return row
 

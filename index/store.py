@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._fs import atomic_write_bytes, fsync_dir
+from ._fs import PRIVATE_FILE, atomic_write_bytes, fsync_dir, make_private_dir, restrict_file
 from .records import GalleryError, GalleryIntegrityError, ImageRecord
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ class Store:
         self._closed = False
         if not init:
             self._refuse_new_database_over_data(other_data)
+        self._make_private()
         self._writer = self._connect(writer=True)
         try:
             self._check_integrity()
@@ -141,6 +142,15 @@ class Store:
                 "right volume mounted? Restore the database from a backup, or start once with --init "
                 "(CXR_REID_INIT=1) to begin a new, empty gallery there"
             )
+
+    def _make_private(self) -> None:
+        """The database, its WAL files and the originals' folder are the service user's only.
+        SQLite creates the WAL files with the database file's mode, so that is set first."""
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))
+        for suffix in ("", "-wal", "-shm"):
+            restrict_file(self.path.with_name(self.path.name + suffix))
+        make_private_dir(self.images_dir)
 
     def _check_integrity(self) -> None:
         """SQLite's quick_check (page structure, no index cross-check): seconds for a large gallery."""
@@ -533,7 +543,7 @@ class Store:
         if path.exists():
             return sha, False
         new_dir = not path.parent.exists()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(path.parent)
         atomic_write_bytes(path, data)
         if new_dir:
             fsync_dir(path.parent.parent)
