@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 #: Candidates are fetched from FAISS this far below the threshold, then re-scored exactly, so a
 #: float-rounding difference between FAISS and numpy never drops a pair that verify would accept.
 SCORE_SLACK = 1e-4
+#: /duplicates: the loosest operating point it scans at, the most candidate pairs one scan may
+#: hold, and how many finished reports are kept for paging.
+DUPLICATES_LOWEST_FAR = 1e-1
+DUPLICATES_MAX_PAIRS = 200_000
+DUPLICATES_CACHED_REPORTS = 4
 #: Enrol-time matches reported per new image.
 ENROL_MATCHES = 5
 #: DICOM identifiers a client may see: never names, birth dates or (from /embed) the PatientID.
@@ -422,6 +427,8 @@ class ReidService:
         self._model_lock = threading.Lock()
         self._enrol_lock = threading.Lock()
         self._calibration_lock = threading.Lock()
+        self._duplicates_lock = threading.Lock()
+        self._duplicates_cache: dict[tuple, DuplicateReport] = {}
         self._use(self._stored_site_calibration() or embedder.calibration)
         # fail at start-up, not on the first request, when the default operating point is unusable
         self.operating_point()
@@ -845,14 +852,54 @@ class ReidService:
         return count
 
     # ---------------------------------------------------------------- duplicates
+    def duplicates_floor(self) -> float:
+        """The lowest threshold /duplicates scans at: the calibration's FAR 1e-1 point (below it a
+        large share of all pairs would be listed, at O(n^2) memory)."""
+        calibration = self.calibration
+        try:
+            return calibration.threshold_for(DUPLICATES_LOWEST_FAR)
+        except ValueError:
+            return min(calibration.thresholds.values())
+
     def duplicates(
         self, *, point: OperatingPoint, collection: str | None, conflicts_only: bool
     ) -> DuplicateReport:
-        """Every pair at or above the threshold (exact scores), best first, and their clusters."""
+        """Every pair at or above the threshold (exact scores), best first, and their clusters.
+
+        One report is computed at a time (concurrent requests wait instead of each holding the
+        O(n^2) scan in memory) and kept per gallery generation, collection, threshold and
+        calibration, so paging through it or asking again does not recompute it.
+        """
+        floor = self.duplicates_floor()
+        if point.threshold < floor:
+            raise InvalidInputError(
+                f"threshold {point.threshold:.4g} is below {floor:.4g}, the calibration's FAR "
+                f"{DUPLICATES_LOWEST_FAR:g} point: that would list a large share of all pairs; use a "
+                "higher threshold or a lower far"
+            )
+        gallery, scorer = self.gallery, self.scorer
+        with self._duplicates_lock:
+            key = (gallery.generation, collection, point.threshold, scorer)
+            report = self._duplicates_cache.pop(key, None) or self._compute_duplicates(point, collection)
+            self._duplicates_cache[key] = report  # most recent last
+            while len(self._duplicates_cache) > DUPLICATES_CACHED_REPORTS:
+                self._duplicates_cache.pop(next(iter(self._duplicates_cache)))
+        if not conflicts_only:
+            return report
+        conflicts = [p for p in report.pairs if p.conflict]
+        clusters = [
+            c
+            for c in report.clusters
+            if set(c) & {i for p in conflicts for i in (p.a.image_id, p.b.image_id)}
+        ]
+        return DuplicateReport(conflicts, clusters, report.total_conflicts)
+
+    def _compute_duplicates(self, point: OperatingPoint, collection: str | None) -> DuplicateReport:
         scorer = self.scorer
         candidates = self.gallery.duplicates(
             collection=collection,
             row_thresholds=lambda ids, vectors: scorer.floors(point.threshold, vectors) - SCORE_SLACK,
+            max_pairs=DUPLICATES_MAX_PAIRS,
         )
         vectors = self._vectors([i for p in candidates for i in (p.a.image_id, p.b.image_id)])
         kept = []
@@ -865,11 +912,13 @@ class ReidService:
             if is_same_patient(score, point):
                 kept.append(DuplicatePair(a=pair.a, b=pair.b, score=score, conflict=pair.conflict))
         total_conflicts = sum(p.conflict for p in kept)
-        if conflicts_only:
-            kept = [p for p in kept if p.conflict]
         kept.sort(key=lambda p: (-p.score, p.a.image_id, p.b.image_id))
-        clusters = sorted((sorted(c) for c in cluster_pairs(kept)), key=lambda c: (-len(c), c[0]))
-        return DuplicateReport(kept, clusters, total_conflicts)
+        return DuplicateReport(kept, _clusters(kept), total_conflicts)
+
+
+def _clusters(pairs: list[DuplicatePair]) -> list[list[int]]:
+    """Connected components of the pairs' image ids, largest first."""
+    return sorted((sorted(c) for c in cluster_pairs(pairs)), key=lambda c: (-len(c), c[0]))
 
 
 def open_gallery(embedder: Embedder, settings: Any, *, allow_model_mismatch: bool = False) -> Gallery:

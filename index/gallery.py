@@ -731,6 +731,7 @@ class Gallery:
         collection: str | None = "default",
         chunk: int = 2048,
         row_thresholds: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+        max_pairs: int | None = None,
     ) -> list[DuplicatePair]:
         """Every pair of images with similarity >= threshold, each pair once (a < b), best first.
 
@@ -738,7 +739,8 @@ class Gallery:
         counts when its score reaches the threshold of either image (a caller whose decision score
         is not the cosine passes, per image, the lowest cosine at which it could decide "same").
         Exact (range search over a flat copy of the collection's vectors); O(n^2) work and as many
-        pairs as the thresholds let through, so keep them high on big galleries.
+        pairs as the thresholds let through, so keep them high on big galleries. ``max_pairs`` bounds
+        the memory: more candidate pairs than that raise ``GalleryValidationError``.
         """
         self._check_open()
         store = self._store
@@ -760,6 +762,7 @@ class Gallery:
         flat = faiss.IndexFlatIP(X.shape[1])
         flat.add(X)
         keys, scores = [], []
+        found = 0
         for s in range(0, n, chunk):
             radius = float(np.nextafter(limits[s : s + chunk].min(), np.float32(-np.inf)))
             lims, dist, lab = flat.range_search(X[s : s + chunk], radius)
@@ -767,6 +770,11 @@ class Gallery:
             m = (lab != q) & (dist >= limits[q])  # range_search keeps score > radius
             keys.append(np.minimum(q, lab)[m].astype(np.int64) * n + np.maximum(q, lab)[m])
             scores.append(dist[m])
+            found += int(m.sum())
+            if max_pairs is not None and found > 2 * max_pairs:  # each pair is found from both sides
+                raise GalleryValidationError(
+                    f"more than {max_pairs:,} pairs reach the threshold: raise it (e.g. a lower `far`)"
+                )
         key, sc = np.concatenate(keys), np.concatenate(scores)
         key, first = np.unique(key, return_index=True)  # a pair found from both of its images once
         sc = sc[first]
@@ -783,6 +791,13 @@ class Gallery:
             conflict = a.patient_id is not None and b.patient_id is not None and a.patient_id != b.patient_id
             pairs.append(DuplicatePair(a=a, b=b, score=float(sc[j]), conflict=conflict))
         return pairs
+
+    @property
+    def generation(self) -> int:
+        """Bumped by every change to the set of vectors: results computed at one generation hold
+        until it moves."""
+        self._check_open()
+        return int(self._store.meta_get("generation") or 0)
 
     def remove_orphan_blobs(self) -> int:
         """Delete stored originals no row references, and temp files; returns how many files went.

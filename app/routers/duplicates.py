@@ -7,7 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from ..dependencies import Label, PageLimit, PageOffset, ServiceDep
-from ..schemas import ClusterOut, DuplicatePairOut, DuplicatesResponse, OperatingPointOut, PairImage
+from ..schemas import (
+    ClusterOut,
+    DuplicatePairOut,
+    DuplicatesResponse,
+    OperatingPointOut,
+    PairImage,
+    error_responses,
+)
 from ..services import collection_arg
 
 router = APIRouter(tags=["duplicates"])
@@ -23,7 +30,13 @@ router = APIRouter(tags=["duplicates"])
         "a `conflict` when both patient ids are known and differ: one label is probably wrong, or one "
         "patient has two ids. `conflicts_only=true` keeps only those. `clusters` are the connected "
         "components of all (filtered) pairs, largest first; each pair names its cluster. "
-        '`collection`: default "default", "*" = across every collection.'
+        '`collection`: default "default", "*" = across every collection.\n\n'
+        "Bounded: a threshold below the calibration's FAR 1e-1 point is refused (422), as is a scan "
+        "that finds more than 200,000 candidate pairs; one scan runs at a time, and its report is "
+        "kept until the gallery changes, so pages and `conflicts_only` reuse it."
+    ),
+    responses=error_responses(
+        422, e422="a threshold below the FAR 1e-1 point, too many pairs, or a bad field"
     ),
 )
 def find_duplicates(
