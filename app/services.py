@@ -13,12 +13,13 @@ turns them into ``{"detail": ...}`` responses.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,10 +28,18 @@ import numpy as np
 from index import DuplicatePair, Gallery, ImageRecord, NewImage, cluster_pairs
 from models.calibration import Calibration
 from models.embedder import Embedder
-from models.preprocess import ImageDecodeError, Radiograph, check_usable, decode_image
+from models.preprocess import (
+    DECODE_BYTES_PER_PIXEL,
+    ImageDecodeError,
+    Radiograph,
+    check_usable,
+    decode_image,
+    header_pixels,
+)
 from models.scorenorm import Neighbours, ScoreNorm, patient_key
 
 from .phi import stored_original
+from .settings import MIB
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +70,7 @@ class ServiceError(Exception):
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.headers: dict[str, str] = {}
 
 
 class InvalidInputError(ServiceError):
@@ -88,6 +98,14 @@ class UnavailableError(ServiceError):
     """The service is up but cannot answer this yet (gallery of another model): 503."""
 
     status_code = 503
+
+
+class BusyError(UnavailableError):
+    """Too much decoding in flight to take this request now: 503 with ``Retry-After``."""
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.headers["Retry-After"] = str(retry_after)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,21 +269,60 @@ class Upload:
 
 @dataclass
 class DecodedImage:
+    """An upload after decoding: the model input and what the answers need, not the full-resolution
+    pixels (they are released as soon as the image is prepared, so a request holds kilobytes)."""
+
     filename: str
     data: bytes
     sha256: str
-    radiograph: Radiograph
-
-    @property
-    def height(self) -> int:
-        return int(self.radiograph.pixels.shape[0])
-
-    @property
-    def width(self) -> int:
-        return int(self.radiograph.pixels.shape[1])
+    prepared: np.ndarray  # the model input, (size, size) float32
+    height: int
+    width: int
+    source_format: str
+    identifiers: dict[str, str]
 
     def public_identifiers(self) -> dict[str, str]:
-        return {k: v for k, v in self.radiograph.identifiers.items() if k in PUBLIC_IDENTIFIERS}
+        return {k: v for k, v in self.identifiers.items() if k in PUBLIC_IDENTIFIERS}
+
+
+class DecodeBudget:
+    """Bytes of decoded pixels all requests may hold at once (``CXR_REID_MAX_DECODE_MB``).
+
+    Each image reserves what its header says decoding will take (``DECODE_BYTES_PER_PIXEL`` per
+    pixel) before a pixel is decoded, and gives it back once prepared; a request waits up to
+    ``wait_seconds`` for room, then gets a 503 with Retry-After. Any mix of legal requests therefore
+    stays under the ceiling, instead of each one decoding as it pleases until the process is killed.
+    """
+
+    def __init__(self, capacity_bytes: int, wait_seconds: float) -> None:
+        self.capacity = capacity_bytes
+        self.wait_seconds = wait_seconds
+        self.in_use = 0
+        self.peak = 0
+        self._room = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int, name: str) -> Iterator[None]:
+        if nbytes > self.capacity:
+            raise PayloadTooLargeError(
+                f"{name} would take about {nbytes / MIB:,.0f} MiB to decode, more than this server's "
+                f"decode budget of {self.capacity / MIB:,.0f} MiB (CXR_REID_MAX_DECODE_MB); send a "
+                "smaller image"
+            )
+        with self._room:
+            if not self._room.wait_for(lambda: self.in_use + nbytes <= self.capacity, self.wait_seconds):
+                raise BusyError(
+                    "too many large images are being decoded right now; try again shortly",
+                    retry_after=max(1, round(self.wait_seconds)),
+                )
+            self.in_use += nbytes
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            with self._room:
+                self.in_use -= nbytes
+                self._room.notify_all()
 
 
 def sha256_of(data: bytes) -> str:
@@ -285,12 +342,40 @@ def decode_source(source: bytes | str | os.PathLike, *, max_pixels: int, name: s
         raise InvalidInputError(f"{name}: {exc}") from None
 
 
-def decode_uploads(uploads: Sequence[Upload], *, max_pixels: int) -> list[DecodedImage]:
-    """Decode every upload first, so a request with one bad file changes nothing."""
+def decode_uploads(
+    uploads: Sequence[Upload],
+    *,
+    max_pixels: int,
+    prepare: Callable[[Radiograph], np.ndarray],
+    budget: DecodeBudget | None = None,
+) -> list[DecodedImage]:
+    """Decode and prepare every upload first, so a request with one bad file changes nothing; each
+    decode runs inside the budget's reservation for it."""
     out = []
     for upload in uploads:
-        radiograph = decode_source(upload.data, max_pixels=max_pixels, name=f"'{upload.filename}'")
-        out.append(DecodedImage(upload.filename, upload.data, sha256_of(upload.data), radiograph))
+        name = f"'{upload.filename}'"
+        need = (header_pixels(upload.data) or 0) * DECODE_BYTES_PER_PIXEL
+        with budget.reserve(need, name) if budget is not None else contextlib.nullcontext():
+            radiograph = decode_source(upload.data, max_pixels=max_pixels, name=name)
+            try:
+                prepared = prepare(radiograph)
+            except ImageDecodeError as exc:
+                raise InvalidInputError(f"{name}: {exc}") from None
+            height, width = radiograph.pixels.shape[:2]
+            kind, identifiers = radiograph.source_format, dict(radiograph.identifiers)
+            del radiograph
+        out.append(
+            DecodedImage(
+                upload.filename,
+                upload.data,
+                sha256_of(upload.data),
+                prepared,
+                height,
+                width,
+                kind,
+                identifiers,
+            )
+        )
     return out
 
 
@@ -412,6 +497,7 @@ class ReidService:
         default_far: str = "1e-3",
         default_threshold: float | None = None,
         max_pixels: int = 50_000_000,
+        decode_budget: DecodeBudget | None = None,
         gallery_problem: str | None = None,
         gallery_locked: bool = False,
         on_embedded: Callable[[int], None] | None = None,
@@ -423,6 +509,7 @@ class ReidService:
         self.default_far = default_far
         self.default_threshold = default_threshold
         self.max_pixels = max_pixels
+        self.decode_budget = decode_budget
         self._on_embedded = on_embedded
         self._model_lock = threading.Lock()
         self._enrol_lock = threading.Lock()
@@ -573,20 +660,18 @@ class ReidService:
         return float(self.calibration.probability(score))
 
     # ---------------------------------------------------------------- embedding
-    def embed(self, radiographs: Sequence[Radiograph]) -> np.ndarray:
-        """(N, dim) float32 unit vectors; one forward pass at a time."""
-        with self._model_lock:
-            try:
-                vectors = self.embedder.embed(list(radiographs))
-            except ImageDecodeError as exc:  # prepare() refuses degenerate arrays
-                raise InvalidInputError(str(exc)) from None
-        if self._on_embedded is not None:
-            self._on_embedded(len(radiographs))
-        return vectors
-
     def embed_uploads(self, uploads: Sequence[Upload]) -> tuple[list[DecodedImage], np.ndarray]:
-        decoded = decode_uploads(uploads, max_pixels=self.max_pixels)
-        return decoded, self.embed([d.radiograph for d in decoded])
+        """Decode (within the decode budget), prepare, then embed in one forward pass at a time."""
+        decoded = decode_uploads(
+            uploads, max_pixels=self.max_pixels, prepare=self.embedder.prepare, budget=self.decode_budget
+        )
+        if not decoded:
+            return decoded, np.zeros((0, self.embedder.dim), dtype=np.float32)
+        with self._model_lock:
+            vectors = self.embedder.embed_prepared(np.stack([d.prepared for d in decoded]))
+        if self._on_embedded is not None:
+            self._on_embedded(len(decoded))
+        return decoded, vectors
 
     # ---------------------------------------------------------------- gallery reads
     def record(self, image_id: int) -> ImageRecord:
@@ -741,10 +826,10 @@ class ReidService:
         """
         images = [
             new_image(
-                d.radiograph.identifiers,
+                d.identifiers,
                 meta,
                 sha256=d.sha256,
-                blob=stored_original(d.data, d.radiograph.source_format),
+                blob=stored_original(d.data, d.source_format),
             )
             for d in decoded
         ]

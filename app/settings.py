@@ -40,6 +40,15 @@ class Settings(BaseSettings):
         default=50 * MIB, gt=0, description="largest request body (all files of one request together)"
     )
     max_pixels: int = Field(default=50_000_000, gt=0, description="largest image, in pixels, decoded")
+    max_decode_mb: int = Field(
+        default=1024,
+        gt=0,
+        description="MiB of decoded pixels all requests may hold at once (12 bytes per pixel the headers "
+        "declare); sized for a 2 GB container. Requests beyond it wait, then get 503 with Retry-After",
+    )
+    decode_wait_seconds: float = Field(
+        default=30.0, ge=0, description="how long a request waits for decode budget before its 503"
+    )
     max_files: int = Field(default=64, ge=1, description="most files in one multipart request")
     index_factory: str = Field(default="Flat", description="FAISS index factory string")
     nprobe: int = Field(default=16, ge=1)

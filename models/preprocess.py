@@ -150,6 +150,33 @@ def decode_image(
     raise ImageDecodeError(f"{name} is not a recognised image format (expected DICOM, PNG, JPEG or TIFF)")
 
 
+#: Peak bytes per pixel that decoding plus ``prepare`` hold, measured with tracemalloc plus Pillow's
+#: own buffer on 7000 x 7000 images: grey PNG 6, 16-bit DICOM 9, RGB PNG 11.6. What a decode budget
+#: reserves per pixel the header declares (``header_pixels``).
+DECODE_BYTES_PER_PIXEL = 12
+
+
+def header_pixels(data: bytes) -> int | None:
+    """Pixels the file's header declares (all frames and samples), read without decoding them; None
+    when the header cannot be read (the decoder will then refuse the file with the reason)."""
+    kind = sniff_format(data)
+    try:
+        if kind in ("png", "jpeg", "tiff"):
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+                return width * height * max(1, len(im.getbands())) * int(getattr(im, "n_frames", 1))
+        if kind == "dicom":
+            import pydicom  # lazily, like the decoder: PNG/JPEG-only callers never load it
+
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+            frames = _int_or(ds.get("NumberOfFrames", 1), 1)
+            samples = _int_or(ds.get("SamplesPerPixel", 1), 1)
+            return _int_or(ds.get("Rows", 0), 0) * _int_or(ds.get("Columns", 0), 0) * max(1, frames) * samples
+    except Exception:  # noqa: BLE001 - any unreadable header: the decoder says why
+        return None
+    return None
+
+
 def load_for_model(
     source: bytes | str | os.PathLike, config: PreprocessConfig, **decode_kwargs
 ) -> np.ndarray:
@@ -499,8 +526,17 @@ def _pillow_to_grey(im: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(pixels, dtype=np.float32)
 
 
+_LUMA_ROWS = 256  # rows converted at a time: a float32 copy of the whole colour image is never held
+
+
 def _luma(arr: np.ndarray) -> np.ndarray:
-    return np.asarray(arr[..., :3], dtype=np.float32) @ _LUMA
+    """Grey float32 HxW from colour HxWx3/4, a block of rows at a time (peak memory: the output plus
+    one block, instead of three float32 planes of the whole image)."""
+    out = np.empty(arr.shape[:2], dtype=np.float32)
+    for start in range(0, arr.shape[0], _LUMA_ROWS):
+        block = arr[start : start + _LUMA_ROWS, :, :3]
+        out[start : start + _LUMA_ROWS] = np.asarray(block, dtype=np.float32) @ _LUMA
+    return out
 
 
 def _require_finite(pixels: np.ndarray, name: str = "the image data") -> None:

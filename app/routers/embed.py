@@ -55,7 +55,7 @@ def embed_images(
             encoding=encoding,
             embedding=encode_vector(vector, encoding),
             image_size=ImageSize(width=image.width, height=image.height),
-            source_format=image.radiograph.source_format,
+            source_format=image.source_format,
             identifiers=image.public_identifiers(),
         )
         for image, vector in zip(decoded, vectors, strict=True)
