@@ -208,7 +208,9 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     secured = [Depends(require_api_key)]
     app.include_router(health.router, responses=error_responses(500))
     for module in (embed, verify, images, search, duplicates, calibration):
-        app.include_router(module.router, dependencies=secured, responses=error_responses(401, 422, 500, 503))
+        app.include_router(
+            module.router, dependencies=secured, responses=error_responses(400, 401, 422, 500, 503)
+        )
     app.openapi = _openapi_with_form_descriptions(app)
 
     _add_error_handlers(app)

@@ -28,6 +28,7 @@ class ErrorResponse(BaseModel):
 
 
 ERROR_DESCRIPTIONS = {
+    400: "the request body cannot be parsed (e.g. broken multipart data)",
     401: "missing or wrong `X-API-Key` (only when the service has API keys)",
     404: "unknown image id or patient",
     409: "refused: the site's labelled images cannot support the calibration (nothing changed)",

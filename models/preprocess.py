@@ -294,6 +294,12 @@ def _decode_dicom(data: bytes, name: str, *, max_pixels: int, check_modality: bo
         raise ImageDecodeError(f"{name}: cannot decode transfer syntax {ts_name}: {exc}") from exc
     except Exception as exc:
         raise ImageDecodeError(f"{name} has damaged or truncated pixel data ({exc})") from exc
+    except BaseException as exc:
+        # Decoder plug-ins written in Rust (pylibjpeg-rle, -openjpeg) turn a panic on a malformed
+        # stream into pyo3's PanicException, a BaseException: still damaged data, not a crash.
+        if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
+            raise
+        raise ImageDecodeError(f"{name} has damaged pixel data (the decoder failed: {exc})") from exc
 
     pixels = _dicom_display_pixels(ds, arr, name)
     identifiers = {}
