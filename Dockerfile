@@ -1,7 +1,9 @@
 # cxr-reid HTTP service: CPU-only image serving the shipped default model.
 #   docker build -t cxr-reid .
 #   docker run -p 8000:8000 -v cxr-reid-data:/data -e CXR_REID_API_KEYS=key1 cxr-reid
-# Settings come from CXR_REID_* environment variables. BASE may be any Debian-family image with
+# Settings come from CXR_REID_* environment variables. It serves on 0.0.0.0, so it refuses to start
+# without an API key (CXR_REID_API_KEYS, or `cxr-reid keys add` into the /data volume) unless
+# CXR_REID_INSECURE=1 says that an open API is meant. BASE may be any Debian-family image with
 # Python 3.11 and its venv module (e.g. one built with debootstrap where no registry is reachable:
 # see docs/docker.md); TORCH_VARIANT=cu128 (or another CUDA build) makes a GPU image.
 ARG BASE=python:3.11-slim

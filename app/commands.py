@@ -25,6 +25,7 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Any:
         "model_path": getattr(args, "model", None),
         "data_dir": getattr(args, "data_dir", None),
         "init": True if getattr(args, "init", False) else None,
+        "insecure": True if getattr(args, "insecure", False) else None,
         **extra,
     }
     return Settings(**{key: value for key, value in given.items() if value is not None})
@@ -45,6 +46,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             settings.workers,
         )
         return 2
+    if not _keys_configured(settings):
+        if settings.host not in LOOPBACK_HOSTS and not settings.insecure:
+            log.error(
+                "no API key is configured, so the API would be open to anyone who can reach %s: add "
+                "one (`cxr-reid keys add --scope admin`, or CXR_REID_API_KEYS) or pass --insecure "
+                "(CXR_REID_INSECURE=1) to serve it open anyway",
+                settings.host,
+            )
+            return 2
+        log.warning(
+            "no API key is configured: the API is open to every client that can reach %s:%d "
+            "(`cxr-reid keys add` to require keys)",
+            settings.host,
+            settings.port,
+        )
     checkpoint = settings.model_path or DEFAULT_CHECKPOINT
     if not checkpoint.is_file():  # fail here, with a plain message, not in uvicorn's start-up traceback
         what = "checkpoint" if settings.model_path else "the shipped default model (pass --model)"
@@ -58,6 +74,38 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         reload=False,
         access_log=False,  # it logs raw paths and query strings (patient ids); app.access logs templates
     )
+    return 0
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def _keys_configured(settings: Any) -> bool:
+    from .keys import KeyStore
+
+    return bool(settings.api_key_list) or bool(KeyStore(settings.keys_path).keys())
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    """Manage the scoped API keys of a data dir; the running service sees changes at once."""
+    from .keys import KeyStore
+
+    settings = _settings(args)
+    store = KeyStore(settings.keys_path)
+    if args.action == "add":
+        key, token = store.add(args.scope, note=args.note or "")
+        sys.stderr.write(
+            f"added key {key.key_id} (scope {key.scope}) to {store.path}; give the client this key, "
+            "it is not shown again:\n"
+        )
+        sys.stdout.write(token + "\n")
+    elif args.action == "list":
+        sys.stdout.write(json.dumps([k.public() for k in store.keys().values()], indent=2) + "\n")
+    elif not store.revoke(args.key_id):
+        sys.stderr.write(f"no key {args.key_id!r} in {store.path}\n")
+        return 1
+    else:
+        sys.stderr.write(f"revoked key {args.key_id}\n")
     return 0
 
 
@@ -314,7 +362,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="allow a new, empty gallery in a data dir that holds stored data but no database",
     )
+    p.add_argument(
+        "--insecure", action="store_true", help="serve beyond loopback even with no API key configured"
+    )
     p.set_defaults(func=_cmd_serve)
+
+    p = subparsers.add_parser(
+        "keys",
+        help="scoped API keys (read < write < admin), stored hashed in the data dir's keys.json",
+        description="add prints the new key once (stdout); list shows ids, scopes and notes; revoke "
+        "removes one. A running service picks the change up at its next request.",
+    )
+    p.add_argument("action", choices=["add", "list", "revoke"])
+    p.add_argument("key_id", nargs="?", help="revoke: the key id (from list)")
+    p.add_argument("--scope", choices=["read", "write", "admin"], default="read", help="add: default read")
+    p.add_argument("--note", help="add: who or what the key is for")
+    p.add_argument("--data-dir", help="gallery folder (default: CXR_REID_DATA_DIR, else ./cxr-reid-data)")
+    p.set_defaults(func=_cmd_keys)
 
     p = subparsers.add_parser(
         "check",

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hmac
 import logging
 import unicodedata
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Query, Request, UploadFile
 from fastapi.security import APIKeyHeader
 from pydantic import AfterValidator, BeforeValidator
 
+from .keys import SCOPES, ApiKey, KeyFileError, KeyStore
 from .middleware import route_template
 from .services import InvalidInputError, PayloadTooLargeError, ReidService, Upload
 from .settings import Settings, key_fingerprint
@@ -23,8 +25,10 @@ MAX_IMAGE_ID = 2**63 - 1
 _api_key_header = APIKeyHeader(
     name="X-API-Key",
     auto_error=False,
-    description="one of the keys in CXR_REID_API_KEYS (only when keys are configured)",
+    description="an API key (`cxr-reid keys add`, or one of CXR_REID_API_KEYS), when keys are configured",
 )
+#: Keys given in CXR_REID_API_KEYS: plain, from the environment, with every right.
+LEGACY_KEY = ApiKey(key_id="env", scope="admin", salt="", digest="", created_at="", note="CXR_REID_API_KEYS")
 
 
 def get_settings(request: Request) -> Settings:
@@ -39,28 +43,71 @@ def get_service(request: Request) -> ReidService:
     return service
 
 
-def require_api_key(
-    request: Request, api_key: Annotated[str | None, Depends(_api_key_header)] = None
-) -> None:
-    """401 unless a configured key is presented (no keys configured: open API).
+def _client_address(request: Request) -> str:
+    return request.client.host if request.client is not None else "unknown"
 
-    Compared in constant time; a wrong key is logged only as a short sha256 prefix.
-    """
-    keys: list[str] = request.app.state.settings.api_key_list
-    if not keys:
+
+def _authorise(request: Request, api_key: str | None, scope: str) -> None:
+    """401 unless a key with at least ``scope`` is presented; 403 for a key of a lower scope; 429
+    for an address with too many rejected keys. No keys configured at all: the API is open (and
+    ``cxr-reid serve`` then binds loopback only)."""
+    state = request.app.state
+    legacy: list[str] = state.settings.api_key_list
+    store: KeyStore = state.key_store
+    try:
+        stored = store.keys()
+    except KeyFileError as exc:
+        log.error("%s", exc)
+        raise HTTPException(
+            status_code=503, detail="the API keys file cannot be read; see the server log"
+        ) from None
+    if not legacy and not stored:
         return
+    address = _client_address(request)
+    wait = state.auth_limiter.retry_after(address)
+    if wait is not None:
+        raise HTTPException(
+            status_code=429,
+            detail=f"too many rejected API keys from this address; try again in {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
     if not api_key:
         raise HTTPException(
             status_code=401, detail="missing X-API-Key header", headers={"WWW-Authenticate": "ApiKey"}
         )
-    if not any(hmac.compare_digest(api_key.encode(), key.encode()) for key in keys):
-        log.warning(
-            "rejected API key sha256:%s for %s %s",
-            key_fingerprint(api_key),
-            request.method,
-            route_template(request.scope),
-        )
+    key = store.verify(api_key)
+    if key is None and any(hmac.compare_digest(api_key.encode(), k.encode()) for k in legacy):
+        key = LEGACY_KEY
+    if key is None:
+        what = f"sha256:{key_fingerprint(api_key)} for {request.method} {route_template(request.scope)}"
+        state.auth_limiter.failed(address, what)
         raise HTTPException(status_code=401, detail="invalid API key", headers={"WWW-Authenticate": "ApiKey"})
+    if not key.allows(scope):
+        raise HTTPException(
+            status_code=403, detail=f"this API key's scope is '{key.scope}'; this needs '{scope}' or higher"
+        )
+    request.state.api_key = key
+
+
+def require_scope(scope: str) -> Callable[..., None]:
+    """A dependency that lets a request through with a key of at least ``scope``."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}")
+
+    def dependency(request: Request, api_key: Annotated[str | None, Depends(_api_key_header)] = None) -> None:
+        _authorise(request, api_key, scope)
+
+    return dependency
+
+
+def has_scope(request: Request, scope: str) -> bool:
+    """Whether the request may see what needs ``scope`` (open API, or a good enough key), without
+    refusing it: for routes that answer everyone but say more to key holders."""
+    try:
+        _authorise(request, request.headers.get("X-API-Key"), scope)
+    except HTTPException:
+        return False
+    return True
 
 
 ServiceDep = Annotated[ReidService, Depends(get_service)]

@@ -33,7 +33,8 @@ from index import (
 )
 from models.embedder import Embedder
 
-from .dependencies import require_api_key
+from .dependencies import require_scope
+from .keys import FailedAuthLimiter, KeyStore
 from .middleware import BodyLimitMiddleware, MetricsMiddleware, ServiceMetrics, route_template
 from .routers import calibration, duplicates, embed, health, images, search, verify
 from .schemas import ErrorResponse, FieldError, error_responses
@@ -60,7 +61,10 @@ duplicate / conflicting-label discovery.
   `errors`, one per rejected field): 401 missing/invalid API key, 404 unknown id, 413 upload over the
   size limit, 422 unusable image or missing/contradictory fields, 503 not ready (e.g. the gallery holds
   vectors of another model: run `cxr-reid reindex`).
-* With `CXR_REID_API_KEYS` set, every route but /healthz, /readyz and /metrics needs `X-API-Key`.
+* With API keys configured (`cxr-reid keys add`, or `CXR_REID_API_KEYS`), every route but /healthz
+  and the status of /readyz needs `X-API-Key`, of scope `read` (embed, verify, search, list,
+  duplicates, metrics), `write` (enrol, delete) or `admin` (site calibration). Too many rejected
+  keys from one address get 429 for a minute. Without keys the service binds loopback only.
 """
 
 TAGS = [
@@ -205,11 +209,13 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     app.state.metrics = metrics
     metrics.track_gallery(lambda: app.state.service.gallery_size() if app.state.service is not None else 0)
 
-    secured = [Depends(require_api_key)]
+    app.state.key_store = KeyStore(settings.keys_path)
+    app.state.auth_limiter = FailedAuthLimiter(settings.auth_failures_per_minute, window=60.0)
+    secured = [Depends(require_scope("read"))]  # write and admin routes ask for more themselves
     app.include_router(health.router, responses=error_responses(500))
     for module in (embed, verify, images, search, duplicates, calibration):
         app.include_router(
-            module.router, dependencies=secured, responses=error_responses(400, 401, 422, 500, 503)
+            module.router, dependencies=secured, responses=error_responses(400, 401, 403, 422, 429, 500, 503)
         )
     app.openapi = _openapi_with_form_descriptions(app)
 

@@ -30,10 +30,12 @@ class ErrorResponse(BaseModel):
 ERROR_DESCRIPTIONS = {
     400: "the request body cannot be parsed (e.g. broken multipart data)",
     401: "missing or wrong `X-API-Key` (only when the service has API keys)",
+    403: "the API key's scope is too low for this (read < write < admin)",
     404: "unknown image id or patient",
     409: "refused: the site's labelled images cannot support the calibration (nothing changed)",
     413: "request body over the upload limit",
     422: "an unusable image or a missing, malformed or contradictory field",
+    429: "too many rejected API keys from this address: wait `Retry-After` seconds",
     500: "a bug: the service logged it; nothing was written",
     503: "not ready: the model is loading, or the gallery cannot be served (locked by another "
     "process, unreadable, or holding another model's vectors)",
@@ -372,14 +374,21 @@ class Health(BaseModel):
     status: Literal["ok"] = Field(default="ok", description="always ok")
 
 
+KEY_HOLDERS = " (with API keys configured: only for a key with the read scope)"
+
+
 class Readiness(BaseModel):
     """The model is loaded and the gallery can be served."""
 
     status: Literal["ready"] = Field(default="ready", description="always ready (else the answer is a 503)")
-    model_id: str = Field(description="the model served")
-    embedding_dim: int = Field(description="length of its embeddings")
-    gallery_images: int = Field(description="images in the gallery, every collection")
-    operating_point: OperatingPointOut = Field(description="the default threshold and its calibration")
+    model_id: str | None = Field(default=None, description=f"the model served{KEY_HOLDERS}")
+    embedding_dim: int | None = Field(default=None, description=f"length of its embeddings{KEY_HOLDERS}")
+    gallery_images: int | None = Field(
+        default=None, description=f"images in the gallery, every collection{KEY_HOLDERS}"
+    )
+    operating_point: OperatingPointOut | None = Field(
+        default=None, description=f"the default threshold and its calibration{KEY_HOLDERS}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- calibration

@@ -34,7 +34,17 @@ class Settings(BaseSettings):
         default=None, ge=-1.0, le=1.0, description="fixed cosine threshold; overrides `far` when set"
     )
     api_keys: SecretStr | None = Field(
-        default=None, description="comma-separated API keys; when set, clients send one as X-API-Key"
+        default=None, description="comma-separated plain API keys with every right (the older way)"
+    )
+    keys_file: Path | None = Field(
+        default=None,
+        description="scoped, hashed API keys (`cxr-reid keys add`); None = keys.json in the data dir",
+    )
+    insecure: bool = Field(
+        default=False, description="allow binding beyond loopback with no API key configured"
+    )
+    auth_failures_per_minute: int = Field(
+        default=20, ge=1, description="rejected API keys per client address per minute before 429s"
     )
     max_upload_bytes: int = Field(
         default=50 * MIB, gt=0, description="largest request body (all files of one request together)"
@@ -80,6 +90,10 @@ class Settings(BaseSettings):
         if self.api_keys is None:
             return []
         return [key.strip() for key in self.api_keys.get_secret_value().split(",") if key.strip()]
+
+    @property
+    def keys_path(self) -> Path:
+        return self.keys_file or self.data_dir / "keys.json"
 
     @property
     def request_body_limit(self) -> int:

@@ -191,15 +191,17 @@ def test_api_keys(
         client.delete("/patients/P-77", headers={"X-API-Key": "wrong-key-123"})
     server_side = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("httpx"))
     assert "wrong-key-123" not in server_side and "P-77" not in server_side
-    assert "sha256:" in server_side and "/patients/{patient_id}" in server_side
+    assert "sha256:" in server_side and "POST /embed" in server_side
     for key in ("alpha-key", "beta-key"):
         assert client.post("/embed", files=f, headers={"X-API-Key": key}).status_code == 200
-    for path in ("/images", "/images/1", "/duplicates"):
+    for path in ("/images", "/images/1", "/duplicates", "/metrics"):
         assert client.get(path).status_code == 401
     assert client.post("/search", data={"image_id": 1}).status_code == 401
     assert client.delete("/patients/x").status_code == 401
-    for path in ("/healthz", "/readyz", "/metrics"):
-        assert client.get(path).status_code == 200
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").json() == {"status": "ready"}  # the status for all, details for keys
+    assert client.get("/readyz", headers={"X-API-Key": "alpha-key"}).json()["gallery_images"] == 0
+    assert client.get("/metrics", headers={"X-API-Key": "alpha-key"}).status_code == 200
 
 
 def test_logs_hold_no_names_or_pixels(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:

@@ -140,5 +140,6 @@ def test_limits_and_concurrency_over_real_http(
         assert sorted(set(statuses)) == [200, 201]
         assert http.get("/images").json()["total"] == 8
         assert http.get("/readyz").status_code == 200
-        assert http.get("/metrics", headers={"X-API-Key": ""}).status_code == 200
+        assert http.get("/metrics", headers={"X-API-Key": ""}).status_code == 401
+        assert http.get("/metrics").status_code == 200  # the client's default header holds the key
     server.stop()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Form
+from fastapi import APIRouter, Depends, Form
 
-from ..dependencies import ServiceDep
+from ..dependencies import ServiceDep, require_scope
 from ..schemas import CalibrationDetail, CalibrationOut, error_responses
 from ..services import InvalidInputError, ReidService, collection_arg
 
@@ -56,6 +56,7 @@ def get_calibration(service: ServiceDep) -> CalibrationDetail:
 
 @router.post(
     "/calibration",
+    dependencies=[Depends(require_scope("admin"))],
     response_model=CalibrationDetail,
     summary="Fit the thresholds on this site's labelled gallery images (admin)",
     description=(
@@ -98,6 +99,7 @@ def fit_calibration(
 
 @router.delete(
     "/calibration",
+    dependencies=[Depends(require_scope("admin"))],
     response_model=CalibrationDetail,
     summary="Stop using the site calibration (admin)",
     description="Back to the model's own thresholds; the site calibration stays in the gallery's history.",

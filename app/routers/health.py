@@ -1,11 +1,17 @@
-"""Liveness, readiness and Prometheus metrics: open even when API keys are configured."""
+"""Liveness, readiness and Prometheus metrics.
+
+/healthz and the status of /readyz answer everyone (orchestrators and the container health check
+hold no key); with API keys configured, what /readyz says beyond ready / not ready, and /metrics,
+need a key with the read scope.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..dependencies import has_scope, require_scope
 from ..schemas import Health, OperatingPointOut, Readiness, error_responses
 
 router = APIRouter(tags=["health"])
@@ -24,6 +30,7 @@ def healthz() -> Health:
 @router.get(
     "/readyz",
     response_model=Readiness,
+    response_model_exclude_none=True,
     summary="Readiness: model loaded and gallery consistent",
     description=(
         "200 when the model is loaded and the gallery is open, holds vectors of this model and its "
@@ -34,11 +41,14 @@ def healthz() -> Health:
 )
 def readyz(request: Request) -> Readiness | JSONResponse:
     service = request.app.state.service
-    if service is None:
-        return JSONResponse({"detail": "the model is not loaded yet"}, status_code=503)
-    problem = service.readiness_problem()
+    problem = "the model is not loaded yet" if service is None else service.readiness_problem()
+    details = has_scope(request, "read")
     if problem is not None:
+        if not details:
+            problem = "not ready (the reason is in the server log, and shown here with an API key)"
         return JSONResponse({"detail": problem}, status_code=503)
+    if not details:
+        return Readiness()
     return Readiness(
         model_id=service.model_id,
         embedding_dim=service.embedder.dim,
@@ -49,6 +59,7 @@ def readyz(request: Request) -> Readiness | JSONResponse:
 
 @router.get(
     "/metrics",
+    dependencies=[Depends(require_scope("read"))],
     summary="Prometheus metrics",
     description=(
         "Prometheus text format: `cxr_reid_requests_total` and `cxr_reid_request_duration_seconds` by "
@@ -56,7 +67,10 @@ def readyz(request: Request) -> Readiness | JSONResponse:
         "several workers each reports its own counts."
     ),
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "metrics in text format"}},
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "metrics in text format"},
+        **error_responses(401, 403, 429),
+    },
 )
 def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

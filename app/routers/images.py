@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Path, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Path, Query, UploadFile
 
 from ..dependencies import (
     ImageIdPath,
@@ -16,6 +16,7 @@ from ..dependencies import (
     SettingsDep,
     collect_files,
     read_uploads,
+    require_scope,
 )
 from ..schemas import (
     AlertOut,
@@ -63,6 +64,7 @@ def _clean(value: str | None) -> str | None:
 
 @router.post(
     "/images",
+    dependencies=[Depends(require_scope("write"))],
     status_code=201,
     response_model=EnrolResponse,
     summary="Enrol radiographs in the gallery, with a wrong-patient check",
@@ -169,6 +171,7 @@ def get_image(service: ServiceDep, image_id: ImageIdPath) -> ImageOut:
 
 @router.delete(
     "/images/{image_id}",
+    dependencies=[Depends(require_scope("write"))],
     response_model=DeleteResponse,
     summary="Delete a gallery image",
     description="Removes the image, its vector and (when no other image shares it) its stored original.",
@@ -181,6 +184,7 @@ def delete_image(service: ServiceDep, image_id: ImageIdPath) -> DeleteResponse:
 
 @router.delete(
     "/patients/{patient_id}",
+    dependencies=[Depends(require_scope("write"))],
     response_model=DeleteResponse,
     summary="Delete every image of a patient",
     description='In one `collection`, or in every collection when it is omitted or "*". 404 when none.',

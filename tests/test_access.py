@@ -1,0 +1,108 @@
+"""Access (issue 10, item 5): scoped keys stored hashed, a limit on rejected keys per address, and
+no open API beyond loopback without an explicit --insecure."""
+
+from __future__ import annotations
+
+import json
+import logging
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.keys import FailedAuthLimiter, KeyStore
+from tests.serving import ROOT
+
+
+def test_keys_are_stored_hashed_and_verified(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "keys.json")
+    key, token = store.add("write", note="PACS bridge")
+    text = store.path.read_text()
+    assert token.split("_", 2)[2] not in text and key.digest in text  # only the salted hash is kept
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+    assert (
+        store.verify(token) == key and key.allows("read") and key.allows("write") and not key.allows("admin")
+    )
+    assert store.verify(token[:-1] + ("A" if token[-1] != "A" else "B")) is None
+    assert store.verify("cxr_nope_secret") is None and store.verify("plain") is None
+    assert store.revoke(key.key_id) and store.verify(token) is None and not store.revoke(key.key_id)
+
+
+def test_scopes_per_route(make_client, tmp_path: Path, phantom_images: list[Path]) -> None:  # noqa: ANN001
+    data_dir = tmp_path / "data"
+    store = KeyStore(data_dir / "keys.json")
+    tokens = {scope: store.add(scope)[1] for scope in ("read", "write", "admin")}
+    client: TestClient = make_client(data_dir)
+    image = {"file": ("a.png", phantom_images[0].read_bytes())}
+
+    def status(method: str, path: str, scope: str | None, **kwargs: object) -> int:
+        headers = {"X-API-Key": tokens[scope]} if scope else {}
+        return client.request(method, path, headers=headers, **kwargs).status_code
+
+    assert status("POST", "/embed", None, files=image) == 401
+    assert status("POST", "/embed", "read", files=image) == 200
+    assert status("POST", "/images", "read", files=image, data={"patient_id": "p1"}) == 403
+    assert status("POST", "/images", "write", files=image, data={"patient_id": "p1"}) == 201
+    assert status("GET", "/images", "read") == 200
+    assert status("DELETE", "/patients/p1", "read") == 403
+    assert status("POST", "/calibration", "write") == 403
+    assert status("GET", "/calibration", "read") == 200
+    assert status("DELETE", "/calibration", "admin") == 200
+    assert status("DELETE", "/patients/p1", "write") == 200
+    # a key added while the service runs works at once; a revoked one stops at once
+    late_key, late = store.add("read")
+    assert client.get("/images", headers={"X-API-Key": late}).status_code == 200
+    store.revoke(late_key.key_id)
+    assert client.get("/images", headers={"X-API-Key": late}).status_code == 401
+
+
+def test_rejected_keys_are_limited_per_address_and_summarised(
+    make_client, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:  # noqa: ANN001
+    client: TestClient = make_client(api_keys="right-key", auth_failures_per_minute=5)
+    with caplog.at_level(logging.WARNING, logger="app"):
+        answers = [client.get("/images", headers={"X-API-Key": f"guess-{i}"}).status_code for i in range(12)]
+    assert answers == [401] * 5 + [429] * 7
+    limited = client.get("/images", headers={"X-API-Key": "right-key"})
+    assert limited.status_code == 429 and int(limited.headers["Retry-After"]) > 0  # even the right key waits
+    rejected = [r for r in caplog.records if "rejected API key" in r.getMessage()]
+    assert len(rejected) == 1  # one line per address and window, not one per attempt
+
+
+def test_limiter_window_closes_with_a_summary(caplog: pytest.LogCaptureFixture) -> None:
+    limiter = FailedAuthLimiter(limit=3, window=0.2)
+    with caplog.at_level(logging.WARNING, logger="app.keys"):
+        for _ in range(4):
+            limiter.failed("10.0.0.9", "sha256:abc")
+        assert limiter.retry_after("10.0.0.9") is not None
+        time.sleep(0.25)
+        assert limiter.retry_after("10.0.0.9") is None
+    assert "4 rejected API keys from 10.0.0.9" in caplog.text
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_keys_cli_and_no_open_api_beyond_loopback(tmp_path: Path, server_env: dict[str, str]) -> None:
+    env = {**server_env, "CXR_REID_DATA_DIR": str(tmp_path / "data")}
+    refused = _cli("serve", "--host", "0.0.0.0", "--port", "1", env=env)
+    assert refused.returncode == 2 and "--insecure" in refused.stderr and "keys add" in refused.stderr
+    added = _cli("keys", "add", "--scope", "admin", "--note", "ops", env=env)
+    assert added.returncode == 0 and added.stdout.startswith("cxr_")
+    listed = json.loads(_cli("keys", "list", env=env).stdout)
+    assert [(k["scope"], k["note"]) for k in listed] == [("admin", "ops")]
+    assert added.stdout.strip() not in (tmp_path / "data" / "keys.json").read_text()
+    assert _cli("keys", "revoke", listed[0]["key_id"], env=env).returncode == 0
+    assert _cli("keys", "revoke", "nope", env=env).returncode == 1
