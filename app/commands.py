@@ -32,12 +32,6 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Any:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from models.embedder import DEFAULT_CHECKPOINT
-
-    from .main import create_app
-
     settings = _settings(args, host=args.host, port=args.port, workers=args.workers)
     if settings.workers > 1:
         log.error(
@@ -61,6 +55,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             settings.host,
             settings.port,
         )
+    import uvicorn  # only now: a refused start says so without loading torch first
+
+    from models.embedder import DEFAULT_CHECKPOINT
+
+    from .main import create_app
+
     checkpoint = settings.model_path or DEFAULT_CHECKPOINT
     if not checkpoint.is_file():  # fail here, with a plain message, not in uvicorn's start-up traceback
         what = "checkpoint" if settings.model_path else "the shipped default model (pass --model)"

@@ -22,7 +22,7 @@ from app.main import create_app
 from app.settings import Settings
 from tests.serving import ROOT, Server, free_port, uvicorn_command
 
-EXAMPLES = int(os.environ.get("CXR_REID_FUZZ_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("CXR_REID_FUZZ_EXAMPLES", "12"))
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ schema = schemathesis.openapi.from_dict(create_app(Settings(data_dir=ROOT / "unu
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
-    derandomize=EXAMPLES <= 25,
+    derandomize=EXAMPLES <= 12,
     suppress_health_check=[
         HealthCheck.too_slow,
         HealthCheck.filter_too_much,
