@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
 
     work = Path(tempfile.mkdtemp(prefix="cxr-reid-load-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_REID_")}
