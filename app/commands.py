@@ -300,7 +300,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         from index import GalleryError
 
-        from .services import ReidService, collection_arg
+        from .clientargs import collection_arg
+        from .services import ReidService
 
         if args.out:
             log.error("--out is for --manifest; the gallery form keeps the calibration in the gallery")

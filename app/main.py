@@ -38,7 +38,18 @@ from .keys import FailedAuthLimiter, KeyStore
 from .middleware import BodyLimitMiddleware, MetricsMiddleware, ServiceMetrics, route_template
 from .routers import calibration, duplicates, embed, health, images, search, verify
 from .schemas import ErrorResponse, FieldError, error_responses
-from .services import DecodeBudget, ReidService, ServiceError, open_gallery
+from .services import (
+    BusyError,
+    ConflictError,
+    DecodeBudget,
+    InvalidInputError,
+    NotFoundError,
+    PayloadTooLargeError,
+    ReidService,
+    ServiceError,
+    UnavailableError,
+    open_gallery,
+)
 from .settings import MIB, Settings
 
 log = logging.getLogger(__name__)
@@ -233,6 +244,17 @@ def create_app_from_env() -> FastAPI:
     return create_app(Settings())
 
 
+#: The HTTP status of each kind of service error (the first that matches; one place for the mapping).
+STATUS_OF_SERVICE_ERROR: tuple[tuple[type[ServiceError], int], ...] = (
+    (InvalidInputError, 422),
+    (NotFoundError, 404),
+    (PayloadTooLargeError, 413),
+    (ConflictError, 409),
+    (UnavailableError, 503),
+    (ServiceError, 400),
+)
+
+
 def _openapi_with_form_descriptions(app: FastAPI) -> Callable[[], dict[str, Any]]:
     """FastAPI names each multipart form ``Body_<operation>`` without a description; give it one."""
     build = app.openapi
@@ -276,7 +298,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        status = next(code for kind, code in STATUS_OF_SERVICE_ERROR if isinstance(exc, kind))
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, BusyError) else None
+        return JSONResponse({"detail": exc.detail}, status_code=status, headers=headers)
 
     @app.exception_handler(GalleryValidationError)
     async def _gallery_validation(request: Request, exc: GalleryValidationError) -> JSONResponse:

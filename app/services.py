@@ -55,7 +55,6 @@ DUPLICATES_CACHED_REPORTS = 4
 ENROL_MATCHES = 5
 #: DICOM identifiers a client may see: never names, birth dates or (from /embed) the PatientID.
 PUBLIC_IDENTIFIERS = ("SOPInstanceUID", "StudyInstanceUID", "ViewPosition")
-ALL_COLLECTIONS = "*"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -63,49 +62,42 @@ ALL_COLLECTIONS = "*"
 
 
 class ServiceError(Exception):
-    """A request the service cannot serve; ``status_code`` is the HTTP status it maps to."""
-
-    status_code = 400
+    """A request the service cannot serve, in domain terms; ``app.main`` maps each kind to an HTTP
+    status (the service layer knows nothing of HTTP)."""
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
-        self.headers: dict[str, str] = {}
 
 
 class InvalidInputError(ServiceError):
-    """The client sent something unusable (bad image, contradictory fields): 422."""
-
-    status_code = 422
+    """The client sent something unusable (bad image, contradictory fields)."""
 
 
 class NotFoundError(ServiceError):
-    status_code = 404
+    """No such image, or no images of such a patient."""
 
 
 class PayloadTooLargeError(ServiceError):
-    status_code = 413
+    """An upload, or the decoding it needs, is over a configured limit."""
 
 
 class ConflictError(ServiceError):
     """The request is valid but the service's data cannot satisfy it yet (e.g. too few labelled
-    images to calibrate): 409, and nothing changed."""
-
-    status_code = 409
+    images to calibrate); nothing changed."""
 
 
 class UnavailableError(ServiceError):
-    """The service is up but cannot answer this yet (gallery of another model): 503."""
-
-    status_code = 503
+    """The service is up but cannot answer this yet (gallery locked, damaged or of another model)."""
 
 
 class BusyError(UnavailableError):
-    """Too much decoding in flight to take this request now: 503 with ``Retry-After``."""
+    """Too much decoding in flight to take this request now; worth retrying after ``retry_after``
+    seconds."""
 
     def __init__(self, detail: str, retry_after: int) -> None:
         super().__init__(detail)
-        self.headers["Retry-After"] = str(retry_after)
+        self.retry_after = retry_after
 
 
 # --------------------------------------------------------------------------------------------------
@@ -594,7 +586,7 @@ class ReidService:
                     score_norm=score_norm,
                     provenance={
                         "data": "gallery",
-                        "collection": ALL_COLLECTIONS if collection is None else collection,
+                        "collection": "*" if collection is None else collection,  # every collection
                         "model_id": self.model_id,
                     },
                 )
@@ -1018,10 +1010,3 @@ def open_gallery(embedder: Embedder, settings: Any, *, allow_model_mismatch: boo
         allow_model_mismatch=allow_model_mismatch,
         init=settings.init,
     )
-
-
-def collection_arg(value: str | None, default: str | None = "default") -> str | None:
-    """Client collection -> gallery argument: "*" means every collection (None)."""
-    if value is None or value == "":
-        return default
-    return None if value == ALL_COLLECTIONS else value

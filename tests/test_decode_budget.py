@@ -63,12 +63,32 @@ def test_budget_refuses_what_can_never_fit_and_times_out_when_full() -> None:
     started = time.monotonic()
     with pytest.raises(BusyError) as caught, budget.reserve(30 * MIB, "'b.png'"):
         pass
-    assert time.monotonic() - started >= 0.2 and caught.value.headers["Retry-After"] == "1"
+    assert time.monotonic() - started >= 0.2 and caught.value.retry_after == 1
     release.set()
     worker.join()
     with budget.reserve(30 * MIB, "'b.png'"):  # room again
         assert budget.in_use == 30 * MIB
     assert budget.in_use == 0 and budget.peak == 80 * MIB
+
+
+def test_the_api_answers_413_and_503_with_retry_after(
+    make_client, phantom_images: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
+    client = make_client(max_decode_mb=1)
+    big = io.BytesIO()
+    Image.fromarray((np.add.outer(np.arange(600), np.arange(600)) % 251).astype(np.uint8)).save(
+        big, format="PNG"
+    )
+    too_big = client.post("/embed", files={"file": ("big.png", big.getvalue())})
+    assert too_big.status_code == 413 and "CXR_REID_MAX_DECODE_MB" in too_big.json()["detail"]
+    service = client.app.state.service
+
+    def busy(*args: object) -> None:
+        raise BusyError("too many large images are being decoded right now; try again shortly", retry_after=7)
+
+    monkeypatch.setattr(service, "embed_uploads", busy)
+    answer = client.post("/embed", files={"file": ("a.png", phantom_images[0].read_bytes())})
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "7"
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak RSS from /proc")

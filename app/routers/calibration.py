@@ -6,9 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Form
 
+from ..clientargs import collection_arg
 from ..dependencies import ServiceDep, require_scope
 from ..schemas import CalibrationDetail, CalibrationOut, error_responses
-from ..services import InvalidInputError, ReidService, collection_arg
+from ..services import InvalidInputError, ReidService
 
 router = APIRouter(tags=["calibration"])
 

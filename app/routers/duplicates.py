@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from ..clientargs import collection_arg
 from ..dependencies import Label, PageLimit, PageOffset, ServiceDep
 from ..schemas import (
     ClusterOut,
@@ -15,7 +16,6 @@ from ..schemas import (
     PairImage,
     error_responses,
 )
-from ..services import collection_arg
 
 router = APIRouter(tags=["duplicates"])
 

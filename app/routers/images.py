@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Path, Query, UploadFile
 
+from ..clientargs import ALL_COLLECTIONS, collection_arg
 from ..dependencies import (
     ImageIdPath,
     Label,
@@ -29,7 +30,7 @@ from ..schemas import (
     OperatingPointOut,
     error_responses,
 )
-from ..services import ALL_COLLECTIONS, EnrolMetadata, InvalidInputError, collection_arg
+from ..services import EnrolMetadata, InvalidInputError
 
 router = APIRouter(tags=["images"])
 

@@ -6,9 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 
+from ..clientargs import collection_arg
 from ..dependencies import MAX_IMAGE_ID, Label, ServiceDep, SettingsDep, read_uploads
 from ..schemas import ImageRef, MatchOut, OperatingPointOut, SearchResponse, error_responses
-from ..services import InvalidInputError, collection_arg, record_key
+from ..services import InvalidInputError, record_key
 
 router = APIRouter(tags=["search"])
 

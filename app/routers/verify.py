@@ -7,9 +7,10 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, File, Form, UploadFile
 
+from ..clientargs import collection_arg
 from ..dependencies import MAX_IMAGE_ID, Label, ServiceDep, SettingsDep, read_uploads
 from ..schemas import CalibrationOut, ImageRef, PairVerification, PatientVerification, error_responses
-from ..services import InvalidInputError, ReidService, collection_arg, record_key
+from ..services import InvalidInputError, ReidService, record_key
 from ..settings import Settings
 
 router = APIRouter(tags=["verify"])
