@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 
 from index import ImageRecord
 
-from .services import Alert, OperatingPoint, ScoredRecord
+from .services import Alert, OperatingPoint, QueryImage, ScoredRecord
 
 
 class FieldError(BaseModel):
@@ -266,6 +266,12 @@ class ImageRef(BaseModel):
     image_id: int | None = Field(default=None, description="gallery image id (gallery images only)")
     filename: str | None = Field(default=None, description="the upload's file name (uploads only)")
     patient_id: str | None = Field(default=None, description="gallery label (gallery images only)")
+
+    @classmethod
+    def of(cls, image: QueryImage) -> ImageRef:
+        if image.record is not None:
+            return cls(image_id=image.record.image_id, patient_id=image.record.patient_id)
+        return cls(filename=image.filename)
 
 
 THRESHOLD_DESCRIPTION = "the score at or above which the answer is the same patient"

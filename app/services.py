@@ -260,6 +260,16 @@ class Upload:
 
 
 @dataclass
+class QueryImage:
+    """One side of a comparison: an upload (embedded now) or a gallery image (its stored vector)."""
+
+    vector: np.ndarray
+    key: str  # whose neighbours normalise its scores: record_key() of a gallery image, "" for an upload
+    filename: str | None = None
+    record: ImageRecord | None = None
+
+
+@dataclass
 class DecodedImage:
     """An upload after decoding: the model input and what the answers need, not the full-resolution
     pixels (they are released as soon as the image is prepared, so a request holds kilobytes)."""
@@ -462,9 +472,18 @@ class EnrolResult:
 
 
 @dataclass
+class Cluster:
+    """Images linked by duplicate pairs, with the distinct labels among them."""
+
+    image_ids: list[int]
+    patient_ids: list[str | None]  # known ids first (sorted), then None if some are unlabelled
+    conflict: bool  # more than one known patient id: a label is probably wrong
+
+
+@dataclass
 class DuplicateReport:
     pairs: list[DuplicatePair]  # best first; only conflicts when asked for
-    clusters: list[list[int]]  # connected components of `pairs`, largest first
+    clusters: list[Cluster]  # connected components of `pairs`, largest first
     total_conflicts: int  # over every pair at the threshold, whatever the filter
 
 
@@ -664,6 +683,21 @@ class ReidService:
         if self._on_embedded is not None:
             self._on_embedded(len(decoded))
         return decoded, vectors
+
+    def query_images(self, sides: Sequence[Upload | int]) -> list[QueryImage]:
+        """Vectors for a mix of uploads (embedded in one batch) and gallery image ids, in order."""
+        uploads = [side for side in sides if isinstance(side, Upload)]
+        decoded, vectors = self.embed_uploads(uploads) if uploads else ([], None)
+        out, next_upload = [], 0
+        for side in sides:
+            if isinstance(side, Upload):
+                image = decoded[next_upload]
+                out.append(QueryImage(vector=vectors[next_upload], key="", filename=image.filename))
+                next_upload += 1
+            else:
+                record, vector = self.stored_vector(int(side))
+                out.append(QueryImage(vector=vector, key=record_key(record), record=record))
+        return out
 
     # ---------------------------------------------------------------- gallery reads
     def record(self, image_id: int) -> ImageRecord:
@@ -964,12 +998,7 @@ class ReidService:
         if not conflicts_only:
             return report
         conflicts = [p for p in report.pairs if p.conflict]
-        clusters = [
-            c
-            for c in report.clusters
-            if set(c) & {i for p in conflicts for i in (p.a.image_id, p.b.image_id)}
-        ]
-        return DuplicateReport(conflicts, clusters, report.total_conflicts)
+        return DuplicateReport(conflicts, _clusters(conflicts), report.total_conflicts)
 
     def _compute_duplicates(self, point: OperatingPoint, collection: str | None) -> DuplicateReport:
         scorer = self.scorer
@@ -993,9 +1022,14 @@ class ReidService:
         return DuplicateReport(kept, _clusters(kept), total_conflicts)
 
 
-def _clusters(pairs: list[DuplicatePair]) -> list[list[int]]:
-    """Connected components of the pairs' image ids, largest first."""
-    return sorted((sorted(c) for c in cluster_pairs(pairs)), key=lambda c: (-len(c), c[0]))
+def _clusters(pairs: list[DuplicatePair]) -> list[Cluster]:
+    """Connected components of the pairs' image ids, largest first, with their labels."""
+    label = {record.image_id: record.patient_id for pair in pairs for record in (pair.a, pair.b)}
+    out = []
+    for ids in sorted((sorted(c) for c in cluster_pairs(pairs)), key=lambda c: (-len(c), c[0])):
+        names = sorted({label[i] for i in ids}, key=lambda p: (p is None, p or ""))
+        out.append(Cluster(ids, names, conflict=sum(p is not None for p in names) > 1))
+    return out
 
 
 def open_gallery(embedder: Embedder, settings: Any, *, allow_model_mismatch: bool = False) -> Gallery:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -51,16 +52,7 @@ def find_duplicates(
     point = service.operating_point(far=far or None, threshold=threshold)
     where = collection_arg(collection)
     report = service.duplicates(point=point, collection=where, conflicts_only=conflicts_only)
-    cluster_of = {image_id: n for n, cluster in enumerate(report.clusters) for image_id in cluster}
-    labels: dict[int, str | None] = {}
-    for pair in report.pairs:
-        labels[pair.a.image_id] = pair.a.patient_id
-        labels[pair.b.image_id] = pair.b.patient_id
-    clusters = []
-    for cluster in report.clusters:
-        ids = sorted({labels[i] for i in cluster}, key=lambda p: (p is None, p or ""))
-        known = [p for p in ids if p is not None]
-        clusters.append(ClusterOut(image_ids=cluster, patient_ids=ids, conflict=len(known) > 1))
+    cluster_of = {image_id: n for n, cluster in enumerate(report.clusters) for image_id in cluster.image_ids}
     page = report.pairs[offset : offset + limit]
     return DuplicatesResponse(
         model_id=service.model_id,
@@ -80,5 +72,5 @@ def find_duplicates(
             )
             for p in page
         ],
-        clusters=clusters,
+        clusters=[ClusterOut(**asdict(cluster)) for cluster in report.clusters],
     )

@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from ..clientargs import collection_arg
 from ..dependencies import MAX_IMAGE_ID, Label, ServiceDep, SettingsDep, read_uploads
 from ..schemas import ImageRef, MatchOut, OperatingPointOut, SearchResponse, error_responses
-from ..services import InvalidInputError, record_key
+from ..services import InvalidInputError
 
 router = APIRouter(tags=["search"])
 
@@ -49,20 +49,15 @@ def search(
         raise InvalidInputError("give either 'file' or 'image_id', not both")
     if file is None and image_id is None:
         raise InvalidInputError("missing 'file' (an image) or 'image_id' (a gallery image id)")
-    if image_id is not None:
-        record, vector = service.stored_vector(image_id)
-        query = ImageRef(image_id=record.image_id, patient_id=record.patient_id)
-        where = collection_arg(collection, record.collection)
-        exclude = (record.image_id,)
-        query_key = record_key(record)
+    side = read_uploads([file], settings)[0] if file is not None else image_id
+    (query_image,) = service.query_images([side])
+    query, record = ImageRef.of(query_image), query_image.record
+    if record is not None:  # its own collection by default, and never itself
+        where, exclude = collection_arg(collection, record.collection), (record.image_id,)
     else:
-        decoded, vectors = service.embed_uploads(read_uploads([file], settings))
-        vector, query = vectors[0], ImageRef(filename=decoded[0].filename)
-        where = collection_arg(collection)
-        exclude = ()
-        query_key = ""
+        where, exclude = collection_arg(collection), ()
     matches = service.search(
-        vector,
+        query_image.vector,
         k=k,
         collection=where,
         point=point,
@@ -70,7 +65,7 @@ def search(
         patient_id=patient_id or None,
         split=split or None,
         only_matches=only_matches,
-        query_key=query_key,
+        query_key=query_image.key,
     )
     return SearchResponse(
         model_id=service.model_id,

@@ -4,46 +4,26 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import numpy as np
 from fastapi import APIRouter, File, Form, UploadFile
 
 from ..clientargs import collection_arg
 from ..dependencies import MAX_IMAGE_ID, Label, ServiceDep, SettingsDep, read_uploads
 from ..schemas import CalibrationOut, ImageRef, PairVerification, PatientVerification, error_responses
-from ..services import InvalidInputError, ReidService, record_key
+from ..services import InvalidInputError, Upload
 from ..settings import Settings
 
 router = APIRouter(tags=["verify"])
 
 
-def _one_of(file: UploadFile | None, image_id: int | None, file_field: str, id_field: str) -> None:
+def _side(
+    file: UploadFile | None, image_id: int | None, settings: Settings, file_field: str, id_field: str
+) -> Upload | int:
+    """One side of a comparison as the service takes it: the upload's bytes, or the gallery id."""
     if file is not None and image_id is not None:
         raise InvalidInputError(f"give either '{file_field}' or '{id_field}', not both")
     if file is None and image_id is None:
         raise InvalidInputError(f"missing '{file_field}' (an image) or '{id_field}' (a gallery image id)")
-
-
-def resolve_images(
-    service: ReidService, settings: Settings, sides: list[tuple[UploadFile | None, int | None]]
-) -> tuple[list[ImageRef], np.ndarray, list[str]]:
-    """Vectors for a mix of uploads (embedded in one batch) and gallery ids (stored vectors), with
-    each side's patient key (``record_key`` of a gallery image, "" for an upload)."""
-    files = [file for file, _ in sides if file is not None]
-    uploads = read_uploads(files, settings)
-    decoded, upload_vectors = service.embed_uploads(uploads) if uploads else ([], None)
-    refs, vectors, keys, next_upload = [], [], [], 0
-    for file, image_id in sides:
-        if file is not None:
-            refs.append(ImageRef(filename=decoded[next_upload].filename))
-            vectors.append(upload_vectors[next_upload])
-            keys.append("")
-            next_upload += 1
-        else:
-            record, vector = service.stored_vector(int(image_id))
-            refs.append(ImageRef(image_id=record.image_id, patient_id=record.patient_id))
-            vectors.append(vector)
-            keys.append(record_key(record))
-    return refs, np.stack(vectors), keys
+    return read_uploads([file], settings)[0] if file is not None else int(image_id)
 
 
 @router.post(
@@ -105,15 +85,14 @@ def verify(
             raise InvalidInputError(
                 f"patient mode ('patient_id') takes 'file' or 'image_id'; remove {', '.join(pair_fields)}"
             )
-        _one_of(file, image_id, "file", "image_id")
-        (query,), vectors, _ = resolve_images(service, settings, [(file, image_id)])
+        (query,) = service.query_images([_side(file, image_id, settings, "file", "image_id")])
         where = collection_arg(collection)
         verdict = service.verify_patient(
-            vectors[0], patient_id, collection=where, point=point, exclude_image_id=image_id
+            query.vector, patient_id, collection=where, point=point, exclude_image_id=image_id
         )
         return PatientVerification(
             model_id=service.model_id,
-            query=query,
+            query=ImageRef.of(query),
             patient_id=patient_id,
             collection=where,
             score=verdict.best_score,
@@ -133,16 +112,17 @@ def verify(
             "'file', 'image_id' and 'collection' need a 'patient_id' (patient mode); to compare two "
             "images send 'file_a' or 'image_id_a' and 'file_b' or 'image_id_b'"
         )
-    _one_of(file_a, image_id_a, "file_a", "image_id_a")
-    _one_of(file_b, image_id_b, "file_b", "image_id_b")
-    (ref_a, ref_b), vectors, keys = resolve_images(
-        service, settings, [(file_a, image_id_a), (file_b, image_id_b)]
+    a, b = service.query_images(
+        [
+            _side(file_a, image_id_a, settings, "file_a", "image_id_a"),
+            _side(file_b, image_id_b, settings, "file_b", "image_id_b"),
+        ]
     )
-    verdict = service.verify_pair(vectors[0], keys[0], vectors[1], keys[1], point=point)
+    verdict = service.verify_pair(a.vector, a.key, b.vector, b.key, point=point)
     return PairVerification(
         model_id=service.model_id,
-        a=ref_a,
-        b=ref_b,
+        a=ImageRef.of(a),
+        b=ImageRef.of(b),
         score=verdict.score,
         cosine=verdict.cosine,
         probability=verdict.probability,
