@@ -21,7 +21,6 @@ import argparse
 import io
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -40,7 +39,7 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tests.serving import Server, free_port, uvicorn_command  # noqa: E402
+from tests.serving import Server, free_port, server_env, uvicorn_command  # noqa: E402
 
 log = logging.getLogger("bench.crash")
 
@@ -116,10 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
 
     work = Path(tempfile.mkdtemp(prefix="cxr-reid-crash-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_REID_")}
-    env.update(CXR_REID_DATA_DIR=str(work / "data"), PYTHONPATH=str(REPO_ROOT))
-    if args.model:
-        env["CXR_REID_MODEL_PATH"] = str(args.model.resolve())
+    env = server_env(work / "data", args.model)
     all_acknowledged: set[str] = set()
     results, failures = [], 0
     for round_no in range(1, args.rounds + 1):

@@ -15,7 +15,6 @@ import argparse
 import io
 import json
 import logging
-import os
 import random
 import sys
 import tempfile
@@ -31,7 +30,7 @@ if str(REPO_ROOT) not in sys.path:  # `python bench/load.py` puts bench/, not th
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tests.serving import Server, free_port, uvicorn_command  # noqa: E402
+from tests.serving import Server, free_port, server_env, uvicorn_command  # noqa: E402
 
 log = logging.getLogger("bench.load")
 
@@ -73,10 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
 
     work = Path(tempfile.mkdtemp(prefix="cxr-reid-load-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_REID_")}
-    env.update(CXR_REID_DATA_DIR=str(work / "data"), PYTHONPATH=str(REPO_ROOT))
-    if args.model:
-        env["CXR_REID_MODEL_PATH"] = str(args.model.resolve())
+    env = server_env(work / "data", args.model)
     port = free_port()
     server = Server(uvicorn_command(port), env, port, work / "server.log")
     images = _images(64)

@@ -10,7 +10,6 @@ model that knows identity train one (tests/test_train_e2e.py).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.serving import ROOT, Server
+from tests.serving import Server
+from tests.serving import server_env as server_environment
 
 if TYPE_CHECKING:
     from fastapi.testclient import TestClient
@@ -134,14 +134,7 @@ def make_client(tmp_path: Path, embedder: Embedder) -> Iterator[Callable[..., Te
 @pytest.fixture
 def server_env(tiny_checkpoint: Path, tmp_path: Path) -> dict[str, str]:
     """Environment for a server process on the tiny checkpoint, with its gallery in tmp_path."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("CXR_REID_")}
-    env.update(
-        CXR_REID_MODEL_PATH=str(tiny_checkpoint),
-        CXR_REID_DATA_DIR=str(tmp_path / "data"),
-        CXR_REID_TORCH_THREADS="1",
-        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-    )
-    return env
+    return server_environment(tmp_path / "data", tiny_checkpoint, CXR_REID_TORCH_THREADS="1")
 
 
 @pytest.fixture

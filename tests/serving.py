@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -12,6 +13,18 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def server_env(data_dir: Path, model: Path | None = None, **settings: str) -> dict[str, str]:
+    """This process's environment for a server: no inherited CXR_REID_* settings, the repository
+    importable, the gallery in ``data_dir``, ``model`` (default: the shipped one) and ``settings``
+    (``CXR_REID_*`` names)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CXR_REID_")}
+    env.update(CXR_REID_DATA_DIR=str(data_dir), **settings)
+    if model is not None:
+        env["CXR_REID_MODEL_PATH"] = str(Path(model).resolve())
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ from schemathesis.specs.openapi.checks import (
 
 from app.main import create_app
 from app.settings import Settings
-from tests.serving import ROOT, Server, free_port, uvicorn_command
+from tests.serving import ROOT, Server, free_port, server_env, uvicorn_command
 
 EXAMPLES = int(os.environ.get("CXR_REID_FUZZ_EXAMPLES", "12"))
 
@@ -28,13 +28,7 @@ EXAMPLES = int(os.environ.get("CXR_REID_FUZZ_EXAMPLES", "12"))
 @pytest.fixture(scope="module")
 def server_url(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("contract")
-    env = {key: value for key, value in os.environ.items() if not key.startswith("CXR_REID_")}
-    env.update(
-        CXR_REID_MODEL_PATH=str(tiny_checkpoint),
-        CXR_REID_DATA_DIR=str(tmp / "data"),
-        CXR_REID_TORCH_THREADS="1",
-        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-    )
+    env = server_env(tmp / "data", tiny_checkpoint, CXR_REID_TORCH_THREADS="1")
     port = free_port()
     server = Server(uvicorn_command(port), env, port, tmp / "server.log")
     try:

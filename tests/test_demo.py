@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.serving import ROOT, Server, free_port, uvicorn_command
+from tests.serving import ROOT, Server, free_port, server_env, uvicorn_command
 
 pytestmark = pytest.mark.skipif(
     shutil.which("jq") is None, reason="the demo needs jq (scripts/test.sh installs it)"
 )
-
-
-def _env(data_dir: Path, **settings: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("CXR_REID_")}
-    env.update(CXR_REID_DATA_DIR=str(data_dir), CXR_REID_TORCH_THREADS="1", **settings)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def _demo(url: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -32,7 +24,7 @@ def _demo(url: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 def test_demo_passes_against_the_shipped_model_any_number_of_times(
     servers: list[Server], tmp_path: Path
 ) -> None:
-    env = _env(tmp_path / "data", CXR_REID_API_KEYS="demo-key")
+    env = server_env(tmp_path / "data", None, CXR_REID_TORCH_THREADS="1", CXR_REID_API_KEYS="demo-key")
     port = free_port()
     server = Server(uvicorn_command(port), env, port, tmp_path / "server.log")
     servers.append(server)
@@ -48,7 +40,7 @@ def test_demo_fails_loudly_when_an_answer_is_not_what_the_readme_says(
     servers: list[Server], tmp_path: Path
 ) -> None:
     # a threshold below every score: every pair is "the same patient", so enrolling B raises an alert
-    env = _env(tmp_path / "data", CXR_REID_THRESHOLD="-1")
+    env = server_env(tmp_path / "data", None, CXR_REID_TORCH_THREADS="1", CXR_REID_THRESHOLD="-1")
     port = free_port()
     servers.append(Server(uvicorn_command(port), env, port, tmp_path / "server.log"))
     done = _demo(f"http://127.0.0.1:{port}", env)
