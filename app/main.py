@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from index import (
     GalleryError,
+    GalleryFullError,
     GalleryIntegrityError,
     GalleryLockedError,
     GalleryModelMismatchError,
@@ -309,6 +310,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GalleryModelMismatchError)
     async def _gallery_mismatch(request: Request, exc: GalleryModelMismatchError) -> JSONResponse:
         return JSONResponse({"detail": f"{exc} (run `cxr-reid reindex`)"}, status_code=503)
+
+    @app.exception_handler(GalleryFullError)
+    async def _gallery_full(request: Request, exc: GalleryFullError) -> JSONResponse:
+        log.error("gallery write refused on %s %s: %s", request.method, route_template(request.scope), exc)
+        return JSONResponse({"detail": str(exc)}, status_code=507)
 
     @app.exception_handler(GalleryError)
     async def _gallery_error(request: Request, exc: GalleryError) -> JSONResponse:

@@ -37,6 +37,7 @@ ERROR_DESCRIPTIONS = {
     422: "an unusable image or a missing, malformed or contradictory field",
     429: "too many rejected API keys from this address: wait `Retry-After` seconds",
     500: "a bug: the service logged it; nothing was written",
+    507: "the data dir's disk is full: the write was rolled back, send it again once there is space",
     503: "not ready: the model is loading, or the gallery cannot be served (locked by another "
     "process, unreadable, or holding another model's vectors)",
 }

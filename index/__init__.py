@@ -5,6 +5,7 @@ from .gallery import Gallery, cluster_pairs
 from .records import (
     DuplicatePair,
     GalleryError,
+    GalleryFullError,
     GalleryIntegrityError,
     GalleryLockedError,
     GalleryModelMismatchError,
@@ -18,6 +19,7 @@ __all__ = [
     "DuplicatePair",
     "Gallery",
     "GalleryError",
+    "GalleryFullError",
     "GalleryIntegrityError",
     "GalleryLockedError",
     "GalleryModelMismatchError",

@@ -43,10 +43,12 @@ model id.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -62,6 +64,7 @@ from .faiss_index import AllowedIds, VectorIndex, _make_base, min_training_point
 from .records import (
     DuplicatePair,
     GalleryError,
+    GalleryFullError,
     GalleryLockedError,
     GalleryModelMismatchError,
     GalleryValidationError,
@@ -126,6 +129,17 @@ def _release_process_lock(fd: int | None) -> None:
             fcntl.flock(fd, fcntl.LOCK_UN)
     with contextlib.suppress(OSError):
         os.close(fd)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC from a file write, or SQLite's "database or disk is full", however wrapped."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _progress_reporter(progress: ProgressLike | None) -> Callable[[int, int], None]:
@@ -506,6 +520,11 @@ class Gallery:
             except BaseException as exc:
                 # rolled back: drop the files this call wrote (unless a committed row uses them)
                 store.remove_blobs_if_unreferenced(set(created))
+                if _disk_full(exc):
+                    raise GalleryFullError(
+                        f"the disk of {self.data_dir} is full; nothing of this request was kept: free "
+                        "space or move the data dir, then send it again"
+                    ) from exc
                 if isinstance(exc, Exception) and not isinstance(exc, GalleryError):
                     raise GalleryError(f"could not add {len(rows)} images: {exc}") from exc
                 raise

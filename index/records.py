@@ -21,6 +21,10 @@ class GalleryLockedError(GalleryError):
     """Another process already has this data directory open for writing."""
 
 
+class GalleryFullError(GalleryError):
+    """The data dir's disk is full: the write was rolled back, nothing of it was kept."""
+
+
 class GalleryIntegrityError(GalleryError):
     """The data dir cannot be trusted as it is: its database is missing while stored data is there,
     or the database fails SQLite's integrity check. Nothing is created or changed over it."""

@@ -84,7 +84,7 @@ def _clean(value: str | None) -> str | None:
         "Identical bytes already in the collection are still enrolled as a new image, and "
         "`duplicate_of` names the earlier one (it then also shows as a score-1.0 pair in /duplicates)."
     ),
-    responses=error_responses(413),
+    responses=error_responses(413, 507),
 )
 def enrol_images(
     service: ServiceDep,
