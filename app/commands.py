@@ -93,7 +93,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     settings = _settings(args)
     store = KeyStore(settings.keys_path)
     if args.action == "add":
-        key, token = store.add(args.scope, note=args.note or "")
+        key, token = store.add(args.scope, note=args.note or "", collections=args.collection)
         sys.stderr.write(
             f"added key {key.key_id} (scope {key.scope}) to {store.path}; give the client this key, "
             "it is not shown again:\n"
@@ -378,6 +378,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("key_id", nargs="?", help="revoke: the key id (from list)")
     p.add_argument("--scope", choices=["read", "write", "admin"], default="read", help="add: default read")
     p.add_argument("--note", help="add: who or what the key is for")
+    p.add_argument(
+        "--collection",
+        action="append",
+        help="add: limit the key to this collection (repeat for several; default: every collection)",
+    )
     p.add_argument("--data-dir", help="gallery folder (default: CXR_REID_DATA_DIR, else ./cxr-reid-data)")
     p.set_defaults(func=_cmd_keys)
 

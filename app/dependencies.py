@@ -12,9 +12,11 @@ from fastapi import Depends, HTTPException, Path, Query, Request, UploadFile
 from fastapi.security import APIKeyHeader
 from pydantic import AfterValidator, BeforeValidator
 
+from index import ImageRecord
+
 from .keys import SCOPES, ApiKey, KeyFileError, KeyStore
 from .middleware import route_template
-from .services import InvalidInputError, PayloadTooLargeError, ReidService, Upload
+from .services import InvalidInputError, NotFoundError, PayloadTooLargeError, ReidService, Upload
 from .settings import Settings, key_fingerprint
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,35 @@ def has_scope(request: Request, scope: str) -> bool:
     return True
 
 
+class Access:
+    """The collections the request's API key may touch (every one without keys or for an
+    unrestricted key); routers pass every collection and gallery image they use through it."""
+
+    def __init__(self, key: ApiKey | None) -> None:
+        self.key = key
+
+    def collection(self, collection: str | None) -> str | None:
+        """``collection`` (None: every one) if the key may use it, else 403."""
+        if self.key is not None and not self.key.allows_collection(collection):
+            allowed = ", ".join(self.key.collections or [])
+            raise HTTPException(
+                status_code=403,
+                detail=f"this API key may only use the collection(s) {allowed}: name one with `collection`",
+            )
+        return collection
+
+    def record(self, record: ImageRecord) -> ImageRecord:
+        """A gallery image the key may see; others are reported as not found (their ids stay private)."""
+        if self.key is not None and not self.key.allows_collection(record.collection):
+            raise NotFoundError(f"image {record.image_id} not found")
+        return record
+
+
+def get_access(request: Request) -> Access:
+    return Access(getattr(request.state, "api_key", None))
+
+
+AccessDep = Annotated[Access, Depends(get_access)]
 ServiceDep = Annotated[ReidService, Depends(get_service)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 

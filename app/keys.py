@@ -7,6 +7,9 @@ salt and sha256(salt + secret); a plain salted SHA-256 is enough for secrets of 
 dictionary to try), and keeps the check per request in microseconds. The running service notices
 changes to the file (``keys add`` / ``revoke`` need no restart).
 
+A key may be limited to a list of collections: it then never sees, changes or searches others, and
+must name one of its collections where a request could mean every collection.
+
 Scopes nest: ``read`` (embed, verify, search, list, duplicates, metrics, readiness details) <
 ``write`` (enrol and delete) < ``admin`` (site calibration). Keys given in ``CXR_REID_API_KEYS``
 (comma-separated plain keys, the older way) are admin keys.
@@ -46,12 +49,23 @@ class ApiKey:
     digest: str
     created_at: str
     note: str = ""
+    collections: list[str] | None = None  # the only collections it may touch; None = every one
 
     def allows(self, scope: str) -> bool:
         return SCOPES.index(self.scope) >= SCOPES.index(scope)
 
-    def public(self) -> dict[str, str]:
-        return {"key_id": self.key_id, "scope": self.scope, "created_at": self.created_at, "note": self.note}
+    def allows_collection(self, collection: str | None) -> bool:
+        """``collection`` None means every collection, which a restricted key may not ask for."""
+        return self.collections is None or (collection is not None and collection in self.collections)
+
+    def public(self) -> dict[str, object]:
+        return {
+            "key_id": self.key_id,
+            "scope": self.scope,
+            "collections": self.collections,
+            "created_at": self.created_at,
+            "note": self.note,
+        }
 
 
 def _digest(salt: str, secret: str) -> str:
@@ -98,7 +112,7 @@ class KeyStore:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
-    def add(self, scope: str, note: str = "") -> tuple[ApiKey, str]:
+    def add(self, scope: str, note: str = "", collections: list[str] | None = None) -> tuple[ApiKey, str]:
         """A new key: its record and the token to hand to the client (shown once, never stored)."""
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
@@ -108,7 +122,15 @@ class KeyStore:
             key_id = secrets.token_hex(4)
         secret, salt = secrets.token_urlsafe(32), secrets.token_hex(16)
         created = datetime.now(UTC).isoformat(timespec="seconds")
-        key = ApiKey(key_id, scope, salt, _digest(salt, secret), created, note)
+        key = ApiKey(
+            key_id,
+            scope,
+            salt,
+            _digest(salt, secret),
+            created,
+            note,
+            sorted(set(collections)) if collections else None,
+        )
         keys[key_id] = key
         self._write(keys)
         return key, f"{KEY_PREFIX}{key_id}_{secret}"

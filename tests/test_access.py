@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -106,3 +107,41 @@ def test_keys_cli_and_no_open_api_beyond_loopback(tmp_path: Path, server_env: di
     assert added.stdout.strip() not in (tmp_path / "data" / "keys.json").read_text()
     assert _cli("keys", "revoke", listed[0]["key_id"], env=env).returncode == 0
     assert _cli("keys", "revoke", "nope", env=env).returncode == 1
+
+
+def test_a_key_limited_to_collections_sees_and_touches_only_those(
+    make_client, tmp_path: Path, phantom_images: list[Path]
+) -> None:  # noqa: ANN001
+    data_dir = tmp_path / "data"
+    store = KeyStore(data_dir / "keys.json")
+    admin = store.add("admin")[1]
+    ward = store.add("write", collections=["ward-a"])[1]
+    client: TestClient = make_client(data_dir)
+    as_admin, as_ward = {"X-API-Key": admin}, {"X-API-Key": ward}
+
+    def enrol(collection: str, headers: dict[str, str], i: int = 0) -> httpx.Response:
+        files = {"file": ("a.png", phantom_images[i].read_bytes())}
+        return client.post(
+            "/images", files=files, data={"patient_id": "p1", "collection": collection}, headers=headers
+        )
+
+    other = enrol("ward-b", as_admin, 0).json()["images"][0]["image_id"]
+    mine = enrol("ward-a", as_ward, 1).json()["images"][0]["image_id"]
+    assert enrol("ward-b", as_ward, 2).status_code == 403
+    assert client.get(f"/images/{mine}", headers=as_ward).status_code == 200
+    assert client.get(f"/images/{other}", headers=as_ward).status_code == 404  # not even its existence
+    assert client.delete(f"/images/{other}", headers=as_ward).status_code == 404
+    assert client.get("/images", headers=as_ward).status_code == 403  # every collection: name one
+    assert client.get("/images", params={"collection": "ward-a"}, headers=as_ward).json()["total"] == 1
+    assert client.post("/search", data={"image_id": other}, headers=as_ward).status_code == 404
+    assert (
+        client.post("/search", data={"image_id": mine, "collection": "*"}, headers=as_ward).status_code == 403
+    )
+    assert client.post("/search", data={"image_id": mine}, headers=as_ward).status_code == 200
+    pair = {"image_id_a": mine, "image_id_b": other}
+    assert client.post("/verify", data=pair, headers=as_ward).status_code == 404
+    assert client.get("/duplicates", params={"collection": "ward-b"}, headers=as_ward).status_code == 403
+    assert (
+        client.delete("/patients/p1", params={"collection": "ward-a"}, headers=as_ward).json()["deleted"] == 1
+    )
+    assert client.get("/images", params={"collection": "*"}, headers=as_admin).json()["total"] == 1

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Form
 
 from ..clientargs import collection_arg
-from ..dependencies import ServiceDep, require_scope
+from ..dependencies import AccessDep, ServiceDep, require_scope
 from ..schemas import CalibrationDetail, CalibrationOut, error_responses
 from ..services import InvalidInputError, ReidService
 
@@ -74,6 +74,7 @@ def get_calibration(service: ServiceDep) -> CalibrationDetail:
 )
 def fit_calibration(
     service: ServiceDep,
+    access: AccessDep,
     far: Annotated[
         str, Form(description="comma-separated false-accept rates to calibrate (must include the default)")
     ] = DEFAULT_FARS,
@@ -91,7 +92,7 @@ def fit_calibration(
 ) -> CalibrationDetail:
     service.calibrate(
         fars=parse_fars(far),
-        collection=collection_arg(collection),
+        collection=access.collection(collection_arg(collection)),
         bootstrap=bootstrap,
         score_norm=score_norm,
     )

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from ..clientargs import collection_arg
-from ..dependencies import Label, PageLimit, PageOffset, ServiceDep
+from ..dependencies import AccessDep, Label, PageLimit, PageOffset, ServiceDep
 from ..schemas import (
     ClusterOut,
     DuplicatePairOut,
@@ -42,6 +42,7 @@ router = APIRouter(tags=["duplicates"])
 )
 def find_duplicates(
     service: ServiceDep,
+    access: AccessDep,
     collection: Annotated[str | None, Query(description='"*" = every collection'), Label] = "default",
     far: Annotated[str | None, Query(description="false-accept rate of the operating point")] = None,
     threshold: Annotated[float | None, Query(description="explicit threshold on `score`")] = None,
@@ -50,7 +51,7 @@ def find_duplicates(
     limit: PageLimit = 100,
 ) -> DuplicatesResponse:
     point = service.operating_point(far=far or None, threshold=threshold)
-    where = collection_arg(collection)
+    where = access.collection(collection_arg(collection))
     report = service.duplicates(point=point, collection=where, conflicts_only=conflicts_only)
     cluster_of = {image_id: n for n, cluster in enumerate(report.clusters) for image_id in cluster.image_ids}
     page = report.pairs[offset : offset + limit]

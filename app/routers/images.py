@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, File, Form, Path, Query, UploadFile
 
 from ..clientargs import ALL_COLLECTIONS, collection_arg
 from ..dependencies import (
+    AccessDep,
     ImageIdPath,
     Label,
     PageLimit,
@@ -89,6 +90,7 @@ def _clean(value: str | None) -> str | None:
 def enrol_images(
     service: ServiceDep,
     settings: SettingsDep,
+    access: AccessDep,
     file: Annotated[UploadFile | None, File(description="one image")] = None,
     files: Annotated[list[UploadFile] | None, File(description="several images (all or nothing)")] = None,
     patient_id: Annotated[
@@ -105,6 +107,7 @@ def enrol_images(
 ) -> EnrolResponse:
     if collection is None or collection == ALL_COLLECTIONS:
         raise InvalidInputError("collection must be a non-empty name other than '*'")
+    access.collection(collection)
     meta = EnrolMetadata(
         patient_id=patient_id,
         collection=collection,
@@ -148,13 +151,17 @@ def enrol_images(
 )
 def list_images(
     service: ServiceDep,
+    access: AccessDep,
     patient_id: Annotated[str | None, Query(description="only this patient's images"), Label] = None,
     collection: Annotated[str | None, Query(description='"*" or omitted = every collection'), Label] = None,
     offset: PageOffset = 0,
     limit: PageLimit = 100,
 ) -> ImagePage:
     records, total = service.gallery.list_images(
-        patient_id=patient_id, collection=collection_arg(collection, None), offset=offset, limit=limit
+        patient_id=patient_id,
+        collection=access.collection(collection_arg(collection, None)),
+        offset=offset,
+        limit=limit,
     )
     return ImagePage(total=total, offset=offset, limit=limit, items=[ImageOut.of(r) for r in records])
 
@@ -166,8 +173,8 @@ def list_images(
     description="Labels, DICOM identifiers, metadata, the model that embedded it and when it was enrolled.",
     responses=NOT_FOUND,
 )
-def get_image(service: ServiceDep, image_id: ImageIdPath) -> ImageOut:
-    return ImageOut.of(service.record(image_id))
+def get_image(service: ServiceDep, access: AccessDep, image_id: ImageIdPath) -> ImageOut:
+    return ImageOut.of(access.record(service.record(image_id)))
 
 
 @router.delete(
@@ -178,7 +185,8 @@ def get_image(service: ServiceDep, image_id: ImageIdPath) -> ImageOut:
     description="Removes the image, its vector and (when no other image shares it) its stored original.",
     responses=NOT_FOUND,
 )
-def delete_image(service: ServiceDep, image_id: ImageIdPath) -> DeleteResponse:
+def delete_image(service: ServiceDep, access: AccessDep, image_id: ImageIdPath) -> DeleteResponse:
+    access.record(service.record(image_id))
     service.delete_image(image_id)
     return DeleteResponse(deleted=1)
 
@@ -193,7 +201,9 @@ def delete_image(service: ServiceDep, image_id: ImageIdPath) -> DeleteResponse:
 )
 def delete_patient(
     service: ServiceDep,
+    access: AccessDep,
     patient_id: Annotated[str, Path(description="the patient whose images to delete"), Label],
     collection: Annotated[str | None, Query(description='"*" or omitted = every collection'), Label] = None,
 ) -> DeleteResponse:
-    return DeleteResponse(deleted=service.delete_patient(patient_id, collection_arg(collection, None)))
+    where = access.collection(collection_arg(collection, None))
+    return DeleteResponse(deleted=service.delete_patient(patient_id, where))

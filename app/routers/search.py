@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 
 from ..clientargs import collection_arg
-from ..dependencies import MAX_IMAGE_ID, Label, ServiceDep, SettingsDep, read_uploads
+from ..dependencies import MAX_IMAGE_ID, AccessDep, Label, ServiceDep, SettingsDep, read_uploads
 from ..schemas import ImageRef, MatchOut, OperatingPointOut, SearchResponse, error_responses
 from ..services import InvalidInputError
 
@@ -32,6 +32,7 @@ router = APIRouter(tags=["search"])
 def search(
     service: ServiceDep,
     settings: SettingsDep,
+    access: AccessDep,
     file: Annotated[UploadFile | None, File(description="query image")] = None,
     image_id: Annotated[
         int | None, Form(ge=1, le=MAX_IMAGE_ID, description="query by a gallery image")
@@ -53,9 +54,11 @@ def search(
     (query_image,) = service.query_images([side])
     query, record = ImageRef.of(query_image), query_image.record
     if record is not None:  # its own collection by default, and never itself
+        access.record(record)
         where, exclude = collection_arg(collection, record.collection), (record.image_id,)
     else:
         where, exclude = collection_arg(collection), ()
+    access.collection(where)
     matches = service.search(
         query_image.vector,
         k=k,

@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 
 from ..clientargs import collection_arg
-from ..dependencies import MAX_IMAGE_ID, Label, ServiceDep, SettingsDep, read_uploads
+from ..dependencies import MAX_IMAGE_ID, Access, AccessDep, Label, ServiceDep, SettingsDep, read_uploads
 from ..schemas import CalibrationOut, ImageRef, PairVerification, PatientVerification, error_responses
-from ..services import InvalidInputError, Upload
+from ..services import InvalidInputError, QueryImage, Upload
 from ..settings import Settings
 
 router = APIRouter(tags=["verify"])
@@ -24,6 +24,14 @@ def _side(
     if file is None and image_id is None:
         raise InvalidInputError(f"missing '{file_field}' (an image) or '{id_field}' (a gallery image id)")
     return read_uploads([file], settings)[0] if file is not None else int(image_id)
+
+
+def _checked(access: Access, images: list[QueryImage]) -> list[QueryImage]:
+    """Gallery images the request's key may not see are not found."""
+    for image in images:
+        if image.record is not None:
+            access.record(image.record)
+    return images
 
 
 @router.post(
@@ -48,6 +56,7 @@ def _side(
 def verify(
     service: ServiceDep,
     settings: SettingsDep,
+    access: AccessDep,
     file_a: Annotated[UploadFile | None, File(description="pair mode: first image")] = None,
     file_b: Annotated[UploadFile | None, File(description="pair mode: second image")] = None,
     image_id_a: Annotated[
@@ -85,8 +94,10 @@ def verify(
             raise InvalidInputError(
                 f"patient mode ('patient_id') takes 'file' or 'image_id'; remove {', '.join(pair_fields)}"
             )
-        (query,) = service.query_images([_side(file, image_id, settings, "file", "image_id")])
-        where = collection_arg(collection)
+        (query,) = _checked(
+            access, service.query_images([_side(file, image_id, settings, "file", "image_id")])
+        )
+        where = access.collection(collection_arg(collection))
         verdict = service.verify_patient(
             query.vector, patient_id, collection=where, point=point, exclude_image_id=image_id
         )
@@ -112,11 +123,14 @@ def verify(
             "'file', 'image_id' and 'collection' need a 'patient_id' (patient mode); to compare two "
             "images send 'file_a' or 'image_id_a' and 'file_b' or 'image_id_b'"
         )
-    a, b = service.query_images(
-        [
-            _side(file_a, image_id_a, settings, "file_a", "image_id_a"),
-            _side(file_b, image_id_b, settings, "file_b", "image_id_b"),
-        ]
+    a, b = _checked(
+        access,
+        service.query_images(
+            [
+                _side(file_a, image_id_a, settings, "file_a", "image_id_a"),
+                _side(file_b, image_id_b, settings, "file_b", "image_id_b"),
+            ]
+        ),
     )
     verdict = service.verify_pair(a.vector, a.key, b.vector, b.key, point=point)
     return PairVerification(
