@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from index import Gallery, ImageRecord
+from index import Gallery, ImageMetadata, ImageRecord
 from models.data import read_manifest
 from models.embedder import Embedder
 from models.preprocess import sniff_format
 
 from .phi import stored_original
-from .services import EnrolMetadata, InvalidInputError, decode_source, new_image, sha256_of
+from .services import InvalidInputError, decode_source, new_image, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def bulk_enrol(
         vectors = embedder.embed_prepared(np.stack([prepared for *_, prepared in batch]))
         images = []
         for item, sha, data, identifiers, _ in batch:
-            meta = EnrolMetadata(
+            meta = ImageMetadata(
                 patient_id=item.patient_id,
                 collection=collection,
                 view=item.view,

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from index import DuplicatePair, Gallery, ImageRecord, NewImage, cluster_pairs
+from index import DuplicatePair, Gallery, ImageMetadata, ImageRecord, NewImage, cluster_pairs
 from models.calibration import Calibration
 from models.embedder import Embedder
 from models.preprocess import (
@@ -381,22 +381,9 @@ def decode_uploads(
     return out
 
 
-@dataclass
-class EnrolMetadata:
-    """What a client (or a manifest row) says about an image; DICOM fills what it leaves out."""
-
-    patient_id: str | None = None
-    collection: str = "default"
-    study_instance_uid: str | None = None
-    view: str | None = None
-    study_date: str | None = None
-    split: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
-
-
 def new_image(
     identifiers: dict[str, str],
-    meta: EnrolMetadata,
+    meta: ImageMetadata,
     *,
     sha256: str,
     blob: bytes | None = None,
@@ -407,15 +394,15 @@ def new_image(
     return NewImage(
         patient_id=meta.patient_id if meta.patient_id is not None else ids.get("PatientID"),
         collection=meta.collection,
-        source_path=source_path,
-        blob=blob,
-        sha256=sha256,
-        sop_instance_uid=ids.get("SOPInstanceUID"),
+        sop_instance_uid=meta.sop_instance_uid or ids.get("SOPInstanceUID"),
         study_instance_uid=meta.study_instance_uid or ids.get("StudyInstanceUID"),
         view=meta.view or ids.get("ViewPosition"),
         study_date=meta.study_date or ids.get("StudyDate"),
         split=meta.split,
         tags=dict(meta.tags),
+        source_path=source_path,
+        blob=blob,
+        sha256=sha256,
     )
 
 
@@ -840,7 +827,7 @@ class ReidService:
         self,
         decoded: Sequence[DecodedImage],
         vectors: np.ndarray,
-        meta: EnrolMetadata,
+        meta: ImageMetadata,
         *,
         point: OperatingPoint,
     ) -> list[EnrolResult]:

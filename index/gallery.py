@@ -62,6 +62,7 @@ import numpy as np
 from ._fs import PRIVATE_FILE, make_private_dir
 from .faiss_index import AllowedIds, VectorIndex, _make_base, min_training_points, validate_factory
 from .records import (
+    METADATA_TEXT_FIELDS,
     DuplicatePair,
     GalleryError,
     GalleryFullError,
@@ -89,7 +90,7 @@ INDEX_FILE = "faiss.index"
 LOCK_FILE = ".lock"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _MIN_NORM = 1e-6
-_STR_FIELDS = ("source_path", "sop_instance_uid", "study_instance_uid", "view", "study_date", "split")
+_STR_FIELDS = ("source_path", *METADATA_TEXT_FIELDS)
 
 # callable(n_done, n_total) or a tqdm-like object with update(n) and total
 ProgressLike = Any

@@ -30,15 +30,13 @@ class GalleryIntegrityError(GalleryError):
     or the database fails SQLite's integrity check. Nothing is created or changed over it."""
 
 
-@dataclass
-class NewImage:
-    """What a caller enrols; the vector travels next to it in ``Gallery.add``."""
+@dataclass(kw_only=True)
+class ImageMetadata:
+    """What is known of an image besides its pixels: declared once, for what a client enrols, what
+    the gallery stores and what it returns."""
 
     patient_id: str | None = None  # None = unknown identity (searchable, never "same patient" by label)
     collection: str = "default"
-    source_path: str | None = None  # external original (bulk enrol); None when `blob` is given
-    blob: bytes | None = None  # uploaded original bytes, stored under data_dir/images/<sha256>
-    sha256: str | None = None  # of the original; computed from `blob` when omitted
     sop_instance_uid: str | None = None
     study_instance_uid: str | None = None
     view: str | None = None
@@ -47,24 +45,29 @@ class NewImage:
     tags: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass
-class ImageRecord:
-    """A stored image: the NewImage fields (blob replaced by stored_path) plus what the gallery assigns."""
+#: The optional text fields of ImageMetadata (stored as given, or NULL).
+METADATA_TEXT_FIELDS = ("sop_instance_uid", "study_instance_uid", "view", "study_date", "split")
+
+
+@dataclass(kw_only=True)
+class NewImage(ImageMetadata):
+    """What a caller enrols; the vector travels next to it in ``Gallery.add``."""
+
+    source_path: str | None = None  # external original (bulk enrol); None when `blob` is given
+    blob: bytes | None = None  # the original to keep, stored under data_dir/images/<its sha256>
+    sha256: str | None = None  # of what the client sent; computed from `blob` when omitted
+
+
+@dataclass(kw_only=True)
+class ImageRecord(ImageMetadata):
+    """A stored image: its metadata plus what the gallery assigned and where the original is."""
 
     image_id: int
     model_id: str  # embedding model that produced this row's vector
     created_at: str  # ISO-8601, UTC
     stored_path: str | None = None  # absolute path of the stored blob, None when only source_path is known
-    patient_id: str | None = None
-    collection: str = "default"
     source_path: str | None = None
     sha256: str | None = None
-    sop_instance_uid: str | None = None
-    study_instance_uid: str | None = None
-    view: str | None = None
-    study_date: str | None = None
-    split: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

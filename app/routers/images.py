@@ -7,6 +7,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Path, Query, UploadFile
 
+from index import ImageMetadata
+
 from ..clientargs import ALL_COLLECTIONS, collection_arg
 from ..dependencies import (
     AccessDep,
@@ -31,7 +33,7 @@ from ..schemas import (
     OperatingPointOut,
     error_responses,
 )
-from ..services import EnrolMetadata, InvalidInputError
+from ..services import InvalidInputError
 
 router = APIRouter(tags=["images"])
 
@@ -108,7 +110,7 @@ def enrol_images(
     if collection is None or collection == ALL_COLLECTIONS:
         raise InvalidInputError("collection must be a non-empty name other than '*'")
     access.collection(collection)
-    meta = EnrolMetadata(
+    meta = ImageMetadata(
         patient_id=patient_id,
         collection=collection,
         study_instance_uid=study_instance_uid,
