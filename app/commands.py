@@ -343,8 +343,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(parser: argparse.ArgumentParser, *, data_dir: bool = True) -> None:
-    parser.add_argument("--model", help="checkpoint (default: CXR_REID_MODEL_PATH, else the shipped model)")
+def _common(parser: argparse.ArgumentParser, *, data_dir: bool = True, model: bool = True) -> None:
+    if model:
+        parser.add_argument(
+            "--model", help="checkpoint (default: CXR_REID_MODEL_PATH, else the shipped model)"
+        )
     if data_dir:
         parser.add_argument(
             "--data-dir", help="gallery folder (default: CXR_REID_DATA_DIR, else ./cxr-reid-data)"
@@ -383,7 +386,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         help="add: limit the key to this collection (repeat for several; default: every collection)",
     )
-    p.add_argument("--data-dir", help="gallery folder (default: CXR_REID_DATA_DIR, else ./cxr-reid-data)")
+    _common(p, model=False)
     p.set_defaults(func=_cmd_keys)
 
     p = subparsers.add_parser(
