@@ -635,7 +635,7 @@ class ReidService:
         """None when ready; otherwise what is wrong, in words."""
         if self._gallery is None:
             return self.gallery_problem or "no gallery is open"
-        if not self._gallery.is_consistent():
+        if not self._gallery.looks_consistent():
             return "the gallery index does not match its database; restart the service to rebuild it"
         return None
 

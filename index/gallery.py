@@ -828,6 +828,15 @@ class Gallery:
             self._check_open()
             return self._store.remove_orphan_blobs()
 
+    def looks_consistent(self) -> bool:
+        """The cheap check a readiness probe can afford on every call: FAISS holds as many live
+        vectors as SQLite has rows (one COUNT, no id lists, no write lock). A mismatch, which a
+        write in flight can also cause for a moment, falls back to the full ``is_consistent``."""
+        self._check_open()
+        if self._index.ntotal == self._store.count():
+            return True
+        return self.is_consistent()
+
     def is_consistent(self) -> bool:
         """FAISS holds exactly the SQLite ids, and every row carries the gallery's single model id."""
         self._check_open()

@@ -583,3 +583,13 @@ def test_batched_vector_reads_and_collection_ids(tmp_path: Path) -> None:
         assert set(got) == {ids[3], ids[0]} and np.allclose(got[ids[3]], vectors[3])
         assert g.image_ids(collection="a").tolist() == [ids[1], ids[3]]
         assert g.image_ids(collection=None).tolist() == ids
+
+
+def test_readiness_check_is_cheap_and_falls_back_to_the_full_one(gallery: Gallery, rng, monkeypatch):
+    enrol(gallery, unit(rng, 5))
+    full = []
+    real = gallery.is_consistent
+    monkeypatch.setattr(gallery, "is_consistent", lambda: full.append(1) or real())
+    assert gallery.looks_consistent() and full == []  # counts agree: no id lists loaded
+    gallery._index.remove(np.asarray([1], dtype=np.int64))  # FAISS drifts from SQLite (a bug)
+    assert not gallery.looks_consistent() and full == [1]
