@@ -179,6 +179,23 @@ def test_speed_quick_prints_its_table(tiny_checkpoint: Path, tmp_path: Path) -> 
     assert flat["extra"]["recall"] == 1.0  # exact search finds the exact neighbours
 
 
+def test_embed_reports_efficiency_and_variants(tiny_checkpoint: Path) -> None:
+    proc = _run("embed.py", "--model", str(tiny_checkpoint), "--seconds", "0.05", "--json")
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout)
+    for key in (
+        "images_per_s_batch1",
+        "images_per_s_batch32",
+        "model_gflops_per_image",
+        "matmul_gflops_per_s",
+    ):
+        assert figures[key] > 0
+    assert figures["efficiency"] == pytest.approx(
+        figures["model_gflops_per_image"] * figures["images_per_s_batch32"] / figures["matmul_gflops_per_s"]
+    )
+    assert figures["variants"]["channels_last"]["min_cosine_to_default"] > 0.999
+
+
 def test_generalisation_without_data_says_so(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text('[data]\nmanifests = ["nowhere/a/manifest.csv", "nowhere/b/manifest.csv"]\n')
