@@ -376,10 +376,10 @@ def _dicom_display_pixels(ds, arr: np.ndarray, name: str) -> np.ndarray:
 
     pixels = _modality_lut(ds, arr, name)
     pixels = _voi(ds, pixels, name)
-    _require_finite(pixels, name)
+    pixels = _finite_float32(pixels, name)
     if photometric == "MONOCHROME1":  # low values are bright: flip within the image's own range
         pixels = (float(pixels.max()) + float(pixels.min())) - pixels
-    return np.ascontiguousarray(pixels, dtype=np.float32)
+    return pixels
 
 
 def _modality_lut(ds, arr: np.ndarray, name: str) -> np.ndarray:
@@ -528,8 +528,7 @@ def _pillow_to_grey(im: Image.Image) -> np.ndarray:
         pixels = _luma(np.asarray(im.convert("RGB")))
     if pixels.ndim != 2:
         raise ImageDecodeError(f"unexpected decoded shape {pixels.shape} for mode {mode}")
-    _require_finite(pixels)
-    return np.ascontiguousarray(pixels, dtype=np.float32)
+    return _finite_float32(pixels)
 
 
 _LUMA_ROWS = 256  # rows converted at a time: a float32 copy of the whole colour image is never held
@@ -545,15 +544,16 @@ def _luma(arr: np.ndarray) -> np.ndarray:
     return out
 
 
-def _require_finite(pixels: np.ndarray, name: str = "the image data") -> None:
-    """A file whose pixels hold NaN or infinity is damaged, not a radiograph (only float TIFFs and
-    float DICOM can)."""
+def _finite_float32(pixels: np.ndarray, name: str = "the image data") -> np.ndarray:
+    """The decoded pixels as contiguous float32, refused when they hold NaN or infinity: such a
+    file is damaged, not a radiograph (only float TIFFs and float DICOM can)."""
     if pixels.dtype.kind == "f":
         bad = int(pixels.size - np.count_nonzero(np.isfinite(pixels)))
         if bad:
             raise ImageDecodeError(
                 f"{name} holds {bad:,} NaN or infinite pixel value(s): not a usable radiograph"
             )
+    return np.ascontiguousarray(pixels, dtype=np.float32)
 
 
 def _finite(pixels: np.ndarray) -> np.ndarray:
