@@ -42,6 +42,7 @@ from models.preprocess import (
 )
 from models.scorenorm import Neighbours, ScoreNorm, patient_key
 
+from .clientargs import ALL_COLLECTIONS
 from .phi import stored_original
 from .settings import MIB
 
@@ -656,7 +657,7 @@ class ReidService:
                     score_norm=score_norm,
                     provenance={
                         "data": "gallery",
-                        "collection": "*" if collection is None else collection,  # every collection
+                        "collection": ALL_COLLECTIONS if collection is None else collection,
                         "model_id": self.model_id,
                     },
                 )
@@ -1042,7 +1043,9 @@ class ReidService:
         gallery, scorer = self.gallery, self.scorer
         with self._duplicates_lock:
             key = (gallery.generation, collection, point.threshold, scorer)
-            report = self._duplicates_cache.pop(key, None) or self._compute_duplicates(point, collection)
+            report = self._duplicates_cache.pop(key, None) or self._compute_duplicates(
+                point, collection, scorer
+            )
             self._duplicates_cache[key] = report  # most recent last
             while len(self._duplicates_cache) > DUPLICATES_CACHED_REPORTS:
                 self._duplicates_cache.pop(next(iter(self._duplicates_cache)))
@@ -1051,8 +1054,10 @@ class ReidService:
         conflicts = [p for p in report.pairs if p.conflict]
         return DuplicateReport(conflicts, _clusters(conflicts), report.total_conflicts)
 
-    def _compute_duplicates(self, point: OperatingPoint, collection: str | None) -> DuplicateReport:
-        scorer = self.scorer
+    def _compute_duplicates(
+        self, point: OperatingPoint, collection: str | None, scorer: Scorer
+    ) -> DuplicateReport:
+        """The report for the cache key's scorer (not whatever calibration is in force by now)."""
         candidates = self.gallery.duplicates(
             collection=collection,
             row_thresholds=lambda ids, vectors: scorer.floors(point.threshold, vectors) - SCORE_SLACK,
