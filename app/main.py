@@ -24,6 +24,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from index import (
+    Gallery,
     GalleryError,
     GalleryFullError,
     GalleryIntegrityError,
@@ -124,19 +125,9 @@ def build_service(settings: Settings, embedder: Embedder | None, metrics: Servic
     configure_allocator()
     if embedder is None:
         embedder = Embedder.from_checkpoint(settings.model_path)
-    gallery, problem, locked = None, None, False
-    try:
-        gallery = open_gallery(embedder, settings)
-    except GalleryModelMismatchError as exc:
-        problem = f"{exc} (run `cxr-reid reindex` to re-embed the gallery with model {embedder.model_id})"
-        log.error("gallery in %s cannot be served: %s", settings.data_dir, problem)
-    except GalleryLockedError as exc:
-        problem = f"{exc}; this server opens it as soon as the other process lets go"
-        locked = True
-        log.error("gallery in %s cannot be opened yet: %s", settings.data_dir, exc)
-    except GalleryIntegrityError as exc:
-        problem = str(exc)
-        log.error("gallery in %s will not be served: %s", settings.data_dir, problem)
+    gallery, problem, locked = _open_or_explain(embedder, settings)
+    if locked:
+        log.error("gallery in %s cannot be opened yet: %s", settings.data_dir, problem)
     service = ReidService(
         embedder,
         gallery,
@@ -159,16 +150,33 @@ def build_service(settings: Settings, embedder: Embedder | None, metrics: Servic
     return service
 
 
+def _open_or_explain(embedder: Embedder, settings: Settings) -> tuple[Gallery | None, str | None, bool]:
+    """The gallery; or None, why it cannot be served (logged, except while another process holds
+    it) and whether that is the lock, which is worth waiting out."""
+    try:
+        return open_gallery(embedder, settings), None, False
+    except GalleryLockedError as exc:
+        return None, f"{exc}; this server opens it as soon as the other process lets go", True
+    except GalleryModelMismatchError as exc:
+        problem = f"{exc} (run `cxr-reid reindex` to re-embed the gallery with model {embedder.model_id})"
+    except GalleryIntegrityError as exc:
+        problem = str(exc)
+    log.error("gallery in %s will not be served: %s", settings.data_dir, problem)
+    return None, problem, False
+
+
 def _open_when_unlocked(service: ReidService, settings: Settings, stop: threading.Event) -> None:
     """A second server on a locked data dir keeps trying, and becomes ready when the lock frees."""
     while not stop.wait(settings.lock_retry_seconds):
         try:
-            gallery = open_gallery(service.embedder, settings)
-        except GalleryLockedError:
-            continue
-        except GalleryError as exc:  # integrity or model problems: say so, and stop retrying
-            service.gallery_problem = f"{exc}"
+            gallery, problem, locked = _open_or_explain(service.embedder, settings)
+        except GalleryError as exc:  # any other reason it cannot be opened: say so, stop retrying
+            gallery, problem, locked = None, str(exc), False
             log.error("gallery in %s cannot be served: %s", settings.data_dir, exc)
+        if locked:
+            continue
+        if gallery is None:
+            service.gallery_problem = problem
             return
         service.attach_gallery(gallery)
         log.info(
