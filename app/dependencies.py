@@ -217,3 +217,15 @@ def collect_files(*groups: UploadFile | list[UploadFile] | None) -> list[UploadF
             continue
         out.extend(group if isinstance(group, list) else [group])
     return out
+
+
+def upload_or_id(
+    file: UploadFile | None, image_id: int | None, settings: Settings, file_field: str, id_field: str
+) -> Upload | int:
+    """An image given either as an upload or as a gallery id, as the service takes it: the upload's
+    bytes, or the id; 422 when both or neither are given."""
+    if file is not None and image_id is not None:
+        raise InvalidInputError(f"give either '{file_field}' or '{id_field}', not both")
+    if file is None and image_id is None:
+        raise InvalidInputError(f"missing '{file_field}' (an image) or '{id_field}' (a gallery image id)")
+    return read_uploads([file], settings)[0] if file is not None else int(image_id)

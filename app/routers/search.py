@@ -7,9 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 
 from ..clientargs import collection_arg
-from ..dependencies import MAX_IMAGE_ID, AccessDep, Label, ServiceDep, SettingsDep, read_uploads
+from ..dependencies import MAX_IMAGE_ID, AccessDep, Label, ServiceDep, SettingsDep, upload_or_id
 from ..schemas import ImageRef, MatchOut, OperatingPointOut, SearchResponse, error_responses
-from ..services import InvalidInputError
 
 router = APIRouter(tags=["search"])
 
@@ -46,12 +45,7 @@ def search(
     threshold: Annotated[float | None, Form(description="explicit threshold on `score`")] = None,
 ) -> SearchResponse:
     point = service.operating_point(far=far or None, threshold=threshold)
-    if file is not None and image_id is not None:
-        raise InvalidInputError("give either 'file' or 'image_id', not both")
-    if file is None and image_id is None:
-        raise InvalidInputError("missing 'file' (an image) or 'image_id' (a gallery image id)")
-    side = read_uploads([file], settings)[0] if file is not None else image_id
-    (query_image,) = service.query_images([side])
+    (query_image,) = service.query_images([upload_or_id(file, image_id, settings, "file", "image_id")])
     query, record = ImageRef.of(query_image), query_image.record
     if record is not None:  # its own collection by default, and never itself
         access.record(record)

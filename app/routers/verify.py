@@ -7,23 +7,19 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 
 from ..clientargs import collection_arg
-from ..dependencies import MAX_IMAGE_ID, Access, AccessDep, Label, ServiceDep, SettingsDep, read_uploads
+from ..dependencies import (
+    MAX_IMAGE_ID,
+    Access,
+    AccessDep,
+    Label,
+    ServiceDep,
+    SettingsDep,
+    upload_or_id,
+)
 from ..schemas import CalibrationOut, ImageRef, PairVerification, PatientVerification, error_responses
-from ..services import InvalidInputError, QueryImage, Upload
-from ..settings import Settings
+from ..services import InvalidInputError, QueryImage
 
 router = APIRouter(tags=["verify"])
-
-
-def _side(
-    file: UploadFile | None, image_id: int | None, settings: Settings, file_field: str, id_field: str
-) -> Upload | int:
-    """One side of a comparison as the service takes it: the upload's bytes, or the gallery id."""
-    if file is not None and image_id is not None:
-        raise InvalidInputError(f"give either '{file_field}' or '{id_field}', not both")
-    if file is None and image_id is None:
-        raise InvalidInputError(f"missing '{file_field}' (an image) or '{id_field}' (a gallery image id)")
-    return read_uploads([file], settings)[0] if file is not None else int(image_id)
 
 
 def _checked(access: Access, images: list[QueryImage]) -> list[QueryImage]:
@@ -95,7 +91,7 @@ def verify(
                 f"patient mode ('patient_id') takes 'file' or 'image_id'; remove {', '.join(pair_fields)}"
             )
         (query,) = _checked(
-            access, service.query_images([_side(file, image_id, settings, "file", "image_id")])
+            access, service.query_images([upload_or_id(file, image_id, settings, "file", "image_id")])
         )
         where = access.collection(collection_arg(collection))
         verdict = service.verify_patient(
@@ -127,8 +123,8 @@ def verify(
         access,
         service.query_images(
             [
-                _side(file_a, image_id_a, settings, "file_a", "image_id_a"),
-                _side(file_b, image_id_b, settings, "file_b", "image_id_b"),
+                upload_or_id(file_a, image_id_a, settings, "file_a", "image_id_a"),
+                upload_or_id(file_b, image_id_b, settings, "file_b", "image_id_b"),
             ]
         ),
     )
