@@ -26,6 +26,7 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Any:
         "data_dir": getattr(args, "data_dir", None),
         "init": True if getattr(args, "init", False) else None,
         "insecure": True if getattr(args, "insecure", False) else None,
+        "device": getattr(args, "device", None),
         **extra,
     }
     return Settings(**{key: value for key, value in given.items() if value is not None})
@@ -137,7 +138,7 @@ def _open(settings: Any, *, allow_model_mismatch: bool = False) -> tuple[Any, An
     from .services import open_gallery
 
     configure_torch_threads(settings.torch_threads)
-    embedder = Embedder.from_checkpoint(settings.model_path)
+    embedder = Embedder.from_checkpoint(settings.model_path, device=settings.device)
     return embedder, open_gallery(embedder, settings, allow_model_mismatch=allow_model_mismatch)
 
 
@@ -177,7 +178,7 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
         return 1
     try:
         embedder, gallery = _open(settings)
-    except GalleryError as exc:
+    except (GalleryError, ValueError) as exc:  # ValueError: no such device
         log.error("%s", exc)
         return 2
     try:
@@ -213,7 +214,7 @@ def _cmd_reindex(args: argparse.Namespace) -> int:
     settings = _settings(args)
     try:
         embedder, gallery = _open(settings, allow_model_mismatch=True)
-    except GalleryError as exc:
+    except (GalleryError, ValueError) as exc:
         log.error("%s", exc)
         return 2
     try:
@@ -422,6 +423,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        help="where the model runs (default: CXR_REID_DEVICE, else auto: the GPU when there is one)",
+    )
     _common(p)
     p.set_defaults(func=_cmd_enroll)
 
@@ -432,6 +438,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        help="where the model runs (default: CXR_REID_DEVICE, else auto: the GPU when there is one)",
+    )
     _common(p)
     p.set_defaults(func=_cmd_reindex)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -63,6 +64,9 @@ class Settings(BaseSettings):
     index_factory: str = Field(default="Flat", description="FAISS index factory string")
     nprobe: int = Field(default=16, ge=1)
     ef_search: int = Field(default=64, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="where the model runs; auto = the GPU when torch sees one, else the CPU"
+    )
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads; None = number of CPU cores (max 8)"
     )

@@ -33,7 +33,7 @@ from models.embedder import Embedder, embed_views  # noqa: E402
 log = logging.getLogger("bench.embed")
 
 
-def _rate(run: Callable[[], object], items: int, seconds: float) -> float:
+def rate(run: Callable[[], object], items: int, seconds: float) -> float:
     """Items per second of ``run`` (one warm-up call, then repeated for about ``seconds``)."""
     run()
     calls, start = 0, time.perf_counter()
@@ -45,7 +45,7 @@ def _rate(run: Callable[[], object], items: int, seconds: float) -> float:
 
 def matmul_gflops(seconds: float) -> float:
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    return _rate(lambda: torch.mm(a, b), 2 * 1024**3, seconds) / 1e9
+    return rate(lambda: torch.mm(a, b), 2 * 1024**3, seconds) / 1e9
 
 
 def model_gflops_per_image(embedder: Embedder) -> float:
@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         "model_id": embedder.model_id,
         "torch_threads": torch.get_num_threads(),
         "views_per_image": embedder.preprocess_config.tta + 1,
-        "images_per_s_batch1": _rate(lambda: embedder.embed_prepared(batch[:1]), 1, args.seconds),
-        "images_per_s_batch32": _rate(lambda: embedder.embed_prepared(batch), 32, args.seconds),
+        "images_per_s_batch1": rate(lambda: embedder.embed_prepared(batch[:1]), 1, args.seconds),
+        "images_per_s_batch32": rate(lambda: embedder.embed_prepared(batch), 32, args.seconds),
         "model_gflops_per_image": model_gflops_per_image(embedder),
         "matmul_gflops_per_s": matmul_gflops(args.seconds),
     }
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         channels_last = embedder.embed_prepared(batch)
         figures["variants"] = {
             "channels_last": {
-                "images_per_s_batch32": _rate(lambda: embedder.embed_prepared(batch), 32, args.seconds),
+                "images_per_s_batch32": rate(lambda: embedder.embed_prepared(batch), 32, args.seconds),
                 "min_cosine_to_default": float((reference * channels_last).sum(axis=1).min()),
             }
         }

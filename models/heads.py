@@ -179,6 +179,12 @@ class CombinedMarginHead(nn.Module):
         return target
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        # fp32 even under bf16 autocast: the margin works on angles near 0, where bf16's 8-bit
+        # mantissa cannot resolve a cosine (and its scatter would mix dtypes).
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return self._logits(embeddings.float(), labels)
+
+    def _logits(self, embeddings: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         cos = self.cosine(embeddings)
         if labels is None:
             return self.s * cos

@@ -357,7 +357,6 @@ def train_epoch(run: Run, epoch: int, *, progress: bool = True) -> dict[str, flo
     run.sampler.set_epoch(epoch)
     run.model.train()
     use_amp = config.optim.amp and device.type == "cuda"
-    memory_format = torch.channels_last if config.optim.channels_last else torch.contiguous_format
     epoch_loss, seen, epoch_start = 0.0, 0, time.monotonic()
     bar = tqdm(
         run.sampler,
@@ -376,23 +375,13 @@ def train_epoch(run: Run, epoch: int, *, progress: bool = True) -> dict[str, flo
             group["lr"] = base * factor
         index = torch.as_tensor(batch_indices, device=run.train_tensor.device)
         clean = run.train_tensor[index].to(device).float().div_(255).unsqueeze(1)
-        views = torch.cat(
-            [augment(clean, config.augment, run.generator), augment(clean, config.augment, run.generator)]
+        labels = torch.from_numpy(run.data.train_labels[batch_indices]).to(device)
+        loss = training_step(
+            run.ddp_model, run.optimizer, run.supcon, clean, labels, config, run.generator, use_amp=use_amp
         )
-        labels = torch.from_numpy(run.data.train_labels[batch_indices]).to(device).repeat(2)
-        inputs = to_tensor(views).contiguous(memory_format=memory_format)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            embeddings, logits = run.ddp_model(inputs, labels)
-        loss = config.head.weight * F.cross_entropy(logits.float(), labels)
-        if config.loss.supcon_weight > 0:
-            unit = F.normalize(embeddings.float(), dim=1)
-            loss = loss + config.loss.supcon_weight * run.supcon(unit, labels)
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), 5.0)
-        run.optimizer.step()
-        epoch_loss += loss.item() * len(views)
-        seen += len(views)
+        views = 2 * len(batch_indices)
+        epoch_loss += loss.item() * views
+        seen += views
         rate = seen / max(1e-6, time.monotonic() - epoch_start)
         bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
     bar.close()
@@ -401,6 +390,37 @@ def train_epoch(run: Run, epoch: int, *, progress: bool = True) -> dict[str, flo
         "images_per_s": seen / max(1e-6, time.monotonic() - epoch_start),
         "steps": step_in_epoch + 1 if seen else 0,
     }
+
+
+def training_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    supcon: SupConLoss,
+    clean: torch.Tensor,
+    labels: torch.Tensor,
+    config: TrainConfig,
+    generator: torch.Generator,
+    *,
+    use_amp: bool,
+) -> torch.Tensor:
+    """One optimiser step on a batch of prepared images (N, 1, H, W) in [0, 1]: two augmented views
+    of each, margin loss plus supervised-contrastive loss, clipped gradients. Returns the loss (a
+    tensor, so the caller chooses when to synchronise). ``bench/gpu.py`` times this same step."""
+    views = torch.cat([augment(clean, config.augment, generator), augment(clean, config.augment, generator)])
+    labels = labels.repeat(2)
+    memory_format = torch.channels_last if config.optim.channels_last else torch.contiguous_format
+    inputs = to_tensor(views).contiguous(memory_format=memory_format)
+    with torch.autocast(clean.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        embeddings, logits = model(inputs, labels)
+    loss = config.head.weight * F.cross_entropy(logits.float(), labels)
+    if config.loss.supcon_weight > 0:
+        unit = F.normalize(embeddings.float(), dim=1)
+        loss = loss + config.loss.supcon_weight * supcon(unit, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], 5.0)
+    optimizer.step()
+    return loss.detach()
 
 
 def validate_epoch(run: Run, epoch: int, stats: dict[str, float]) -> None:

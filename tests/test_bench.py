@@ -252,3 +252,18 @@ def test_generalisation_trains_a_fold_per_set_and_reports_unseen_sites_first(tmp
     # a fold folder of another recipe is not silently reused
     other = _run("generalisation.py", *args, "--set", "backbone.width=16", timeout=300)
     assert other.returncode != 0 and "another recipe" in other.stderr
+
+
+def test_gpu_bench_runs_its_code_path_on_the_cpu() -> None:
+    """--quick runs every measurement of the GPU benchmark at toy sizes; on the CPU the embeddings it
+    compares are the CPU's own, so the cosine must be 1."""
+    proc = _run("gpu.py", "--quick", "--device", "cpu", "--seconds", "0.05", "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout)
+    assert set(figures["recipes"]) == {"shipped", "gpu"}
+    for recipe in figures["recipes"].values():
+        assert recipe["forward_gflops_per_image"] > 0
+        assert recipe["train_gflops_per_view"] > 2 * recipe["forward_gflops_per_image"]  # backward counted
+        assert recipe["train_views_per_s"] > 0 and recipe["train_precision"] == "fp32"
+    assert figures["enroll"]["checked_images"] > 7  # the example radiographs and random inputs
+    assert figures["enroll"]["min_cosine_to_cpu"] > 0.99999

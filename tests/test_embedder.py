@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from models.embedder import Embedder
+from models.embedder import Embedder, resolve_device
 
 
 def test_checkpoint_round_trip_and_content_id(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -90,3 +90,13 @@ def test_test_time_augmentation_averages_views(tiny_checkpoint: Path) -> None:
     assert np.allclose(embedder.embed_prepared(images), averaged, atol=1e-6)  # deterministic
     with pytest.raises(ValueError, match="tta"):
         PreprocessConfig(tta=len(TTA_VIEWS) + 1)
+
+
+def test_device_choice() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no GPU"):
+            resolve_device("cuda")

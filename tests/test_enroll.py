@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import dicom_dataset, save_random_checkpoint
 from fastapi.testclient import TestClient
 
@@ -110,6 +111,17 @@ def test_enroll_folder_with_copy_and_bad_files(
 
 def test_enroll_missing_source_is_an_error(tiny_checkpoint: Path, tmp_path: Path) -> None:
     assert cli("enroll", tmp_path / "nope.csv", "--data-dir", tmp_path / "d", "--model", tiny_checkpoint) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer where there is no GPU")
+def test_enroll_on_a_gpu_that_is_not_there_says_so(
+    tiny_checkpoint: Path, phantom_images: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = tmp_path / "data"
+    folder = phantom_images[0].parent
+    assert cli("enroll", folder, "--data-dir", data, "--model", tiny_checkpoint, "--device", "cuda") == 2
+    assert "torch sees no GPU" in caplog.text
+    assert not (data / "gallery.sqlite").exists()  # nothing half-made
 
 
 # ------------------------------------------------------------------------------------------ reindex

@@ -148,3 +148,14 @@ def test_half_precision_embeddings_give_float32_logits() -> None:
     head = build_head("arcface", 16, 5)
     logits = head(torch.randn(4, 16).half(), torch.arange(4))
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_autocast_leaves_the_margin_in_float32() -> None:
+    """Under bf16 autocast (the GPU recipe) the head's cosines and margin stay fp32: bf16 cannot
+    resolve the small angles the margin works on. (On a GPU the mixed dtypes once failed outright.)"""
+    head = build_head("arcface", 16, 5)
+    embeddings = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(torch.nn.functional.linear(embeddings, torch.eye(16)), torch.arange(4))
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, head(embeddings, torch.arange(4)), rtol=0, atol=0.2)
