@@ -166,7 +166,9 @@ def bulk_enrol(
                 summary.skipped += 1
                 continue
             try:
-                radiograph = decode_source(data, max_pixels=max_pixels, name=f"'{item.path}'")
+                radiograph = decode_source(
+                    data, max_pixels=max_pixels, name=f"'{item.path}'", config=embedder.preprocess_config
+                )
                 prepared = embedder.prepare(radiograph)
             except (InvalidInputError, ValueError) as exc:
                 summary.failed.append((str(item.path), str(exc)))
@@ -203,7 +205,10 @@ def reindex_gallery(
                 raise InvalidInputError(f"image {record.image_id} has no stored or referenced original")
             name = f"image {record.image_id} ('{path}')"
             try:
-                prepared.append(embedder.prepare(decode_source(path, max_pixels=max_pixels, name=name)))
+                radiograph = decode_source(
+                    path, max_pixels=max_pixels, name=name, config=embedder.preprocess_config
+                )
+                prepared.append(embedder.prepare(radiograph))
             except ValueError as exc:
                 raise InvalidInputError(str(exc)) from None
         return embedder.embed_prepared(np.stack(prepared))

@@ -35,10 +35,12 @@ from models.embedder import Embedder
 from models.preprocess import (
     DECODE_BYTES_PER_PIXEL,
     ImageDecodeError,
+    PreprocessConfig,
     Radiograph,
     check_usable,
     decode_image,
     header_pixels,
+    prepare,
 )
 from models.scorenorm import Neighbours, ScoreNorm, patient_key
 
@@ -336,13 +338,15 @@ def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode_source(source: bytes | str | os.PathLike, *, max_pixels: int, name: str) -> Radiograph:
-    """Decode one file or upload and pass it through the quality gate; any unusable input becomes
-    :class:`InvalidInputError` naming it."""
+def decode_source(
+    source: bytes | str | os.PathLike, *, max_pixels: int, name: str, config: PreprocessConfig | None = None
+) -> Radiograph:
+    """Decode one file or upload (at the resolution ``config`` needs) and pass it through the quality
+    gate; any unusable input becomes :class:`InvalidInputError` naming it."""
     if isinstance(source, bytes) and not source:
         raise InvalidInputError(f"{name}: the file is empty")
     try:
-        radiograph = decode_image(source, max_pixels=max_pixels)
+        radiograph = decode_image(source, max_pixels=max_pixels, config=config)
         check_usable(radiograph, "the image data" if isinstance(source, bytes) else f"'{source}'")
         return radiograph
     except ImageDecodeError as exc:
@@ -353,7 +357,7 @@ def decode_uploads(
     uploads: Sequence[Upload],
     *,
     max_pixels: int,
-    prepare: Callable[[Radiograph], np.ndarray],
+    config: PreprocessConfig,
     budget: DecodeBudget | None = None,
 ) -> list[DecodedImage]:
     """Decode and prepare every upload first, so a request with one bad file changes nothing; each
@@ -363,12 +367,12 @@ def decode_uploads(
         name = f"'{upload.filename}'"
         need = (header_pixels(upload.data) or 0) * DECODE_BYTES_PER_PIXEL
         with budget.reserve(need, name) if budget is not None else contextlib.nullcontext():
-            radiograph = decode_source(upload.data, max_pixels=max_pixels, name=name)
+            radiograph = decode_source(upload.data, max_pixels=max_pixels, name=name, config=config)
             try:
-                prepared = prepare(radiograph)
+                prepared = prepare(radiograph, config)
             except ImageDecodeError as exc:
                 raise InvalidInputError(f"{name}: {exc}") from None
-            height, width = radiograph.pixels.shape[:2]
+            height, width = radiograph.shape
             kind, identifiers = radiograph.source_format, dict(radiograph.identifiers)
             del radiograph
         out.append(
@@ -727,7 +731,10 @@ class ReidService:
     def embed_uploads(self, uploads: Sequence[Upload]) -> tuple[list[DecodedImage], np.ndarray]:
         """Decode (within the decode budget), prepare, then embed in one forward pass at a time."""
         decoded = decode_uploads(
-            uploads, max_pixels=self.max_pixels, prepare=self.embedder.prepare, budget=self.decode_budget
+            uploads,
+            max_pixels=self.max_pixels,
+            config=self.embedder.preprocess_config,
+            budget=self.decode_budget,
         )
         if not decoded:
             return decoded, np.zeros((0, self.embedder.dim), dtype=np.float32)

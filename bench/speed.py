@@ -165,7 +165,7 @@ def _decode_once(data: bytes, config: Any, decode_s: list[float], prepare_s: lis
     from models.preprocess import decode_image, prepare
 
     t0 = time.perf_counter()
-    image = decode_image(data)
+    image = decode_image(data, config=config)  # at the resolution the model needs, as served
     t1 = time.perf_counter()
     prepare(image, config)
     prepare_s.append(time.perf_counter() - t1)

@@ -83,7 +83,9 @@ class Embedder:
             return prepare(image, self.preprocess_config)
         if isinstance(image, np.ndarray):
             return prepare(image, self.preprocess_config)
-        return prepare(decode_image(image, **decode_kwargs), self.preprocess_config)
+        return prepare(
+            decode_image(image, config=self.preprocess_config, **decode_kwargs), self.preprocess_config
+        )
 
     @torch.inference_mode()
     def embed_prepared(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -267,3 +267,32 @@ def test_gpu_bench_runs_its_code_path_on_the_cpu() -> None:
         assert recipe["train_views_per_s"] > 0 and recipe["train_precision"] == "fp32"
     assert figures["enroll"]["checked_images"] > 7  # the example radiographs and random inputs
     assert figures["enroll"]["min_cosine_to_cpu"] > 0.99999
+
+
+def test_decode_compares_full_and_needed_resolution() -> None:
+    """Each speed row times both decodes of a real radiograph and says how close the embeddings are."""
+    proc = _run(
+        "decode.py", "--speed-only", "--seconds", "0", "--only", "uncompressed", "JPEG 1955", "--json"
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)["speed"]["cases"]
+    if not rows:
+        pytest.skip("pydicom-data's RG1 radiograph is not installed")
+    assert set(rows) == {"DICOM 1955x1841 uncompressed", "JPEG 1955x1841 8-bit"}
+    for row in rows.values():
+        assert row["full_ms"] > 0 and row["needed_resolution_ms"] > 0
+        assert row["cosine_full_vs_needed"] > 0.999
+
+
+def test_service_bench_reports_each_cell_and_the_goals(tmp_path: Path) -> None:
+    proc = _run(
+        "service.py", "--seconds", "1", "--max-requests", "4", "--concurrency", "1", "2",
+        "--routes", "verify", "--json", timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout)
+    assert set(figures["cells"]) == {"verify@1", "verify@2"}
+    for cell in figures["cells"].values():
+        assert 1 <= cell["requests"] <= 4 and cell["failures"] == 0
+        assert cell["images_per_s"] == pytest.approx(2 * cell["requests_per_s"])
+    assert figures["goals"]["verify_c1_p50_over_decode_plus_model"] > 0

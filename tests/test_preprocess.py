@@ -232,6 +232,60 @@ def test_real_chest_cr_is_shown_bone_bright(rg1_prepared) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# decoding at the resolution the model needs
+
+MODEL_INPUT = PreprocessConfig(size=128)
+
+
+def test_reduction_keeps_the_scaled_side_above_the_oversampling_floor() -> None:
+    assert MODEL_INPUT.reduction(1955, 1841) == 4  # 489 px long side, >= 3 x 128
+    assert MODEL_INPUT.reduction(767, 600) == 1  # halving would leave 383 < 384
+    assert MODEL_INPUT.reduction(768, 600) == 2
+    assert PreprocessConfig(size=128, fit="crop").reduction(4000, 700) == 1  # crop scales the short side
+
+
+@pytest.mark.parametrize("name", ["RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm"])
+def test_real_cr_decoded_smaller_prepares_like_full_resolution(rg1_prepared, name: str) -> None:
+    """Block means (uncompressed) and a JPEG 2000 resolution level (the lossless and lossy files)
+    give the model nearly the same input as a full decode, with the stored shape kept."""
+    full, reference = rg1_prepared[name]
+    small = decode_image(_testdata(name), config=MODEL_INPUT)
+    assert small.pixels.shape[0] < 600 and small.shape == (1955, 1841) == full.shape
+    # same intensity scale: a JPEG 2000 level comes back from Pillow in 16 bits and is shifted back
+    assert small.pixels.mean() == pytest.approx(full.pixels.mean(), rel=0.02)
+    assert np.abs(prepare(small, MODEL_INPUT) - reference).mean() < 0.01
+
+
+def test_jpeg_2000_level_needs_a_codestream_it_can_trust(rg1_prepared) -> None:
+    """BitsStored other than the codestream's precision takes pydicom's full decode (which corrects
+    for it); the image still decodes, smaller by block means."""
+    ds = pydicom.dcmread(_testdata("RG1_J2KR.dcm"))
+    ds.BitsStored = 16
+    image = decode_image(_dicom_bytes(ds), config=MODEL_INPUT)
+    assert image.shape == (1955, 1841) and image.pixels.shape == (488, 460)  # whole 4 x 4 blocks
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_large_jpeg_uses_dct_scaling_and_keeps_its_shape(orientation: int) -> None:
+    pixels = np.asarray(
+        Image.fromarray(_pattern(100, 90, maximum=255).astype(np.uint8)).resize((1800, 2000)), np.uint8
+    )
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _pil_bytes(Image.fromarray(pixels), "JPEG", quality=95, exif=exif.tobytes())
+    full, small = decode_image(data), decode_image(data, config=MODEL_INPUT)
+    assert small.pixels.size * 16 <= full.pixels.size * 1.01
+    assert small.shape == full.shape == ((2000, 1800) if orientation == 1 else (1800, 2000))
+    assert np.abs(prepare(small, MODEL_INPUT) - prepare(full, MODEL_INPUT)).mean() < 0.01
+
+
+def test_small_images_decode_as_before() -> None:
+    data = _pil_bytes(Image.fromarray(_pattern(700, 500)), "PNG")
+    image = decode_image(data, config=MODEL_INPUT)
+    assert image.original_shape is None and image.pixels.shape == (700, 500)
+
+
+# --------------------------------------------------------------------------------------------------
 # DICOM: pixel semantics
 
 
