@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +102,24 @@ def items_from_source(source: str | os.PathLike) -> list[EnrolItem]:
     raise FileNotFoundError(f"no such manifest or folder: {path}")
 
 
+def decode_workers() -> int:
+    """Threads that read and decode files for the bulk jobs: one per core, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+@dataclass
+class _Decoded:
+    """One file after its worker thread: ready to embed, already enrolled, or failed with a reason."""
+
+    item: EnrolItem
+    sha: str = ""
+    error: str | None = None
+    data: bytes | None = None  # dropped after decoding unless the original is stored (--copy)
+    source_format: str = ""
+    identifiers: dict[str, str] = field(default_factory=dict)
+    prepared: np.ndarray | None = None
+
+
 def bulk_enrol(
     embedder: Embedder,
     gallery: Gallery,
@@ -124,14 +143,15 @@ def bulk_enrol(
     items = list(items)
     summary = BulkEnrolSummary(total=len(items))
     seen: set[str] = set()
-    batch: list[tuple[EnrolItem, str, bytes | None, dict[str, str], np.ndarray]] = []
+    batch: list[_Decoded] = []
 
     def flush() -> None:
         if not batch:
             return
-        vectors = embedder.embed_prepared(np.stack([prepared for *_, prepared in batch]))
+        vectors = embedder.embed_prepared(np.stack([done.prepared for done in batch]))
         images = []
-        for item, sha, data, identifiers, _ in batch:
+        for done in batch:
+            item = done.item
             meta = ImageMetadata(
                 patient_id=item.patient_id,
                 collection=collection,
@@ -141,10 +161,10 @@ def bulk_enrol(
             )
             images.append(
                 new_image(
-                    identifiers,
+                    done.identifiers,
                     meta,
-                    sha256=sha,
-                    blob=stored_original(data, radiograph.source_format) if copy else None,
+                    sha256=done.sha,
+                    blob=stored_original(done.data, done.source_format) if copy else None,
                     source_path=None if copy else str(item.path),
                 )
             )
@@ -152,29 +172,57 @@ def bulk_enrol(
         summary.enrolled += len(batch)
         batch.clear()
 
-    with tqdm(items, desc="enrol", unit="img", disable=not progress) as bar:
-        for item in bar:
-            try:
-                data = item.path.read_bytes()
-            except OSError as exc:
-                summary.failed.append((str(item.path), f"cannot read: {exc.strerror or exc}"))
-                continue
-            sha = sha256_of(data)
-            if skip_existing and (
-                sha in seen or gallery.find_by_sha256(sha, collection=collection) is not None
-            ):
-                summary.skipped += 1
-                continue
-            try:
-                radiograph = decode_source(
-                    data, max_pixels=max_pixels, name=f"'{item.path}'", config=embedder.preprocess_config
-                )
-                prepared = embedder.prepare(radiograph)
-            except (InvalidInputError, ValueError) as exc:
-                summary.failed.append((str(item.path), str(exc)))
-                continue
-            seen.add(sha)
-            batch.append((item, sha, data if copy else None, dict(radiograph.identifiers), prepared))
+    def read(item: EnrolItem) -> _Decoded:
+        try:
+            data = item.path.read_bytes()
+        except OSError as exc:
+            return _Decoded(item, error=f"cannot read: {exc.strerror or exc}")
+        return _Decoded(item, sha=sha256_of(data), data=data)
+
+    def decode(done: _Decoded) -> _Decoded:
+        try:
+            radiograph = decode_source(
+                done.data,
+                max_pixels=max_pixels,
+                name=f"'{done.item.path}'",
+                config=embedder.preprocess_config,
+            )
+            done.prepared = embedder.prepare(radiograph)
+        except (InvalidInputError, ValueError) as exc:
+            done.error = str(exc)
+            return done
+        done.source_format, done.identifiers = radiograph.source_format, dict(radiograph.identifiers)
+        if not copy:
+            done.data = None
+        return done
+
+    # Files are read, hashed and decoded on worker threads (file I/O, hashlib, the codecs and numpy
+    # release the GIL), a batch at a time so memory stays bounded. The gallery is asked which files
+    # it already holds on this thread, between reading and decoding, so a resumed run decodes only
+    # what is new.
+    with (
+        tqdm(total=len(items), desc="enrol", unit="img", disable=not progress) as bar,
+        ThreadPoolExecutor(max_workers=decode_workers()) as pool,
+    ):
+        for start in range(0, len(items), batch_size):
+            new = []
+            for done in pool.map(read, items[start : start + batch_size]):
+                if done.error is not None:
+                    summary.failed.append((str(done.item.path), done.error))
+                elif skip_existing and (
+                    done.sha in seen or gallery.find_by_sha256(done.sha, collection=collection) is not None
+                ):
+                    summary.skipped += 1
+                else:
+                    seen.add(done.sha)
+                    new.append(done)
+            bar.update(min(batch_size, len(items) - start) - len(new))
+            for done in pool.map(decode, new):
+                bar.update(1)
+                if done.error is not None:
+                    summary.failed.append((str(done.item.path), done.error))
+                else:
+                    batch.append(done)
             if len(batch) >= batch_size:
                 flush()
         flush()
@@ -197,21 +245,25 @@ def reindex_gallery(
     the run with its image id, so it can be restored or deleted before running again.
     """
 
-    def embed_records(records: list[ImageRecord]) -> np.ndarray:
-        prepared = []
-        for record in records:
-            path = record.stored_path or record.source_path
-            if path is None:
-                raise InvalidInputError(f"image {record.image_id} has no stored or referenced original")
-            name = f"image {record.image_id} ('{path}')"
-            try:
-                radiograph = decode_source(
-                    path, max_pixels=max_pixels, name=name, config=embedder.preprocess_config
-                )
-                prepared.append(embedder.prepare(radiograph))
-            except ValueError as exc:
-                raise InvalidInputError(str(exc)) from None
-        return embedder.embed_prepared(np.stack(prepared))
+    def prepare(record: ImageRecord) -> np.ndarray:
+        path = record.stored_path or record.source_path
+        if path is None:
+            raise InvalidInputError(f"image {record.image_id} has no stored or referenced original")
+        name = f"image {record.image_id} ('{path}')"
+        try:
+            radiograph = decode_source(
+                path, max_pixels=max_pixels, name=name, config=embedder.preprocess_config
+            )
+            return embedder.prepare(radiograph)
+        except ValueError as exc:
+            raise InvalidInputError(str(exc)) from None
 
-    with tqdm(total=len(gallery), desc="reindex", unit="img", disable=not progress) as bar:
-        return gallery.reindex(embed_records, model_id=embedder.model_id, batch_size=batch_size, progress=bar)
+    with ThreadPoolExecutor(max_workers=decode_workers()) as pool:
+
+        def embed_records(records: list[ImageRecord]) -> np.ndarray:
+            return embedder.embed_prepared(np.stack(list(pool.map(prepare, records))))
+
+        with tqdm(total=len(gallery), desc="reindex", unit="img", disable=not progress) as bar:
+            return gallery.reindex(
+                embed_records, model_id=embedder.model_id, batch_size=batch_size, progress=bar
+            )
