@@ -161,6 +161,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
             "gallery_model_id": gallery.stored_model_id,
             "orphaned_originals_removed": gallery.remove_orphan_blobs(),
             "index_matches_database": gallery.is_consistent(),
+            "index": gallery.effective_index_factory,
+            "index_rebuilding": gallery.index_rebuilding,
         }
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     return 0 if report["index_matches_database"] else 1

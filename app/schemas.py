@@ -393,6 +393,16 @@ class Readiness(BaseModel):
     gallery_images: int | None = Field(
         default=None, description=f"images in the gallery, every collection{KEY_HOLDERS}"
     )
+    index: str | None = Field(
+        default=None,
+        description="the FAISS layout searches use now, e.g. Flat or IVF1024,Flat (with "
+        f"index_factory=auto it follows the gallery's size){KEY_HOLDERS}",
+    )
+    index_rebuilding: bool | None = Field(
+        default=None,
+        description="a background rebuild into a bigger layout is running; searches use `index` "
+        f"until it is swapped in{KEY_HOLDERS}",
+    )
     operating_point: OperatingPointOut | None = Field(
         default=None, description=f"the default threshold and its calibration{KEY_HOLDERS}"
     )

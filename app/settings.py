@@ -61,8 +61,14 @@ class Settings(BaseSettings):
         default=30.0, ge=0, description="how long a request waits for decode budget before its 503"
     )
     max_files: int = Field(default=64, ge=1, description="most files in one multipart request")
-    index_factory: str = Field(default="Flat", description="FAISS index factory string")
-    nprobe: int = Field(default=16, ge=1)
+    index_factory: str = Field(
+        default="auto",
+        description="FAISS index factory string, or auto: exact Flat while the gallery is small, IVF-Flat "
+        "(rebuilt in the background) above index.faiss_index.AUTO_FLAT_MAX images",
+    )
+    nprobe: int | None = Field(
+        default=None, ge=1, description="IVF lists searched; None = 64 with index_factory auto, else 16"
+    )
     ef_search: int = Field(default=64, ge=1)
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="where the model runs; auto = the GPU when torch sees one, else the CPU"

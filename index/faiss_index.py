@@ -28,7 +28,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -50,6 +52,22 @@ def faiss_build() -> str:
 
 TAG_FORMAT = 1
 TOMBSTONE_COMPACT_FRACTION = 0.10
+AUTO = "auto"
+# index_factory="auto": exact Flat below AUTO_FLAT_MAX vectors, IVF-Flat (auto_layout: ~4 sqrt(n)
+# lists) searched with AUTO_NPROBE lists from there on. From `python bench/search.py --n 100000
+# --threads 1` (512-d vectors drawn as patient clusters with the shipped model's genuine / impostor
+# cosines, 1000 held-out queries, one query per call, k=10; figures in the commit that added this):
+# - Flat's single-query p50 is 17.8 ms at 1e5, linear in n (0.18 us a vector): it passes 2 ms at
+#   about 11k vectors, hence 10_000;
+# - recall@10 >= 0.95 takes HNSW32 efSearch 128 (0.951, p50 2.1 ms), IVF-Flat nprobe 64 of 1024
+#   lists (0.986) or IVF-SQ8 nprobe 64 (0.976, p50 1.5 ms); IVF-PQ32 stays at 0.33 whatever nprobe.
+# IVF-Flat is the pick, though not the fastest: its scores are exact cosines (SQ8 rounds them, and
+# the FAR thresholds are applied to these scores); it removes ids (HNSW only tombstones, and its
+# compaction is a full rebuild under the write lock); it builds from a k-means sample plus one
+# assignment pass (HNSW32 took 84 s at 1e5 on one core and grows faster than n). Its memory is
+# Flat's plus 8 bytes of id a vector. With ~4 sqrt(n) lists, nprobe 64 scans ~16 / sqrt(n) of them.
+AUTO_FLAT_MAX = 10_000
+AUTO_NPROBE = 64
 _MIN_POINTS_PER_CENTROID = 39  # faiss k-means warns below this
 _MAX_POINTS_PER_CENTROID = 256  # and subsamples above it
 
@@ -163,9 +181,29 @@ def _make_base(dim: int, factory: str) -> faiss.Index:
 def validate_factory(dim: int, factory: str) -> str:
     """Check early (at Gallery open) that FAISS understands ``factory``; returns the canonical form."""
     f = normalise_factory(factory)
+    if f.lower() == AUTO:
+        return AUTO
     if f != "Flat":
         _make_base(dim, f)
     return f
+
+
+def auto_layout(count: int, flat_max: int = AUTO_FLAT_MAX) -> str:
+    """The layout ``index_factory="auto"`` builds for ``count`` vectors: exact Flat below ``flat_max``,
+    above it IVF-Flat with about 4 * sqrt(count) lists (a power of two, at least 39 vectors per list
+    so k-means has enough to train on). See AUTO_FLAT_MAX for the figures behind the choice."""
+    if count < max(int(flat_max), 1):
+        return "Flat"
+    want = 2 ** round(math.log2(4.0 * math.sqrt(count)))
+    most = 2 ** int(math.log2(max(count // _MIN_POINTS_PER_CENTROID, 1)))
+    return f"IVF{max(1, min(want, most))},Flat"
+
+
+def layout_rank(layout: str) -> int:
+    """Orders the layouts ``auto`` builds: Flat 0, IVF by its list count. The gallery only rebuilds
+    upwards, so a gallery hovering around a boundary does not rebuild back and forth."""
+    match = re.match(r"IVF(\d+),", layout)
+    return int(match.group(1)) if match else 0
 
 
 class VectorIndex:
@@ -225,36 +263,37 @@ class VectorIndex:
         count: int,
         train_sample: Callable[[int], np.ndarray],
         chunks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+        layout: str | None = None,
     ) -> VectorIndex:
         """Build from the stored vectors: train if the factory needs it and there are enough, add all.
 
         ``train_sample(n)`` returns up to n stored vectors (n, dim); ``chunks()`` yields (ids, vectors).
+        ``layout`` is what to build when it is not ``factory`` itself ("auto" picks one by size).
         """
-        effective = factory
-        if factory != "Flat":
-            base = _make_base(dim, factory)
-            need = min_training_points(base, factory)
+        layout = layout or factory
+        effective = layout
+        if layout != "Flat":
+            base = _make_base(dim, layout)
+            need = min_training_points(base, layout)
             if need and count < need:
                 if count:
                     log.warning(
                         "index_factory %r needs at least %d vectors to train, the gallery has %d: "
                         "using an exact Flat index until then (trained at the next save() or open)",
-                        factory,
+                        layout,
                         need,
                         count,
                     )
                 else:
-                    log.info(
-                        "empty gallery: index_factory %r starts as Flat until it can be trained", factory
-                    )
+                    log.info("empty gallery: index_factory %r starts as Flat until it can be trained", layout)
                 effective = "Flat"
         vi = cls.empty(dim, factory, nprobe=nprobe, ef_search=ef_search, effective_factory=effective)
         if not vi._index.is_trained:
             ivf = vi._ivf
             cap = _MAX_POINTS_PER_CENTROID * int(ivf.nlist) if ivf is not None else 100_000
-            cap = max(cap, min_training_points(vi._index, factory))
+            cap = max(cap, min_training_points(vi._index, layout))
             x = np.ascontiguousarray(train_sample(min(count, cap)), dtype=np.float32)
-            log.info("training %s on %d vectors", factory, x.shape[0])
+            log.info("training %s on %d vectors", layout, x.shape[0])
             vi._index.train(x)
         for ids, vecs in chunks():
             if len(ids):
@@ -286,7 +325,8 @@ class VectorIndex:
 
     @property
     def is_fallback(self) -> bool:
-        return self.effective_factory != self.factory
+        """An explicit factory that could not train yet ("auto" picks its layout, never falls back)."""
+        return self.factory != AUTO and self.effective_factory != self.factory
 
     def ids(self) -> np.ndarray:
         """Sorted live ids actually held by FAISS (read from the index itself, for consistency checks)."""

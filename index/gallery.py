@@ -60,7 +60,18 @@ import faiss
 import numpy as np
 
 from ._fs import PRIVATE_FILE, make_private_dir
-from .faiss_index import AllowedIds, VectorIndex, _make_base, min_training_points, validate_factory
+from .faiss_index import (
+    AUTO,
+    AUTO_FLAT_MAX,
+    AUTO_NPROBE,
+    AllowedIds,
+    VectorIndex,
+    _make_base,
+    auto_layout,
+    layout_rank,
+    min_training_points,
+    validate_factory,
+)
 from .records import (
     METADATA_TEXT_FIELDS,
     DuplicatePair,
@@ -94,6 +105,10 @@ _STR_FIELDS = ("source_path", *METADATA_TEXT_FIELDS)
 
 # callable(n_done, n_total) or a tqdm-like object with update(n) and total
 ProgressLike = Any
+
+
+class _RebuildCancelledError(Exception):
+    """A background rebuild stopped because the gallery is closing."""
 
 
 def _now_iso() -> str:
@@ -175,9 +190,10 @@ class Gallery:
         *,
         dim: int,
         model_id: str,
-        index_factory: str = "Flat",
-        nprobe: int = 16,
+        index_factory: str = AUTO,
+        nprobe: int | None = None,
         ef_search: int = 64,
+        auto_flat_max: int = AUTO_FLAT_MAX,
         allow_model_mismatch: bool = False,
         autosave_seconds: float | None = 300.0,
         init: bool = False,
@@ -186,13 +202,16 @@ class Gallery:
             raise GalleryValidationError(f"dim must be a positive integer, got {dim!r}")
         if not isinstance(model_id, str) or not model_id.strip():
             raise GalleryValidationError("model_id must be a non-empty string")
-        if int(nprobe) < 1 or int(ef_search) < 1:
+        if (nprobe is not None and int(nprobe) < 1) or int(ef_search) < 1:
             raise GalleryValidationError("nprobe and ef_search must be >= 1")
         self.dim = int(dim)
         self.model_id = model_id
         self.index_factory = validate_factory(self.dim, index_factory)
-        self.nprobe = int(nprobe)
+        # None: what "auto" measured for its IVF layout (AUTO_NPROBE), else FAISS-ish 16
+        default_nprobe = AUTO_NPROBE if self.index_factory == AUTO else 16
+        self.nprobe = int(nprobe) if nprobe is not None else default_nprobe
         self.ef_search = int(ef_search)
+        self.auto_flat_max = int(auto_flat_max)
         self.autosave_seconds = autosave_seconds
         self.data_dir = Path(data_dir).expanduser().resolve()
         self._index_path = self.data_dir / INDEX_FILE
@@ -203,6 +222,10 @@ class Gallery:
         self._allowed_cache: dict[str, AllowedIds] = {}
         self._saved_generation: int | None = None
         self._last_save = time.monotonic()
+        # background rebuild ("auto"): the thread, and the FAISS changes made while it builds
+        self._rebuild_thread: threading.Thread | None = None
+        self._rebuild_changes: list[Callable[[VectorIndex], None]] | None = None
+        self._rebuild_cancel = threading.Event()
         try:
             make_private_dir(self.data_dir)
             self._lock_fd = _acquire_process_lock(self.data_dir)
@@ -217,6 +240,7 @@ class Gallery:
             with self._wlock:
                 self._store.remove_orphan_blobs()
                 self._index = self._load_or_build()
+                self._maybe_rebuild_in_background()
         except BaseException:
             self._closed = True
             if self._store is not None:
@@ -284,7 +308,7 @@ class Gallery:
         }
 
     def _training_need(self) -> int:
-        if self.index_factory == "Flat":
+        if self.index_factory in ("Flat", AUTO):  # auto never builds what it cannot train
             return 0
         return min_training_points(_make_base(self._stored_dim, self.index_factory), self.index_factory)
 
@@ -309,6 +333,10 @@ class Gallery:
         self._save_index(idx)
         return idx
 
+    def _layout(self, count: int) -> str:
+        """What to build for ``count`` vectors: the factory asked for, or the pick of "auto" by size."""
+        return auto_layout(count, self.auto_flat_max) if self.index_factory == AUTO else self.index_factory
+
     def _build(self) -> VectorIndex:
         """A fresh FAISS index from the vectors in SQLite (call with the write lock held)."""
         store = self._store
@@ -322,6 +350,7 @@ class Gallery:
             count=count,
             train_sample=store.sample_vectors,
             chunks=store.iter_vectors,
+            layout=self._layout(count),
         )
         log.info(
             "built FAISS index %s over %d vectors in %.2fs",
@@ -347,7 +376,14 @@ class Gallery:
             self._save_index(idx)
 
     def close(self) -> None:
-        """Save the FAISS index if it changed, close SQLite, release the data-dir lock. Idempotent."""
+        """Save the FAISS index if it changed, close SQLite, release the data-dir lock. Idempotent.
+
+        A background rebuild is cancelled first (it stops between chunks; a k-means already
+        training finishes), and waited for: it reads SQLite through the store closed here."""
+        self._rebuild_cancel.set()
+        thread = self._rebuild_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
         with self._wlock:
             if self._closed:
                 return
@@ -385,6 +421,105 @@ class Gallery:
                 self.save()
             except Exception:
                 log.exception("autosave of the FAISS index failed (SQLite still has everything)")
+        self._maybe_rebuild_in_background()
+
+    # ---------------------------------------------------------------- background rebuild ("auto")
+    @property
+    def index_rebuilding(self) -> bool:
+        """A background rebuild into a bigger layout is running (searches use the current index)."""
+        thread = self._rebuild_thread
+        return thread is not None and thread.is_alive()
+
+    def wait_for_rebuild(self, timeout: float | None = None) -> bool:
+        """Wait for a running background rebuild; True when none is running any more."""
+        thread = self._rebuild_thread
+        if thread is not None:
+            thread.join(timeout)
+        return not self.index_rebuilding
+
+    def _maybe_rebuild_in_background(self) -> None:
+        """With "auto": start a rebuild into the layout the gallery's size now calls for, when that is
+        bigger than the one in use (write lock held). Never downwards: after deletes the gallery keeps
+        its layout until it is next opened, so a size near a boundary does not rebuild back and forth."""
+        if self.index_factory != AUTO or self._closed or self._mismatch or self.index_rebuilding:
+            return
+        current = self._index
+        if layout_rank(self._layout(current.ntotal)) <= layout_rank(current.effective_factory):
+            return
+        self._rebuild_cancel.clear()
+        self._rebuild_thread = threading.Thread(
+            target=self._rebuild, args=(current,), name="cxr-reid-index-rebuild", daemon=True
+        )
+        self._rebuild_thread.start()
+
+    def _rebuild(self, current: VectorIndex) -> None:
+        """The background rebuild (its own thread). Build-from-snapshot-then-replay, not "rebuild
+        until the generation stands still", which a steady stream of enrolments could starve:
+
+        1. under the write lock, open a SQLite read transaction (a WAL snapshot, pinned by its first
+           SELECT) and start recording every FAISS change (``_faiss_update`` appends it); writers
+           commit under that same lock, so each write is either in the snapshot or recorded;
+        2. without any gallery lock, train and fill the new index from the snapshot, while searches
+           and writes go on against ``current``;
+        3. under the write lock again, replay the recorded changes on the new index (adds and removes
+           in commit order), swap it in and save it with the tag of the generation it now matches.
+
+        If the index was replaced meanwhile (a reindex, a compaction, a failed update's rebuild) the
+        new one is dropped: it was built from vectors that no longer hold.
+        """
+        store = self._store
+        t0 = time.perf_counter()
+        try:
+            with contextlib.ExitStack() as stack:
+                with self._wlock:
+                    if self._closed or self._index is not current:
+                        return
+                    conn = stack.enter_context(store.read_txn())
+                    count = int(conn.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+                    self._rebuild_changes = []
+                layout = self._layout(count)
+                log.info("rebuilding the FAISS index as %s over %d vectors in the background", layout, count)
+                idx = VectorIndex.build(
+                    self._stored_dim,
+                    self.index_factory,
+                    nprobe=self.nprobe,
+                    ef_search=self.ef_search,
+                    count=count,
+                    train_sample=lambda n: store.sample_vectors(n, conn=conn),
+                    chunks=lambda: self._until_cancelled(store.iter_vectors(conn=conn)),
+                    layout=layout,
+                )
+            with self._wlock:
+                changes, self._rebuild_changes = self._rebuild_changes or [], None
+                if self._closed or self._rebuild_cancel.is_set() or self._index is not current:
+                    log.info("background rebuild dropped: the gallery closed or its index was replaced")
+                    return
+                for change in changes:
+                    change(idx)
+                self._index = idx
+                self._save_index(idx)
+            log.info(
+                "FAISS index is now %s (%d vectors, %d changes replayed), rebuilt in %.1fs",
+                idx.effective_factory,
+                idx.ntotal,
+                len(changes),
+                time.perf_counter() - t0,
+            )
+        except _RebuildCancelledError:
+            log.info("background rebuild of the FAISS index cancelled: the gallery is closing")
+        except Exception:
+            log.exception("background rebuild of the FAISS index failed; the current index stays in use")
+        finally:
+            with self._wlock:
+                self._rebuild_changes = None
+
+    def _until_cancelled(
+        self, chunks: Iterable[tuple[np.ndarray, np.ndarray]]
+    ) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+        for chunk in chunks:
+            if self._rebuild_cancel.is_set():
+                raise _RebuildCancelledError
+            yield chunk
 
     # ---------------------------------------------------------------- properties
     @property
@@ -394,7 +529,8 @@ class Gallery:
 
     @property
     def effective_index_factory(self) -> str:
-        """The FAISS layout in use: ``index_factory`` or "Flat" while an IVF index cannot train yet."""
+        """The FAISS layout in use: ``index_factory``, or "Flat" while an IVF index cannot train yet,
+        or what "auto" picked for the gallery's size."""
         return self._index.effective_factory
 
     def __len__(self) -> int:
@@ -556,12 +692,15 @@ class Gallery:
         return self._store.insert_image(conn, row, vector, self.model_id, created_at)
 
     def _faiss_update(self, change: Callable[[VectorIndex], None]) -> None:
-        """Apply a committed change to FAISS; if that fails, rebuild it from SQLite (the truth)."""
+        """Apply a committed change to FAISS; if that fails, rebuild it from SQLite (the truth).
+        During a background rebuild the change is also kept, to be replayed on the new index."""
         try:
             change(self._index)
         except Exception:
             log.exception("FAISS update failed after the SQLite commit; rebuilding the index from SQLite")
             self._index = self._build()
+        if self._rebuild_changes is not None:
+            self._rebuild_changes.append(change)
 
     def _invalidate(self, collections: Iterable[str] | None = None) -> None:
         with self._cache_lock:

@@ -448,6 +448,7 @@ def test_health_ready_metrics(client: TestClient, images: list[bytes], embedder:
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["model_id"] == embedder.model_id and ready.json()["gallery_images"] == 1
+    assert ready.json()["index"] == "Flat" and ready.json()["index_rebuilding"] is False  # auto, small
     client.post("/embed", files={"file": ("a.png", images[0])})
     client.get("/images/12345")
     text = client.get("/metrics").text

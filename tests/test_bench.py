@@ -296,3 +296,24 @@ def test_service_bench_reports_each_cell_and_the_goals(tmp_path: Path) -> None:
         assert 1 <= cell["requests"] <= 4 and cell["failures"] == 0
         assert cell["images_per_s"] == pytest.approx(2 * cell["requests_per_s"])
     assert figures["goals"]["verify_c1_p50_over_decode_plus_model"] > 0
+
+
+def test_search_bench_reports_every_index_on_patient_clusters() -> None:
+    """Flat is the ground truth (recall 1), and the drawn clusters separate genuine from impostor."""
+    # IVF-PQ is left out: FAISS trains PQ very slowly on fewer than 39 * 256 vectors
+    proc = _run(
+        "search.py", "--n", "2000", "--queries", "50", "--threads", "1", "--json",
+        "--indexes", "Flat,HNSW32,IVF-Flat,IVF-SQ8",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout)
+    assert figures["n"] == 2000 and figures["queries"] == 50 and figures["threads"] == 1
+    data = figures["data"]
+    assert data["mean_genuine_cosine"] > data["mean_impostor_cosine"] + 0.2
+    rows = figures["results"]
+    assert {r["index"] for r in rows} == {"Flat", "HNSW32", "IVF-Flat", "IVF-SQ8"}
+    for row in rows:
+        assert {"recall_at_10", "p50_ms", "p99_ms", "bytes_per_vector", "build_s"} <= set(row)
+        assert 0.0 <= row["recall_at_10"] <= 1.0 and 0 < row["p50_ms"] <= row["p99_ms"]
+    (flat,) = [r for r in rows if r["index"] == "Flat"]
+    assert flat["recall_at_10"] == 1.0 and flat["bytes_per_vector"] >= 4 * figures["dim"]

@@ -28,6 +28,7 @@ from index import (
     NewImage,
     cluster_pairs,
 )
+from index.faiss_index import VectorIndex, auto_layout
 
 DIM = 16
 REPO = Path(__file__).resolve().parents[1]
@@ -465,6 +466,58 @@ def test_ivf_without_enough_vectors_falls_back_to_flat(tmp_path: Path, rng, capl
     assert "Flat" in caplog.text and "IVF256" in caplog.text
     with pytest.raises(GalleryValidationError):
         Gallery(tmp_path / "h", dim=DIM, model_id="m", index_factory="NotAnIndex")
+
+
+def test_auto_index_is_flat_while_small_and_ivf_above_the_threshold(tmp_path: Path, rng, caplog):
+    caplog.set_level(logging.INFO, logger="index")
+    x = unit(rng, 400)
+    d = tmp_path / "g"
+    with Gallery(d, dim=DIM, model_id="m", auto_flat_max=300) as g:
+        recs = enrol(g, x[:299])
+        assert g.effective_index_factory == "Flat" and not g.index_rebuilding
+        recs += enrol(g, x[299:])  # 400 >= 300: rebuilt as IVF in the background
+        assert g.wait_for_rebuild(30)
+        assert g.effective_index_factory == auto_layout(400, 300) == "IVF8,Flat"
+        assert g.is_consistent()
+        assert [g.search(x[i], k=1)[0].record.image_id for i in (3, 333)] == [
+            recs[3].image_id,
+            recs[333].image_id,
+        ]
+    caplog.clear()
+    with Gallery(d, dim=DIM, model_id="m", auto_flat_max=300) as g:  # the saved IVF file is reused
+        assert g.effective_index_factory == "IVF8,Flat" and g.is_consistent() and not g.index_rebuilding
+    assert "built FAISS index" not in caplog.text and "stale" not in caplog.text
+    with Gallery(d, dim=DIM, model_id="m", index_factory="Flat") as g:  # explicit factories as before
+        assert g.effective_index_factory == "Flat" and g.is_consistent()
+
+
+def test_auto_rebuild_serves_searches_meanwhile_and_keeps_writes_made_during_it(
+    tmp_path: Path, rng, monkeypatch
+):
+    started, release = threading.Event(), threading.Event()
+    build = VectorIndex.build.__func__
+
+    def held_build(cls, *args, **kwargs):  # the background build waits until the test lets it go
+        if threading.current_thread().name == "cxr-reid-index-rebuild":
+            started.set()
+            assert release.wait(30)
+        return build(cls, *args, **kwargs)
+
+    monkeypatch.setattr(VectorIndex, "build", classmethod(held_build))
+    x = unit(rng, 420)
+    with Gallery(tmp_path / "g", dim=DIM, model_id="m", auto_flat_max=300) as g:
+        recs = enrol(g, x[:400])
+        assert started.wait(30) and g.index_rebuilding
+        assert g.effective_index_factory == "Flat"  # still serving from the old index
+        assert g.search(x[5], k=1)[0].record.image_id == recs[5].image_id
+        late = enrol(g, x[400:])  # written while the new index is being built from a snapshot
+        assert g.delete_image(recs[0].image_id) and g.delete_image(late[0].image_id)
+        release.set()
+        assert g.wait_for_rebuild(30)
+        assert g.effective_index_factory == "IVF8,Flat" and len(g) == 418 and g.is_consistent()
+        assert g.search(x[410], k=1)[0].record.image_id == late[10].image_id
+        gone = {recs[0].image_id, late[0].image_id}
+        assert not gone & {h.record.image_id for q in (x[0], x[400]) for h in g.search(q, k=5)}
 
 
 # ------------------------------------------------------------------ concurrency and processes

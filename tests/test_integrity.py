@@ -92,6 +92,7 @@ def test_check_command(tmp_path: Path, tiny_checkpoint: Path, embedder, phantom_
     assert good.returncode == 0, good.stderr
     report = json.loads(good.stdout)
     assert report["images"] == 3 and report["index_matches_database"] is True
+    assert report["index"] == "Flat" and report["index_rebuilding"] is False
     assert not orphan.exists()
     _damage(data_dir / "gallery.sqlite", size=4096)
     bad = _check(data_dir, tiny_checkpoint)

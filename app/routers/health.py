@@ -49,10 +49,13 @@ def readyz(request: Request) -> Readiness | JSONResponse:
         return JSONResponse({"detail": problem}, status_code=503)
     if not details:
         return Readiness()
+    gallery = service.gallery
     return Readiness(
         model_id=service.model_id,
         embedding_dim=service.embedder.dim,
         gallery_images=service.gallery_size(),
+        index=gallery.effective_index_factory,
+        index_rebuilding=gallery.index_rebuilding,
         operating_point=OperatingPointOut.of(service.operating_point()),
     )
 
