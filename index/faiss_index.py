@@ -4,7 +4,11 @@ It is a cache of the vectors in SQLite, never the truth: the gallery rebuilds it
 the saved file is missing, unreadable or tagged with another generation.
 
 Index layouts (``factory`` is a ``faiss.index_factory`` string, metric always inner product):
-- "Flat" (default): ``IndexIDMap(IndexFlatIP)``, exact.
+- "auto" (the gallery's default): the gallery picks the layout by size (``auto_layout``: Flat, then
+  IVF-Flat above AUTO_FLAT_MAX, whose comment gives the measured reasons) and rebuilds in the
+  background when its size calls for a bigger one; the saved tag keeps factory "auto" and the built
+  layout as ``effective_factory``.
+- "Flat": ``IndexIDMap(IndexFlatIP)``, exact.
 - IVF ("IVF256,Flat", "IVF1024,PQ32", ...): the IVF index holds the ids itself (``add_with_ids``);
   it is *not* wrapped in IndexIDMap because IndexIDMap.remove_ids renumbers its map while IVF keeps
   its stored labels, which corrupts the mapping. IVF needs training: with too few vectors the index

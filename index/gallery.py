@@ -30,6 +30,12 @@ FAISS, so a search racing a write may miss a just-added image or see an id whose
 such ids are dropped when the records are fetched, and every hit is re-checked against the requested
 collection.
 
+Index layout: ``index_factory="auto"`` (the default) serves exact Flat while the gallery is small and
+IVF-Flat above ``auto_flat_max`` images (figures in ``index/faiss_index.py``, from bench/search.py).
+Growing into a bigger layout rebuilds the index in a background thread (``_rebuild``: SQLite snapshot,
+build without locks, replay of the writes made meanwhile, atomic swap, save); searches use the
+current index until the swap. An explicit factory string behaves as it always has.
+
 Deletes: Flat and IVF remove ids from FAISS; HNSW cannot, so deleted ids are tombstoned and filtered
 out of searches, and the index is compacted (rebuilt from SQLite) when tombstones pass 10% of it and
 before every save.
