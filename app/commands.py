@@ -138,7 +138,7 @@ def _open(settings: Any, *, allow_model_mismatch: bool = False) -> tuple[Any, An
     from .services import open_gallery
 
     configure_torch_threads(settings.torch_threads)
-    embedder = Embedder.from_checkpoint(settings.model_path, device=settings.device)
+    embedder = Embedder.from_checkpoint(settings.model_path, device=settings.device, runtime=settings.runtime)
     return embedder, open_gallery(embedder, settings, allow_model_mismatch=allow_model_mismatch)
 
 

@@ -124,7 +124,9 @@ def build_service(settings: Settings, embedder: Embedder | None, metrics: Servic
     configure_torch_threads(settings.torch_threads)
     configure_allocator()
     if embedder is None:
-        embedder = Embedder.from_checkpoint(settings.model_path, device=settings.device)
+        embedder = Embedder.from_checkpoint(
+            settings.model_path, device=settings.device, runtime=settings.runtime
+        )
     gallery, problem, locked = _open_or_explain(embedder, settings)
     if locked:
         log.error("gallery in %s cannot be opened yet: %s", settings.data_dir, problem)

@@ -15,6 +15,7 @@ from models.backbones import BackboneConfig, build_backbone
 from models.calibration import Calibration
 from models.checkpoint import load_checkpoint
 from models.preprocess import TTA_VIEWS, PreprocessConfig, Radiograph, decode_image, prepare, to_tensor
+from models.runtime import inference_network
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,13 @@ def resolve_device(choice: str) -> torch.device:
 class Embedder:
     """A loaded model that turns radiographs into float32 unit-norm vectors."""
 
-    def __init__(self, checkpoint: dict[str, Any], device: str = "cpu", source: Path | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint: dict[str, Any],
+        device: str = "cpu",
+        source: Path | None = None,
+        runtime: str = "torch",
+    ) -> None:
         self.source = source
         self.model_id: str = checkpoint["model_id"]
         self.name: str = checkpoint["name"]
@@ -60,11 +67,19 @@ class Embedder:
         network.load_state_dict(state)
         # NHWC: measured 1.14x the images/s of NCHW for the default net on a 2-core CPU (bench/speed.py).
         self.network = network.to(self.device, memory_format=torch.channels_last).eval()
+        # What embed_prepared calls: the network itself or an ONNX Runtime session made from it.
+        self.forward_network = inference_network(
+            self.network, self.preprocess_config.size, self.device, runtime
+        )
+        self.runtime = "torch" if self.forward_network is self.network else "onnxruntime"
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike | None = None, device: str = "cpu") -> Embedder:
+    def from_checkpoint(
+        cls, path: str | os.PathLike | None = None, device: str = "cpu", runtime: str = "torch"
+    ) -> Embedder:
         """Load a checkpoint file; ``None`` means the default model shipped in the package.
-        ``device`` is cpu, cuda or auto (see :func:`resolve_device`)."""
+        ``device`` is cpu, cuda or auto (see :func:`resolve_device`); ``runtime`` is torch,
+        onnxruntime or auto (see :func:`models.runtime.inference_network`)."""
         checkpoint_path = Path(path) if path is not None else DEFAULT_CHECKPOINT
         if not checkpoint_path.is_file():
             hint = (
@@ -73,8 +88,16 @@ class Embedder:
                 else "check the path"
             )
             raise FileNotFoundError(f"checkpoint not found: {checkpoint_path} ({hint})")
-        embedder = cls(load_checkpoint(checkpoint_path), device=device, source=checkpoint_path)
-        log.info("loaded model %s from %s on %s", embedder.model_id, checkpoint_path, embedder.device)
+        embedder = cls(
+            load_checkpoint(checkpoint_path), device=device, source=checkpoint_path, runtime=runtime
+        )
+        log.info(
+            "loaded model %s from %s on %s (%s)",
+            embedder.model_id,
+            checkpoint_path,
+            embedder.device,
+            embedder.runtime,
+        )
         return embedder
 
     def prepare(self, image: ImageSource, **decode_kwargs: Any) -> np.ndarray:
@@ -95,7 +118,7 @@ class Embedder:
         of the first k of :data:`~models.preprocess.TTA_VIEWS` are averaged, then normalised again.
         """
         inputs = to_tensor(batch).to(self.device)
-        vectors = embed_views(self.network, inputs, self.preprocess_config.tta)
+        vectors = embed_views(self.forward_network, inputs, self.preprocess_config.tta)
         return vectors.cpu().numpy().astype(np.float32, copy=False)
 
     def embed(self, images: Sequence[ImageSource], batch_size: int = 32, **decode_kwargs: Any) -> np.ndarray:

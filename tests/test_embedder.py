@@ -100,3 +100,29 @@ def test_device_choice() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="torch sees no GPU"):
             resolve_device("cuda")
+
+
+def test_onnxruntime_gives_the_embeddings_of_pytorch() -> None:
+    """The shipped network exported to ONNX Runtime (the CPU default when installed) embeds the
+    example radiographs as PyTorch does."""
+    pytest.importorskip("onnxruntime")
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples" / "radiographs").glob("*.jpeg"))
+    torch_path = Embedder.from_checkpoint(None, runtime="torch")
+    onnx_path = Embedder.from_checkpoint(None, runtime="onnxruntime")
+    assert (torch_path.runtime, onnx_path.runtime) == ("torch", "onnxruntime")
+    a, b = torch_path.embed(examples), onnx_path.embed(examples)
+    assert (a * b).sum(axis=1).min() > 0.99999
+
+
+def test_a_network_onnx_cannot_express_falls_back_or_says_so(
+    tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The tiny test network pools unevenly, which the ONNX exporter refuses: auto runs it in
+    PyTorch (with a warning), an explicit onnxruntime is an error."""
+    pytest.importorskip("onnxruntime")
+    assert Embedder.from_checkpoint(tiny_checkpoint, runtime="auto").runtime == "torch"
+    assert "ONNX export failed" in caplog.text
+    with pytest.raises(ValueError, match="cannot run in ONNX Runtime"):
+        Embedder.from_checkpoint(tiny_checkpoint, runtime="onnxruntime")
+    with pytest.raises(ValueError, match="unknown runtime"):
+        Embedder.from_checkpoint(tiny_checkpoint, runtime="tensorrt")
