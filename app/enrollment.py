@@ -103,8 +103,9 @@ def items_from_source(source: str | os.PathLike) -> list[EnrolItem]:
 
 
 def decode_workers() -> int:
-    """Threads that read and decode files for the bulk jobs: one per core, at most 8."""
-    return max(1, min(8, os.cpu_count() or 1))
+    """Threads that read and decode files for the bulk jobs: one per core (at most 32, each holds one
+    decoded image), so a many-core GPU machine keeps its GPU fed."""
+    return max(1, min(32, os.cpu_count() or 1))
 
 
 @dataclass

@@ -327,3 +327,14 @@ def test_search_bench_reports_every_index_on_patient_clusters() -> None:
         assert 0.0 <= row["recall_at_10"] <= 1.0 and 0 < row["p50_ms"] <= row["p99_ms"]
     (flat,) = [r for r in rows if r["index"] == "Flat"]
     assert flat["recall_at_10"] == 1.0 and flat["bytes_per_vector"] >= 4 * figures["dim"]
+
+
+def test_enroll_bench_times_decode_embed_and_the_whole_path() -> None:
+    proc = _run(
+        "enroll.py", "--images", "6", "--side", "400", "--batch-size", "4", "--device", "cpu", "--json"
+    )
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout)
+    assert figures["enrolled"] == 6 and figures["failed"] == 0 and figures["device"] == "cpu"
+    for key in ("decode_images_per_s", "embed_images_per_s", "enrol_images_per_s"):
+        assert figures[key] > 0
