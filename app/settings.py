@@ -67,7 +67,9 @@ class Settings(BaseSettings):
         "(rebuilt in the background) above index.faiss_index.AUTO_FLAT_MAX images",
     )
     nprobe: int | None = Field(
-        default=None, ge=1, description="IVF lists searched; None = 64 with index_factory auto, else 16"
+        default=None,
+        ge=1,
+        description="IVF lists searched; None = 16, or with index_factory auto max(64, lists / 32)",
     )
     ef_search: int = Field(default=64, ge=1)
     device: Literal["auto", "cpu", "cuda"] = Field(

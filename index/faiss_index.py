@@ -58,7 +58,7 @@ TAG_FORMAT = 1
 TOMBSTONE_COMPACT_FRACTION = 0.10
 AUTO = "auto"
 # index_factory="auto": exact Flat below AUTO_FLAT_MAX vectors, IVF-Flat (auto_layout: ~4 sqrt(n)
-# lists) searched with AUTO_NPROBE lists from there on. From `python bench/search.py --n 100000
+# lists) searched with auto_nprobe lists from there on. From `python bench/search.py --n 100000
 # --threads 1` (512-d vectors drawn as patient clusters with the shipped model's genuine / impostor
 # cosines, 1000 held-out queries, one query per call, k=10; figures in the commit that added this):
 # - Flat's single-query p50 is 17.8 ms at 1e5, linear in n (0.18 us a vector): it passes 2 ms at
@@ -69,7 +69,10 @@ AUTO = "auto"
 # the FAR thresholds are applied to these scores); it removes ids (HNSW only tombstones, and its
 # compaction is a full rebuild under the write lock); it builds from a k-means sample plus one
 # assignment pass (HNSW32 took 84 s at 1e5 on one core and grows faster than n). Its memory is
-# Flat's plus 8 bytes of id a vector. With ~4 sqrt(n) lists, nprobe 64 scans ~16 / sqrt(n) of them.
+# Flat's plus 8 bytes of id a vector.
+# nprobe (auto_nprobe): 64 of 1024 lists gave 0.986 at 1e5, but at 1e6 (`--n 1000000`, 4096 lists)
+# 64 gave 0.929 and 128 0.979 (p50 16 ms against Flat's 193 ms), so auto searches nlist / 32 lists
+# once that is more than 64.
 AUTO_FLAT_MAX = 10_000
 AUTO_NPROBE = 64
 _MIN_POINTS_PER_CENTROID = 39  # faiss k-means warns below this
@@ -203,6 +206,11 @@ def auto_layout(count: int, flat_max: int = AUTO_FLAT_MAX) -> str:
     return f"IVF{max(1, min(want, most))},Flat"
 
 
+def auto_nprobe(layout: str) -> int:
+    """IVF lists searched in an "auto" layout: AUTO_NPROBE, or nlist / 32 when more (see AUTO_FLAT_MAX)."""
+    return max(AUTO_NPROBE, layout_rank(layout) // 32)
+
+
 def layout_rank(layout: str) -> int:
     """Orders the layouts ``auto`` builds: Flat 0, IVF by its list count. The gallery only rebuilds
     upwards, so a gallery hovering around a boundary does not rebuild back and forth."""
@@ -220,13 +228,14 @@ class VectorIndex:
         dim: int,
         factory: str,
         effective_factory: str,
-        nprobe: int,
+        nprobe: int | None,
         ef_search: int,
     ) -> None:
         self.dim = int(dim)
         self.factory = factory  # what the gallery asked for
         self.effective_factory = effective_factory  # what was built ("Flat" when IVF could not train)
-        self.nprobe = int(nprobe)
+        # None: the layout's own (auto_nprobe), for "auto" whose list count follows the gallery's size
+        self.nprobe = int(nprobe) if nprobe is not None else auto_nprobe(effective_factory)
         self.ef_search = int(ef_search)
         self._index = index
         self._lock = RWLock()
@@ -244,7 +253,13 @@ class VectorIndex:
     # ---------------------------------------------------------------- construction
     @classmethod
     def empty(
-        cls, dim: int, factory: str, *, nprobe: int, ef_search: int, effective_factory: str | None = None
+        cls,
+        dim: int,
+        factory: str,
+        *,
+        nprobe: int | None,
+        ef_search: int,
+        effective_factory: str | None = None,
     ) -> VectorIndex:
         """An empty index; IVF-like factories that need training come back as Flat."""
         eff = effective_factory or factory
@@ -262,7 +277,7 @@ class VectorIndex:
         dim: int,
         factory: str,
         *,
-        nprobe: int,
+        nprobe: int | None,
         ef_search: int,
         count: int,
         train_sample: Callable[[int], np.ndarray],
@@ -487,7 +502,7 @@ class VectorIndex:
 
     @classmethod
     def load(
-        cls, path: Path, expected_tag: dict, *, factory: str, nprobe: int, ef_search: int
+        cls, path: Path, expected_tag: dict, *, factory: str, nprobe: int | None, ef_search: int
     ) -> VectorIndex | None:
         """Load the saved index if its tag matches ``expected_tag`` and its hash checks; else None."""
         remove_stale_temps(path.parent, path.name)

@@ -69,7 +69,6 @@ from ._fs import PRIVATE_FILE, make_private_dir
 from .faiss_index import (
     AUTO,
     AUTO_FLAT_MAX,
-    AUTO_NPROBE,
     AllowedIds,
     VectorIndex,
     _make_base,
@@ -213,8 +212,8 @@ class Gallery:
         self.dim = int(dim)
         self.model_id = model_id
         self.index_factory = validate_factory(self.dim, index_factory)
-        # None: what "auto" measured for its IVF layout (AUTO_NPROBE), else FAISS-ish 16
-        default_nprobe = AUTO_NPROBE if self.index_factory == AUTO else 16
+        # None: 16 for an explicit factory; with "auto" each layout's own (faiss_index.auto_nprobe)
+        default_nprobe = None if self.index_factory == AUTO else 16
         self.nprobe = int(nprobe) if nprobe is not None else default_nprobe
         self.ef_search = int(ef_search)
         self.auto_flat_max = int(auto_flat_max)
