@@ -7,7 +7,10 @@ For each index (and each search setting: HNSW32 efSearch, IVF nprobe) it measure
 (the share of the exact Flat top 10 it returns, on the same vectors), ``p50_ms`` / ``p99_ms`` of
 single-query search (one query per call, k=10: how the service searches), ``bytes_per_vector``
 (``faiss.serialize_index`` size / n) and ``build_s`` (train + add; the IVF variants share one coarse
-k-means, whose time is counted in each of them).
+k-means, whose time is counted in each of them). IVF has ~4 sqrt(n) lists (a power of two); IVF-PQ
+stores ``--pq-m`` bytes a vector (PQ32x8 by default; PQ64 trains for minutes in FAISS 1.15, and any
+PQ trains very slowly on fewer than 39 * 256 vectors). ``--train-per-list`` / ``--kmeans-iter`` trade
+the coarse k-means' quality for its time at large n.
 
 Uniform random vectors would flatter or punish an index for the wrong reasons: ours are clusters,
 one per patient. So the gallery is drawn like ours: patient centres (a shared direction, as the
