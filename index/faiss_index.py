@@ -58,21 +58,22 @@ TAG_FORMAT = 1
 TOMBSTONE_COMPACT_FRACTION = 0.10
 AUTO = "auto"
 # index_factory="auto": exact Flat below AUTO_FLAT_MAX vectors, IVF-Flat (auto_layout: ~4 sqrt(n)
-# lists) searched with auto_nprobe lists from there on. From `python bench/search.py --n 100000
-# --threads 1` (512-d vectors drawn as patient clusters with the shipped model's genuine / impostor
-# cosines, 1000 held-out queries, one query per call, k=10; figures in the commit that added this):
-# - Flat's single-query p50 is 17.8 ms at 1e5, linear in n (0.18 us a vector): it passes 2 ms at
-#   about 11k vectors, hence 10_000;
-# - recall@10 >= 0.95 takes HNSW32 efSearch 128 (0.951, p50 2.1 ms), IVF-Flat nprobe 64 of 1024
-#   lists (0.986) or IVF-SQ8 nprobe 64 (0.976, p50 1.5 ms); IVF-PQ32 stays at 0.33 whatever nprobe.
-# IVF-Flat is the pick, though not the fastest: its scores are exact cosines (SQ8 rounds them, and
-# the FAR thresholds are applied to these scores); it removes ids (HNSW only tombstones, and its
-# compaction is a full rebuild under the write lock); it builds from a k-means sample plus one
-# assignment pass (HNSW32 took 84 s at 1e5 on one core and grows faster than n). Its memory is
-# Flat's plus 8 bytes of id a vector.
-# nprobe (auto_nprobe): 64 of 1024 lists gave 0.986 at 1e5, but at 1e6 (`--n 1000000`, 4096 lists)
-# 64 gave 0.929 and 128 0.979 (p50 16 ms against Flat's 193 ms), so auto searches nlist / 32 lists
-# once that is more than 64.
+# lists) searched with auto_nprobe lists from there on. Figures from `python bench/search.py --n
+# 100000 --threads 1` and `--n 1000000` (512-d vectors drawn as patient clusters with the shipped
+# model's genuine / impostor cosines, 1000 held-out queries, one query per call, k=10, a shared
+# 2-core machine):
+# - Flat's single-query p50 is 18-26 ms at 1e5 and 193 ms at 1e6, linear in n (0.18-0.26 us a
+#   vector): it passes 2 ms at 8k-11k vectors, hence 10_000;
+# - recall@10 >= 0.95 at 1e5: HNSW32 efSearch 128 (0.952, p50 1.7 ms, build 66 s), IVF-Flat nprobe 64
+#   of 1024 lists (0.986, p50 3.0 ms, build 25 s), IVF-SQ8 nprobe 64 (0.974, p50 1.7 ms, 541 B a
+#   vector); IVF-PQ32 stays at 0.33 whatever nprobe;
+# - at 1e6: IVF-Flat nprobe 64 of 4096 lists 0.929, nprobe 128 0.979 (p50 16 ms, build 170 s);
+#   HNSW32 (efConstruction 40) gets only 0.836 at efSearch 256 (p50 4.1 ms) after a 749 s build.
+# IVF-Flat is the pick: it keeps recall where HNSW32 loses it; its scores are exact cosines (SQ8
+# rounds them, and the FAR thresholds are applied to these scores); it removes ids (HNSW only
+# tombstones, and its compaction is a full rebuild under the write lock); it builds in minutes.
+# Its memory is Flat's plus 8 bytes of id a vector.
+# nprobe (auto_nprobe): 64 holds 0.95 at 1e5, 128 at 1e6: lists / 32 once that is more than 64.
 AUTO_FLAT_MAX = 10_000
 AUTO_NPROBE = 64
 _MIN_POINTS_PER_CENTROID = 39  # faiss k-means warns below this
