@@ -75,10 +75,10 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="where the model runs; auto = the GPU when torch sees one, else the CPU"
     )
-    runtime: Literal["auto", "torch", "onnxruntime"] = Field(
+    runtime: Literal["auto", "torch", "onednn", "onnxruntime"] = Field(
         default="auto",
-        description="what runs the model on the CPU; auto = ONNX Runtime when installed (the faster, "
-        "bench/embed.py), else PyTorch",
+        description="what runs the model on the CPU; auto = oneDNN fusion (the fastest measured without "
+        "a compiler, bench/embed.py), PyTorch where it cannot be made",
     )
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads; None = number of CPU cores (max 8)"

@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    embedder = Embedder.from_checkpoint(args.model)
+    embedder = Embedder.from_checkpoint(args.model, runtime="auto")  # the serving path
     figures: dict[str, Any] = {
         "model_id": embedder.model_id,
         "speed": speed(embedder, args.seconds, args.only),

@@ -15,7 +15,8 @@ Each gets images/s at batch 32, its speed-up and its lowest cosine to the defaul
 the example radiographs and random inputs. With ``--auc`` the variants that keep cosine >= 0.999
 and beat the default are also scored on the real sets (the test patients of trained sets, every
 image of unseen ones, like ``bench/accuracy.py``): the rule of issue 11 is that the fastest variant
-that keeps cosine >= 0.999 and moves AUC by less than 0.001 becomes the service's default path.
+that keeps cosine >= 0.999 and moves AUC by less than 0.001 becomes the service's default path
+(``models/runtime.py`` says which it is and why).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from models.embedder import Embedder, embed_views  # noqa: E402
-from models.runtime import OnnxRuntimeNetwork  # noqa: E402
+from models.runtime import OnnxRuntimeNetwork, onednn_network  # noqa: E402
 
 log = logging.getLogger("bench.embed")
 
@@ -76,10 +77,7 @@ def _compiled(network: torch.nn.Module, size: int) -> torch.nn.Module:
 
 
 def _onednn(network: torch.nn.Module, size: int) -> torch.nn.Module:
-    example = torch.zeros(2, 1, size, size).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(False), torch.no_grad():
-        traced = torch.jit.trace(copy.deepcopy(network), example)
-        return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+    return onednn_network(network, size)
 
 
 def _onnxruntime(network: torch.nn.Module, size: int) -> torch.nn.Module:
@@ -130,11 +128,13 @@ def variants(
             with _swapped(embedder, network):
                 embeddings = embedder.embed_prepared(check)  # the first call also compiles
                 build_s = time.perf_counter() - started
+                rate_1 = rate(lambda: embedder.embed_prepared(batch[:1]), 1, seconds)
                 rate_32 = rate(lambda: embedder.embed_prepared(batch), len(batch), seconds)
         except Exception as exc:  # noqa: BLE001 - a runtime that cannot run here is a finding
             out[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             continue
         out[name] = {
+            "images_per_s_batch1": rate_1,
             "images_per_s_batch32": rate_32,
             "speed_up": rate_32 / default_rate,
             "min_cosine_to_default": float((reference * embeddings).sum(axis=1).min()),

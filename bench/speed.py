@@ -97,7 +97,7 @@ def load_embedder(args: argparse.Namespace) -> tuple[Any, str]:
     from models.embedder import DEFAULT_CHECKPOINT, Embedder
 
     if args.model is not None or DEFAULT_CHECKPOINT.is_file():
-        embedder = Embedder.from_checkpoint(args.model)
+        embedder = Embedder.from_checkpoint(args.model, runtime="auto")  # the serving path
         return embedder, f"checkpoint {embedder.source} ({embedder.model_id})"
 
     import torch

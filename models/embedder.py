@@ -67,18 +67,17 @@ class Embedder:
         network.load_state_dict(state)
         # NHWC: measured 1.14x the images/s of NCHW for the default net on a 2-core CPU (bench/speed.py).
         self.network = network.to(self.device, memory_format=torch.channels_last).eval()
-        # What embed_prepared calls: the network itself or an ONNX Runtime session made from it.
-        self.forward_network = inference_network(
+        # What embed_prepared calls: the network itself or a fused / exported form of it (models/runtime.py).
+        self.forward_network, self.runtime = inference_network(
             self.network, self.preprocess_config.size, self.device, runtime
         )
-        self.runtime = "torch" if self.forward_network is self.network else "onnxruntime"
 
     @classmethod
     def from_checkpoint(
         cls, path: str | os.PathLike | None = None, device: str = "cpu", runtime: str = "torch"
     ) -> Embedder:
         """Load a checkpoint file; ``None`` means the default model shipped in the package.
-        ``device`` is cpu, cuda or auto (see :func:`resolve_device`); ``runtime`` is torch,
+        ``device`` is cpu, cuda or auto (see :func:`resolve_device`); ``runtime`` is torch, onednn,
         onnxruntime or auto (see :func:`models.runtime.inference_network`)."""
         checkpoint_path = Path(path) if path is not None else DEFAULT_CHECKPOINT
         if not checkpoint_path.is_file():

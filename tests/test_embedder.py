@@ -102,27 +102,29 @@ def test_device_choice() -> None:
             resolve_device("cuda")
 
 
-def test_onnxruntime_gives_the_embeddings_of_pytorch() -> None:
-    """The shipped network exported to ONNX Runtime (the CPU default when installed) embeds the
-    example radiographs as PyTorch does."""
-    pytest.importorskip("onnxruntime")
+@pytest.mark.parametrize("runtime", ["onednn", "onnxruntime"])
+def test_cpu_runtimes_give_the_embeddings_of_pytorch(runtime: str) -> None:
+    """The shipped network fused for oneDNN (the CPU default) or exported to ONNX Runtime (an
+    optional extra) embeds the example radiographs as PyTorch eager does."""
+    if runtime == "onnxruntime":
+        pytest.importorskip("onnxruntime")
     examples = sorted((Path(__file__).resolve().parents[1] / "examples" / "radiographs").glob("*.jpeg"))
-    torch_path = Embedder.from_checkpoint(None, runtime="torch")
-    onnx_path = Embedder.from_checkpoint(None, runtime="onnxruntime")
-    assert (torch_path.runtime, onnx_path.runtime) == ("torch", "onnxruntime")
-    a, b = torch_path.embed(examples), onnx_path.embed(examples)
+    eager = Embedder.from_checkpoint(None, runtime="torch")
+    other = Embedder.from_checkpoint(None, runtime=runtime)
+    assert (eager.runtime, other.runtime) == ("torch", runtime)
+    assert Embedder.from_checkpoint(None, runtime="auto").runtime == "onednn"
+    a, b = eager.embed(examples), other.embed(examples)
     assert (a * b).sum(axis=1).min() > 0.99999
 
 
-def test_a_network_onnx_cannot_express_falls_back_or_says_so(
+def test_a_network_the_runtime_cannot_run_falls_back_or_says_so(
     tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The tiny test network pools unevenly, which the ONNX exporter refuses: auto runs it in
-    PyTorch (with a warning), an explicit onnxruntime is an error."""
-    pytest.importorskip("onnxruntime")
+    """The tiny test network pools unevenly, which the fused form cannot run: auto runs it in
+    PyTorch (with a warning), an explicit onednn is an error that says why."""
     assert Embedder.from_checkpoint(tiny_checkpoint, runtime="auto").runtime == "torch"
-    assert "ONNX export failed" in caplog.text
-    with pytest.raises(ValueError, match="cannot run in ONNX Runtime"):
-        Embedder.from_checkpoint(tiny_checkpoint, runtime="onnxruntime")
+    assert "onednn runtime unavailable" in caplog.text
+    with pytest.raises(ValueError, match="cannot run in runtime 'onednn'"):
+        Embedder.from_checkpoint(tiny_checkpoint, runtime="onednn")
     with pytest.raises(ValueError, match="unknown runtime"):
         Embedder.from_checkpoint(tiny_checkpoint, runtime="tensorrt")

@@ -33,6 +33,20 @@ def test_concurrent_requests_share_forward_passes_and_get_their_own_rows(embedde
     assert sum(size * n for size, n in batcher.batch_sizes.items()) == 24
 
 
+def test_a_lone_request_does_not_wait_for_company() -> None:
+    """Alone (the last pass held one request's images) a request goes straight through: with a
+    wait of 60 s configured, it still returns at once."""
+    batcher = MicroBatcher(lambda batch: batch.reshape(len(batch), -1)[:, :2], max_batch=16, wait_ms=60_000)
+    for _ in range(3):
+        done = threading.Event()
+        threading.Thread(
+            target=lambda done=done: (batcher.embed([np.ones((4, 4), np.float32)] * 2), done.set())
+        ).start()
+        assert done.wait(timeout=30), "a lone request waited for the batching window"
+    batcher.close()
+    assert batcher.batch_sizes == {2: 3}
+
+
 def test_a_failed_pass_fails_its_requests_and_the_batcher_goes_on() -> None:
     calls = []
 
