@@ -77,8 +77,8 @@ class Settings(BaseSettings):
     )
     runtime: Literal["auto", "torch", "onednn", "onnxruntime"] = Field(
         default="auto",
-        description="what runs the model on the CPU; auto = oneDNN fusion (the fastest measured without "
-        "a compiler, bench/embed.py), PyTorch where it cannot be made",
+        description="what runs the model on the CPU; auto = ONNX Runtime, else oneDNN fusion, else "
+        "PyTorch (models/runtime.py has the figures)",
     )
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads; None = number of CPU cores (max 8)"

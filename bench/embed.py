@@ -9,8 +9,8 @@ machine (1024 x 1024 ``torch.mm``), and their ratio, ``efficiency``.
 
 Then each runtime variant of the same network, in the same embedding path: NCHW (the default is
 channels_last), ``torch.compile`` (inductor), oneDNN fusion (``torch.jit`` trace, freeze and
-``optimize_for_inference``: conv + batch norm + activation folded), ONNX Runtime (CPU provider;
-needs ``pip install -e '.[bench]'``) and dynamic int8 (``quantize_dynamic`` on the linear layers).
+``optimize_for_inference``: conv + batch norm + activation folded), ONNX Runtime (CPU provider)
+and dynamic int8 (``quantize_dynamic`` on the linear layers).
 Each gets images/s at batch 1 and 32 (the median of rounds timed in turns with the default, as
 this machine's speed drifts), its speed-up and its lowest cosine to the default embeddings over
 the example radiographs and random inputs. With ``--auc`` the variants that keep cosine >= 0.999

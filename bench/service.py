@@ -48,9 +48,9 @@ EXAMPLES = REPO_ROOT / "examples" / "radiographs"
 IMAGES_PER_REQUEST = {"embed": 1, "verify": 2, "search": 1}
 
 
-def reference_ms(model: Path | None, image: bytes, seconds: float) -> dict[str, Any]:
+def reference_ms(model: Path | None, image: bytes, seconds: float, runtime: str) -> dict[str, Any]:
     """Decode + prepare of ``image`` and the model at batch 1 and 32, in ms per image."""
-    embedder = Embedder.from_checkpoint(model, runtime="auto")  # what the server runs
+    embedder = Embedder.from_checkpoint(model, runtime=runtime)  # what the server runs
     config = embedder.preprocess_config
     prepared = prepare(decode_image(image, config=config), config)
     batch = np.stack([prepared] * 32)
@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--image", type=Path, help="the radiograph every request sends (default: an example)")
     parser.add_argument("--model", type=Path, help="checkpoint (default: the shipped model)")
+    parser.add_argument("--runtime", default="auto", help="the server's CXR_REID_RUNTIME (default auto)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -131,12 +132,17 @@ def main(argv: list[str] | None = None) -> int:
 
     examples = sorted(EXAMPLES.glob("*.jpeg"))
     image = (args.image or examples[0]).read_bytes()
-    figures: dict[str, Any] = {"reference": reference_ms(args.model, image, 2.0), "cells": {}}
+    figures: dict[str, Any] = {"reference": reference_ms(args.model, image, 2.0, args.runtime), "cells": {}}
     reference = figures["reference"]
 
     work = Path(tempfile.mkdtemp(prefix="cxr-reid-service-"))
     port = free_port()
-    server = Server(uvicorn_command(port), server_env(work / "data", args.model), port, work / "server.log")
+    server = Server(
+        uvicorn_command(port),
+        server_env(work / "data", args.model, CXR_REID_RUNTIME=args.runtime),
+        port,
+        work / "server.log",
+    )
     try:
         with httpx.Client(base_url=server.url, timeout=120) as http:
             for path in examples:

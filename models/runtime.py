@@ -1,26 +1,33 @@
-"""Where the embedding network's forward pass runs on the CPU: PyTorch eager, oneDNN fusion or ONNX
-Runtime.
+"""Where the embedding network's forward pass runs on the CPU: ONNX Runtime, oneDNN fusion or
+PyTorch eager.
 
-``bench/embed.py`` measures each runtime variant of the network in the serving path (images/s at
-batch 1 and 32, cosine to PyTorch's embeddings, and with ``--auc`` the verification AUC on the real
-sets). The default, ``auto``, follows its figures (BENCHMARKS.md): **oneDNN fusion** on the CPU, i.e.
-the network traced, frozen and passed through ``torch.jit.optimize_for_inference`` (convolution,
-batch norm and activation folded into oneDNN kernels): 1.3-1.6x PyTorch eager at batch 32 on the
-2-core sandbox, embeddings within cosine 0.9999999, AUC unchanged to 1e-7, built in about a second,
-no dependency beyond torch. ``torch.compile`` measured about as fast but needs a C++ compiler where
-the service runs and a minute to compile; ONNX Runtime was slower (an optional extra). On a GPU the
-network runs as it is.
+Two benchmarks decide the default, ``auto``. ``bench/embed.py`` times each form of the network alone
+(images/s at batch 1 and 32, cosine to PyTorch's embeddings, AUC on the real sets with ``--auc``):
+there oneDNN fusion (traced, frozen, ``torch.jit.optimize_for_inference``) led ONNX Runtime, 1.32x
+against 1.10x eager at batch 32. ``bench/service.py --runtime ...`` times them where they serve,
+behind real HTTP with decoding threads and the micro-batcher: there ONNX Runtime led clearly, at
+concurrency 1 p50 23-27 ms against 45 ms (oneDNN) and 38 ms (eager), at concurrency 32 54-55 img/s
+against 38-44 and 35, on the 2-core sandbox. What users meet is the service, so ``auto`` is ONNX
+Runtime, then oneDNN fusion, then PyTorch, whichever can be made first. Every form keeps the
+embeddings within cosine 0.9999999 and the AUC within 1e-7. ``torch.compile`` measured fastest alone
+(1.56x) but needs a C++ compiler where the service runs and a minute to compile; it is not offered.
+On a GPU the network runs as it is.
 
 The PyTorch module stays the source of the weights: the fused or exported form is made from it when
-the model loads, so every checkpoint runs the same way and no second weights file is kept in step.
-A form that cannot be made, or whose output differs from PyTorch's, falls back to PyTorch under
-``auto`` (logged) and is an error when asked for by name.
+the model loads (about a second), so every checkpoint runs the same way and no second weights file
+is kept in step. A form that cannot be made, or whose output differs from PyTorch's, is skipped
+under ``auto`` (logged) and is an error when asked for by name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -32,6 +39,29 @@ RUNTIMES = ("auto", "torch", "onednn", "onnxruntime")
 MIN_COSINE = 0.9999
 
 
+@contextlib.contextmanager
+def _exporter_quiet() -> Iterator[None]:
+    """Silence the exporter while it runs (once, at model load). When an export fails, torch's C++
+    log prints the whole graph, thousands of lines, to stdout (that log is left switched on), which
+    would bury the one-line reason we log and corrupt a command's JSON output; its deprecation
+    warnings are noise too. File descriptors 1 and 2 go to /dev/null for the duration."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
+
+
 class OnnxRuntimeNetwork(torch.nn.Module):
     """An ONNX Runtime session standing in for the network: (N, 1, S, S) float32 in, (N, D) out."""
 
@@ -40,10 +70,7 @@ class OnnxRuntimeNetwork(torch.nn.Module):
         import onnxruntime
 
         graph = io.BytesIO()
-        # The exporter's C++ log writes the whole graph to stdout when an export fails (torch leaves
-        # that log switched on), which would corrupt a command's JSON output: send it to stderr.
-        torch._C._jit_set_onnx_log_output_stream("stderr")
-        with torch.no_grad():
+        with torch.no_grad(), _exporter_quiet():
             torch.onnx.export(
                 network.eval(),
                 (torch.zeros(2, 1, size, size),),
@@ -96,9 +123,13 @@ def _build(runtime: str, network: torch.nn.Module, size: int) -> torch.nn.Module
             import onnx  # noqa: F401 - the exporter needs it
             import onnxruntime  # noqa: F401
         except ImportError as exc:
-            raise ValueError("onnx / onnxruntime are not installed (pip install -e '.[bench]')") from exc
+            raise ValueError("onnx / onnxruntime are not installed") from exc
         return _checked(OnnxRuntimeNetwork(network, size), network, size)
     return _checked(onednn_network(network, size), network, size)
+
+
+#: What ``auto`` tries on the CPU, in order (see the module docstring for the figures).
+AUTO_ORDER = ("onnxruntime", "onednn")
 
 
 def inference_network(
@@ -114,12 +145,13 @@ def inference_network(
         return network, "torch"
     if runtime == "torch":
         return network, "torch"
-    chosen = "onednn" if runtime == "auto" else runtime
-    try:
-        return _build(chosen, network, size), chosen
-    except Exception as exc:  # e.g. an architecture the tracer or exporter cannot express
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        if runtime != "auto":
-            raise ValueError(f"this network cannot run in runtime {runtime!r}: {reason}") from exc
-        log.warning("%s runtime unavailable (%s): embeddings run in PyTorch", chosen, reason)
-        return network, "torch"
+    for chosen in AUTO_ORDER if runtime == "auto" else (runtime,):
+        try:
+            return _build(chosen, network, size), chosen
+        except Exception as exc:  # e.g. not installed, or a network the tracer / exporter cannot express
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            if runtime != "auto":
+                raise ValueError(f"this network cannot run in runtime {runtime!r}: {reason}") from exc
+            log.warning("runtime %s unavailable (%s)", chosen, reason)
+    log.warning("embeddings run in PyTorch eager")
+    return network, "torch"

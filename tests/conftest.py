@@ -10,6 +10,7 @@ model that knows identity train one (tests/test_train_e2e.py).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +21,11 @@ import torch
 
 from tests.serving import Server
 from tests.serving import server_env as server_environment
+
+# The tiny test network cannot be exported or fused (it pools unevenly), so runtime "auto" would try
+# and fall back at every app the tests create: they run it in PyTorch directly. The runtime choice
+# itself is tested in tests/test_embedder.py, and server processes (tests/serving.py) keep "auto".
+os.environ.setdefault("CXR_REID_RUNTIME", "torch")
 
 if TYPE_CHECKING:
     from fastapi.testclient import TestClient

@@ -196,7 +196,7 @@ def test_embed_reports_efficiency_and_variants(tiny_checkpoint: Path) -> None:
     assert figures["efficiency"] == pytest.approx(
         figures["model_gflops_per_image"] * figures["images_per_s_batch32"] / figures["matmul_gflops_per_s"]
     )
-    assert set(figures["variants"]) == {"nchw", "onednn_fusion", "onnxruntime"}
+    assert set(figures["variants"]) == {"default", "nchw", "onednn_fusion", "onnxruntime"}
     nchw = figures["variants"]["nchw"]  # same network, other memory layout: same embeddings
     assert nchw["min_cosine_to_default"] > 0.9999 and nchw["images_per_s_batch32"] > 0
     for name in ("onednn_fusion", "onnxruntime"):  # the tiny net pools unevenly (or onnx is not
