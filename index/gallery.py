@@ -342,21 +342,31 @@ class Gallery:
         """What to build for ``count`` vectors: the factory asked for, or the pick of "auto" by size."""
         return auto_layout(count, self.auto_flat_max) if self.index_factory == AUTO else self.index_factory
 
-    def _build(self) -> VectorIndex:
-        """A fresh FAISS index from the vectors in SQLite (call with the write lock held)."""
-        store = self._store
-        count = store.count()
-        t0 = time.perf_counter()
-        idx = VectorIndex.build(
+    def _new_index(
+        self,
+        count: int,
+        train_sample: Callable[[int], np.ndarray],
+        chunks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+    ) -> VectorIndex:
+        """A FAISS index of this gallery's settings and layout for ``count`` vectors, filled from
+        ``chunks`` (the open-time build and the background rebuild differ only in where those come from)."""
+        return VectorIndex.build(
             self._stored_dim,
             self.index_factory,
             nprobe=self.nprobe,
             ef_search=self.ef_search,
             count=count,
-            train_sample=store.sample_vectors,
-            chunks=store.iter_vectors,
+            train_sample=train_sample,
+            chunks=chunks,
             layout=self._layout(count),
         )
+
+    def _build(self) -> VectorIndex:
+        """A fresh FAISS index from the vectors in SQLite (call with the write lock held)."""
+        store = self._store
+        count = store.count()
+        t0 = time.perf_counter()
+        idx = self._new_index(count, store.sample_vectors, store.iter_vectors)
         log.info(
             "built FAISS index %s over %d vectors in %.2fs",
             idx.effective_factory,
@@ -482,17 +492,15 @@ class Gallery:
                     conn = stack.enter_context(store.read_txn())
                     count = int(conn.execute("SELECT COUNT(*) FROM images").fetchone()[0])
                     self._rebuild_changes = []
-                layout = self._layout(count)
-                log.info("rebuilding the FAISS index as %s over %d vectors in the background", layout, count)
-                idx = VectorIndex.build(
-                    self._stored_dim,
-                    self.index_factory,
-                    nprobe=self.nprobe,
-                    ef_search=self.ef_search,
-                    count=count,
-                    train_sample=lambda n: store.sample_vectors(n, conn=conn),
-                    chunks=lambda: self._until_cancelled(store.iter_vectors(conn=conn)),
-                    layout=layout,
+                log.info(
+                    "rebuilding the FAISS index as %s over %d vectors in the background",
+                    self._layout(count),
+                    count,
+                )
+                idx = self._new_index(
+                    count,
+                    lambda n: store.sample_vectors(n, conn=conn),
+                    lambda: self._until_cancelled(store.iter_vectors(conn=conn)),
                 )
             with self._wlock:
                 changes, self._rebuild_changes = self._rebuild_changes or [], None
