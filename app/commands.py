@@ -346,6 +346,15 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device_arg(parser: argparse.ArgumentParser) -> None:
+    """--device for the bulk jobs (the values of models.embedder.DEVICES; torch is not imported here)."""
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        help="where the model runs (default: CXR_REID_DEVICE, else auto: the GPU when there is one)",
+    )
+
+
 def _common(parser: argparse.ArgumentParser, *, data_dir: bool = True, model: bool = True) -> None:
     if model:
         parser.add_argument(
@@ -425,11 +434,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        help="where the model runs (default: CXR_REID_DEVICE, else auto: the GPU when there is one)",
-    )
+    _device_arg(p)
     _common(p)
     p.set_defaults(func=_cmd_enroll)
 
@@ -440,11 +445,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        help="where the model runs (default: CXR_REID_DEVICE, else auto: the GPU when there is one)",
-    )
+    _device_arg(p)
     _common(p)
     p.set_defaults(func=_cmd_reindex)
 

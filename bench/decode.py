@@ -118,7 +118,8 @@ def speed(embedder: Embedder, seconds: float, only: list[str] | None = None) -> 
     return {"model_ms_per_image_batch32": model_ms, "cases": rows}
 
 
-def _embed(embedder: Embedder, prepared: list[np.ndarray], batch: int = 64) -> np.ndarray:
+def embed_in_batches(embedder: Embedder, prepared: list[np.ndarray], batch: int = 64) -> np.ndarray:
+    """Embeddings of many prepared images, ``batch`` at a time (bounded memory)."""
     return np.concatenate(
         [embedder.embed_prepared(np.stack(prepared[i : i + batch])) for i in range(0, len(prepared), batch)]
     )
@@ -137,7 +138,7 @@ def fidelity(embedder: Embedder, data_dir: Path) -> dict[str, Any]:
             reduced += small.original_shape is not None
             full.append(prepare(decode_image(data), config))
             needed.append(prepare(small, config))
-        a, b = _embed(embedder, full), _embed(embedder, needed)
+        a, b = embed_in_batches(embedder, full), embed_in_batches(embedder, needed)
         labels = [s.patient_id for s in samples]
         aucs = [verification_metrics(*pair_scores(e, labels)[:2])["auc"] for e in (a, b)]
         cosines = (a * b).sum(axis=1)

@@ -77,14 +77,6 @@ def _compiled(network: torch.nn.Module, size: int) -> torch.nn.Module:
     return torch.compile(copy.deepcopy(network))
 
 
-def _onednn(network: torch.nn.Module, size: int) -> torch.nn.Module:
-    return onednn_network(network, size)
-
-
-def _onnxruntime(network: torch.nn.Module, size: int) -> torch.nn.Module:
-    return OnnxRuntimeNetwork(network, size)
-
-
 def _int8_dynamic(network: torch.nn.Module, size: int) -> torch.nn.Module:
     from torch.ao.quantization import quantize_dynamic
 
@@ -95,8 +87,8 @@ def _int8_dynamic(network: torch.nn.Module, size: int) -> torch.nn.Module:
 VARIANTS: dict[str, Callable[[torch.nn.Module, int], torch.nn.Module]] = {
     "nchw": _nchw,
     "torch_compile": _compiled,
-    "onednn_fusion": _onednn,
-    "onnxruntime": _onnxruntime,
+    "onednn_fusion": onednn_network,
+    "onnxruntime": OnnxRuntimeNetwork,
     "int8_dynamic": _int8_dynamic,
 }
 
@@ -115,7 +107,7 @@ def _swapped(embedder: Embedder, network: torch.nn.Module) -> Iterator[None]:
 
 def variants(
     embedder: Embedder, batch: np.ndarray, seconds: float, names: list[str], rounds: int = 3
-) -> dict[str, dict[str, object]]:
+) -> tuple[dict[str, dict[str, object]], dict[str, torch.nn.Module]]:
     """Speed and fidelity of each runtime variant in the embedding path the service uses.
 
     This sandbox's speed drifts by 20-30% over minutes, more than the variants differ, so the
@@ -160,12 +152,19 @@ def variants(
         row["speed_up"] = float(median[name][1] / median["default"][1])
         row["speed_up_batch1"] = float(median[name][0] / median["default"][0])
     out["default"]["rounds"] = rounds
-    return out
+    return out, networks
 
 
-def auc_guard(embedder: Embedder, results: dict[str, dict[str, object]], data_dir: Path) -> dict[str, object]:
+def auc_guard(
+    embedder: Embedder,
+    results: dict[str, dict[str, object]],
+    networks: dict[str, torch.nn.Module],
+    data_dir: Path,
+) -> dict[str, object]:
     """Verification AUC of the default path and of each variant that keeps cosine >= 0.999 and is
-    faster, on every set under ``data_dir``; the change per set is what the 0.001 rule reads."""
+    faster, on every set under ``data_dir``; the change per set is what the 0.001 rule reads.
+    ``networks`` are the variants ``variants`` built and timed (built once: compiling is slow)."""
+    from bench.decode import embed_in_batches
     from models.data import read_manifest
     from models.evaluate import select_split
     from models.metrics import pair_scores, verification_metrics
@@ -179,22 +178,18 @@ def auc_guard(embedder: Embedder, results: dict[str, dict[str, object]], data_di
         and row["speed_up"] > 1.0
     ]
     out: dict[str, object] = {"candidates": candidates, "sets": {}}
-    size = embedder.preprocess_config.size
-    networks = {name: VARIANTS[name](embedder.network, size) for name in candidates}
     for manifest in sorted(data_dir.glob("*/manifest.csv")):
         samples, _ = select_split(read_manifest(manifest), embedder, "auto")
-        prepared = np.stack([embedder.prepare(s.path) for s in samples])
+        prepared = [embedder.prepare(s.path) for s in samples]
         labels = [s.patient_id for s in samples]
 
-        def auc(prepared: np.ndarray = prepared, labels: list[str] = labels) -> float:
-            vectors = np.concatenate(
-                [embedder.embed_prepared(prepared[i : i + 64]) for i in range(0, len(prepared), 64)]
-            )
+        def auc(prepared: list[np.ndarray] = prepared, labels: list[str] = labels) -> float:
+            vectors = embed_in_batches(embedder, prepared)
             return float(verification_metrics(*pair_scores(vectors, labels)[:2])["auc"])
 
         row: dict[str, float] = {"images": len(samples), "default": auc()}
-        for name, network in networks.items():
-            with _swapped(embedder, network):
+        for name in candidates:
+            with _swapped(embedder, networks[name]):
                 row[name] = auc()
             row[f"{name}_change"] = row[name] - row["default"]
         out["sets"][manifest.parent.name] = row
@@ -233,9 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     figures["achieved_gflops_per_s"] = figures["model_gflops_per_image"] * figures["images_per_s_batch32"]
     figures["efficiency"] = figures["achieved_gflops_per_s"] / figures["matmul_gflops_per_s"]
 
-    figures["variants"] = variants(embedder, batch, args.seconds, args.variants, args.rounds)
+    figures["variants"], networks = variants(embedder, batch, args.seconds, args.variants, args.rounds)
     if args.auc:
-        figures["auc"] = auc_guard(embedder, figures["variants"], args.data_dir)
+        figures["auc"] = auc_guard(embedder, figures["variants"], networks, args.data_dir)
 
     if args.json:
         sys.stdout.write(json.dumps(figures, indent=2) + "\n")

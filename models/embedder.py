@@ -14,7 +14,7 @@ import torch
 from models.backbones import BackboneConfig, build_backbone
 from models.calibration import Calibration
 from models.checkpoint import load_checkpoint
-from models.preprocess import TTA_VIEWS, PreprocessConfig, Radiograph, decode_image, prepare, to_tensor
+from models.preprocess import TTA_VIEWS, PreprocessConfig, Radiograph, load_for_model, prepare, to_tensor
 from models.runtime import inference_network
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,7 @@ class Embedder:
             return prepare(image, self.preprocess_config)
         if isinstance(image, np.ndarray):
             return prepare(image, self.preprocess_config)
-        return prepare(
-            decode_image(image, config=self.preprocess_config, **decode_kwargs), self.preprocess_config
-        )
+        return load_for_model(image, self.preprocess_config, **decode_kwargs)
 
     @torch.inference_mode()
     def embed_prepared(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -379,11 +379,11 @@ def train_epoch(run: Run, epoch: int, *, progress: bool = True) -> dict[str, flo
         loss = training_step(
             run.ddp_model, run.optimizer, run.supcon, clean, labels, config, run.generator, use_amp=use_amp
         )
-        views = 2 * len(batch_indices)
-        epoch_loss += loss.item() * views
+        views, step_loss = 2 * len(batch_indices), loss.item()  # one device sync per step
+        epoch_loss += step_loss * views
         seen += views
         rate = seen / max(1e-6, time.monotonic() - epoch_start)
-        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
+        bar.set_postfix(loss=f"{step_loss:.3f}", img_s=f"{rate:.0f}")
     bar.close()
     return {
         "loss": epoch_loss / max(1, seen),
