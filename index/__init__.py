@@ -1,6 +1,6 @@
 """The gallery: FAISS index + SQLite metadata and vectors (numpy only, no torch)."""
 
-from .faiss_index import faiss_build
+from .faiss_index import PairLimitError, faiss_build, pairs_above
 from .gallery import Gallery, cluster_pairs
 from .records import (
     DuplicatePair,
@@ -18,6 +18,8 @@ from .records import (
 
 __all__ = [
     "DuplicatePair",
+    "PairLimitError",
+    "pairs_above",
     "Gallery",
     "GalleryError",
     "GalleryFullError",

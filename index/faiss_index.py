@@ -80,6 +80,43 @@ _MIN_POINTS_PER_CENTROID = 39  # faiss k-means warns below this
 _MAX_POINTS_PER_CENTROID = 256  # and subsamples above it
 
 
+class PairLimitError(ValueError):
+    """More pairs reach the thresholds than the caller let :func:`pairs_above` hold in memory."""
+
+
+def pairs_above(
+    vectors: np.ndarray, limits: np.ndarray, *, chunk: int = 2048, max_pairs: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair of rows (a < b) whose inner product reaches the limit of either row: exact, by
+    FAISS range search over a flat index, ``chunk`` query rows at a time (O(n^2 d) work, memory
+    bounded by the pairs found). Returns (a, b, score) arrays. More than ``max_pairs`` candidate
+    pairs raise :class:`PairLimitError` (raise the limits).
+    """
+    X = np.ascontiguousarray(vectors, dtype=np.float32)
+    n = X.shape[0]
+    limits = np.asarray(limits, dtype=np.float32).reshape(n)
+    empty = np.zeros(0, dtype=np.int64)
+    if n < 2:
+        return empty, empty, np.zeros(0, dtype=np.float32)
+    flat = faiss.IndexFlatIP(X.shape[1])
+    flat.add(X)
+    keys, scores = [], []
+    found = 0
+    for s in range(0, n, chunk):
+        radius = float(np.nextafter(limits[s : s + chunk].min(), np.float32(-np.inf)))
+        lims, dist, lab = flat.range_search(X[s : s + chunk], radius)
+        q = np.repeat(np.arange(s, s + len(lims) - 1), np.diff(lims).astype(np.int64))
+        m = (lab != q) & (dist >= limits[q])  # range_search keeps score > radius
+        keys.append(np.minimum(q, lab)[m].astype(np.int64) * n + np.maximum(q, lab)[m])
+        scores.append(dist[m])
+        found += int(m.sum())
+        if max_pairs is not None and found > 2 * max_pairs:  # each pair is found from both sides
+            raise PairLimitError(f"more than {max_pairs:,} pairs reach the threshold")
+    key, sc = np.concatenate(keys), np.concatenate(scores)
+    key, first = np.unique(key, return_index=True)  # a pair found from both of its images once
+    return key // n, key % n, sc[first]
+
+
 def _numpy_search(
     index: faiss.Index, q: np.ndarray, k: int, params: object | None
 ) -> tuple[np.ndarray, np.ndarray]:

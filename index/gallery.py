@@ -62,7 +62,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from ._fs import PRIVATE_FILE, make_private_dir
@@ -70,11 +69,13 @@ from .faiss_index import (
     AUTO,
     AUTO_FLAT_MAX,
     AllowedIds,
+    PairLimitError,
     VectorIndex,
     _make_base,
     auto_layout,
     layout_rank,
     min_training_points,
+    pairs_above,
     validate_factory,
 )
 from .records import (
@@ -931,26 +932,10 @@ class Gallery:
             limits = np.full(n, threshold, dtype=np.float32)
         else:
             raise GalleryValidationError("give a threshold or row_thresholds")
-        flat = faiss.IndexFlatIP(X.shape[1])
-        flat.add(X)
-        keys, scores = [], []
-        found = 0
-        for s in range(0, n, chunk):
-            radius = float(np.nextafter(limits[s : s + chunk].min(), np.float32(-np.inf)))
-            lims, dist, lab = flat.range_search(X[s : s + chunk], radius)
-            q = np.repeat(np.arange(s, s + len(lims) - 1), np.diff(lims).astype(np.int64))
-            m = (lab != q) & (dist >= limits[q])  # range_search keeps score > radius
-            keys.append(np.minimum(q, lab)[m].astype(np.int64) * n + np.maximum(q, lab)[m])
-            scores.append(dist[m])
-            found += int(m.sum())
-            if max_pairs is not None and found > 2 * max_pairs:  # each pair is found from both sides
-                raise GalleryValidationError(
-                    f"more than {max_pairs:,} pairs reach the threshold: raise it (e.g. a lower `far`)"
-                )
-        key, sc = np.concatenate(keys), np.concatenate(scores)
-        key, first = np.unique(key, return_index=True)  # a pair found from both of its images once
-        sc = sc[first]
-        ia, ib = key // n, key % n
+        try:
+            ia, ib, sc = pairs_above(X, limits, chunk=chunk, max_pairs=max_pairs)
+        except PairLimitError as exc:
+            raise GalleryValidationError(f"{exc}: raise it (e.g. a lower `far`)") from None
         if not ia.size:
             return []
         order = np.lexsort((ids[ib], ids[ia], -sc))
