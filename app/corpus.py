@@ -257,6 +257,7 @@ def embed_corpus(
     config = embedder.preprocess_config
     folder = _cache_folder(Path(cache_dir), embedder.model_id) if cache_dir is not None else None
     cache = _read_cache(folder) if folder is not None and folder.is_dir() else {}
+    on_disk = set(cache)
     n = len(images)
     vectors = np.zeros((n, embedder.dim), dtype=np.float32)
     signatures = np.zeros((n, SIGNATURE_SIDE**2), dtype=np.uint8)
@@ -293,7 +294,7 @@ def embed_corpus(
                     errors_out[i] = row.error
                 elif row.sha in cache:
                     vectors[i], signatures[i], pixel_hashes[i], tags[i] = cache[row.sha]
-                    cached += 1
+                    cached += row.sha in on_disk
                 else:
                     todo.append((i, row))
             for part in _chunks(len(todo), batch_size):
