@@ -1,10 +1,8 @@
-"""The gallery commands: enroll (manifest, folder, resume, --copy), reindex after a model change, audit."""
+"""The gallery commands: enroll (manifest, folder, resume, --copy), reindex after a model change."""
 
 from __future__ import annotations
 
 import csv
-import io
-import json
 import shutil
 from pathlib import Path
 
@@ -179,48 +177,3 @@ def test_commands_refuse_a_gallery_open_elsewhere(
 def test_serve_refuses_bad_options_before_starting(tiny_checkpoint: Path, tmp_path: Path) -> None:
     assert cli("serve", "--workers", 2, "--data-dir", tmp_path, "--model", tiny_checkpoint) == 2
     assert cli("serve", "--data-dir", tmp_path, "--model", tmp_path / "missing.pt") == 2
-
-
-# ------------------------------------------------------------------------------------------ audit
-def test_audit_clean_and_leaky(
-    tiny_checkpoint: Path, phantom_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    strict = ("--threshold", "0.9999", "--model", tiny_checkpoint, "--no-progress")
-    assert cli("audit", phantom_set, *strict) == 0
-    assert "CLEAN" in capsys.readouterr().out
-
-    rows = list(csv.DictReader(phantom_set.open()))
-    train = next(r for r in rows if r["split"] == "train")
-    test = next(r for r in rows if r["split"] != "train")
-    leaky = [dict(r, path=str(phantom_set.parent / r["path"])) for r in rows]
-    leaky.append(
-        dict(train, path=str(phantom_set.parent / train["path"]), patient_id="renamed", split=test["split"])
-    )
-    leaky.append(dict(test, path=str(phantom_set.parent / test["path"]), split="train"))
-    manifest = tmp_path / "leaky.csv"
-    with manifest.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(leaky)
-
-    assert cli("audit", manifest, *strict, "--json") == 1
-    report = json.loads(capsys.readouterr().out)
-    assert report["clean"] is False and report["images"] == len(rows) + 2
-    assert [leak["patient_id"] for leak in report["label_leaks"]] == [test["patient_id"]]
-    cross = {(p["a"]["patient_id"], p["b"]["patient_id"]) for p in report["cross_split_pairs"]}
-    assert cross == {(train["patient_id"], "renamed"), (test["patient_id"], test["patient_id"])}
-    assert [(p["a"]["patient_id"], p["b"]["patient_id"]) for p in report["duplicate_identities"]] == [
-        (train["patient_id"], "renamed")
-    ]
-    assert report["cross_split_pairs"][0]["score"] == pytest.approx(1.0, abs=1e-6)
-    assert not Path(report["cross_split_pairs"][0]["a"]["path"]).is_absolute()
-
-    assert cli("audit", manifest, *strict) == 1
-    summary = capsys.readouterr().out
-    assert "LEAKS FOUND" in summary and "label leakage" in summary and "renamed" in summary
-
-
-def test_audit_output_is_one_json_object(tiny_checkpoint: Path, phantom_set: Path, capsys) -> None:  # noqa: ANN001
-    assert cli("audit", phantom_set, "--model", tiny_checkpoint, "--json", "--far", "1e-2") in (0, 1)
-    report = json.load(io.StringIO(capsys.readouterr().out))
-    assert report["far"] == pytest.approx(1e-2) and report["images"] == 18
