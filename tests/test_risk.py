@@ -1,0 +1,387 @@
+"""``cxr-reid risk``: the linkability arithmetic on synthetic vectors, the command on phantoms with
+planted links, its refusals (exit 2) and the HTML report as Chromium shows it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.cli import main
+from app.risk import (
+    Links,
+    RiskError,
+    best_matches,
+    choose_defences,
+    expected_links,
+    gaussian_blur,
+    global_ssim,
+    linkability,
+    parse_fars,
+    psnr,
+    read_gallery,
+)
+from app.services import Scorer
+from models.calibration import Calibration
+from models.preprocess import Radiograph
+from models.scorenorm import ScoreNorm
+from tests.browser import needs_chromium, render
+
+# --------------------------------------------------------------------------------------------------
+# pure functions
+
+
+def _links(best: list[int], score: list[float]) -> Links:
+    return Links(np.asarray(best), np.asarray(score, dtype=np.float64), np.asarray(score, dtype=np.float64))
+
+
+def test_linkability_counts_patients_links_and_wrong_links() -> None:
+    # released: a twice (one image linked), b (links to x: wrong), c (below threshold), d (no reference,
+    # links to a: wrong), an unusable image of e (best -1)
+    release = ["a", "a", "b", "c", "d", "e"]
+    reference = ["a", "b", "c", "x"]
+    links = _links([0, 1, 3, 2, 0, -1], [0.95, 0.4, 0.9, 0.3, 0.8, math.nan])
+    out = linkability(release, reference, links, {"1e-3": 0.5, "1e-4": 0.85}, bootstrap=200)
+    at3, at4 = out["1e-3"], out["1e-4"]
+    assert at3["patients"] == 3  # a, b, c have reference images; d does not; e is unusable
+    assert at3["linked"] == 1 and at3["share"] == pytest.approx(1 / 3)
+    assert at3["wrong_link_images"] == 2 and at3["wrong_link_patients"] == 2  # b -> x, d -> a
+    assert at3["flagged_images"] == 3
+    assert at4["linked"] == 1 and at4["wrong_link_images"] == 1 and at4["flagged_images"] == 2
+    lo, hi = at3["share_ci"]
+    assert 0.0 <= lo <= at3["share"] <= hi <= 1.0
+    assert at3["linked_ci"] == pytest.approx([lo * 3, hi * 3])
+
+
+def test_bootstrap_interval_contains_the_share_and_narrows_with_more_patients() -> None:
+    rng = np.random.default_rng(0)
+
+    def width(n: int) -> float:
+        patients = [f"p{i}" for i in range(n)]
+        linked = rng.random(n) < 0.4
+        links = _links(list(range(n)), [0.9 if hit else 0.1 for hit in linked])
+        m = linkability(patients, patients, links, {"1e-3": 0.5}, bootstrap=300, seed=1)["1e-3"]
+        assert m["share_ci"][0] <= m["share"] <= m["share_ci"][1]
+        return m["share_ci"][1] - m["share_ci"][0]
+
+    assert width(400) < width(25) / 2
+
+
+def test_no_ground_truth_estimate_sums_calibrated_probabilities() -> None:
+    rng = np.random.default_rng(0)
+    calibration = Calibration.fit(rng.normal(0.8, 0.05, 500), rng.normal(0.2, 0.1, 5000))
+    score = [0.95, 0.85, 0.3, math.nan]
+    links = _links([0, 1, 2, -1], score)
+    t = calibration.threshold_for("1e-3")
+    out = expected_links(links, calibration, {"1e-3": t})
+    p = calibration.probability(np.asarray(score[:3]))
+    assert out["1e-3"]["flagged_images"] == 2
+    assert out["1e-3"]["expected_true_links"] == pytest.approx(float(p[0] + p[1]))
+    assert out["any"]["expected_true_links"] == pytest.approx(float(p.sum()))
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_best_matches_raw_cosine_skips_unusable_rows() -> None:
+    rng = np.random.default_rng(0)
+    reference = _unit(rng.normal(size=(30, 16)))
+    release = _unit(reference[[3, 7, 11]] + 0.05 * rng.normal(size=(3, 16)))
+    release_ok = np.asarray([True, False, True])
+    ref_ok = np.ones(30, dtype=bool)
+    ref_ok[11] = False  # its copy's best match must be another image
+    calibration = Calibration(thresholds={"1e-3": 0.5})
+    links = best_matches(release, release_ok, reference, ref_ok, calibration=calibration)
+    assert links.best[0] == 3 and links.best[1] == -1 and links.best[2] != 11
+    assert links.score[0] == pytest.approx(float(release[0] @ reference[3]), abs=1e-6)
+    assert math.isnan(links.score[1])
+
+
+def test_best_matches_with_as_norm_scores_as_the_service_does() -> None:
+    rng = np.random.default_rng(1)
+    cohort = _unit(rng.normal(size=(60, 16)))
+    norm = ScoreNorm(cohort, top_k=5)
+    calibration = Calibration(thresholds={"1e-3": 2.0}, score_norm=norm.to_dict())
+    reference = _unit(rng.normal(size=(25, 16)))
+    release = _unit(reference[[0, 5]] + 0.3 * rng.normal(size=(2, 16)))
+    keys = [""] * 25
+    links = best_matches(
+        release, np.ones(2, bool), reference, np.ones(25, bool), calibration=calibration, reference_keys=keys
+    )
+    scorer = Scorer(calibration)
+    for i in range(2):
+        raw, decided = scorer.scores(release[i], "", reference, keys)
+        top = np.argsort(-raw)[:20]  # the candidates best_matches re-scores
+        j = top[np.argmax(decided[top])]
+        assert links.best[i] == j
+        assert links.score[i] == pytest.approx(decided[j], rel=1e-5)
+        assert links.cosine[i] == pytest.approx(raw[j], abs=1e-6)
+
+
+def test_defences_and_fidelity_figures() -> None:
+    rng = np.random.default_rng(0)
+    pixels = rng.random((60, 80)).astype(np.float32)
+    blurred = gaussian_blur(pixels, 2.0)
+    assert blurred.shape == pixels.shape and blurred.std() < pixels.std() / 2
+    assert blurred.mean() == pytest.approx(pixels.mean(), rel=1e-3)
+    assert psnr(pixels, pixels) == math.inf and global_ssim(pixels, pixels) == pytest.approx(1.0)
+    assert psnr(pixels, blurred) < 30 and global_ssim(pixels, blurred) < 1.0
+    image = Radiograph(pixels=pixels, source_format="png")
+    defences = {d.name: d for d in choose_defences("all", 64)}
+    cropped, shown = defences["crop-55"].apply(image, seed=0)
+    assert cropped.pixels.shape == (33, 44) and shown.pixels.shape == pixels.shape
+    small, _ = defences["lowres-quarter"].apply(image, seed=0)
+    assert max(small.pixels.shape) == 16 and small.shape == (60, 80)  # stored geometry kept
+    a, _ = defences["noise-5"].apply(image, seed=3)
+    b, _ = defences["noise-5"].apply(image, seed=3)
+    assert np.array_equal(a.pixels, b.pixels) and not np.array_equal(a.pixels, pixels)
+
+
+def test_choosing_defences_and_fars() -> None:
+    assert [d.name for d in choose_defences("blur,crop-75", 128)] == ["blur-1", "blur-2", "crop-75"]
+    assert [d.family for d in choose_defences("resolution", 128)] == ["lowres", "lowres"]
+    assert choose_defences("none", 128) == []
+    with pytest.raises(RiskError, match="unknown defence 'sharpen'"):
+        choose_defences("sharpen", 128)
+    rng = np.random.default_rng(0)
+    calibration = Calibration.fit(rng.normal(0.8, 0.05, 500), rng.normal(0.2, 0.1, 5000))
+    fars = parse_fars("1e-4, 1e-2,1e-3", calibration)
+    assert list(fars) == ["1e-2", "1e-3", "1e-4"] and fars["1e-3"] == calibration.thresholds["1e-3"]
+    with pytest.raises(RiskError, match="--far 0.9"):
+        parse_fars("0.9", calibration)
+
+
+# --------------------------------------------------------------------------------------------------
+# the command on phantoms
+
+
+@pytest.fixture(scope="module")
+def risk_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny test net (same seeded weights as ``tiny_checkpoint``) with a calibration fitted to what
+    it really scores on phantoms: different phantoms score 0.56-0.89 with random weights, so its
+    thresholds at FAR 1e-3 / 1e-4 (about 0.92 / 0.95) pass copies of an image (1.0) and no other pair."""
+    from conftest import save_random_checkpoint
+
+    return save_random_checkpoint(
+        tmp_path_factory.mktemp("risk-model") / "tiny-risk.pt",
+        name="tiny-risk",
+        seed=0,
+        embedding_dim=128,
+        genuine=(0.9, 0.05, 500),
+        impostor=(0.76, 0.05, 20_000),
+        training_summary={"note": "random weights for tests"},
+        metrics={},
+    )
+
+
+def _write_manifest(path: Path, rows: list[tuple[str, str]]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "patient_id"])
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def planted(phantom_set: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(release, reference) manifests with known links. Reference: study 0 of the 6 phantom patients.
+    Release: patients 0-2 as re-saved copies of their reference image (planted links), patients 3-5
+    as study 1 (in the reference only through another study), and a "stranger" who is not in the
+    reference but whose image is a copy of patient 3's reference image (a planted wrong link)."""
+    root = tmp_path_factory.mktemp("risk-sets")
+    with phantom_set.open() as handle:
+        rows = list(csv.DictReader(handle))
+    study = {(r["patient_id"], Path(r["path"]).stem): phantom_set.parent / r["path"] for r in rows}
+    patients = sorted({r["patient_id"] for r in rows})
+    reference = _write_manifest(root / "reference.csv", [(str(study[p, "0"]), p) for p in patients])
+    (root / "release").mkdir()
+    released = []
+    for p in patients[:3]:
+        copy = root / "release" / f"{p}-copy.png"
+        Image.open(study[p, "0"]).save(copy, compress_level=1)  # other bytes, same picture
+        released.append((str(copy), p))
+    released += [(str(study[p, "1"]), p) for p in patients[3:]]
+    stranger = root / "release" / "stranger.png"
+    Image.open(study[patients[3], "0"]).save(stranger, compress_level=9)
+    released.append((str(stranger), "stranger"))
+    return _write_manifest(root / "release.csv", released), reference
+
+
+@pytest.fixture(scope="module")
+def risk_run(
+    planted: tuple[Path, Path], risk_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    release, reference = planted
+    out = tmp_path_factory.mktemp("risk-out")
+    code = main(
+        [
+            "risk",
+            str(release),
+            "--reference",
+            str(reference),
+            "--out",
+            str(out),
+            "--model",
+            str(risk_checkpoint),
+            "--far",
+            "1e-3,1e-4",
+            "--bootstrap",
+            "200",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    return out
+
+
+def test_risk_finds_the_planted_links_within_its_interval(risk_run: Path) -> None:
+    report = json.loads((risk_run / "risk.json").read_text())
+    assert report["ground_truth"] is True
+    for far in ("1e-3", "1e-4"):
+        m = report["linkability"]["measured"][far]
+        assert m["patients"] == 6 and m["linked"] == 3, m  # the three copies, not the other studies
+        lo, hi = m["linked_ci"]
+        assert lo <= 3 <= hi
+        assert m["wrong_link_images"] == 1 and m["wrong_link_patients"] == 1  # the stranger
+    assert report["headline"].startswith("3 of 6 patients (50.0%) linkable at FAR 1e-3 [95% CI")
+    rows = {Path(r["path"]).name: r for r in report["images"]}
+    assert rows["stranger.png"]["link"] == "wrong" and rows["stranger.png"]["linkable"]["1e-3"]
+    assert rows["stranger.png"]["best_reference_patient_id"] != "stranger"
+    copies = [r for name, r in rows.items() if name.endswith("-copy.png")]
+    assert len(copies) == 3 and all(r["link"] == "correct" and r["score"] > 0.999 for r in copies)
+    # every defence was measured, with a fidelity cost, on the same images
+    names = [d["name"] for d in report["defences"]]
+    assert names[0] == "none" and {"blur-1", "noise-15", "lowres-quarter", "crop-75"} <= set(names)
+    for row in report["defences"][1:]:
+        assert row["usable"] == 7 and row["ssim"] < 1.0 and row["measured"]["1e-3"]["patients"] == 6
+    curve = report["curve"]
+    assert [p["far"] for p in curve] == sorted(p["far"] for p in curve) and len(curve) >= 5
+
+
+@needs_chromium
+def test_risk_report_renders_with_counts_rows_and_thumbnails(risk_run: Path) -> None:
+    dom = render(risk_run / "report.html")
+    assert "3 of 6 patients (50.0%) linkable at FAR 1e-3" in dom
+    assert len(re.findall(r'<tr data-defence="', dom)) == 9  # none + 8 defences
+    assert len(re.findall(r'<tr class="pair" data-link="', dom)) == 7
+    assert 'data-link="wrong"' in dom and "wrong link" in dom
+    images = int(re.search(r'data-images="(\d+)"', dom).group(1))
+    loaded = int(re.search(r'data-images-loaded="(\d+)"', dom).group(1))
+    assert images == loaded == 14
+
+
+def test_risk_without_ground_truth_prints_an_estimate(
+    planted: tuple[Path, Path], risk_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    release, reference = planted
+    code = main(
+        [
+            "risk",
+            str(release.parent / "release"),  # a folder of PNGs: nobody's patient id is known
+            "--reference",
+            str(reference),
+            "--out",
+            str(tmp_path / "out"),
+            "--model",
+            str(risk_checkpoint),
+            "--far",
+            "1e-3",
+            "--defences",
+            "none",
+            "--json",
+        ]
+    )
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["ground_truth"] is False and "images" not in summary
+    estimate = summary["linkability"]["estimate"]["1e-3"]
+    assert estimate["flagged_images"] == 4 and estimate["expected_true_links"] > 3  # 3 copies + stranger
+    assert "estimate" in summary["headline"] and "no ground truth" in summary["headline"]
+    assert [d["name"] for d in summary["defences"]] == ["none"]
+    assert "no ground truth" in (tmp_path / "out" / "report.html").read_text().lower()
+
+
+def test_risk_reads_a_gallery_and_refuses_another_models(
+    planted: tuple[Path, Path], risk_checkpoint: Path, tmp_path: Path
+) -> None:
+    from index import Gallery, NewImage
+    from models.embedder import Embedder
+
+    embedder = Embedder.from_checkpoint(risk_checkpoint)
+    _, reference = planted
+    with reference.open() as handle:
+        rows = list(csv.DictReader(handle))
+    vectors = embedder.embed([r["path"] for r in rows])
+    with Gallery(tmp_path / "g", dim=embedder.dim, model_id=embedder.model_id) as gallery:
+        gallery.add(vectors, [NewImage(patient_id=r["patient_id"], source_path=r["path"]) for r in rows])
+    found = read_gallery(tmp_path / "g", embedder)
+    assert found.kind == "gallery" and found.patient_ids == [r["patient_id"] for r in rows]
+    assert np.allclose(found.vectors, vectors) and all(i.path.is_file() for i in found.images)
+    with Gallery(tmp_path / "other", dim=embedder.dim, model_id="another-model") as gallery:
+        gallery.add(vectors[:2], [NewImage(patient_id="p", source_path=rows[0]["path"])] * 2)
+    with pytest.raises(RiskError, match="holds vectors of model 'another-model'"):
+        read_gallery(tmp_path / "other", embedder)
+
+
+@pytest.mark.parametrize(
+    "case", ["missing-reference", "empty-folder", "bad-manifest", "bad-far", "other-model"]
+)
+def test_risk_exit_2_with_a_message(
+    case: str,
+    planted: tuple[Path, Path],
+    risk_checkpoint: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    release, reference = planted
+    args = {"release": str(release), "reference": str(reference), "far": "1e-3"}
+    expected = {
+        "missing-reference": "nowhere.csv not found",
+        "empty-folder": "no DICOM, PNG, JPEG or TIFF files",
+        "bad-manifest": "missing column(s) patient_id",
+        "bad-far": "--far 0.7",
+        "other-model": "holds vectors of model 'another-model'",
+    }[case]
+    if case == "missing-reference":
+        args["reference"] = str(tmp_path / "nowhere.csv")
+    elif case == "empty-folder":
+        (tmp_path / "empty").mkdir()
+        args["release"] = str(tmp_path / "empty")
+    elif case == "bad-manifest":
+        (tmp_path / "bad.csv").write_text("path,patient\nx.png,p\n")
+        args["reference"] = str(tmp_path / "bad.csv")
+    elif case == "bad-far":
+        args["far"] = "0.7"
+    else:
+        from index import Gallery, NewImage
+
+        with Gallery(tmp_path / "g", dim=128, model_id="another-model") as gallery:
+            gallery.add(np.eye(128, dtype=np.float32)[:1], [NewImage(patient_id="p", source_path="x.png")])
+        args["reference"] = str(tmp_path / "g")
+    code = main(
+        [
+            "risk",
+            args["release"],
+            "--reference",
+            args["reference"],
+            "--out",
+            str(tmp_path / "out"),
+            "--model",
+            str(risk_checkpoint),
+            "--far",
+            args["far"],
+            "--defences",
+            "none",
+            "--no-progress",
+        ]
+    )
+    assert code == 2
+    assert expected in caplog.text
+    assert "Traceback" not in caplog.text
