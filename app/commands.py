@@ -308,38 +308,6 @@ def _cmd_risk(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_risk(args: argparse.Namespace) -> int:
-    """Re-identification risk of a release against identified reference images (app/risk.py)."""
-    from models.embedder import Embedder
-
-    from .main import configure_torch_threads
-    from .risk import RiskError, RiskInputs, run, summary_of
-
-    settings = _settings(args)
-    configure_torch_threads(settings.torch_threads)
-    embedder = Embedder.from_checkpoint(settings.model_path, device=settings.device, runtime=settings.runtime)
-    inputs = RiskInputs(
-        release=args.release,
-        reference=args.reference,
-        out=args.out,
-        fars=args.far,
-        defences=args.defences,
-        bootstrap=args.bootstrap,
-        batch_size=args.batch_size,
-        max_pixels=settings.max_pixels,
-        progress=not (args.no_progress or args.json),
-    )
-    try:
-        report = run(inputs, embedder)
-    except RiskError as exc:
-        log.error("%s", exc)
-        return 2
-    log.info("%s; report: %s/report.html", report["headline"], args.out)
-    if args.json:
-        sys.stdout.write(json.dumps(summary_of(report), indent=2) + "\n")
-    return 0
-
-
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from models.calibration import Calibration
 
@@ -590,39 +558,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _device_arg(p)
     _common(p, data_dir=False)
     p.set_defaults(func=_cmd_audit)
-
-    p = subparsers.add_parser(
-        "risk",
-        help="re-identification risk of an image release: how many images link back to identified ones",
-        description="RELEASE and --reference are manifests (CSV path,patient_id, paths relative to it) or "
-        "folders of images; the reference may also be a gallery's data dir (read only). Each released "
-        "image's best reference match is a link when it reaches the model's threshold at a FAR; with "
-        "patient ids on both sides the report measures the share of patients linked (patient bootstrap "
-        "95%% CIs) and the wrong links, without them it estimates the expected true links. Candidate "
-        "defences (blur, noise, lower resolution, lung-field crop) are measured on the same images with "
-        "their fidelity cost. Writes OUT/report.html and OUT/risk.json. Exit 0 done, 2 could not run.",
-    )
-    p.add_argument("release", metavar="RELEASE", help="the images to be released: manifest CSV or folder")
-    p.add_argument(
-        "--reference",
-        required=True,
-        help="identified images an attacker may hold: manifest CSV, folder, or a gallery data dir",
-    )
-    p.add_argument("--out", required=True, help="folder for report.html, risk.json and the embedding cache")
-    p.add_argument("--far", default="1e-2,1e-3,1e-4", help="comma-separated FARs (default 1e-2,1e-3,1e-4)")
-    p.add_argument(
-        "--defences",
-        default="all",
-        help="all (default), none, or comma-separated families (blur, noise, lowres, crop) or names "
-        "(blur-1, noise-15, lowres-half, crop-75, ...)",
-    )
-    p.add_argument("--bootstrap", type=int, default=500, help="patient bootstrap resamples (default 500)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--json", action="store_true", help="print the summary of risk.json (no per-image rows)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _device_arg(p)
-    _common(p, data_dir=False)
-    p.set_defaults(func=_cmd_risk)
 
     p = subparsers.add_parser(
         "risk",
