@@ -54,10 +54,13 @@ OUTLIER_Z = 5.0
 #: different-patient pair scores looks like a stranger to them (a site-adaptive bar: at an unseen site
 #: every score shifts; bench/audit.py measures precision and recall of planted relabels).
 MISLABEL_QUANTILE = 0.5
+#: Share of two ids' image pairs that must match for the ids to count as one patient.
+MIN_SUPPORT = 0.3
 #: Random different-patient pairs scored for that bar (and the report's histogram).
 IMPOSTOR_SAMPLE = 20_000
-#: Correlation with the set's median layout below which an image is unlike its radiographs (and
-#: two robust spreads below the median, so a set of unusual images is not all flagged): 85% of covid-collection's laterals, about 2% of its frontals.
+#: Correlation with the set's median layout below which an image is unlike its radiographs (and two
+#: robust spreads below the median, so a set of unusual images is not all flagged): 85% of
+#: covid-collection's laterals, about 2% of its frontals.
 UNLIKE_BELOW = 0.35
 #: Pairs a range search may hold before the audit asks for a stricter threshold.
 MAX_PAIRS = 5_000_000
@@ -351,16 +354,24 @@ def find_issues(
         px, py = images[x].patient_id, images[y].patient_id
         if px is None or py is None or px == py or x in mislabelled or y in mislabelled:
             continue
-        link.union(px, py)
         evidence[tuple(sorted((px, py)))].append((int(x), int(y), float(s)))
     splits_of: dict[str, set[str]] = defaultdict(set)
     count_of: Counter[str] = Counter()
-    for image in images:
+    for i, image in enumerate(images):
         if image.patient_id is not None:
             link.find(image.patient_id)
-            count_of[image.patient_id] += 1
+            count_of[image.patient_id] += bool(ok[i])
             if image.split:
                 splits_of[image.patient_id].add(image.split)
+    for (px, py), pairs in list(evidence.items()):
+        # Two ids are one patient when most of their image pairs say so (or one picture is in both):
+        # at FAR 1e-3 a set of N images has ~N/1000 false matches per image, which would otherwise
+        # chain unrelated patients into one cluster.
+        copied = any(same_picture.get(x, -1) == same_picture.get(y, -2) for x, y, _ in pairs)
+        if copied or len(pairs) >= MIN_SUPPORT * count_of[px] * count_of[py]:
+            link.union(px, py)
+        else:
+            del evidence[(px, py)]
     probability = calibration.probability
     for ids in link.groups():
         ids = sorted(ids)
