@@ -336,3 +336,22 @@ def test_enroll_bench_times_decode_embed_and_the_whole_path() -> None:
     assert figures["enrolled"] == 6 and figures["failed"] == 0 and figures["device"] == "cpu"
     for key in ("decode_images_per_s", "embed_images_per_s", "enrol_images_per_s"):
         assert figures[key] > 0
+
+
+def test_audit_bench_plants_errors_and_scores_them(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    from models.phantom import write_phantom_set
+
+    write_phantom_set(tmp_path / "data" / "phantoms", 12, 3, size=96, seed=3)
+    proc = _run(
+        "audit.py",
+        "--data-dir", str(tmp_path / "data"), "--sets", "phantoms", "--model", str(tiny_checkpoint),
+        "--per-type", "1", "--out", str(tmp_path / "out"), "--json", str(tmp_path / "t.json"),
+        timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = json.loads((tmp_path / "t.json").read_text())["sets"]["phantoms"]["planted"]
+    # byte copies and truncated files are found whatever the model knows
+    assert table["exact_duplicate"]["found"] >= 1 and table["outlier"]["planted"] == 2
+    assert table["outlier"]["found"] >= 1 and "recall" in proc.stdout
+    assert (tmp_path / "out" / "phantoms" / "planted" / "report.html").is_file()
+    assert "no data" in _run("audit.py", "--data-dir", str(tmp_path / "nowhere")).stdout
