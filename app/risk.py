@@ -709,15 +709,14 @@ def assess(inputs: RiskInputs, embedder: Embedder) -> dict[str, Any]:
         }
     ]
     for item in defended:
-        ok = release_ok & np.isfinite(item.psnr)
+        ok = release_ok & ~np.isnan(item.psnr)  # nan: the image failed under this defence
         d_links = best_matches(item.vectors, ok, reference.vectors, reference.ok, **match)
-        finite = item.psnr[ok & np.isfinite(item.psnr)]
         defence_rows.append(
             {
                 "name": item.defence.name,
                 "label": item.defence.label,
                 # inf (identical input: the defence changed nothing at this size) counts as 99 dB
-                "psnr_db": float(np.mean(np.minimum(finite, 99.0))) if finite.size else None,
+                "psnr_db": float(np.mean(np.minimum(item.psnr[ok], 99.0))) if ok.any() else None,
                 "ssim": float(np.nanmean(item.ssim[ok])) if ok.any() else None,
                 "usable": int(ok.sum()),
                 **_measure(d_links, thresholds=thresholds, **measure),
@@ -769,6 +768,11 @@ def assess(inputs: RiskInputs, embedder: Embedder) -> dict[str, Any]:
         "ground_truth": ground_truth,
         "bootstrap": inputs.bootstrap if ground_truth else 0,
         "thresholds": thresholds,
+        # a FAR is per comparison: against R reference images, an image of someone the reference
+        # does not hold still finds a false match above the threshold with about this chance
+        "false_link_chance_per_image": {
+            far: 1.0 - (1.0 - float(far)) ** int(reference.ok.sum()) for far in thresholds
+        },
         "headline_far": headline_far,
         "headline": headline_sentence(headline, headline_far, ground_truth, int(release_ok.sum())),
         "linkability": headline,

@@ -385,3 +385,40 @@ def test_risk_exit_2_with_a_message(
     assert code == 2
     assert expected in caplog.text
     assert "Traceback" not in caplog.text
+
+
+# --------------------------------------------------------------------------------------------------
+# bench/risk.py
+
+
+def _bench() -> object:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_risk", Path(__file__).parents[1] / "bench" / "risk.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_split_keeps_earlier_images_of_overlap_patients_in_the_reference(
+    phantom_set: Path, tmp_path: Path
+) -> None:
+    from models.data import read_manifest
+
+    release, reference, counts = _bench().split_release(phantom_set, tmp_path, seed=0)
+    assert counts == {"overlap": 3, "release_only": 2, "reference_only": 1}
+    released, held = read_manifest(release), read_manifest(reference)
+    assert all(Path(s.path).is_file() for s in released + held)
+    assert not {s.path for s in released} & {s.path for s in held}
+    both = {s.patient_id for s in released} & {s.patient_id for s in held}
+    assert len(both) == 3
+    for patient in both:  # the attacker holds the earlier studies
+        first_released = min(s.offset_days for s in released if s.patient_id == patient)
+        assert max(s.offset_days for s in held if s.patient_id == patient) <= first_released
+
+
+def test_bench_without_data_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _bench().main(["--data-dir", str(tmp_path / "nowhere")]) == 0
+    assert "nothing to measure" in capsys.readouterr().out
