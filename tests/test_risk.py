@@ -422,3 +422,13 @@ def test_bench_split_keeps_earlier_images_of_overlap_patients_in_the_reference(
 def test_bench_without_data_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _bench().main(["--data-dir", str(tmp_path / "nowhere")]) == 0
     assert "nothing to measure" in capsys.readouterr().out
+
+
+def test_readme_example_manifests_load() -> None:
+    from app.corpus import load_corpus
+
+    examples = Path(__file__).parents[1] / "examples" / "radiographs"
+    release = load_corpus([examples / "risk-release.csv"])
+    reference = load_corpus([examples / "risk-reference.csv"])
+    assert {i.patient_id for i in release} == {"A", "B", "C"}
+    assert {i.patient_id for i in reference} == {"A", "B"}
