@@ -22,11 +22,13 @@ checkpoint carries one, at ``--far`` / ``--threshold``); pairs come from an exac
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import faiss
@@ -56,6 +58,8 @@ OUTLIER_Z = 5.0
 MISLABEL_QUANTILE = 0.5
 #: Share of two ids' image pairs that must match for the ids to count as one patient.
 MIN_SUPPORT = 0.3
+#: Matching image pairs at which two ids' link counts as fully supported, for ranking.
+STRONG_PAIRS = 4
 #: Random different-patient pairs scored for that bar (and the report's histogram).
 IMPOSTOR_SAMPLE = 20_000
 #: Correlation with the set's median layout below which an image is unlike its radiographs (and two
@@ -153,6 +157,15 @@ def _impostor_sample(corpus: EmbeddedCorpus, scorer: PairScorer, seed: int = 0) 
     keep = np.asarray([ids[x] != ids[y] for x, y in zip(a, b, strict=True)], dtype=bool)
     a, b = a[keep][:IMPOSTOR_SAMPLE], b[keep][:IMPOSTOR_SAMPLE]
     return scorer.score(a, b) if a.size else np.zeros(0)
+
+
+def _chance_bar(impostors: np.ndarray, images: int) -> float:
+    """The score one random different-patient pair of the set exceeds with probability 1 / (its number
+    of pairs): the mean plus the normal quantile times the spread of the set's own impostor sample."""
+    if impostors.size < 100 or images < 2:
+        return math.inf
+    pairs = images * (images - 1) / 2
+    return float(impostors.mean() + NormalDist().inv_cdf(1.0 - 1.0 / max(pairs, 2.0)) * impostors.std())
 
 
 def _robust_z(values: np.ndarray) -> np.ndarray:
@@ -260,8 +273,48 @@ def find_issues(
         square[pb, pa] = s
         own_best[m] = square.max(1)
 
-    # --- exact and near-exact copies
+    # --- images that do not belong (left out of the identity findings: a lateral or an inverted image
+    # scores low against its patient's frontals and high against other patients' laterals)
+    strays: set[int] = set()
     sig = _centred(corpus.signatures)
+    for i in np.flatnonzero(~ok):
+        reason = corpus.errors[i] or ""
+        kind = "blank" if "blank" in reason else "unreadable"
+        findings.append(Finding("outlier", kind, f"{kind} file: {reason}", [int(i)], flagged=[int(i)]))
+    template_corr = np.full(n, np.nan)
+    if rows.size >= 3:
+        template = np.median(corpus.signatures[rows].astype(np.float32), axis=0)
+        t = _centred(template[None, :])[0]
+        template_corr[rows] = sig[rows] @ t
+        inverted = _centred(255 - corpus.signatures[rows]) @ t
+        z_template = _robust_z(template_corr[rows])
+        median = float(np.median(template_corr[rows]))
+        spread = 1.4826 * float(np.median(np.abs(template_corr[rows] - median)))
+        unlike_below = min(UNLIKE_BELOW, median - 2.0 * spread)
+        z_typical = _robust_z(typicality[rows])
+        for j, i in enumerate(rows):
+            if inverted[j] > 0.3 and inverted[j] > template_corr[i] + 0.3:
+                kind, why = (
+                    "inverted",
+                    f"looks inverted (negative): correlation {inverted[j]:.2f} when flipped",
+                )
+            elif template_corr[i] < unlike_below:
+                kind = "unlike the set"
+                why = (
+                    f"unlike the set's radiographs (lateral view, another body part?): layout correlation "
+                    f"{template_corr[i]:.2f}"
+                )
+            elif z_typical[j] < -OUTLIER_Z:
+                kind, why = "far outlier", f"far from every other image (typicality {typicality[i]:.3f})"
+            else:
+                continue
+            strays.add(int(i))
+            severity = float(max(-min(z_template[j], z_typical[j]), 0.0))
+            findings.append(
+                Finding("outlier", kind, why, [int(i)], flagged=[int(i)], confidence=min(1.0, severity / 20))
+            )
+
+    # --- exact and near-exact copies
     copies = _Union()
     copy_kind: dict[tuple[int, int], str] = {}
     for key, kind in ((corpus.sha256, "identical files"), (corpus.pixel_hash, "identical pixels")):
@@ -319,7 +372,9 @@ def find_issues(
     for pid, members in sorted(by_patient.items()):
         if len(members) < 2:
             continue
-        far_off = [i for i in members if own_best[i] < low and same_picture.get(i) is None]
+        far_off = [
+            i for i in members if own_best[i] < low and same_picture.get(i) is None and i not in strays
+        ]
         if not far_off:
             continue
         mislabelled.update(far_off)
@@ -352,7 +407,7 @@ def find_issues(
     evidence: dict[tuple[str, str], list[tuple[int, int, float]]] = defaultdict(list)
     for x, y, s in zip(a, b, decided, strict=True):
         px, py = images[x].patient_id, images[y].patient_id
-        if px is None or py is None or px == py or x in mislabelled or y in mislabelled:
+        if px is None or py is None or px == py or {x, y} & (mislabelled | strays):
             continue
         evidence[tuple(sorted((px, py)))].append((int(x), int(y), float(s)))
     splits_of: dict[str, set[str]] = defaultdict(set)
@@ -363,18 +418,21 @@ def find_issues(
             count_of[image.patient_id] += bool(ok[i])
             if image.split:
                 splits_of[image.patient_id].add(image.split)
+    # One matching pair is no evidence in a large set: at FAR 1e-3, N images hold ~N^2/2000 chance
+    # matches (9,000 in a set of 4,264). A link rests on a shared picture, on several matching pairs
+    # (MIN_SUPPORT of the possible ones), or on one pair above the score the set's own random pairs
+    # of different patients reach once in all its pairs (a normal tail fitted to them).
+    single_bar = _chance_bar(impostors, rows.size)
     for (px, py), pairs in list(evidence.items()):
-        # Two ids are one patient when most of their image pairs say so (or one picture is in both):
-        # at FAR 1e-3 a set of N images has ~N/1000 false matches per image, which would otherwise
-        # chain unrelated patients into one cluster.
         copied = any(same_picture.get(x, -1) == same_picture.get(y, -2) for x, y, _ in pairs)
-        if copied or len(pairs) >= MIN_SUPPORT * count_of[px] * count_of[py]:
+        several = len(pairs) > 1 and len(pairs) >= MIN_SUPPORT * count_of[px] * count_of[py]
+        if copied or several or max(p[2] for p in pairs) >= single_bar:
             link.union(px, py)
         else:
             del evidence[(px, py)]
-    probability = calibration.probability
-    for ids in link.groups():
-        ids = sorted(ids)
+    clusters = [sorted(ids) for ids in link.groups()]
+
+    def emit(ids: list[str]) -> None:
         splits = sorted(set().union(*(splits_of[p] for p in ids)))
         id_leaks = [p for p in ids if len(splits_of[p]) > 1]
         pairs = sorted(
@@ -386,15 +444,16 @@ def find_issues(
             if images[p[0]].split and images[p[1]].split and images[p[0]].split != images[p[1]].split
         ]
         if len(ids) < 2 and not id_leaks:
-            continue
+            return
         members = sorted(i for i, image in enumerate(images) if image.patient_id in set(ids))
         if pairs:
             possible = sum(
                 count_of[x] * count_of[y] for x in ids for y in ids if x < y and (x, y) in evidence
             )
-            chance = 1.0 - float(np.prod(1.0 - np.clip(probability(np.asarray([p[2] for p in pairs])), 0, 1)))
+            # more matching pairs, and a larger share of the possible ones, make a stronger case (one
+            # pair at a high score is as often a chance look-alike: it ranks below an alias with many)
             support = len(pairs) / max(possible, 1)
-            confidence = 0.5 * chance + 0.5 * support
+            confidence = 0.5 * support + 0.5 * min(1.0, len(pairs) / STRONG_PAIRS)
         else:
             confidence = 1.0
         if len(splits) > 1 and (id_leaks or cross):
@@ -433,42 +492,8 @@ def find_issues(
                 )
             )
 
-    # --- images that do not belong
-    for i in np.flatnonzero(~ok):
-        reason = corpus.errors[i] or ""
-        kind = "blank" if "blank" in reason else "unreadable"
-        findings.append(Finding("outlier", kind, f"{kind} file: {reason}", [int(i)], flagged=[int(i)]))
-    template_corr = np.full(n, np.nan)
-    if rows.size >= 3:
-        template = np.median(corpus.signatures[rows].astype(np.float32), axis=0)
-        t = _centred(template[None, :])[0]
-        template_corr[rows] = sig[rows] @ t
-        inverted = _centred(255 - corpus.signatures[rows]) @ t
-        z_template = _robust_z(template_corr[rows])
-        median = float(np.median(template_corr[rows]))
-        spread = 1.4826 * float(np.median(np.abs(template_corr[rows] - median)))
-        unlike_below = min(UNLIKE_BELOW, median - 2.0 * spread)
-        z_typical = _robust_z(typicality[rows])
-        for j, i in enumerate(rows):
-            if inverted[j] > 0.3 and inverted[j] > template_corr[i] + 0.3:
-                kind, why = (
-                    "inverted",
-                    f"looks inverted (negative): correlation {inverted[j]:.2f} when flipped",
-                )
-            elif template_corr[i] < unlike_below:
-                kind = "unlike the set"
-                why = (
-                    f"unlike the set's radiographs (lateral view, another body part?): layout correlation "
-                    f"{template_corr[i]:.2f}"
-                )
-            elif z_typical[j] < -OUTLIER_Z:
-                kind, why = "far outlier", f"far from every other image (typicality {typicality[i]:.3f})"
-            else:
-                continue
-            severity = float(max(-min(z_template[j], z_typical[j]), 0.0))
-            findings.append(
-                Finding("outlier", kind, why, [int(i)], flagged=[int(i)], confidence=min(1.0, severity / 20))
-            )
+    for ids in clusters:
+        emit(ids)
 
     order = {kind: k for k, kind in enumerate(FINDING_TYPES)}
     findings.sort(key=lambda f: (order[f.type], -f.confidence, -len(f.images), f.images[0]))
@@ -483,6 +508,7 @@ def find_issues(
         "template_corr": template_corr,
         "mislabel_below": np.asarray(low),
         "impostors": impostors,
+        "single_pair_bar": np.asarray(single_bar),
     }
     return findings, stats
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections import Counter
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -68,6 +69,7 @@ def to_dict(result: AuditResult) -> dict[str, Any]:
         "unusable": int((~corpus.ok).sum()),
         "patients": len({image.patient_id for image in images if image.patient_id is not None}),
         "splits": splits,
+        "single_pair_bar": json_bar(result.stats["single_pair_bar"]),
         "counts": result.counts,
         "clean": result.clean,
         "findings": [
@@ -87,6 +89,11 @@ def to_dict(result: AuditResult) -> dict[str, Any]:
             for f in result.findings
         ],
     }
+
+
+def json_bar(value: object) -> float | None:
+    bar = float(value)  # type: ignore[arg-type]
+    return bar if math.isfinite(bar) else None
 
 
 def findings_csv(report: dict[str, Any]) -> str:
