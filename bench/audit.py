@@ -254,13 +254,15 @@ def main(argv: list[str] | None = None) -> int:
                 capture_output=True, timeout=180, check=False,
             )  # fmt: skip
         print(
-            f"\n{name}: {len(rows)} images; threshold {planted.threshold:.4f} (FAR 1e-3), model {embedder.model_id}"
+            f"\n{name}: {len(rows)} images; threshold {planted.threshold:.4f} (FAR 1e-3), "
+            f"model {embedder.model_id}"
         )
         print(f"  the set as it is: {as_is.counts}")
         print(f"  {'type':20s} planted found recall  precision  (findings on planted / elsewhere)")
         for kind, row in table.items():
             print(
-                f"  {kind:20s} {row['planted']:7d} {row['found']:5d} {fmt(row['recall'])}  {fmt(row['precision'])}"
+                f"  {kind:20s} {row['planted']:7d} {row['found']:5d} {fmt(row['recall'])}  "
+                f"{fmt(row['precision'])}"
                 f"      ({row['findings_on_planted']} / {row['findings_elsewhere']})"
             )
     if args.json:
