@@ -18,6 +18,7 @@ point (the model's calibration at FAR 1e-3). ``--screenshot`` keeps a PNG of one
 draws it. Without the data it says so and exits 0.
 
     python bench/audit.py [--sets covid-collection nih-cxr14-64px] [--per-type 10] [--json out.json]
+    python bench/audit.py --scale 100000     # time and memory of the findings step at 100k images
 """
 
 from __future__ import annotations
@@ -199,6 +200,50 @@ def fmt(value: float | None) -> str:
     return "  n/a" if value is None else f"{value:5.2f}"
 
 
+def scale(images: int, dim: int, seed: int) -> None:
+    """Time and peak memory of the findings step alone on ``images`` synthetic embeddings (patients
+    of 1-4 images around a centre each, 512-d like the shipped model): the O(N^2) part of an audit."""
+    import resource
+    import time
+
+    from app.audit import find_issues
+    from app.corpus import SIGNATURE_SIDE, CorpusImage, EmbeddedCorpus
+    from models.calibration import Calibration
+
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 5, images)
+    ids = np.repeat(np.arange(images), sizes)[:images]
+    centres = rng.standard_normal((images, dim), dtype=np.float32)
+    vectors = centres[ids] + 0.6 * rng.standard_normal((images, dim), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    corpus = EmbeddedCorpus(
+        [
+            CorpusImage(
+                Path(f"{i}.png"), f"{i}.png", f"p{pid}", "train" if pid % 5 else "test", key=f"s:p{pid}"
+            )
+            for i, pid in enumerate(ids)
+        ],
+        vectors,
+        rng.integers(0, 256, (images, SIGNATURE_SIDE**2), dtype=np.uint8),
+        [f"sha{i}" for i in range(images)],
+        [f"px{i}" for i in range(images)],
+        [None] * images,
+        "synthetic",
+    )
+    genuine = np.clip(rng.normal(0.75, 0.08, 2000), -1, 1)
+    calibration = Calibration.fit(genuine, np.clip(rng.normal(0.0, 0.05, 200_000), -1, 1))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    findings, _ = find_issues(corpus, calibration, calibration.threshold_for("1e-3"))
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        f"findings on {images:,} synthetic {dim}-d embeddings: {seconds:.1f} s, {len(findings)} findings, "
+        f"peak RSS {peak / 1024:.0f} MB (embeddings {vectors.nbytes / 2**20:.0f} MB; "
+        f"{(peak - before) / 1024:.0f} MB more during the step)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -209,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-type", type=int, default=10, help="errors planted per kind (default 10)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--scale", type=int, metavar="N", help="instead: time the findings step on N synthetic embeddings"
+    )
+    parser.add_argument(
         "--out", type=Path, default=REPO_ROOT / "runs" / "bench-audit", help="reports, caches"
     )
     parser.add_argument(
@@ -217,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the tables here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.scale:
+        scale(args.scale, 512, args.seed)
+        return 0
     data_dir = args.data_dir or DEFAULT_DATA_DIR
     if not data_dir.is_dir():
         print(f"no data at {args.data_dir or '../shared/data'}: nothing to measure")

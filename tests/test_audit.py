@@ -287,3 +287,23 @@ def test_audit_report_renders_in_chromium(
     loaded = int(dom.split('data-images-loaded="')[1].split('"')[0])
     assert images > 0 and loaded == images  # every thumbnail decodes
     assert "<svg" in dom and "same-patient threshold" in dom
+
+
+def test_one_manifest_per_split_takes_the_split_from_the_file_name(
+    tiny_checkpoint: Path, phantom_set: Path, tmp_path: Path
+) -> None:
+    rows = list(csv.DictReader(phantom_set.open()))
+    fields = ["path", "patient_id"]  # no split column
+    for name, chosen in (("train", rows[:6]), ("test", rows[5:9])):  # rows[5] in both
+        with (phantom_set.parent / f"{name}.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(chosen)
+    out = tmp_path / "out"
+    sources = [phantom_set.parent / "train.csv", phantom_set.parent / "test.csv"]
+    assert cli("audit", *sources, "--out", out, "--model", tiny_checkpoint, *STRICT) == 1
+    report = json.loads((out / "findings.json").read_text())
+    assert report["splits"] == {"test": 4, "train": 6}
+    leaks = [f for f in report["findings"] if f["type"] == "leakage"]
+    assert {p for f in leaks for p in f["patient_ids"]} >= {rows[5]["patient_id"]}
+    assert all(f["splits"] == ["test", "train"] for f in leaks)
