@@ -801,6 +801,12 @@ class Gallery:
         self._check_open()
         return self._store.find_by_sha256(str(sha256).lower(), collection)
 
+    def find_by_sop_instance_uid(self, uid: str, *, collection: str | None = "default") -> ImageRecord | None:
+        """The first image with this DICOM SOPInstanceUID (collection=None: any collection): what
+        STOW-RS checks so that a re-sent instance is not enrolled twice."""
+        self._check_open()
+        return self._store.find_by_sop_instance_uid(str(uid).strip(), collection)
+
     def patient_images(
         self, patient_id: str, *, collection: str | None = "default"
     ) -> tuple[list[ImageRecord], np.ndarray]:

@@ -60,6 +60,7 @@ CREATE INDEX IF NOT EXISTS images_patient ON images(patient_id);
 CREATE INDEX IF NOT EXISTS images_collection ON images(collection);
 CREATE INDEX IF NOT EXISTS images_sha256 ON images(sha256);
 CREATE INDEX IF NOT EXISTS images_blob ON images(blob_sha256);
+CREATE INDEX IF NOT EXISTS images_sop_instance ON images(sop_instance_uid);  -- STOW-RS idempotency
 -- new vectors of an unfinished reindex (see Gallery.reindex)
 CREATE TABLE IF NOT EXISTS reindex_staging (image_id INTEGER PRIMARY KEY, vector BLOB NOT NULL);
 -- site calibrations fitted on the gallery's labelled images: the newest active one of the serving
@@ -503,11 +504,18 @@ class Store:
             return int(cur.rowcount)
 
     def find_by_sha256(self, sha256: str, collection: str | None) -> ImageRecord | None:
+        return self._find_first("sha256", sha256, collection)
+
+    def find_by_sop_instance_uid(self, uid: str, collection: str | None) -> ImageRecord | None:
+        return self._find_first("sop_instance_uid", uid, collection)
+
+    def _find_first(self, column: str, value: str, collection: str | None) -> ImageRecord | None:
+        """The first image (lowest id) whose ``column`` is ``value``; ``column`` is one of ours."""
         where, args = self._where(None, collection)
-        where = (where + " AND" if where else " WHERE") + " sha256 = ?"
+        where = (where + " AND" if where else " WHERE") + f" {column} = ?"
         row = (
             self.reader()
-            .execute(f"SELECT {RECORD_COLUMNS} FROM images{where} ORDER BY image_id LIMIT 1", [*args, sha256])
+            .execute(f"SELECT {RECORD_COLUMNS} FROM images{where} ORDER BY image_id LIMIT 1", [*args, value])
             .fetchone()
         )
         return None if row is None else self.to_record(row)

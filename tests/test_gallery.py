@@ -104,6 +104,30 @@ def test_add_get_list_and_pagination(gallery: Gallery, rng):
     assert gallery.is_consistent()
 
 
+def test_find_by_sop_instance_uid_and_its_index(tmp_path: Path, rng):
+    """STOW-RS idempotency: the lookup by SOPInstanceUID, per collection, on an indexed column that
+    a gallery made before the index gets when it is opened."""
+    import sqlite3
+
+    g = Gallery(tmp_path / "g", dim=DIM, model_id="m1")
+    first = g.add(unit(rng, 2), [NewImage(sop_instance_uid="1.2.3"), NewImage(sop_instance_uid="1.2.3")])
+    g.add(unit(rng, 1), [NewImage(sop_instance_uid="1.2.3", collection="other")])
+    assert g.find_by_sop_instance_uid("1.2.3").image_id == first[0].image_id
+    assert g.find_by_sop_instance_uid("1.2.3", collection="other").collection == "other"
+    assert g.find_by_sop_instance_uid("1.2.4") is None
+    assert g.find_by_sop_instance_uid("1.2.3", collection="third") is None
+    g.close()
+    db = tmp_path / "g" / "gallery.sqlite"
+    with sqlite3.connect(db) as conn:  # a gallery of an earlier version: no such index
+        conn.execute("DROP INDEX images_sop_instance")
+    g = Gallery(tmp_path / "g", dim=DIM, model_id="m1")
+    assert g.find_by_sop_instance_uid("1.2.3").image_id == first[0].image_id
+    g.close()
+    with sqlite3.connect(db) as conn:
+        plan = conn.execute("EXPLAIN QUERY PLAN SELECT * FROM images WHERE sop_instance_uid = '1'").fetchall()
+    assert "images_sop_instance" in str(plan)
+
+
 def test_search_order_scores_threshold_exclude(gallery: Gallery, rng):
     x = unit(rng, 200)
     recs = enrol(gallery, x)
