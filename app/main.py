@@ -38,7 +38,7 @@ from models.embedder import Embedder
 from .dependencies import require_scope
 from .keys import FailedAuthLimiter, KeyStore
 from .middleware import BodyLimitMiddleware, MetricsMiddleware, ServiceMetrics, route_template
-from .routers import calibration, duplicates, embed, health, images, search, verify
+from .routers import calibration, dicomweb, duplicates, embed, health, images, search, verify
 from .schemas import ErrorResponse, FieldError, error_responses
 from .services import (
     BusyError,
@@ -87,6 +87,7 @@ TAGS = [
     {"name": "search", "description": "Nearest gallery images of a query image."},
     {"name": "duplicates", "description": "Pairs and clusters of near-identical identities in the gallery."},
     {"name": "calibration", "description": "The thresholds in force; fitting them on this site's images."},
+    {"name": "dicomweb", "description": "DICOMweb STOW-RS: a modality or PACS stores radiographs here."},
     {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
 ]
 
@@ -140,6 +141,7 @@ def build_service(settings: Settings, embedder: Embedder | None, metrics: Servic
         gallery_problem=problem,
         gallery_locked=locked,
         on_embedded=metrics.embeddings.inc,
+        on_alert=lambda kind: metrics.alerts.labels(kind).inc(),
     )
     log.info(
         "serving model %s (dim %d) with %d gallery image(s) from %s; %s",
@@ -235,7 +237,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     app.state.auth_limiter = FailedAuthLimiter(settings.auth_failures_per_minute, window=60.0)
     secured = [Depends(require_scope("read"))]  # write and admin routes ask for more themselves
     app.include_router(health.router, responses=error_responses(500))
-    for module in (embed, verify, images, search, duplicates, calibration):
+    for module in (embed, verify, images, search, duplicates, calibration, dicomweb):
         app.include_router(
             module.router, dependencies=secured, responses=error_responses(400, 401, 403, 422, 429, 500, 503)
         )

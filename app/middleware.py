@@ -107,6 +107,12 @@ class ServiceMetrics:
         self.embeddings = Counter(
             "cxr_reid_embeddings", "images embedded by the model", registry=self.registry
         )
+        self.alerts = Counter(
+            "cxr_reid_alerts",
+            "wrong-patient alerts raised at enrolment (POST /images, STOW-RS), by kind",
+            ["kind"],
+            registry=self.registry,
+        )
         self.gallery_images = Gauge(
             "cxr_reid_gallery_images", "images in the gallery", registry=self.registry
         )

@@ -34,6 +34,7 @@ ERROR_DESCRIPTIONS = {
     404: "unknown image id or patient",
     409: "refused: the site's labelled images cannot support the calibration (nothing changed)",
     413: "request body over the upload limit",
+    415: "the request body is not of a media type this route takes",
     422: "an unusable image or a missing, malformed or contradictory field",
     429: "too many rejected API keys from this address: wait `Retry-After` seconds",
     500: "a bug: the service logged it; nothing was written",

@@ -572,6 +572,7 @@ class ReidService:
         gallery_problem: str | None = None,
         gallery_locked: bool = False,
         on_embedded: Callable[[int], None] | None = None,
+        on_alert: Callable[[str], None] | None = None,
     ) -> None:
         self.embedder = embedder
         self._gallery = gallery
@@ -582,6 +583,7 @@ class ReidService:
         self.max_pixels = max_pixels
         self.decode_budget = decode_budget
         self._on_embedded = on_embedded
+        self._on_alert = on_alert  # called with each wrong-patient alert's kind (Prometheus counter)
         self._batcher = MicroBatcher(self.embedder.embed_prepared)
         self._enrol_lock = threading.Lock()
         self._calibration_lock = threading.Lock()
@@ -944,6 +946,8 @@ class ReidService:
                 duplicate_of = first_by_sha[record.sha256]  # same bytes twice in one request
             first_by_sha.setdefault(record.sha256 or "", record.image_id)
             results.append(EnrolResult(record, matches, alert, duplicate_of))
+            if alert is not None and self._on_alert is not None:
+                self._on_alert(alert.kind)
         log.info("enrolled %d image(s): ids %s", len(records), [r.image_id for r in records])
         return results
 

@@ -6,10 +6,13 @@ cd "$(dirname "$0")/.."
 EXTRAS=test
 . scripts/_venv.sh
 
-# Debian packages some tests need when missing: jq (scripts/demo.sh), chromium (/docs rendered offline).
+# Debian packages some tests need when missing: jq (scripts/demo.sh), chromium (/docs rendered offline),
+# orthanc and orthanc-dicomweb (a real PACS for the DICOMweb tests, tests/orthanc.py).
 missing=()
 command -v jq >/dev/null || missing+=(jq)
 command -v chromium >/dev/null || missing+=(chromium)
+command -v Orthanc >/dev/null || [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         apt-get update -qq
