@@ -60,6 +60,10 @@ MISLABEL_QUANTILE = 0.5
 MIN_SUPPORT = 0.3
 #: Matching image pairs at which two ids' link counts as fully supported, for ranking.
 STRONG_PAIRS = 4
+#: Chance matches per image above which the default FAR gives way to a stricter one of the calibration.
+CHANCE_PAIRS_PER_IMAGE = 1
+#: Rows per chunk of the signature arithmetic (bounded memory on large sets and many pairs).
+CHUNK = 16_384
 #: Random different-patient pairs scored for that bar (and the report's histogram).
 IMPOSTOR_SAMPLE = 20_000
 #: Correlation with the set's median layout below which an image is unlike its radiographs (and two
@@ -130,9 +134,14 @@ class PairScorer:
 
     def score(self, a: np.ndarray, b: np.ndarray, raw: np.ndarray | None = None) -> np.ndarray:
         if raw is None:
-            raw = np.einsum(
-                "ij,ij->i", self.vectors[a].astype(np.float64), self.vectors[b].astype(np.float64)
-            )
+            raw = np.empty(len(a))
+            for start in range(0, len(a), CHUNK):  # chunked: each pair's two vectors in float64
+                part = slice(start, start + CHUNK)
+                raw[part] = np.einsum(
+                    "ij,ij->i",
+                    self.vectors[a[part]].astype(np.float64),
+                    self.vectors[b[part]].astype(np.float64),
+                )
         raw = np.asarray(raw, dtype=np.float64)
         if self.norm is None or raw.size == 0:
             return raw
@@ -166,6 +175,25 @@ def _chance_bar(impostors: np.ndarray, images: int) -> float:
         return math.inf
     pairs = images * (images - 1) / 2
     return float(impostors.mean() + NormalDist().inv_cdf(1.0 - 1.0 / max(pairs, 2.0)) * impostors.std())
+
+
+def _correlations(signatures: np.ndarray, rows: np.ndarray, template: np.ndarray) -> np.ndarray:
+    """Correlation of each row's signature with a centred unit ``template``, in chunks (a float copy
+    of every signature would be 4 KB per image)."""
+    out = np.empty(len(rows), dtype=np.float32)
+    for start in range(0, len(rows), CHUNK):
+        part = rows[start : start + CHUNK]
+        out[start : start + len(part)] = _centred(signatures[part]) @ template
+    return out
+
+
+def _pair_correlations(signatures: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Correlation of the signatures of row pairs (a[i], b[i]), in chunks."""
+    out = np.empty(len(a), dtype=np.float32)
+    for start in range(0, len(a), CHUNK):
+        part = slice(start, start + CHUNK)
+        out[part] = np.einsum("ij,ij->i", _centred(signatures[a[part]]), _centred(signatures[b[part]]))
+    return out
 
 
 def _robust_z(values: np.ndarray) -> np.ndarray:
@@ -276,7 +304,6 @@ def find_issues(
     # --- images that do not belong (left out of the identity findings: a lateral or an inverted image
     # scores low against its patient's frontals and high against other patients' laterals)
     strays: set[int] = set()
-    sig = _centred(corpus.signatures)
     for i in np.flatnonzero(~ok):
         reason = corpus.errors[i] or ""
         kind = "blank" if "blank" in reason else "unreadable"
@@ -285,8 +312,8 @@ def find_issues(
     if rows.size >= 3:
         template = np.median(corpus.signatures[rows].astype(np.float32), axis=0)
         t = _centred(template[None, :])[0]
-        template_corr[rows] = sig[rows] @ t
-        inverted = _centred(255 - corpus.signatures[rows]) @ t
+        template_corr[rows] = _correlations(corpus.signatures, rows, t)
+        inverted = _correlations(255 - corpus.signatures, rows, t)
         z_template = _robust_z(template_corr[rows])
         median = float(np.median(template_corr[rows]))
         spread = 1.4826 * float(np.median(np.abs(template_corr[rows] - median)))
@@ -325,7 +352,7 @@ def find_issues(
             for j in members[1:]:
                 copies.union(members[0], j)
                 copy_kind.setdefault((members[0], j), kind)
-    correlation = np.einsum("ij,ij->i", sig[a], sig[b]) if a.size else np.zeros(0)
+    correlation = _pair_correlations(corpus.signatures, a, b)
     for x, y, c in zip(a, b, correlation, strict=True):
         if c >= NEAR_EXACT:
             copies.union(int(x), int(y))
@@ -412,8 +439,10 @@ def find_issues(
         evidence[tuple(sorted((px, py)))].append((int(x), int(y), float(s)))
     splits_of: dict[str, set[str]] = defaultdict(set)
     count_of: Counter[str] = Counter()
+    rows_of: dict[str, list[int]] = defaultdict(list)  # every row of each id, usable or not
     for i, image in enumerate(images):
         if image.patient_id is not None:
+            rows_of[image.patient_id].append(i)
             link.find(image.patient_id)
             count_of[image.patient_id] += bool(ok[i])
             if image.split:
@@ -431,13 +460,16 @@ def find_issues(
         else:
             del evidence[(px, py)]
     clusters = [sorted(ids) for ids in link.groups()]
+    linked_pairs: dict[str, list[tuple[int, int, float]]] = defaultdict(list)  # per cluster root
+    possible_pairs: Counter[str] = Counter()
+    for (px, py), pairs in evidence.items():
+        linked_pairs[link.find(px)].extend(pairs)
+        possible_pairs[link.find(px)] += count_of[px] * count_of[py]
 
     def emit(ids: list[str]) -> None:
         splits = sorted(set().union(*(splits_of[p] for p in ids)))
         id_leaks = [p for p in ids if len(splits_of[p]) > 1]
-        pairs = sorted(
-            (p for x in ids for y in ids if x < y for p in evidence.get((x, y), [])), key=lambda p: -p[2]
-        )
+        pairs = sorted(linked_pairs.get(link.find(ids[0]), []), key=lambda p: -p[2])
         cross = [
             p
             for p in pairs
@@ -445,11 +477,9 @@ def find_issues(
         ]
         if len(ids) < 2 and not id_leaks:
             return
-        members = sorted(i for i, image in enumerate(images) if image.patient_id in set(ids))
+        members = sorted(i for p in ids for i in rows_of[p])
         if pairs:
-            possible = sum(
-                count_of[x] * count_of[y] for x in ids for y in ids if x < y and (x, y) in evidence
-            )
+            possible = possible_pairs[link.find(ids[0])]
             # more matching pairs, and a larger share of the possible ones, make a stronger case (one
             # pair at a high score is as often a chance look-alike: it ranks below an alias with many)
             support = len(pairs) / max(possible, 1)
@@ -518,14 +548,41 @@ def find_issues(
 
 
 def operating_point(
-    calibration: Calibration, far: str | None, threshold: float | None, default_far: str
+    calibration: Calibration,
+    far: str | None,
+    threshold: float | None,
+    default_far: str,
+    images: int = 0,
 ) -> tuple[float, float | None]:
-    """(threshold, FAR it stands for) from --far / --threshold / the default FAR."""
+    """(threshold, FAR it stands for) from --far / --threshold / the default FAR.
+
+    The default gives way to a stricter FAR of the calibration when a set of ``images`` would hold
+    more than CHANCE_PAIRS_PER_IMAGE chance matches per image at it (N^2/2 pairs times the FAR: at
+    FAR 1e-3, 100k images hold 5 million), so that a large set's report is not chance pairs.
+    """
     if far is not None and threshold is not None:
         raise CorpusError("give --far or --threshold, not both")
     if threshold is not None:
         return float(threshold), calibration.far_at(threshold)
     chosen = far or default_far
+    if far is None:
+        pairs = images * (images - 1) / 2
+        stricter = sorted(
+            (k for k in calibration.thresholds if float(k) <= float(chosen)), key=float, reverse=True
+        )
+        for key in stricter:
+            chosen = key
+            if pairs * float(key) <= CHANCE_PAIRS_PER_IMAGE * max(images, 1):
+                break
+        if chosen != default_far:
+            log.info(
+                "%d images: FAR %s instead of the default %s, so that chance matches stay under %d per "
+                "image (--far overrides)",
+                images,
+                chosen,
+                default_far,
+                CHANCE_PAIRS_PER_IMAGE,
+            )
     try:
         return calibration.threshold_for(chosen), float(chosen)
     except ValueError as exc:
@@ -547,8 +604,9 @@ def run_audit(
 ) -> AuditResult:
     """Read, embed (cached in ``out_dir/cache``) and examine ``sources``; see the module docstring."""
     calibration = embedder.calibration
-    point, point_far = operating_point(calibration, far, threshold, default_far)
+    operating_point(calibration, far, threshold, default_far)  # a bad --far fails before any work
     images = load_corpus(sources, split_level=split_level)
+    point, point_far = operating_point(calibration, far, threshold, default_far, len(images))
     corpus = embed_corpus(
         embedder,
         images,
