@@ -11,10 +11,11 @@ them), then plant errors in a copy of the manifest and audit again:
 - exact duplicate: a byte copy of an image, and a re-encoded copy (JPEG, quality 90, 90% size);
 - outlier: an inverted copy of an image under its own id, and a truncated (unreadable) file.
 
-Recall: planted errors found as a finding of their type. Precision: of the findings of a type that
-touch a changed or added image, the share that are the planted error of that type; findings touching none
-are the set's own and are reported beside. The audit runs at the default operating
-point (the model's calibration at FAR 1e-3). ``--screenshot`` keeps a PNG of one report as Chromium
+Recall: planted errors found as a finding of their type. Precision: of the findings of a type
+that touch a changed or added image, the share that are the planted error of that type; findings
+touching none are the set's own and are reported beside. The audit runs at its default operating
+point (the model's calibration at FAR 1e-3, or stricter for a large set: app.audit.operating_point).
+``--screenshot`` keeps a PNG of one report as Chromium
 draws it. Without the data it says so and exits 0.
 
     python bench/audit.py [--sets covid-collection nih-cxr14-64px] [--per-type 10] [--json out.json]
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 capture_output=True, timeout=180, check=False,
             )  # fmt: skip
         print(
-            f"\n{name}: {len(rows)} images; threshold {planted.threshold:.4f} (FAR 1e-3), "
+            f"\n{name}: {len(rows)} images; threshold {planted.threshold:.4f} (FAR {planted.far:g}), "
             f"model {embedder.model_id}"
         )
         print(f"  the set as it is: {as_is.counts}")
