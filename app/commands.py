@@ -131,14 +131,20 @@ def _cmd_healthcheck(args: argparse.Namespace) -> int:
     return 0 if status == 200 else 1
 
 
-def _open(settings: Any, *, allow_model_mismatch: bool = False) -> tuple[Any, Any]:
+def _embedder(settings: Any) -> Any:
+    """The model of the settings (path, device, runtime), with torch's thread count applied."""
     from models.embedder import Embedder
 
     from .main import configure_torch_threads
-    from .services import open_gallery
 
     configure_torch_threads(settings.torch_threads)
-    embedder = Embedder.from_checkpoint(settings.model_path, device=settings.device, runtime=settings.runtime)
+    return Embedder.from_checkpoint(settings.model_path, device=settings.device, runtime=settings.runtime)
+
+
+def _open(settings: Any, *, allow_model_mismatch: bool = False) -> tuple[Any, Any]:
+    from .services import open_gallery
+
+    embedder = _embedder(settings)
     return embedder, open_gallery(embedder, settings, allow_model_mismatch=allow_model_mismatch)
 
 
@@ -241,21 +247,15 @@ def _cmd_reindex(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from models.embedder import Embedder
-
     from .audit import run_audit
     from .audit_report import format_summary, write_outputs
     from .corpus import CorpusError
-    from .main import configure_torch_threads
     from .reports import prepare_out_dir
 
     settings = _settings(args)
-    configure_torch_threads(settings.torch_threads)
     try:
         out_dir = prepare_out_dir(args.out)
-        embedder = Embedder.from_checkpoint(
-            settings.model_path, device=settings.device, runtime=settings.runtime
-        )
+        embedder = _embedder(settings)
         result = run_audit(
             embedder,
             args.sources,
@@ -278,14 +278,10 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 def _cmd_risk(args: argparse.Namespace) -> int:
     """Re-identification risk of a release against identified reference images (app/risk.py)."""
-    from models.embedder import Embedder
-
-    from .main import configure_torch_threads
     from .risk import RiskError, RiskInputs, run, summary_of
 
     settings = _settings(args)
-    configure_torch_threads(settings.torch_threads)
-    embedder = Embedder.from_checkpoint(settings.model_path, device=settings.device, runtime=settings.runtime)
+    embedder = _embedder(settings)
     inputs = RiskInputs(
         release=args.release,
         reference=args.reference,
