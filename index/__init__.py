@@ -1,5 +1,6 @@
 """The gallery: FAISS index + SQLite metadata and vectors (numpy only, no torch)."""
 
+from .alerts import ALERT_STATES, AlertNotOpenError, AlertRecord, NewAlert
 from .faiss_index import PairLimitError, faiss_build, pairs_above
 from .gallery import Gallery, cluster_pairs
 from .records import (
@@ -17,6 +18,10 @@ from .records import (
 )
 
 __all__ = [
+    "ALERT_STATES",
+    "AlertNotOpenError",
+    "AlertRecord",
+    "NewAlert",
     "DuplicatePair",
     "PairLimitError",
     "pairs_above",

@@ -64,7 +64,9 @@ from typing import Any
 
 import numpy as np
 
+from . import alerts as alert_sql
 from ._fs import PRIVATE_FILE, make_private_dir
+from .alerts import ALERT_STATES, RESOLVED_STATES, AlertRecord, NewAlert
 from .faiss_index import (
     AUTO,
     AUTO_FLAT_MAX,
@@ -645,14 +647,27 @@ class Gallery:
     # ---------------------------------------------------------------- writes
     def add(self, vectors: np.ndarray, images: Sequence[NewImage]) -> list[ImageRecord]:
         """Enrol images with their vectors. All or nothing, and durable once it returns."""
+        return self.add_with_alerts(vectors, images)[0]
+
+    def add_with_alerts(
+        self,
+        vectors: np.ndarray,
+        images: Sequence[NewImage],
+        alerts: Sequence[NewAlert | None] | None = None,
+    ) -> tuple[list[ImageRecord], list[AlertRecord | None]]:
+        """``add``, storing ``alerts[i]`` (None: no alert) for image i in the same transaction: an
+        alert exists only for an enrolled image. Returns the records and the stored alerts."""
         self._check_open()
         images = list(images)
         x = self._vectors(vectors)
         if x.shape[0] != len(images):
             raise GalleryValidationError(f"{x.shape[0]} vectors for {len(images)} images")
+        new_alerts = list(alerts) if alerts is not None else [None] * len(images)
+        if len(new_alerts) != len(images):
+            raise GalleryValidationError(f"{len(new_alerts)} alerts for {len(images)} images")
         rows = [self._prepare(img, i) for i, img in enumerate(images)]
         if not rows:
-            return []
+            return [], []
         store = self._store
         with self._wlock:
             self._check_open()
@@ -667,6 +682,19 @@ class Gallery:
                             created.append(sha)
                 with store.write_txn() as conn:
                     ids = [self._insert_row(conn, row, x[j], created_at) for j, row in enumerate(rows)]
+                    stored_alerts = [
+                        None
+                        if alert is None
+                        else alert_sql.insert(
+                            conn,
+                            alert,
+                            image_id=iid,
+                            collection=row["collection"],
+                            patient_id=row["patient_id"],
+                            created_at=created_at,
+                        )
+                        for iid, row, alert in zip(ids, rows, new_alerts, strict=True)
+                    ]
                     store.bump_generation(conn)
             except BaseException as exc:
                 # rolled back: drop the files this call wrote (unless a committed row uses them)
@@ -682,7 +710,7 @@ class Gallery:
             self._faiss_update(lambda idx: idx.add(x, np.asarray(ids, dtype=np.int64)))
             self._invalidate({row["collection"] for row in rows})
             self._after_write()
-        return [
+        records = [
             ImageRecord(
                 image_id=iid,
                 model_id=self.model_id,
@@ -701,6 +729,7 @@ class Gallery:
             )
             for iid, row in zip(ids, rows, strict=True)
         ]
+        return records, stored_alerts
 
     def _insert_row(self, conn: Any, row: dict, vector: np.ndarray, created_at: str) -> int:
         return self._store.insert_image(conn, row, vector, self.model_id, created_at)
@@ -842,6 +871,79 @@ class Gallery:
         """Stop using the site calibration (kept as history); True when one was in force."""
         self._check_open()
         return self._store.deactivate_calibrations(self.model_id) > 0
+
+    # ---------------------------------------------------------------- wrong-patient alerts
+    def get_alert(self, alert_id: int) -> AlertRecord | None:
+        self._check_open()
+        return alert_sql.get(self._store.reader(), int(alert_id))
+
+    def list_alerts(
+        self, *, state: str | None = None, collection: str | None = None, offset: int = 0, limit: int = 100
+    ) -> tuple[list[AlertRecord], int]:
+        """A page of alerts, newest first, and the total matching (state / collection None: any)."""
+        self._check_open()
+        if int(offset) < 0 or int(limit) < 0:
+            raise GalleryValidationError("offset and limit must be >= 0")
+        if state is not None and state not in ALERT_STATES:
+            raise GalleryValidationError(f"state must be one of {', '.join(ALERT_STATES)}")
+        with self._store.read_txn() as conn:
+            return alert_sql.page(conn, state=state, collection=collection, offset=offset, limit=limit)
+
+    def count_alerts(self, state: str | None = "open") -> int:
+        self._check_open()
+        return alert_sql.count(self._store.reader(), state)
+
+    def resolve_alert(
+        self,
+        alert_id: int,
+        *,
+        state: str,
+        resolved_by: str,
+        note: str | None = None,
+        new_patient_id: str | None = None,
+    ) -> AlertRecord | None:
+        """Resolve an open alert as ``confirmed``, ``dismissed`` or ``relabelled``; a relabel files
+        its image under ``new_patient_id`` in the same transaction. None for an unknown alert;
+        ``AlertNotOpenError`` (nothing changed) when it was resolved or its image deleted before."""
+        self._check_open()
+        if state not in RESOLVED_STATES:
+            raise GalleryValidationError(f"state must be one of {', '.join(RESOLVED_STATES)}")
+        if (state == "relabelled") != (new_patient_id is not None):
+            raise GalleryValidationError("new_patient_id is given with state 'relabelled', and only then")
+        with self._wlock:
+            self._check_open()
+            with self._store.write_txn() as conn:
+                resolved = alert_sql.resolve(
+                    conn,
+                    alert_id,
+                    state=state,
+                    resolved_by=resolved_by,
+                    resolved_at=_now_iso(),
+                    note=note,
+                    new_patient_id=new_patient_id,
+                )
+                if resolved is not None and new_patient_id is not None:
+                    self._relabel(conn, resolved.image_id, new_patient_id)
+        return resolved
+
+    def set_patient_id(self, image_id: int, patient_id: str | None) -> ImageRecord | None:
+        """File an image under another patient (None: unknown); None when there is no such image."""
+        self._check_open()
+        with self._wlock:
+            self._check_open()
+            with self._store.write_txn() as conn:
+                if not self._relabel(conn, image_id, patient_id):
+                    return None
+        return self.get(image_id)
+
+    def _relabel(self, conn: Any, image_id: int, patient_id: str | None) -> bool:
+        if patient_id is not None and (not isinstance(patient_id, str) or not patient_id.strip()):
+            raise GalleryValidationError("patient_id must be a non-empty string or None")
+        cur = conn.execute("UPDATE images SET patient_id = ? WHERE image_id = ?", (patient_id, int(image_id)))
+        if cur.rowcount:
+            # labels decide conflicts: results cached per generation (duplicates) must not outlive it
+            self._store.bump_generation(conn)
+        return bool(cur.rowcount)
 
     def _allowed(self, collection: str) -> AllowedIds:
         with self._cache_lock:

@@ -21,10 +21,12 @@ import re
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from . import alerts as alert_sql
 from ._fs import PRIVATE_FILE, atomic_write_bytes, fsync_dir, make_private_dir, restrict_file
 from .records import GalleryError, GalleryIntegrityError, ImageRecord
 
@@ -72,6 +74,30 @@ CREATE TABLE IF NOT EXISTS calibrations (
     body TEXT NOT NULL,                          -- JSON: the calibration with its provenance
     active INTEGER NOT NULL DEFAULT 1
 );
+-- wrong-patient alerts (index/alerts.py), written in the transaction that enrols their image, kept
+-- when the image is deleted (an open one is then closed as 'deleted'), never removed
+CREATE TABLE IF NOT EXISTS alerts (
+    alert_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    image_id INTEGER NOT NULL,                   -- the enrolled image (no foreign key: history outlives it)
+    collection TEXT NOT NULL,
+    patient_id TEXT,                             -- what the image was filed under when raised
+    kind TEXT NOT NULL,                          -- matches_other_patient | no_match_with_own_images
+    message TEXT NOT NULL,
+    score REAL NOT NULL,
+    other_patient_id TEXT,
+    other_image_id INTEGER,
+    own_best_score REAL,
+    own_images INTEGER NOT NULL DEFAULT 0,
+    operating_point TEXT NOT NULL DEFAULT '{}',  -- JSON: threshold, far, calibration in force
+    state TEXT NOT NULL DEFAULT 'open',          -- open | confirmed | dismissed | relabelled | deleted
+    created_at TEXT NOT NULL,                    -- ISO-8601 UTC
+    resolved_at TEXT,
+    resolved_by TEXT,                            -- API key id, or 'anonymous'
+    note TEXT,
+    new_patient_id TEXT                          -- relabelled: the patient the image was moved to
+);
+CREATE INDEX IF NOT EXISTS alerts_state ON alerts(state, collection);
+CREATE INDEX IF NOT EXISTS alerts_image ON alerts(image_id);
 """
 
 RECORD_COLUMNS = (
@@ -523,7 +549,8 @@ class Store:
     def delete_rows(
         self, conn: sqlite3.Connection, where: str, args: Sequence
     ) -> tuple[list[int], set[str], set[str]]:
-        """Delete matching rows; returns (ids, their collections, blob shas those rows referenced)."""
+        """Delete matching rows (their open alerts become 'deleted'); returns (ids, their collections,
+        blob shas those rows referenced)."""
         rows = conn.execute(
             f"SELECT image_id, collection, blob_sha256 FROM images WHERE {where}", list(args)
         ).fetchall()
@@ -535,6 +562,8 @@ class Store:
             marks = ",".join("?" * len(part))
             conn.execute(f"DELETE FROM images WHERE image_id IN ({marks})", part)
             conn.execute(f"DELETE FROM reindex_staging WHERE image_id IN ({marks})", part)
+        now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")  # noqa: UP017 (as gallery.py)
+        alert_sql.close_for_deleted(conn, ids, now)
         return ids, {str(r[1]) for r in rows}, {str(r[2]) for r in rows if r[2]}
 
     # ---------------------------------------------------------------- blobs
