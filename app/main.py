@@ -35,12 +35,14 @@ from index import (
 )
 from models.embedder import Embedder
 
+from .alerts import AlertWebhook
 from .dependencies import require_scope
 from .keys import FailedAuthLimiter, KeyStore
 from .middleware import BodyLimitMiddleware, MetricsMiddleware, ServiceMetrics, route_template
-from .routers import calibration, dicomweb, duplicates, embed, health, images, search, verify
+from .routers import alerts, calibration, dicomweb, duplicates, embed, health, images, search, verify
 from .schemas import ErrorResponse, FieldError, error_responses
 from .services import (
+    ALERT_ACTIONS,
     BusyError,
     ConflictError,
     DecodeBudget,
@@ -84,6 +86,7 @@ TAGS = [
     {"name": "embed", "description": "Images to identity embeddings."},
     {"name": "verify", "description": "Is it the same patient? Image vs image, or image vs a patient."},
     {"name": "images", "description": "The gallery: enrol, list, read and delete images and patients."},
+    {"name": "alerts", "description": "Wrong-patient alerts raised at enrolment: review and resolve them."},
     {"name": "search", "description": "Nearest gallery images of a query image."},
     {"name": "duplicates", "description": "Pairs and clusters of near-identical identities in the gallery."},
     {"name": "calibration", "description": "The thresholds in force; fitting them on this site's images."},
@@ -120,7 +123,38 @@ def configure_allocator() -> None:
     mallopt(_M_ARENA_MAX, 2)
 
 
-def build_service(settings: Settings, embedder: Embedder | None, metrics: ServiceMetrics) -> ReidService:
+def alert_hook(metrics: ServiceMetrics, webhook: AlertWebhook | None) -> Callable[[str, Any], None]:
+    """What happens to each stored alert event: counted, and sent to the webhook when there is one."""
+    action_of = {state: action for action, state in ALERT_ACTIONS.items()}
+
+    def hook(event: str, alert: Any) -> None:
+        if event in action_of:
+            metrics.alerts_resolved.labels(action_of[event]).inc()
+        if webhook is not None:
+            webhook.send(event, alert)
+
+    return hook
+
+
+def build_webhook(settings: Settings, metrics: ServiceMetrics) -> AlertWebhook | None:
+    if settings.alert_webhook is None:
+        return None
+    webhook = AlertWebhook(
+        settings.alert_webhook,
+        attempts=settings.alert_webhook_attempts,
+        backoff_seconds=settings.alert_webhook_backoff_seconds,
+        on_outcome=lambda outcome: metrics.alert_webhook.labels(outcome).inc(),
+    )
+    log.info("wrong-patient alerts are sent to the webhook at %s", webhook.host)
+    return webhook
+
+
+def build_service(
+    settings: Settings,
+    embedder: Embedder | None,
+    metrics: ServiceMetrics,
+    webhook: AlertWebhook | None = None,
+) -> ReidService:
     """Load the model and open the gallery; a gallery of another model leaves the service unready."""
     configure_torch_threads(settings.torch_threads)
     configure_allocator()
@@ -142,6 +176,7 @@ def build_service(settings: Settings, embedder: Embedder | None, metrics: Servic
         gallery_locked=locked,
         on_embedded=metrics.embeddings.inc,
         on_alert=lambda kind: metrics.alerts.labels(kind).inc(),
+        on_alert_event=alert_hook(metrics, webhook),
     )
     log.info(
         "serving model %s (dim %d) with %d gallery image(s) from %s; %s",
@@ -198,7 +233,13 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = await run_in_threadpool(build_service, settings, embedder, metrics)
+        webhook = build_webhook(settings, metrics)
+        try:
+            service = await run_in_threadpool(build_service, settings, embedder, metrics, webhook)
+        except BaseException:
+            if webhook is not None:
+                webhook.close(timeout=0)
+            raise
         app.state.service = service
         stop = threading.Event()
         retry = None
@@ -218,6 +259,8 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
                 retry.join()
             app.state.service = None
             await run_in_threadpool(service.close)
+            if webhook is not None:
+                await run_in_threadpool(webhook.close)
 
     # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from files the package ships, not a CDN
     app = FastAPIOffline(
@@ -232,12 +275,13 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     app.state.service = None
     app.state.metrics = metrics
     metrics.track_gallery(lambda: app.state.service.gallery_size() if app.state.service is not None else 0)
+    metrics.track_open_alerts(lambda: app.state.service.open_alerts() if app.state.service is not None else 0)
 
     app.state.key_store = KeyStore(settings.keys_path)
     app.state.auth_limiter = FailedAuthLimiter(settings.auth_failures_per_minute, window=60.0)
     secured = [Depends(require_scope("read"))]  # write and admin routes ask for more themselves
     app.include_router(health.router, responses=error_responses(500))
-    for module in (embed, verify, images, search, duplicates, calibration, dicomweb):
+    for module in (embed, verify, images, alerts, search, duplicates, calibration, dicomweb):
         app.include_router(
             module.router, dependencies=secured, responses=error_responses(400, 401, 403, 422, 429, 500, 503)
         )

@@ -113,6 +113,22 @@ class ServiceMetrics:
             ["kind"],
             registry=self.registry,
         )
+        self.alerts_resolved = Counter(
+            "cxr_reid_alerts_resolved",
+            "wrong-patient alerts resolved (POST /alerts/{alert_id}), by action: confirm, dismiss, relabel",
+            ["action"],
+            registry=self.registry,
+        )
+        self.alerts_open = Gauge(
+            "cxr_reid_alerts_open", "wrong-patient alerts open in the gallery", registry=self.registry
+        )
+        self.alert_webhook = Counter(
+            "cxr_reid_alert_webhook",
+            "alert webhook events by outcome: delivered, retried (one failed attempt), failed (gave "
+            "up), dropped (queue full)",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.gallery_images = Gauge(
             "cxr_reid_gallery_images", "images in the gallery", registry=self.registry
         )
@@ -120,6 +136,9 @@ class ServiceMetrics:
     def track_gallery(self, size: Callable[[], int]) -> None:
         """Read the gallery size at scrape time rather than keeping a second count."""
         self.gallery_images.set_function(lambda: float(size()))
+
+    def track_open_alerts(self, count: Callable[[], int]) -> None:
+        self.alerts_open.set_function(lambda: float(count()))
 
 
 class MetricsMiddleware:

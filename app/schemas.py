@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from index import ImageRecord
+from index import AlertRecord, ImageRecord
 
-from .services import Alert, OperatingPoint, QueryImage, ScoredRecord
+from .dependencies import clean_label
+from .services import Alert, AlertView, OperatingPoint, QueryImage, ScoredRecord
 
 
 class FieldError(BaseModel):
@@ -212,12 +213,101 @@ class AlertOut(BaseModel):
     other_image_id: int | None = Field(default=None, description="that patient's best-matching image")
     own_best_score: float | None = Field(description="best score against the patient's earlier images")
     own_images: int = Field(description="earlier images of the patient it was compared with")
+    alert_id: int | None = Field(
+        default=None, description="the stored alert: `GET /alerts/{alert_id}`, resolve with `POST` there"
+    )
 
     @classmethod
     def of(cls, alert: Alert | None) -> AlertOut | None:
         if alert is None:
             return None
         return cls(**alert.__dict__)
+
+
+AlertState = Literal["open", "confirmed", "dismissed", "relabelled", "deleted"]
+
+
+class StoredAlertOut(BaseModel):
+    """A wrong-patient alert as the gallery keeps it: what was found, about which image as it was
+    filed, at which operating point, and how (by whom, when) it was resolved."""
+
+    alert_id: int = Field(description="the alert's id (never reused)")
+    state: AlertState = Field(
+        description="open: waiting for review; confirmed: the image is misfiled; dismissed: a false "
+        "alarm; relabelled: the image was filed under `new_patient_id`; deleted: the image was deleted "
+        "while the alert was open"
+    )
+    kind: Literal["matches_other_patient", "no_match_with_own_images"] = Field(
+        description="matches_other_patient: it looks like another patient of the collection; "
+        "no_match_with_own_images: it looks like none of its patient's earlier images"
+    )
+    message: str = Field(description="the warning in words, as raised")
+    image_id: int = Field(description="the enrolled image the alert is about")
+    collection: str = Field(description=COLLECTION_DESCRIPTION)
+    patient_id: str | None = Field(
+        description="the patient the image was filed under when the alert was raised"
+    )
+    score: float = Field(description="the other patient's match score, or the best score with own images")
+    other_patient_id: str | None = Field(description="the patient it matched (matches_other_patient)")
+    other_image_id: int | None = Field(description="that patient's best-matching image")
+    own_best_score: float | None = Field(description="best score against the patient's earlier images")
+    own_images: int = Field(description="earlier images of the patient it was compared with")
+    operating_point: dict[str, Any] = Field(
+        description="the operating point in force when it was raised: threshold, far, source and the "
+        "calibration summary"
+    )
+    created_at: str = Field(description="ISO-8601 UTC time it was raised (the image's enrolment)")
+    resolved_at: str | None = Field(description="ISO-8601 UTC time it was resolved or closed")
+    resolved_by: str | None = Field(
+        description='the API key id that resolved it ("anonymous" when the service has no keys)'
+    )
+    note: str | None = Field(description="the reviewer's note")
+    new_patient_id: str | None = Field(description="relabelled: the patient the image was moved to")
+
+    @classmethod
+    def of(cls, alert: AlertRecord) -> StoredAlertOut:
+        return cls(**alert.__dict__)
+
+
+class AlertItem(StoredAlertOut):
+    """A stored alert with its image and the image it matched, as they are now (what a review page shows
+    side by side)."""
+
+    image: ImageOut | None = Field(description="the alert's image now; null once deleted")
+    other_image: ImageOut | None = Field(description="the image it matched, now; null if none or deleted")
+
+    @classmethod
+    def of_view(cls, view: AlertView) -> AlertItem:
+        return cls(
+            **StoredAlertOut.of(view.alert).model_dump(),
+            image=ImageOut.of(view.image) if view.image is not None else None,
+            other_image=ImageOut.of(view.other_image) if view.other_image is not None else None,
+        )
+
+
+class AlertPage(BaseModel):
+    """One page of stored alerts, newest first."""
+
+    total: int = Field(description="alerts matching the filters, over all pages")
+    offset: int = Field(description="items skipped before this page")
+    limit: int = Field(description="most items in this page")
+    items: list[AlertItem] = Field(description="the alerts of this page")
+
+
+class AlertResolution(BaseModel):
+    """How a reviewer resolves an open alert."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["confirm", "dismiss", "relabel"] = Field(
+        description="confirm: the image is misfiled (the gallery is not changed); dismiss: a false "
+        "alarm; relabel: file the image under `patient_id`"
+    )
+    patient_id: Annotated[str | None, AfterValidator(clean_label)] = Field(
+        default=None,
+        description="relabel only: the patient to file the image under; default: the patient it matched",
+    )
+    note: str | None = Field(default=None, max_length=2000, description="free text kept with the alert")
 
 
 class EnrolledImage(BaseModel):

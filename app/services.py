@@ -29,7 +29,17 @@ from typing import Any
 
 import numpy as np
 
-from index import DuplicatePair, Gallery, ImageMetadata, ImageRecord, NewImage, cluster_pairs
+from index import (
+    AlertNotOpenError,
+    AlertRecord,
+    DuplicatePair,
+    Gallery,
+    ImageMetadata,
+    ImageRecord,
+    NewAlert,
+    NewImage,
+    cluster_pairs,
+)
 from models.calibration import Calibration
 from models.embedder import Embedder
 from models.preprocess import (
@@ -457,6 +467,20 @@ class Alert:
     other_image_id: int | None = None
     own_best_score: float | None = None
     own_images: int = 0
+    alert_id: int | None = None  # its row in the gallery's alerts table, once stored
+
+
+#: POST /alerts/{id} actions and the state each leaves the alert in.
+ALERT_ACTIONS = {"confirm": "confirmed", "dismiss": "dismissed", "relabel": "relabelled"}
+
+
+@dataclass
+class AlertView:
+    """A stored alert with its image and the image it matched, as they are now (None: deleted)."""
+
+    alert: AlertRecord
+    image: ImageRecord | None
+    other_image: ImageRecord | None
 
 
 @dataclass
@@ -573,6 +597,7 @@ class ReidService:
         gallery_locked: bool = False,
         on_embedded: Callable[[int], None] | None = None,
         on_alert: Callable[[str], None] | None = None,
+        on_alert_event: Callable[[str, AlertRecord], None] | None = None,
     ) -> None:
         self.embedder = embedder
         self._gallery = gallery
@@ -584,6 +609,8 @@ class ReidService:
         self.decode_budget = decode_budget
         self._on_embedded = on_embedded
         self._on_alert = on_alert  # called with each wrong-patient alert's kind (Prometheus counter)
+        # called with ("raised" | an ALERT_ACTIONS state, the stored alert): the webhook, the counters
+        self._on_alert_event = on_alert_event
         self._batcher = MicroBatcher(self.embedder.embed_prepared)
         self._enrol_lock = threading.Lock()
         self._calibration_lock = threading.Lock()
@@ -938,10 +965,19 @@ class ReidService:
                 )
                 alert = self._alert(vector, image.patient_id, image.collection, point)
                 pending.append((matches, alert, existing.image_id if existing is not None else None))
-            records = gallery.add(np.asarray(vectors, dtype=np.float32), images)
+            records, stored = gallery.add_with_alerts(
+                np.asarray(vectors, dtype=np.float32),
+                images,
+                [None if alert is None else _new_alert(alert, point) for _, alert, _ in pending],
+            )
         first_by_sha: dict[str, int] = {}
         results = []
-        for record, (matches, alert, duplicate_of) in zip(records, pending, strict=True):
+        for record, (matches, alert, duplicate_of), stored_alert in zip(
+            records, pending, stored, strict=True
+        ):
+            if alert is not None and stored_alert is not None:
+                alert.alert_id = stored_alert.alert_id
+                self._alert_event("raised", stored_alert)
             if duplicate_of is None and record.sha256 in first_by_sha:
                 duplicate_of = first_by_sha[record.sha256]  # same bytes twice in one request
             first_by_sha.setdefault(record.sha256 or "", record.image_id)
@@ -950,6 +986,88 @@ class ReidService:
                 self._on_alert(alert.kind)
         log.info("enrolled %d image(s): ids %s", len(records), [r.image_id for r in records])
         return results
+
+    def _alert_event(self, event: str, alert: AlertRecord) -> None:
+        """Tell the hook (webhook, counters); its failure never fails the request that caused it."""
+        if self._on_alert_event is None:
+            return
+        try:
+            self._on_alert_event(event, alert)
+        except Exception:
+            log.exception("alert %d: the %s hook failed", alert.alert_id, event)
+
+    # ---------------------------------------------------------------- stored alerts
+    def alert(self, alert_id: int) -> AlertRecord:
+        found = self.gallery.get_alert(alert_id)
+        if found is None:
+            raise NotFoundError(f"alert {alert_id} not found")
+        return found
+
+    def alert_view(self, alert: AlertRecord) -> AlertView:
+        gallery = self.gallery
+        other = gallery.get(alert.other_image_id) if alert.other_image_id is not None else None
+        return AlertView(alert, gallery.get(alert.image_id), other)
+
+    def list_alerts(
+        self, *, state: str | None, collection: str | None, offset: int, limit: int
+    ) -> tuple[list[AlertView], int]:
+        """A page of stored alerts, newest first, each with its images as they are now."""
+        alerts, total = self.gallery.list_alerts(
+            state=state, collection=collection, offset=offset, limit=limit
+        )
+        return [self.alert_view(a) for a in alerts], total
+
+    def open_alerts(self) -> int:
+        """Open alerts in the gallery (0 while none is open): the Prometheus gauge."""
+        if self._gallery is None:
+            return 0
+        try:
+            return self._gallery.count_alerts("open")
+        except Exception:  # a closing gallery: the scrape goes on
+            return 0
+
+    def resolve_alert(
+        self,
+        alert_id: int,
+        *,
+        action: str,
+        resolved_by: str,
+        patient_id: str | None = None,
+        note: str | None = None,
+    ) -> AlertRecord:
+        """Confirm (the image is misfiled), dismiss (a false alarm) or relabel (file the image under
+        ``patient_id``, by default the patient it matched) an open alert; recorded with who and when.
+        Under the enrolment lock: a relabel changes the labels an enrolment's check reads."""
+        state = ALERT_ACTIONS.get(action)
+        if state is None:
+            raise InvalidInputError(f"action must be one of {', '.join(ALERT_ACTIONS)}")
+        alert = self.alert(alert_id)
+        if action != "relabel" and patient_id is not None:
+            raise InvalidInputError("patient_id is only for the action 'relabel'")
+        new_patient = None
+        if action == "relabel":
+            new_patient = patient_id or alert.other_patient_id
+            if new_patient is None:
+                raise InvalidInputError(
+                    "relabel: give the patient_id to file the image under (this alert names no other patient)"
+                )
+        with self._enrol_lock:
+            try:
+                resolved = self.gallery.resolve_alert(
+                    alert_id, state=state, resolved_by=resolved_by, note=note, new_patient_id=new_patient
+                )
+            except AlertNotOpenError as exc:
+                raise ConflictError(
+                    f"alert {alert_id} is already {exc.alert.state}"
+                    + (f" (since {exc.alert.resolved_at})" if exc.alert.resolved_at else "")
+                    + "; nothing changed"
+                ) from None
+        if resolved is None:
+            raise NotFoundError(f"alert {alert_id} not found")
+        # ids only: the note and the patients stay out of the log
+        log.info("alert %d %s by %s (image %d)", alert_id, state, resolved_by, resolved.image_id)
+        self._alert_event(state, resolved)
+        return resolved
 
     def _alert(
         self, vector: np.ndarray, patient_id: str | None, collection: str, point: OperatingPoint
@@ -1091,6 +1209,25 @@ class ReidService:
         total_conflicts = sum(p.conflict for p in kept)
         kept.sort(key=lambda p: (-p.score, p.a.image_id, p.b.image_id))
         return DuplicateReport(kept, _clusters(kept), total_conflicts)
+
+
+def _new_alert(alert: Alert, point: OperatingPoint) -> NewAlert:
+    """An enrolment's alert as the gallery stores it, with the operating point it was decided at."""
+    return NewAlert(
+        kind=alert.kind,
+        message=alert.message,
+        score=alert.score,
+        other_patient_id=alert.other_patient_id,
+        other_image_id=alert.other_image_id,
+        own_best_score=alert.own_best_score,
+        own_images=alert.own_images,
+        operating_point={
+            "threshold": point.threshold,
+            "far": point.far,
+            "source": point.source,
+            "calibration": dict(point.calibration),
+        },
+    )
 
 
 def _clusters(pairs: list[DuplicatePair]) -> list[Cluster]:

@@ -92,6 +92,15 @@ class Settings(BaseSettings):
     lock_retry_seconds: float = Field(
         default=5.0, gt=0, description="how often a server whose gallery is locked tries to open it again"
     )
+    alert_webhook: str | None = Field(
+        default=None,
+        description="http(s) URL that every stored wrong-patient alert and its resolution is POSTed to "
+        "as JSON (app/alerts.py: background thread, bounded queue, retried with back-off)",
+    )
+    alert_webhook_attempts: int = Field(default=5, ge=1, le=20, description="deliveries tried per event")
+    alert_webhook_backoff_seconds: float = Field(
+        default=1.0, ge=0, description="wait before the first retry; doubled each time, at most 60 s"
+    )
 
     @field_validator("far")
     @classmethod
@@ -100,6 +109,16 @@ class Settings(BaseSettings):
         if not 0.0 < far < 1.0:
             raise ValueError("far must be in (0, 1)")
         return value.strip()
+
+    @field_validator("alert_webhook")
+    @classmethod
+    def _webhook_is_http(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        if not value.lower().startswith(("http://", "https://")):
+            raise ValueError("alert_webhook must be an http:// or https:// URL")
+        return value
 
     @property
     def api_key_list(self) -> list[str]:
