@@ -1,4 +1,4 @@
-"""Gallery and service subcommands of ``cxr-reid``: serve, healthcheck, check, enroll, reindex,
+"""Gallery and service subcommands of ``cxr-reid``: serve, healthcheck, check, enroll, sync, reindex,
 calibrate, audit, risk.
 
 ``register(subparsers)`` adds them to the CLI in ``app/cli.py``. Every command reads the same
@@ -210,6 +210,89 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
         len(summary.failed),
         summary.total,
     )
+    return 1 if summary.failed else 0
+
+
+def _pacs_headers(args: argparse.Namespace) -> dict[str, str]:
+    """--header 'Name: value' (repeatable), and CXR_REID_PACS_AUTHORIZATION for an Authorization
+    header that stays out of the process list."""
+    import os
+
+    headers = {}
+    for given in args.header or []:
+        name, sep, value = given.partition(":")
+        if not sep or not name.strip():
+            raise ValueError(f"--header {given!r}: expected 'Name: value'")
+        headers[name.strip()] = value.strip()
+    if os.environ.get("CXR_REID_PACS_AUTHORIZATION"):
+        headers.setdefault("Authorization", os.environ["CXR_REID_PACS_AUTHORIZATION"])
+    return headers
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    """Pull radiographs from a PACS (DICOMweb, or Orthanc's change feed); exit 0 done, 1 some
+    instances failed, 2 could not run."""
+    import threading
+
+    from index import GalleryError
+
+    from .services import ReidService
+    from .sync import (
+        SyncState,
+        SyncUnavailableError,
+        follow_orthanc_changes,
+        parse_modalities,
+        parse_since,
+        stop_on_signals,
+        sync_dicomweb,
+    )
+
+    try:
+        modalities = parse_modalities(args.modality)
+        since = "last" if args.since == "last" else parse_since(args.since)
+        headers = _pacs_headers(args)
+        if args.orthanc_changes and args.since:
+            raise ValueError("--since applies to --dicomweb; the change feed resumes from its cursor")
+        settings = _settings(args)
+        embedder, gallery = _open(settings)
+    except (GalleryError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    service = ReidService(
+        embedder,
+        gallery,
+        default_far=settings.far,
+        default_threshold=settings.threshold,
+        max_pixels=settings.max_pixels,
+    )
+    stop = threading.Event()
+    common = {
+        "collection": args.collection,
+        "modalities": modalities,
+        "headers": headers,
+        "stop": stop,
+        "progress": not args.no_progress,
+    }
+    try:
+        state = SyncState(settings.data_dir)
+        with stop_on_signals(stop):
+            if args.dicomweb:
+                summary = sync_dicomweb(service, args.dicomweb, state=state, since=since, **common)
+            else:
+                summary = follow_orthanc_changes(
+                    service,
+                    args.orthanc_changes,
+                    state=state,
+                    once=args.once,
+                    poll_seconds=args.poll,
+                    **common,
+                )
+    except SyncUnavailableError as exc:
+        log.error("sync could not run: %s", exc)
+        return 2
+    finally:
+        service.close()
+    log.info("sync %s: %s", args.dicomweb or args.orthanc_changes, summary.line())
     return 1 if summary.failed else 0
 
 
@@ -477,6 +560,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _device_arg(p)
     _common(p)
     p.set_defaults(func=_cmd_enroll)
+
+    p = subparsers.add_parser(
+        "sync",
+        help="pull radiographs from a PACS: DICOMweb (QIDO-RS + WADO-RS) or Orthanc's change feed",
+        description="--dicomweb URL: one pass over the PACS's studies (oldest first), resumable: the "
+        "studies fully done are kept in DATA_DIR/sync-state.json and not fetched again."
+        " --orthanc-changes URL: follow "
+        "Orthanc's /changes feed (its REST root), resuming from the stored sequence number, until stopped"
+        " (SIGINT/SIGTERM: after the current instance) or, with --once, until caught up. Each instance is"
+        " enrolled under its DICOM PatientID / StudyInstanceUID / SOPInstanceUID / ViewPosition with the "
+        "wrong-patient check; instances already in the collection are skipped, non-radiographs refused. "
+        "The gallery must not be open in a running server. Exit 0 done, 1 some instances failed, 2 could "
+        "not run.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dicomweb", metavar="URL", help="DICOMweb root, e.g. http://pacs:8042/dicom-web")
+    source.add_argument("--orthanc-changes", metavar="URL", help="Orthanc's REST root, e.g. http://pacs:8042")
+    p.add_argument(
+        "--since",
+        help="--dicomweb: studies from this StudyDate on (YYYY-MM-DD), or 'last': from the newest "
+        "StudyDate an earlier run saw",
+    )
+    p.add_argument("--modality", help="comma-separated radiograph modalities to enrol (default: CR,DR,DX,RG)")
+    p.add_argument("--collection", default="default", help="gallery collection (default: default)")
+    p.add_argument(
+        "--header",
+        action="append",
+        metavar="'NAME: VALUE'",
+        help="HTTP header for the PACS (repeatable); CXR_REID_PACS_AUTHORIZATION sets Authorization",
+    )
+    p.add_argument("--once", action="store_true", help="--orthanc-changes: stop when caught up")
+    p.add_argument(
+        "--poll", type=float, default=5.0, help="--orthanc-changes: seconds between polls when caught up"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _device_arg(p)
+    _common(p)
+    p.set_defaults(func=_cmd_sync)
 
     p = subparsers.add_parser(
         "reindex",

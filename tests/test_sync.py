@@ -1,0 +1,182 @@
+"""`cxr-reid sync` (issue 13 part 2): radiographs pulled from a real Orthanc PACS into a gallery.
+
+pydicom-written radiographs of the example children, child B's third image misfiled under child A and
+an MR, stored in Orthanc through its REST API; `cxr-reid sync --dicomweb` (QIDO-RS + WADO-RS) run in
+process with the shipped model: the gallery rows, the refused MR, the misfile's wrong-patient alert,
+the cursor (a second run fetches nothing), --since, and `--orthanc-changes --once` picking up an
+instance stored afterwards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import dicom_dataset
+from PIL import Image
+
+from app.cli import main
+from index import Gallery
+from models.embedder import Embedder
+from tests.orthanc import Orthanc, missing_reason
+from tests.serving import ROOT, free_port
+
+EXAMPLES = ROOT / "examples" / "radiographs"
+CR_STORAGE, MR_STORAGE = "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.4"
+STUDY_A, STUDY_B, STUDY_A2, STUDY_C = (f"1.2.826.0.1.3680043.8.498.7{n}" for n in range(1, 5))
+
+needs_orthanc = pytest.mark.skipif(missing_reason() is not None, reason=missing_reason() or "")
+
+
+def radiograph(
+    image: str, patient_id: str, study: str, date: str, *, view: str = "PA", modality: str = "CR"
+) -> tuple[str, bytes]:
+    """An example JPEG as a 16-bit grey DICOM file: its SOPInstanceUID and bytes. An MR gets its own
+    series and the MR SOP class."""
+    grey = np.asarray(Image.open(EXAMPLES / image).convert("L"), dtype=np.uint16) * 257
+    ds = dicom_dataset(
+        grey,
+        PatientID=patient_id,
+        StudyInstanceUID=study,
+        SeriesInstanceUID=study + (".1" if modality == "CR" else ".2"),
+        Modality=modality,
+        ViewPosition=view,
+        StudyDate=date,
+    )
+    if modality == "MR":
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MR_STORAGE
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return str(ds.SOPInstanceUID), buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def files() -> dict[str, tuple[str, bytes]]:
+    """Child A (1 May), child B's two images (2 May), B's third misfiled under child A (3 May) and an
+    MR in child A's first study; child C arrives later (the change-feed test)."""
+    return {
+        "a1": radiograph("child-a-1.jpeg", "child-A", STUDY_A, "20240501"),
+        "mr": radiograph("child-a-2.jpeg", "child-A", STUDY_A, "20240501", modality="MR"),
+        "b1": radiograph("child-b-1.jpeg", "child-B", STUDY_B, "20240502"),
+        "b2": radiograph("child-b-2.jpeg", "child-B", STUDY_B, "20240502", view="AP"),
+        "misfiled": radiograph("child-b-3.jpeg", "child-A", STUDY_A2, "20240503"),
+        "c1": radiograph("child-c-1.jpeg", "child-C", STUDY_C, "20240504"),
+    }
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory, files: dict[str, tuple[str, bytes]]):
+    if missing_reason() is not None:
+        pytest.skip(missing_reason() or "")
+    orthanc = Orthanc(tmp_path_factory.mktemp("orthanc"))
+    try:
+        for name in ("a1", "mr", "b1", "b2", "misfiled"):
+            assert orthanc.store(files[name][1])["Status"] == "Success"
+        yield orthanc
+    finally:
+        orthanc.stop()
+
+
+@pytest.fixture(autouse=True)
+def fast_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXR_REID_RUNTIME", "torch")  # no ONNX export at each command's model load
+    monkeypatch.delenv("CXR_REID_DATA_DIR", raising=False)
+    monkeypatch.delenv("CXR_REID_MODEL_PATH", raising=False)
+
+
+def rows(data_dir: Path) -> dict[str, tuple[str | None, str | None, str | None]]:
+    """SOPInstanceUID -> (patient id, study uid, view) of every gallery image."""
+    shipped = Embedder.from_checkpoint(None, runtime="torch")
+    with Gallery(data_dir, dim=shipped.dim, model_id=shipped.model_id) as gallery:
+        records, _ = gallery.list_images(limit=1000)
+    return {r.sop_instance_uid: (r.patient_id, r.study_instance_uid, r.view) for r in records}
+
+
+def summary(caplog: pytest.LogCaptureFixture) -> str:
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sync http")]
+    assert lines, caplog.text
+    caplog.clear()
+    return lines[-1]
+
+
+def sync(*args: str) -> int:
+    return main(["sync", *args, "--no-progress"])
+
+
+@needs_orthanc
+def test_sync_dicomweb_then_orthanc_changes(
+    pacs: Orthanc, files: dict[str, tuple[str, bytes]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    data = tmp_path / "data"
+    f = files
+    assert sync("--dicomweb", pacs.dicomweb, "--data-dir", str(data)) == 0, caplog.text
+    line = summary(caplog)
+    assert "studies 3 (+0 done before)" in line
+    assert "instances seen 5, enrolled 4, already there 0, refused 1, failed 0" in line
+    # studies oldest first: A, then B, then the misfile, which matches child B's images
+    got = rows(data)
+    assert got == {
+        f["a1"][0]: ("child-A", STUDY_A, "PA"),
+        f["b1"][0]: ("child-B", STUDY_B, "PA"),
+        f["b2"][0]: ("child-B", STUDY_B, "AP"),
+        f["misfiled"][0]: ("child-A", STUDY_A2, "PA"),
+    }
+    alert = re.search(r"alerts 1 \(image (\d+) matches_other_patient\)", line)
+    assert alert, line
+    assert "newest StudyDate 20240503" in line
+    state = json.loads((data / "sync-state.json").read_text())
+    [cursor] = state["sources"].values()
+    assert set(cursor["done_studies"]) == {STUDY_A, STUDY_B, STUDY_A2}
+
+    # the cursor: nothing is fetched again
+    assert sync("--dicomweb", pacs.dicomweb, "--data-dir", str(data)) == 0
+    line = summary(caplog)
+    assert "studies 0 (+3 done before)" in line and "instances seen 0, enrolled 0" in line
+
+    # a new study in the PACS, followed through Orthanc's change feed from its start: the earlier
+    # instances are already there (the MR refused from its tags), child C's is enrolled
+    pacs.store(f["c1"][1])
+    assert sync("--orthanc-changes", pacs.url, "--once", "--data-dir", str(data)) == 0, caplog.text
+    line = summary(caplog)
+    assert "instances seen 6, enrolled 1, already there 4, refused 1, failed 0; alerts 0" in line
+    assert rows(data)[f["c1"][0]] == ("child-C", STUDY_C, "PA")
+    # ... and from its stored sequence number the next time
+    assert sync("--orthanc-changes", pacs.url, "--once", "--data-dir", str(data)) == 0
+    assert "instances seen 0" in summary(caplog)
+
+
+@needs_orthanc
+def test_sync_since(
+    pacs: Orthanc, files: dict[str, tuple[str, bytes]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    pacs.store(files["c1"][1])  # (already there when the test above ran first)
+    data = tmp_path / "data"
+    assert sync("--dicomweb", pacs.dicomweb, "--since", "2024-05-02", "--data-dir", str(data)) == 0
+    line = summary(caplog)
+    assert "studies 3 (+0 done before)" in line and "enrolled 4" in line
+    assert sorted(p for p, _, _ in rows(data).values()) == ["child-A", "child-B", "child-B", "child-C"]
+    assert "matches_other_patient" in line  # B's images came first, then the misfile
+    # --since last: from the newest StudyDate seen (4 May): child C's study, done already
+    assert sync("--dicomweb", pacs.dicomweb, "--since", "last", "--data-dir", str(data)) == 0
+    assert "studies 0 (+1 done before)" in summary(caplog)
+
+
+def test_sync_cannot_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Exit 2 with the reason: nothing answers at the URL, or the arguments make no sense."""
+    caplog.set_level(logging.INFO)
+    data = str(tmp_path / "data")
+    nobody = f"http://127.0.0.1:{free_port()}"
+    assert sync("--dicomweb", f"{nobody}/dicom-web", "--data-dir", data) == 2
+    assert "did not answer the study query" in caplog.text
+    assert sync("--orthanc-changes", nobody, "--once", "--data-dir", data) == 2
+    assert "did not answer GET /changes" in caplog.text
+    assert sync("--dicomweb", f"{nobody}/dicom-web", "--modality", "CR,MR", "--data-dir", data) == 2
+    assert "only projection radiographs" in caplog.text
+    assert sync("--dicomweb", f"{nobody}/dicom-web", "--since", "May", "--data-dir", data) == 2
