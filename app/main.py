@@ -78,7 +78,8 @@ duplicate / conflicting-label discovery.
   vectors of another model: run `cxr-reid reindex`).
 * With API keys configured (`cxr-reid keys add`, or `CXR_REID_API_KEYS`), every route but /healthz
   and the status of /readyz needs `X-API-Key`, of scope `read` (embed, verify, search, list,
-  duplicates, metrics), `write` (enrol, delete) or `admin` (site calibration). Too many rejected
+  duplicates, alerts, metrics), `write` (enrol, resolve alerts, delete) or `admin` (site
+  calibration). Too many rejected
   keys from one address get 429 for a minute. Without keys the service binds loopback only.
 """
 
