@@ -258,12 +258,22 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     except (GalleryError, ValueError) as exc:
         log.error("%s", exc)
         return 2
+    webhook = None
+    if settings.alert_webhook is not None:  # the alerts a sync raises reach the service's webhook too
+        from .alerts import AlertWebhook
+
+        webhook = AlertWebhook(
+            settings.alert_webhook,
+            attempts=settings.alert_webhook_attempts,
+            backoff_seconds=settings.alert_webhook_backoff_seconds,
+        )
     service = ReidService(
         embedder,
         gallery,
         default_far=settings.far,
         default_threshold=settings.threshold,
         max_pixels=settings.max_pixels,
+        on_alert_event=webhook.send if webhook is not None else None,
     )
     stop = threading.Event()
     common = {
@@ -292,6 +302,8 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         return 2
     finally:
         service.close()
+        if webhook is not None:
+            webhook.close()
     log.info("sync %s: %s", args.dicomweb or args.orthanc_changes, summary.line())
     return 1 if summary.failed else 0
 

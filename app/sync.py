@@ -96,7 +96,10 @@ class SyncSummary:
             f"instances seen {self.seen}, enrolled {self.enrolled}, already there {self.already}, "
             f"refused {self.refused}, failed {len(self.failed)}"
         )
-        alerts = ", ".join(f"image {a.image_id} {a.alert.kind}" for a in self.alerts)
+        alerts = ", ".join(
+            f"image {a.image_id} {a.alert.kind}" + (f" alert {a.alert.alert_id}" if a.alert.alert_id else "")
+            for a in self.alerts
+        )
         parts.append(f"alerts {len(self.alerts)}" + (f" ({alerts})" if alerts else ""))
         if self.newest_study_date:
             parts.append(f"newest StudyDate {self.newest_study_date}")

@@ -97,6 +97,12 @@ def rows(data_dir: Path) -> dict[str, tuple[str | None, str | None, str | None]]
     return {r.sop_instance_uid: (r.patient_id, r.study_instance_uid, r.view) for r in records}
 
 
+def alerts(data_dir: Path) -> list:
+    shipped = Embedder.from_checkpoint(None, runtime="torch")
+    with Gallery(data_dir, dim=shipped.dim, model_id=shipped.model_id) as gallery:
+        return gallery.list_alerts()[0]
+
+
 def summary(caplog: pytest.LogCaptureFixture) -> str:
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sync http")]
     assert lines, caplog.text
@@ -127,8 +133,13 @@ def test_sync_dicomweb_then_orthanc_changes(
         f["b2"][0]: ("child-B", STUDY_B, "AP"),
         f["misfiled"][0]: ("child-A", STUDY_A2, "PA"),
     }
-    alert = re.search(r"alerts 1 \(image (\d+) matches_other_patient\)", line)
+    alert = re.search(r"alerts 1 \(image (\d+) matches_other_patient alert (\d+)\)", line)
     assert alert, line
+    misfile_image = int(alert.group(1))
+    stored = alerts(data)  # the gallery's alerts table, for review (GET /alerts)
+    assert [(a.alert_id, a.image_id, a.kind, a.patient_id, a.other_patient_id, a.state) for a in stored] == [
+        (int(alert.group(2)), misfile_image, "matches_other_patient", "child-A", "child-B", "open")
+    ]
     assert "newest StudyDate 20240503" in line
     state = json.loads((data / "sync-state.json").read_text())
     [cursor] = state["sources"].values()
