@@ -466,6 +466,7 @@ def follow_orthanc_changes(
     progress: bool = True,
     timeout: float = 60.0,
     sleep: Callable[[threading.Event, float], None] | None = None,
+    session: Any = None,
 ) -> SyncSummary:
     """Follow Orthanc's change log from the stored sequence number; see the module docstring.
 
@@ -480,7 +481,7 @@ def follow_orthanc_changes(
     base = url.rstrip("/")
     cursor = state.source("orthanc-changes", base, collection)
     summary = SyncSummary(last_change=int(cursor.get("since", 0)))
-    session = requests.Session()
+    session = session or requests.Session()
     session.headers.update(headers or {})
     try:
         _get(session, f"{base}/changes?last", timeout=timeout).raise_for_status()

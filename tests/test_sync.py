@@ -191,3 +191,83 @@ def test_sync_cannot_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> No
     assert sync("--dicomweb", f"{nobody}/dicom-web", "--modality", "CR,MR", "--data-dir", data) == 2
     assert "only projection radiographs" in caplog.text
     assert sync("--dicomweb", f"{nobody}/dicom-web", "--since", "May", "--data-dir", data) == 2
+
+
+class FakeOrthanc:
+    """requests.Session stand-in answering Orthanc's REST routes from a script; a route mapped to an
+    exception raises it once (Orthanc restarting)."""
+
+    def __init__(self, routes: dict[str, object]) -> None:
+        self.routes, self.headers, self.asked = routes, {}, []
+
+    def get(self, url: str, timeout: float) -> object:
+        import requests
+
+        path = url.removeprefix("http://pacs")
+        self.asked.append(path)
+        answer = self.routes[path]
+        if isinstance(answer, Exception):
+            self.routes[path] = self.routes[path + " (after)"]
+            raise answer
+        status, body = answer if isinstance(answer, tuple) else (200, answer)
+        response = requests.Response()
+        response.status_code = status
+        response._content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        response.url = url
+        return response
+
+    def close(self) -> None:
+        pass
+
+
+def test_orthanc_changes_survive_errors_bad_instances_and_a_new_database(
+    embedder: Embedder, files: dict[str, tuple[str, bytes]], tmp_path: Path
+) -> None:
+    """No Orthanc needed: a connection error is retried after a pause, an unreadable instance is counted
+    as failed while the next one is enrolled, and a change log that restarts below the stored sequence
+    number (a new Orthanc database) is followed from 0."""
+    import requests
+
+    from app.services import ReidService
+    from app.sync import SyncState, follow_orthanc_changes
+
+    sop, good = files["c1"]
+    change = {"ChangeType": "NewInstance", "ResourceType": "Instance"}
+    routes: dict[str, object] = {
+        "/changes?last": {"Changes": [], "Done": True, "Last": 3},
+        "/changes?since=0&limit=100": requests.ConnectionError("connection refused"),
+        "/changes?since=0&limit=100 (after)": {
+            "Changes": [{**change, "ID": "bad", "Seq": 1}, {**change, "ID": "good", "Seq": 2}],
+            "Done": True,
+            "Last": 3,
+        },
+        "/instances/bad/tags?simplify": {"SOPInstanceUID": "1.2.3.4", "Modality": "CR"},
+        "/instances/bad/file": b"\0" * 200,
+        "/instances/good/tags?simplify": {"SOPInstanceUID": sop, "Modality": "CR"},
+        "/instances/good/file": good,
+    }
+    pauses: list[float] = []
+    with Gallery(tmp_path / "data", dim=embedder.dim, model_id=embedder.model_id) as gallery:
+        service = ReidService(embedder, gallery)
+        state = SyncState(tmp_path / "data")
+        run = {"state": state, "once": True, "progress": False, "sleep": lambda _, s: pauses.append(s)}
+        first = follow_orthanc_changes(service, "http://pacs", session=FakeOrthanc(routes), **run)
+        assert (first.seen, first.enrolled, first.last_change) == (2, 1, 3)
+        assert [name for name, _ in first.failed] == ["1.2.3.4"] and pauses == [1.0]
+        assert gallery.find_by_sop_instance_uid(sop).patient_id == "child-C"
+
+        # Orthanc comes back with a new database: its log ends at 1, below the stored 3
+        routes["/changes?last"] = {"Changes": [], "Done": True, "Last": 1}
+        routes["/changes?since=3&limit=100"] = {"Changes": [], "Done": True, "Last": 1}
+        routes["/changes?since=0&limit=100"] = {
+            "Changes": [{**change, "ID": "good", "Seq": 1}],
+            "Done": True,
+            "Last": 1,
+        }
+        fake = FakeOrthanc(routes)
+        again = follow_orthanc_changes(service, "http://pacs", session=fake, **run)
+        assert (again.seen, again.already, again.enrolled, again.last_change) == (1, 1, 0, 1)
+        assert "/instances/good/file" not in fake.asked  # known from its tags: not downloaded
+        assert json.loads(state.path.read_text())["sources"]["orthanc-changes http://pacs default"] == {
+            "since": 1
+        }
