@@ -195,6 +195,12 @@ def test_alert_scopes_and_who_resolved(make_app: Callable[..., TestClient], tmp_
     done = client.post(url, json={"action": "relabel", "patient_id": "child-B"}, headers=write).json()
     assert done["resolved_by"] == tokens["write"][0].key_id and done["new_patient_id"] == "child-B"
     assert client.get(f"/images/{misfile['image_id']}", headers=read).json()["patient_id"] == "child-B"
+    # a key limited to another collection: that collection's alerts only; this one's are "not found"
+    ward = {"X-API-Key": store.add("write", collections=["ward"])[1]}
+    assert client.get("/alerts", headers=ward).status_code == 403  # it must name its collection
+    assert client.get("/alerts?collection=ward", headers=ward).json()["total"] == 0
+    assert client.get(url, headers=ward).status_code == 404
+    assert client.post(url, json={"action": "confirm"}, headers=ward).status_code == 404
 
 
 # ------------------------------------------------------------------------------------------ the webhook
