@@ -222,6 +222,10 @@ class Enroller:
         except (GalleryError, ValueError) as exc:
             self.fail(sop, f"could not be stored: {exc}")
             return False
+        except Exception as exc:  # anything else is still one instance's failure, not the run's
+            log.exception("instance %s: unexpected error", sop)
+            self.fail(sop, f"unexpected error: {exc!r}")
+            return False
         summary.enrolled += 1
         if result.alert is not None:
             image_id = result.record.image_id
