@@ -39,7 +39,7 @@ from .alerts import AlertWebhook
 from .dependencies import require_scope
 from .keys import FailedAuthLimiter, KeyStore
 from .middleware import BodyLimitMiddleware, MetricsMiddleware, ServiceMetrics, route_template
-from .routers import alerts, calibration, dicomweb, duplicates, embed, health, images, search, verify
+from .routers import alerts, calibration, dicomweb, duplicates, embed, health, images, review, search, verify
 from .schemas import ErrorResponse, FieldError, error_responses
 from .services import (
     ALERT_ACTIONS,
@@ -286,6 +286,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         app.include_router(
             module.router, dependencies=secured, responses=error_responses(400, 401, 403, 422, 429, 500, 503)
         )
+    app.include_router(review.router)  # HTML for people; it checks the key (header or cookie) itself
     app.openapi = _openapi_with_form_descriptions(app)
 
     _add_error_handlers(app)

@@ -1,0 +1,200 @@
+"""The review page (issue 13, part 4): GET /review on a real uvicorn server with API keys, signed in
+through its login form, rendered in headless Chromium (two thumbnails per alert, drawn), an alert
+relabelled through the page's own form (fields, cookie and anti-CSRF token as a browser posts them)
+and the gallery checked through the API; login, scopes, CSRF and escaping."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from html.parser import HTMLParser
+from pathlib import Path
+
+import httpx
+import pytest
+from browser import needs_chromium, render, screenshot
+from PIL import Image
+
+from app.keys import KeyStore
+from tests.serving import ROOT, Server, free_port, server_env, uvicorn_command
+
+EXAMPLES = ROOT / "examples" / "radiographs"
+HOSTILE = '<script>alert("x")</script>&<i onmouseover=x>'
+
+
+class Forms(HTMLParser):
+    """The <form>s of a page: action, method and the fields a browser would send (the clicked
+    button's name/value added by the caller)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forms: list[dict] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "form":
+            self.forms.append(
+                {"action": a.get("action"), "method": a.get("method"), "fields": {}, "buttons": []}
+            )
+        elif tag == "input" and self.forms and a.get("name"):
+            self.forms[-1]["fields"][a["name"]] = a.get("value") or ""
+        elif tag == "button" and self.forms and a.get("name"):
+            self.forms[-1]["buttons"].append((a["name"], a.get("value") or ""))
+
+
+def forms_of(html: str) -> list[dict]:
+    parser = Forms()
+    parser.feed(html)
+    return parser.forms
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, dict[str, str]]]:
+    data = tmp_path_factory.mktemp("review") / "data"
+    data.mkdir()
+    store = KeyStore(data / "keys.json")
+    tokens = {scope: store.add(scope)[1] for scope in ("read", "write")}
+    port = free_port()
+    server = Server(uvicorn_command(port), server_env(data), port, data.parent / "server.log")
+    write = {"X-API-Key": tokens["write"]}
+
+    def enrol(patient: str, name: str, collection: str = "default") -> dict:
+        files = [("files", (name, (EXAMPLES / name).read_bytes(), "image/jpeg"))]
+        answer = httpx.post(
+            f"{server.url}/images",
+            files=files,
+            data={"patient_id": patient, "collection": collection, "view": "PA", "study_date": "20240502"},
+            headers=write,
+            timeout=60,
+        )
+        assert answer.status_code == 201, answer.text
+        return answer.json()["images"][0]
+
+    try:
+        enrol("child-B", "child-b-1.jpeg")
+        enrol("child-B", "child-b-2.jpeg")
+        misfile = enrol("child-A", "child-b-3.jpeg")  # B's radiograph filed under child A
+        assert misfile["alert"]["kind"] == "matches_other_patient"
+        # a hostile patient id, in a collection of its own
+        enrol(HOSTILE, "child-c-1.jpeg", collection="hostile")
+        assert enrol("child-D", "child-c-2.jpeg", collection="hostile")["alert"] is not None
+        yield (
+            server,
+            {**tokens, "alert": str(misfile["alert"]["alert_id"]), "image": str(misfile["image_id"])},
+        )
+    finally:
+        server.stop()
+
+
+def login(url: str, token: str) -> httpx.Client:
+    client = httpx.Client(base_url=url, timeout=60)
+    page = client.get("/review")
+    assert page.status_code == 401 and 'name="api_key"' in page.text  # the login form
+    [form] = forms_of(page.text)
+    signed = client.post(form["action"], data={"api_key": token})
+    assert signed.status_code == 303 and signed.headers["location"] == "/review"
+    cookie = signed.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie
+    return client
+
+
+def resolve_form(html: str, alert_id: str) -> dict:
+    [form] = [f for f in forms_of(html) if f["action"] == f"/review/alerts/{alert_id}"]
+    return form
+
+
+@needs_chromium
+def test_review_page_in_chromium_relabels_an_alert(server: tuple[Server, dict], tmp_path: Path) -> None:
+    srv, ids = server
+    client = login(srv.url, ids["write"])
+    before = client.get("/review", params={"collection": "default"})
+    assert before.status_code == 200 and before.headers["cache-control"] == "no-store"
+    page = tmp_path / "review.html"
+    page.write_text(before.text, encoding="utf-8")
+    dom = render(page)
+    assert f'id="alert-{ids["alert"]}"' in dom
+    alert_html = dom.split(f'id="alert-{ids["alert"]}"', 1)[1].split("</article>", 1)[0]
+    assert alert_html.count("<img") == 2 and "child-A" in alert_html and "child-B" in alert_html
+    assert "20240502" in alert_html and "PA" in alert_html
+    images = int(re.search(r'data-images="(\d+)"', dom).group(1))
+    assert images >= 2 and re.search(r'data-images-loaded="(\d+)"', dom).group(1) == str(images)
+    shot = screenshot(page, tmp_path / "review.png", size="1100,900")
+    if os.environ.get("CXR_REID_REVIEW_SCREENSHOT"):  # scripts/review-screenshot.sh
+        Image.open(shot).convert("RGB").quantize(colors=128).save(
+            os.environ["CXR_REID_REVIEW_SCREENSHOT"], optimize=True
+        )
+
+    # the relabel button, as a browser submits the form: its fields, the button, the cookie
+    form = resolve_form(before.text, ids["alert"])
+    assert form["method"] == "post" and form["fields"]["patient_id"] == "child-B" and form["fields"]["csrf"]
+    assert ("action", "relabel") in form["buttons"] and ("action", "dismiss") in form["buttons"]
+    posted = client.post(
+        form["action"], data={**form["fields"], "note": "seen in the PACS", "action": "relabel"}
+    )
+    assert posted.status_code == 303
+    after = client.get(posted.headers["location"])
+    assert after.status_code == 200 and f"alert {ids['alert']} relabelled" in after.text
+    assert f'id="alert-{ids["alert"]}"' not in after.text
+    page.write_text(after.text, encoding="utf-8")
+    assert f'id="alert-{ids["alert"]}"' not in render(page)
+    # the gallery changed, recorded with who
+    read = {"X-API-Key": ids["read"]}
+    assert httpx.get(f"{srv.url}/images/{ids['image']}", headers=read).json()["patient_id"] == "child-B"
+    alert = httpx.get(f"{srv.url}/alerts/{ids['alert']}", headers=read).json()
+    assert alert["state"] == "relabelled" and alert["note"] == "seen in the PACS" and alert["resolved_by"]
+    # resolving again: the page says why, nothing changes
+    again = client.post(form["action"], data={**form["fields"], "action": "dismiss"})
+    assert again.status_code == 409 and "already relabelled" in again.text
+
+
+def test_login_scopes_and_csrf(server: tuple[Server, dict]) -> None:
+    srv, ids = server
+    url = f"{srv.url}/review/alerts/{ids['alert']}"
+    assert httpx.get(f"{srv.url}/review").status_code == 401
+    assert httpx.post(url, data={"action": "dismiss"}).status_code == 401
+    wrong = httpx.post(f"{srv.url}/review/login", data={"api_key": "not-a-key"})
+    assert wrong.status_code == 401 and "not valid" in wrong.text and "set-cookie" not in wrong.headers
+    assert httpx.get(f"{srv.url}/review", cookies={"cxr_reid_review": "not-a-key"}).status_code == 401
+    # the header works as for the API
+    assert httpx.get(f"{srv.url}/review", headers={"X-API-Key": ids["read"]}).status_code == 200
+    # a read key may look, not resolve
+    reader = login(srv.url, ids["read"])
+    page = reader.get("/review", params={"collection": "*"})
+    assert page.status_code == 200
+    [form] = [f for f in forms_of(page.text) if f["action"].startswith("/review/alerts/")][:1]
+    refused = reader.post(form["action"], data={**form["fields"], "action": "dismiss"})
+    assert refused.status_code == 403
+    # a write key without the anti-CSRF token, or with another session's
+    writer = login(srv.url, ids["write"])
+    fields = resolve_form(
+        writer.get("/review", params={"collection": "*"}).text, form["action"].rsplit("/", 1)[1]
+    )
+    del fields["fields"]["csrf"]
+    assert writer.post(form["action"], data={**fields["fields"], "action": "dismiss"}).status_code == 403
+    other = {**form["fields"], "action": "dismiss"}  # the read session's token
+    assert writer.post(form["action"], data=other).status_code == 403
+    alert_id = form["action"].rsplit("/", 1)[1]
+    assert (
+        httpx.get(f"{srv.url}/alerts/{alert_id}", headers={"X-API-Key": ids["read"]}).json()["state"]
+        == "open"
+    )
+    # signing out forgets the cookie
+    out = writer.post("/review/logout")
+    assert out.status_code == 303 and writer.get("/review").status_code == 401
+
+
+def test_hostile_patient_id_is_escaped(server: tuple[Server, dict]) -> None:
+    srv, ids = server
+    html = httpx.get(
+        f"{srv.url}/review", params={"collection": "hostile"}, headers={"X-API-Key": ids["read"]}
+    ).text
+    assert "<script>alert(" not in html and "<i onmouseover" not in html
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;&amp;&lt;i onmouseover=x&gt;" in html
+    assert "child-D" in html
+
+
+def test_review_routes_stay_out_of_openapi(server: tuple[Server, dict]) -> None:
+    srv, ids = server
+    paths = httpx.get(f"{srv.url}/openapi.json").json()["paths"]
+    assert not [p for p in paths if p.startswith("/review")]
