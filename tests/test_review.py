@@ -198,3 +198,28 @@ def test_review_routes_stay_out_of_openapi(server: tuple[Server, dict]) -> None:
     srv, ids = server
     paths = httpx.get(f"{srv.url}/openapi.json").json()["paths"]
     assert not [p for p in paths if p.startswith("/review")]
+
+
+def test_open_without_keys(tmp_path: Path) -> None:
+    """No keys configured (loopback): the page needs no login, and its forms still need the token."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+    from models.embedder import Embedder
+
+    embedder = Embedder.from_checkpoint(None, runtime="torch")
+    with TestClient(create_app(Settings(data_dir=tmp_path / "data"), embedder=embedder)) as client:
+        for patient, name in (("child-B", "child-b-1.jpeg"), ("child-A", "child-b-2.jpeg")):
+            files = [("files", (name, (EXAMPLES / name).read_bytes(), "image/jpeg"))]
+            assert client.post("/images", files=files, data={"patient_id": patient}).status_code == 201
+        page = client.get("/review")
+        assert page.status_code == 200 and "Sign out" not in page.text and page.text.count("<img") >= 2
+        [form] = [f for f in forms_of(page.text) if f["action"].startswith("/review/alerts/")]
+        assert client.post(form["action"], data={"action": "dismiss"}).status_code == 403  # no token
+        done = client.post(
+            form["action"], data={**form["fields"], "action": "dismiss"}, follow_redirects=False
+        )
+        assert done.status_code == 303
+        alert = client.get("/alerts/" + form["action"].rsplit("/", 1)[1]).json()
+        assert alert["state"] == "dismissed" and alert["resolved_by"] == "anonymous"
