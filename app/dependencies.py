@@ -49,7 +49,7 @@ def _client_address(request: Request) -> str:
     return request.client.host if request.client is not None else "unknown"
 
 
-def _authorise(request: Request, api_key: str | None, scope: str) -> None:
+def authorise(request: Request, api_key: str | None, scope: str) -> None:
     """401 unless a key with at least ``scope`` is presented; 403 for a key of a lower scope; 429
     for an address with too many rejected keys. No keys configured at all: the API is open (and
     ``cxr-reid serve`` then binds loopback only)."""
@@ -97,7 +97,7 @@ def require_scope(scope: str) -> Callable[..., None]:
         raise ValueError(f"unknown scope {scope!r}")
 
     def dependency(request: Request, api_key: Annotated[str | None, Depends(_api_key_header)] = None) -> None:
-        _authorise(request, api_key, scope)
+        authorise(request, api_key, scope)
 
     return dependency
 
@@ -106,7 +106,7 @@ def has_scope(request: Request, scope: str) -> bool:
     """Whether the request may see what needs ``scope`` (open API, or a good enough key), without
     refusing it: for routes that answer everyone but say more to key holders."""
     try:
-        _authorise(request, request.headers.get("X-API-Key"), scope)
+        authorise(request, request.headers.get("X-API-Key"), scope)
     except HTTPException:
         return False
     return True

@@ -28,7 +28,7 @@ AlertIdPath = Annotated[int, Path(ge=1, le=MAX_IMAGE_ID, description="a stored a
 NOT_FOUND = error_responses(404, e404="unknown alert id")
 
 
-def _visible(access: Access, alert: AlertRecord) -> AlertRecord:
+def visible_alert(access: Access, alert: AlertRecord) -> AlertRecord:
     """An alert of a collection the key may not use is "not found" (like its image)."""
     if access.key is not None and not access.key.allows_collection(alert.collection):
         raise NotFoundError(f"alert {alert.alert_id} not found")
@@ -73,7 +73,7 @@ def list_alerts(
     responses=NOT_FOUND,
 )
 def get_alert(service: ServiceDep, access: AccessDep, alert_id: AlertIdPath) -> AlertItem:
-    return AlertItem.of_view(service.alert_view(_visible(access, service.alert(alert_id))))
+    return AlertItem.of_view(service.alert_view(visible_alert(access, service.alert(alert_id))))
 
 
 @router.post(
@@ -96,7 +96,7 @@ def get_alert(service: ServiceDep, access: AccessDep, alert_id: AlertIdPath) -> 
 def resolve_alert(
     service: ServiceDep, access: AccessDep, alert_id: AlertIdPath, body: AlertResolution
 ) -> AlertItem:
-    _visible(access, service.alert(alert_id))
+    visible_alert(access, service.alert(alert_id))
     resolved = service.resolve_alert(
         alert_id,
         action=body.action,

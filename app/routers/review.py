@@ -34,11 +34,11 @@ from index import ImageRecord
 from models.preprocess import PreprocessConfig
 
 from ..clientargs import collection_arg
-from ..dependencies import ServiceDep, _authorise, get_access
+from ..dependencies import ServiceDep, authorise, get_access
 from ..reports import png_data_uri, render
 from ..schemas import AlertResolution
 from ..services import ReidService, ServiceError, decode_source
-from .alerts import AlertIdPath, _visible
+from .alerts import AlertIdPath, visible_alert
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def _login_page(request: Request, message: str = "", status: int = 401) -> HTMLR
 def _signed_in(request: Request, scope: str) -> bool:
     """Authorise the header or cookie credential; False (no exception) when none or a bad one."""
     try:
-        _authorise(request, _credential(request), scope)
+        authorise(request, _credential(request), scope)
     except HTTPException as exc:
         if exc.status_code == 401:
             return False
@@ -205,7 +205,7 @@ def review_page(
 @router.post("/review/login", name="review_login")
 def review_login(request: Request, api_key: Annotated[str, Form(max_length=512)] = "") -> Response:
     try:
-        _authorise(request, api_key.strip(), "read")
+        authorise(request, api_key.strip(), "read")
     except HTTPException as exc:
         if exc.status_code == 401:
             return _login_page(request, "That API key is not valid.")
@@ -242,7 +242,7 @@ def review_resolve(
     collection: Annotated[str, Form(max_length=300)] = "",
 ) -> Response:
     credential = _credential(request)
-    _authorise(request, credential, "write")
+    authorise(request, credential, "write")
     if not hmac.compare_digest(csrf.encode(), csrf_token(request, credential).encode()):
         raise HTTPException(
             status_code=403, detail="missing or wrong anti-CSRF token: reload the review page"
@@ -254,7 +254,7 @@ def review_resolve(
             patient_id=(patient_id or None) if action == "relabel" else None,
             note=note.strip() or None,
         )
-        _visible(access, service.alert(alert_id))
+        visible_alert(access, service.alert(alert_id))
         resolved = service.resolve_alert(
             alert_id,
             action=body.action,
