@@ -20,7 +20,7 @@ from ..dependencies import (
     require_scope,
 )
 from ..schemas import AlertItem, AlertPage, AlertResolution, AlertState, error_responses
-from ..services import NotFoundError
+from ..services import NotFoundError, ReidService
 
 router = APIRouter(tags=["alerts"])
 
@@ -96,12 +96,17 @@ def get_alert(service: ServiceDep, access: AccessDep, alert_id: AlertIdPath) -> 
 def resolve_alert(
     service: ServiceDep, access: AccessDep, alert_id: AlertIdPath, body: AlertResolution
 ) -> AlertItem:
+    return AlertItem.of_view(service.alert_view(resolve_as(service, access, alert_id, body)))
+
+
+def resolve_as(service: ReidService, access: Access, alert_id: int, body: AlertResolution) -> AlertRecord:
+    """Resolve an alert the key may see, recorded with the key's id (``anonymous`` without keys): the
+    one path of ``POST /alerts/{id}`` and the review page's forms."""
     visible_alert(access, service.alert(alert_id))
-    resolved = service.resolve_alert(
+    return service.resolve_alert(
         alert_id,
         action=body.action,
         resolved_by=access.key.key_id if access.key is not None else "anonymous",
         patient_id=body.patient_id,
         note=body.note,
     )
-    return AlertItem.of_view(service.alert_view(resolved))

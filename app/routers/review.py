@@ -38,7 +38,7 @@ from ..dependencies import ServiceDep, authorise, get_access
 from ..reports import png_data_uri, render
 from ..schemas import AlertResolution
 from ..services import ReidService, ServiceError, decode_source
-from .alerts import AlertIdPath, visible_alert
+from .alerts import AlertIdPath, resolve_as
 
 log = logging.getLogger(__name__)
 
@@ -254,14 +254,7 @@ def review_resolve(
             patient_id=(patient_id or None) if action == "relabel" else None,
             note=note.strip() or None,
         )
-        visible_alert(access, service.alert(alert_id))
-        resolved = service.resolve_alert(
-            alert_id,
-            action=body.action,
-            resolved_by=access.key.key_id if access.key is not None else "anonymous",
-            patient_id=body.patient_id,
-            note=body.note,
-        )
+        resolved = resolve_as(service, access, alert_id, body)
     except ServiceError as exc:
         from ..main import STATUS_OF_SERVICE_ERROR  # here: app.main imports the routers
 
