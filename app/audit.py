@@ -196,10 +196,15 @@ def _pair_correlations(signatures: np.ndarray, a: np.ndarray, b: np.ndarray) -> 
     return out
 
 
+def _median_spread(values: np.ndarray) -> tuple[float, float]:
+    """Median and robust spread (1.4826 x the median absolute deviation: a normal's sd)."""
+    median = float(np.median(values))
+    return median, 1.4826 * float(np.median(np.abs(values - median)))
+
+
 def _robust_z(values: np.ndarray) -> np.ndarray:
-    median = np.median(values)
-    mad = 1.4826 * np.median(np.abs(values - median))
-    return (values - median) / max(mad, 1e-6)
+    median, spread = _median_spread(values)
+    return (values - median) / max(spread, 1e-6)
 
 
 def _centred(signatures: np.ndarray) -> np.ndarray:
@@ -315,8 +320,7 @@ def find_issues(
         template_corr[rows] = _correlations(corpus.signatures, rows, t)
         inverted = _correlations(255 - corpus.signatures, rows, t)
         z_template = _robust_z(template_corr[rows])
-        median = float(np.median(template_corr[rows]))
-        spread = 1.4826 * float(np.median(np.abs(template_corr[rows] - median)))
+        median, spread = _median_spread(template_corr[rows])
         unlike_below = min(UNLIKE_BELOW, median - 2.0 * spread)
         z_typical = _robust_z(typicality[rows])
         for j, i in enumerate(rows):

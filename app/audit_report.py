@@ -13,7 +13,6 @@ import io
 import math
 from collections import Counter
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from models.embedder import Embedder
 
 from .audit import FINDING_TYPES, AuditResult
 from .corpus import load_for_display
-from .reports import histogram_svg, png_data_uri, render, write_json, write_text
+from .reports import histogram_svg, package_version, png_data_uri, render, write_json, write_text
 
 HTML_FINDINGS = 300
 HTML_THUMBNAILS = 8
@@ -33,13 +32,6 @@ TITLES = {
     "exact_duplicate": "Exact and near-exact duplicates",
     "outlier": "Images that do not belong",
 }
-
-
-def _version() -> str:
-    try:
-        return version("cxr-reid")
-    except PackageNotFoundError:  # pragma: no cover - running from a checkout without install
-        return "dev"
 
 
 def to_dict(result: AuditResult) -> dict[str, Any]:
@@ -188,7 +180,7 @@ def render_html(result: AuditResult, report: dict[str, Any], embedder: Embedder)
     ]
     return render(
         "audit.html.j2",
-        version=_version(),
+        version=package_version(),
         model_id=report["model_id"],
         created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         report=report,

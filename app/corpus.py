@@ -35,6 +35,7 @@ from tqdm import tqdm
 from index._fs import atomic_write
 from models.data import ManifestError, read_manifest
 from models.embedder import Embedder
+from models.preprocess import Radiograph
 
 from .enrollment import decode_workers, items_from_folder
 from .services import InvalidInputError, decode_source, sha256_of
@@ -227,6 +228,14 @@ def pixel_hash_of(prepared: np.ndarray) -> str:
     return hashlib.sha256(quantised.tobytes()).hexdigest()
 
 
+def _decode_prepare(embedder: Embedder, data: bytes, max_pixels: int) -> tuple[Radiograph, np.ndarray]:
+    """Decode one file as the service does and prepare it as the model sees it."""
+    radiograph = decode_source(
+        data, max_pixels=max_pixels, name="the file", config=embedder.preprocess_config
+    )
+    return radiograph, embedder.prepare(radiograph)
+
+
 @dataclass
 class _Row:
     sha: str = ""
@@ -254,15 +263,14 @@ def embed_corpus(
 
     A folder image without a patient id takes the DICOM ``PatientID`` of its file.
     """
-    config = embedder.preprocess_config
     folder = _cache_folder(Path(cache_dir), embedder.model_id) if cache_dir is not None else None
     cache = _read_cache(folder) if folder is not None and folder.is_dir() else {}
     on_disk = set(cache)
     n = len(images)
     vectors = np.zeros((n, embedder.dim), dtype=np.float32)
     signatures = np.zeros((n, SIGNATURE_SIDE**2), dtype=np.uint8)
-    shas, pixel_hashes, errors, tags = [""] * n, [""] * n, [None] * n, [""] * n
-    errors_out: list[str | None] = list(errors)
+    shas, pixel_hashes, tags = [""] * n, [""] * n, [""] * n
+    errors: list[str | None] = [None] * n
     fresh: list[tuple[str, np.ndarray, np.ndarray, str, str]] = []
     cached = 0
 
@@ -275,8 +283,7 @@ def embed_corpus(
         if row.sha in cache:
             return row
         try:
-            radiograph = decode_source(data, max_pixels=max_pixels, name="the file", config=config)
-            row.prepared = embedder.prepare(radiograph)
+            radiograph, row.prepared = _decode_prepare(embedder, data, max_pixels)
             row.tag = radiograph.identifiers.get("PatientID", "")
         except (InvalidInputError, ValueError) as exc:
             row.error = str(exc).removeprefix("the file: ")
@@ -291,7 +298,7 @@ def embed_corpus(
             for i, row in zip(chunk, rows, strict=True):
                 shas[i] = row.sha
                 if row.error is not None:
-                    errors_out[i] = row.error
+                    errors[i] = row.error
                 elif row.sha in cache:
                     vectors[i], signatures[i], pixel_hashes[i], tags[i] = cache[row.sha]
                     cached += row.sha in on_disk
@@ -329,24 +336,19 @@ def embed_corpus(
         signatures=signatures,
         sha256=shas,
         pixel_hash=pixel_hashes,
-        errors=errors_out,
+        errors=errors,
         model_id=embedder.model_id,
         cached=cached,
     )
 
 
-def load_for_display(image: CorpusImage, embedder: Embedder, side: int = 160) -> np.ndarray | None:
+def load_for_display(
+    image: CorpusImage, embedder: Embedder, side: int = 160, max_pixels: int = 50_000_000
+) -> np.ndarray | None:
     """The model's view of one image at ``side`` pixels (uint8), for report thumbnails; None if
     the file is no longer usable."""
     try:
-        prepared = embedder.prepare(
-            decode_source(
-                image.path.read_bytes(),
-                max_pixels=50_000_000,
-                name="the file",
-                config=embedder.preprocess_config,
-            )
-        )
+        _, prepared = _decode_prepare(embedder, image.path.read_bytes(), max_pixels)
     except (OSError, InvalidInputError, ValueError):
         return None
     small = Image.fromarray(prepared.astype(np.float32), mode="F").resize(

@@ -14,6 +14,8 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
+from functools import cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,15 @@ def _environment() -> jinja2.Environment:
     env.filters["pct"] = lambda x, digits=1: "n/a" if x is None else f"{100 * x:.{digits}f}%"
     env.filters["num"] = lambda x, digits=4: "n/a" if x is None else f"{x:.{digits}f}"
     return env
+
+
+@cache
+def package_version() -> str:
+    """cxr-reid's installed version, which every report and page names ("dev" from a bare checkout)."""
+    try:
+        return version("cxr-reid")
+    except PackageNotFoundError:  # pragma: no cover - running from a checkout without install
+        return "dev"
 
 
 def render(template: str, **context: Any) -> str:

@@ -35,7 +35,6 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,15 @@ from models.scorenorm import ScoreNorm
 
 from .corpus import CorpusError, CorpusImage, embed_corpus, load_corpus, load_for_display
 from .enrollment import decode_workers
-from .reports import curve_svg, png_data_uri, prepare_out_dir, render, write_json, write_text
+from .reports import (
+    curve_svg,
+    package_version,
+    png_data_uri,
+    prepare_out_dir,
+    render,
+    write_json,
+    write_text,
+)
 from .services import InvalidInputError, decode_source, image_key
 
 log = logging.getLogger(__name__)
@@ -542,13 +549,6 @@ class RiskInputs:
     seed: int = 0
 
 
-def _version() -> str:
-    try:
-        return version("cxr-reid")
-    except PackageNotFoundError:  # pragma: no cover
-        return "unknown"
-
-
 def parse_fars(text: str | Sequence[str] | None, calibration: Calibration) -> dict[str, float]:
     """FAR keys -> thresholds of the model's calibration; RiskError for a FAR it cannot place."""
     items = DEFAULT_FARS if text is None else text.split(",") if isinstance(text, str) else text
@@ -756,7 +756,7 @@ def assess(inputs: RiskInputs, embedder: Embedder) -> dict[str, Any]:
         )
     headline_far = HEADLINE_FAR if HEADLINE_FAR in thresholds else next(iter(thresholds))
     return {
-        "version": _version(),
+        "version": package_version(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "model_id": embedder.model_id,
         "calibration": calibration.summary(),

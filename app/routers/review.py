@@ -20,7 +20,6 @@ import logging
 import secrets
 from datetime import UTC, datetime
 from functools import lru_cache
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path as FilePath
 from typing import Annotated
 
@@ -35,7 +34,7 @@ from models.preprocess import PreprocessConfig
 
 from ..clientargs import collection_arg
 from ..dependencies import ServiceDep, authorise, get_access
-from ..reports import png_data_uri, render
+from ..reports import package_version, png_data_uri, render
 from ..schemas import AlertResolution
 from ..services import ReidService, ServiceError, decode_source
 from .alerts import AlertIdPath, resolve_as
@@ -65,13 +64,6 @@ def _credential(request: Request) -> str | None:
 def csrf_token(request: Request, credential: str | None) -> str:
     """The anti-CSRF token of a session: an HMAC of its credential (none: the open API)."""
     return hmac.new(_secret(request), (credential or "").encode(), hashlib.sha256).hexdigest()
-
-
-def _version() -> str:
-    try:
-        return version("cxr-reid")
-    except PackageNotFoundError:
-        return "dev"
 
 
 @lru_cache(maxsize=1024)
@@ -139,7 +131,7 @@ def _page(
     ]
     html = render(
         "review.html.j2",
-        version=_version(),
+        version=package_version(),
         model_id=service.model_id,
         created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         alerts=alerts,
@@ -162,7 +154,7 @@ def _page(
 def _login_page(request: Request, message: str = "", status: int = 401) -> HTMLResponse:
     html = render(
         "review_login.html.j2",
-        version=_version(),
+        version=package_version(),
         model_id="",
         created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         message=message,
