@@ -42,9 +42,21 @@ class DataConfig:
     test_fraction: float = 0.2
     split_seed: int = 0
     holdout_sets: list[str] = field(default_factory=list)  # whole sets kept out of training (unseen site)
+    # Sets that come from one hospital, by a name for the site: holding one out holds out all of them,
+    # so a leave-one-out fold never trains on the hospital it is measured on.
+    sites: dict[str, list[str]] = field(default_factory=dict)
     balance_sets: bool = False  # equal share of each set's patients per epoch (PKSampler groups)
     merge_duplicates: bool = False  # label cleaning: one patient for ids sharing a near-identical image
     cache_dir: str = ".cache/cxr-reid"
+
+    def held_out(self) -> list[str]:
+        """The sets kept out of training: ``holdout_sets`` (set or site names) with every set of
+        their sites."""
+        out: set[str] = set()
+        for name in self.holdout_sets:
+            out.update(self.sites.get(name, [name]))
+            out.update(*(group for group in self.sites.values() if name in group))
+        return sorted(out)
 
 
 @dataclass
@@ -102,6 +114,10 @@ class OptimConfig:
     device: str = "auto"
     threads: int = 0  # CPU threads; 0 = torch's default
     max_minutes: float = 0.0  # hard stop on wall time (0 = none); the schedule does not depend on it
+    # > 0: size the schedule to this many minutes on a machine whose pace is not known beforehand (a
+    # lent accelerator). The first epochs are timed and ``epochs`` is set to what fits; the checkpoint
+    # records the epochs planned, so the run can be repeated as a fixed schedule anywhere.
+    fit_minutes: float = 0.0
     eval_max_impostor_pairs: int = 200_000
     init_from: str = ""  # a checkpoint whose backbone weights start this run (e.g. pre-training)
 

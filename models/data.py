@@ -527,8 +527,9 @@ def _degrade_resolution(
     picks = torch.rand(n, generator=generator, device=device) < config.lowres_prob
     sides = torch.randint(low, height + 1, (n,), generator=generator, device=device)
     out = batch.clone()
+    side_of = sides.tolist()  # one device sync, not one per picked image
     for i in torch.nonzero(picks).flatten().tolist():
-        side = int(sides[i])
+        side = side_of[i]
         if side >= height:
             continue
         small = F.interpolate(batch[i : i + 1], size=(side, max(1, side * width // height)), mode="area")
@@ -552,6 +553,10 @@ def equalize_batch(batch: torch.Tensor, bins: int = 256) -> torch.Tensor:
     return torch.where(inside, mapped, torch.zeros_like(flat)).view_as(batch)
 
 
+#: uniform draws one burnt-in mark may use (a border uses the most: 8 with its colour)
+_OVERLAY_DRAWS = 10
+
+
 def _overlay_marks(batch: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:
     """Burn one mark into each picked image, white or black: a block of glyph-like text in a corner
     band, an arrow, a border on one to four sides, or a ruler with ticks along an edge. Sites and
@@ -559,15 +564,20 @@ def _overlay_marks(batch: torch.Tensor, prob: float, generator: torch.Generator)
     n, _, height, width = batch.shape
     device = batch.device
 
-    def uniform(low: float, high: float) -> float:
-        return float(torch.rand((), generator=generator, device=device)) * (high - low) + low
-
     ys = torch.linspace(0, 1, height, device=device).view(height, 1)
     xs = torch.linspace(0, 1, width, device=device).view(1, width)
     out = batch.clone()
     picks = torch.nonzero(torch.rand(n, generator=generator, device=device) < prob).flatten().tolist()
-    for i in picks:
-        kind = int(torch.randint(0, 4, (), generator=generator, device=device))
+    # Every scalar a mark needs is drawn in one call and read on the host: one device sync per batch,
+    # not one per draw (on a GPU, per-draw syncs made this loop the slowest part of a training step).
+    draws = torch.rand(len(picks), _OVERLAY_DRAWS, generator=generator, device=device).tolist()
+    for i, row in zip(picks, draws, strict=True):
+        stream = iter(row)
+
+        def uniform(low: float, high: float, stream: Iterator[float] = stream) -> float:
+            return next(stream) * (high - low) + low
+
+        kind = min(3, int(uniform(0, 4)))
         if kind == 0:  # text: a random glyph grid in a box near an edge
             rows, chars = 5, int(uniform(2, 9))
             glyphs = (torch.rand(1, 1, rows, 4 * chars, generator=generator, device=device) < 0.45).float()
@@ -589,14 +599,12 @@ def _overlay_marks(batch: torch.Tensor, prob: float, generator: torch.Generator)
             mask = (distance < uniform(0.004, 0.012)) | (head < length * 0.18) & (t > 0.75)
         elif kind == 2:  # border on 1-4 sides
             band = uniform(0.02, 0.08)
-            sides = torch.rand(4, generator=generator, device=device) < 0.6
-            sides[int(torch.randint(0, 4, (), generator=generator, device=device))] = True
-            mask = (
-                (sides[0] & (ys < band))
-                | (sides[1] & (ys > 1 - band))
-                | (sides[2] & (xs < band))
-                | (sides[3] & (xs > 1 - band))
-            )
+            sides = [uniform(0, 1) < 0.6 for _ in range(4)]
+            sides[min(3, int(uniform(0, 4)))] = True
+            mask = torch.zeros(height, width, dtype=torch.bool, device=device)
+            for side, edge in zip(sides, (ys < band, ys > 1 - band, xs < band, xs > 1 - band), strict=True):
+                if side:
+                    mask = mask | edge
         else:  # ruler: a line along an edge with ticks every few per cent
             position, spacing = uniform(0.03, 0.12), uniform(0.02, 0.05)
             tick = (torch.remainder(xs, spacing) < spacing * 0.2) & (ys > position) & (ys < position + 0.025)

@@ -186,6 +186,7 @@ class Run:
     supcon: SupConLoss
     sampler: PKSampler
     steps_per_epoch: int
+    epochs: int  # planned; ``optim.fit_minutes`` may change it after the first epochs
     total_steps: int
     warmup_steps: int
     generator: torch.Generator
@@ -197,6 +198,7 @@ class Run:
     started: float = field(default_factory=time.monotonic)
     earlier_s: float = 0.0  # training time of the sessions before a --resume
     stopped_by_budget: bool = False
+    epoch_ends: list[float] = field(default_factory=list)  # monotonic time at the end of each epoch run
 
     @property
     def state_file(self) -> Path:
@@ -210,10 +212,12 @@ class Run:
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> Path:
     """Train, validate every epoch, keep the best; returns the path of the final checkpoint."""
     run = setup(config, resume=resume, progress=progress)
-    for epoch in range(run.start_epoch, config.optim.epochs):
+    epoch = run.start_epoch
+    while epoch < run.epochs:
         stats = train_epoch(run, epoch, progress=progress)
         if run.ctx.is_main:
             validate_epoch(run, epoch, stats)
+        _fit_schedule(run, epoch)
         if _agree(run.stopped_by_budget or run.out_of_time(), run):
             run.stopped_by_budget = True
             log.warning(
@@ -221,10 +225,41 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                 "recorded as cut short (its schedule had not finished)",
                 config.optim.max_minutes,
                 epoch + 1,
-                config.optim.epochs,
+                run.epochs,
             )
             break
+        epoch += 1
     return finalise(run)
+
+
+#: epochs timed before ``optim.fit_minutes`` stops re-sizing the schedule (the first one includes
+#: warm-up costs such as cuDNN's algorithm search, so later ones set the pace)
+FIT_EPOCHS = 3
+
+
+def _fit_schedule(run: Run, epoch: int) -> None:
+    """With ``optim.fit_minutes``, set the planned epochs to what fits the budget at the pace measured
+    so far. Only in the first epochs, while the learning rate is still near its peak, so the cosine
+    decay that follows is a whole one. Not on --resume (the saved plan stands), and in a single
+    process only (DDP ranks would have to agree)."""
+    run.epoch_ends.append(time.monotonic())
+    budget = run.config.optim.fit_minutes * 60
+    done = len(run.epoch_ends)
+    if budget <= 0 or run.ctx.world_size > 1 or run.start_epoch > 0 or done > FIT_EPOCHS:
+        return
+    now = run.epoch_ends[-1]
+    pace = (now - run.epoch_ends[0]) / (done - 1) if done > 1 else now - run.started
+    fitted = epoch + 1 + int(max(0.0, budget - (now - run.started)) / max(pace, 1e-6))
+    if fitted != run.epochs:
+        log.info(
+            "schedule fitted to %.1f min at %.1f s per epoch: %d epochs (was %d)",
+            run.config.optim.fit_minutes,
+            pace,
+            fitted,
+            run.epochs,
+        )
+        run.epochs = fitted
+        run.total_steps = run.steps_per_epoch * fitted
 
 
 def setup(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> Run:
@@ -232,6 +267,8 @@ def setup(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     ctx, device = _init_distributed(config.optim.device)
     if config.optim.threads:
         torch.set_num_threads(config.optim.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
     torch.manual_seed(config.optim.seed + ctx.rank)
     np.random.seed(config.optim.seed)
     out_dir = Path(config.output_dir)
@@ -293,6 +330,7 @@ def setup(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         supcon=SupConLoss(temperature=config.loss.supcon_temperature),
         sampler=sampler,
         steps_per_epoch=steps_per_epoch,
+        epochs=config.optim.epochs,
         total_steps=steps_per_epoch * config.optim.epochs,
         warmup_steps=int(config.optim.warmup_epochs * steps_per_epoch),
         generator=torch.Generator(device=device).manual_seed(config.optim.seed * 1000 + ctx.rank),
@@ -361,7 +399,7 @@ def train_epoch(run: Run, epoch: int, *, progress: bool = True) -> dict[str, flo
     bar = tqdm(
         run.sampler,
         total=run.steps_per_epoch,
-        desc=f"epoch {epoch + 1}/{config.optim.epochs}",
+        desc=f"epoch {epoch + 1}/{run.epochs}",
         disable=not (progress and run.ctx.is_main),
         leave=False,
     )
@@ -487,7 +525,7 @@ def finalise(run: Run) -> Path:
                     "val_fraction": config.data.val_fraction,
                     "test_fraction": config.data.test_fraction,
                     "seed": config.data.split_seed,
-                    "holdout_sets": config.data.holdout_sets,
+                    "holdout_sets": config.data.held_out(),
                 },
                 "merged_patients": run.data.merged_patients,
                 "train_images": len(run.data.train_samples),
@@ -495,7 +533,8 @@ def finalise(run: Run) -> Path:
                 "val_images": len(run.data.val_samples),
                 "val_patients": int(len(np.unique(run.data.val_labels))),
                 "epochs_run": len(run.history),
-                "epochs_planned": config.optim.epochs,
+                "epochs_planned": run.epochs,
+                "fitted_to_minutes": config.optim.fit_minutes or None,
                 "steps_per_epoch": run.steps_per_epoch,
                 "stopped_by_budget": run.stopped_by_budget,
                 "config": config.portable_dict(),
@@ -546,15 +585,18 @@ def _read_samples(config: TrainConfig) -> list[Sample]:
     if not config.data.manifests:
         raise ValueError("no training data: set data.manifests in the config or pass --manifest")
     samples = read_manifests(config.data.manifests)
-    unknown = sorted(set(config.data.holdout_sets) - {s.dataset for s in samples})
+    known = {s.dataset for s in samples}
+    unknown = sorted(set(config.data.holdout_sets) - known - set(config.data.sites))
     if unknown:
         raise ValueError(f"data.holdout_sets names {unknown}, which are not among the training sets")
+    if not known - set(config.data.held_out()):
+        raise ValueError(f"data.holdout_sets {config.data.holdout_sets} leaves no set to train on")
     return samples
 
 
 def _assign_splits(samples: list[Sample], config: TrainConfig) -> None:
     """Patient-disjoint hash split of the trained sets; every image of a held-out set is "test"."""
-    held_out = set(config.data.holdout_sets)
+    held_out = set(config.data.held_out())
     assign_splits(
         [s for s in samples if s.dataset not in held_out],
         val_fraction=config.data.val_fraction,
@@ -576,6 +618,7 @@ def _save_training_state(run: Run, epoch: int) -> None:
             "epoch": epoch,
             "best_auc": run.best_auc,
             "best_backbone": run.best_state,
+            "epochs": run.epochs,
         },
         tmp,
     )
@@ -589,6 +632,8 @@ def _restore(run: Run) -> None:
     run.optimizer.load_state_dict(state["optimizer"])
     run.start_epoch, run.best_auc = state["epoch"] + 1, state["best_auc"]
     run.best_state = state["best_backbone"]
+    run.epochs = int(state.get("epochs", run.epochs))
+    run.total_steps = run.steps_per_epoch * run.epochs
     lines = (run.out_dir / "metrics.jsonl").read_text().splitlines()
     run.history = [json.loads(line) for line in lines if line]
     if run.history:  # elapsed_s and train_minutes count earlier sessions; max_minutes only this one
