@@ -146,6 +146,36 @@ def check_files_exist(samples: Sequence[Sample], manifest: str | os.PathLike) ->
         )
 
 
+def read_dicom_folder(folder: str | os.PathLike) -> tuple[list[Sample], int]:
+    """Every DICOM file under ``folder`` (recursively, hidden files skipped) as a sample filed under
+    its PatientID, namespaced by the folder's name like a manifest's set; returns the samples and
+    the number of files left out (not DICOM, or no PatientID). Only the header is read."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise ManifestError(f"no such folder: {root}")
+    name = root.resolve().name
+    samples, skipped = [], 0
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            skipped += 1
+            continue
+        patient = str(ds.get("PatientID", "") or "").strip()
+        if not patient:
+            skipped += 1
+            continue
+        samples.append(Sample(path=str(path.resolve()), patient_id=f"{name}:{patient}", dataset=name))
+    if not samples:
+        raise ManifestError(f"{root}: no DICOM file with a PatientID under this folder")
+    return samples, skipped
+
+
 def read_manifests(manifests: Sequence[str | os.PathLike]) -> list[Sample]:
     """Combine several manifests; patient ids stay apart because each is namespaced by its set."""
     names = [dataset_name(m) for m in manifests]

@@ -245,10 +245,10 @@ def _fit_schedule(run: Run, epoch: int) -> None:
     run.epoch_ends.append(time.monotonic())
     budget = run.config.optim.fit_minutes * 60
     done = len(run.epoch_ends)
-    if budget <= 0 or run.ctx.world_size > 1 or run.start_epoch > 0 or done > FIT_EPOCHS:
+    if budget <= 0 or run.ctx.world_size > 1 or run.start_epoch > 0 or not 2 <= done <= FIT_EPOCHS:
         return
     now = run.epoch_ends[-1]
-    pace = (now - run.epoch_ends[0]) / (done - 1) if done > 1 else now - run.started
+    pace = (now - run.epoch_ends[0]) / (done - 1)  # the first epoch's warm-up costs left out
     fitted = epoch + 1 + int(max(0.0, budget - (now - run.started)) / max(pace, 1e-6))
     if fitted != run.epochs:
         log.info(
