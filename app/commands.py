@@ -270,7 +270,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     service = ReidService(
         embedder,
         gallery,
-        default_far=settings.far,
+        default_far=settings.far_for(embedder.calibration),
         default_threshold=settings.threshold,
         max_pixels=settings.max_pixels,
         on_alert_event=webhook.send if webhook is not None else None,
@@ -450,7 +450,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             log.error("%s", exc)
             return 2
         try:
-            service = ReidService(embedder, gallery, default_far=settings.far)
+            service = ReidService(embedder, gallery, default_far=settings.far_for(embedder.calibration))
             calibration = service.calibrate(
                 fars=fars,
                 collection=collection_arg(args.collection),
@@ -556,10 +556,12 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
             settings=AdaptSettings(
                 steps=args.steps,
                 minutes=args.minutes,
+                lr=args.lr if args.lr is not None else AdaptSettings.lr,
                 fars=tuple(fars),
                 default_far=settings.far,
                 holdout_fraction=args.holdout,
                 seed=args.seed,
+                save_every_s=args.save_every,
                 device=_embedder_device(settings),
             ),
             work_dir=args.work,
@@ -821,6 +823,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--minutes", type=float, default=60.0, help="hard stop on the training (default 60)")
     p.add_argument("--steps", type=int, default=0, help="training steps (default: scaled with the data)")
     p.add_argument(
+        "--lr",
+        type=float,
+        help="peak learning rate (default: AdaptSettings.lr, low to keep what the base knows)",
+    )
+    p.add_argument(
         "--holdout",
         type=float,
         default=0.3,
@@ -832,6 +839,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--work", help="folder of the resumable state (default OUT.adapt; removed at the end)")
     p.add_argument("--name", help="model name of the adapted checkpoint (default: the base's name + -site)")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient split and the sampling")
+    p.add_argument(
+        "--save-every",
+        type=float,
+        default=30.0,
+        help="seconds between saves of the resumable state (default 30)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _device_arg(p)

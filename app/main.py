@@ -169,7 +169,7 @@ def build_service(
     service = ReidService(
         embedder,
         gallery,
-        default_far=settings.far,
+        default_far=settings.far_for(embedder.calibration),
         default_threshold=settings.threshold,
         max_pixels=settings.max_pixels,
         decode_budget=DecodeBudget(settings.max_decode_mb * MIB, settings.decode_wait_seconds),

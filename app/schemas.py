@@ -475,6 +475,37 @@ class Health(BaseModel):
 KEY_HOLDERS = " (with API keys configured: only for a key with the read scope)"
 
 
+class AdaptationOut(BaseModel):
+    """Where an adapted model came from (``cxr-reid adapt``): its base and the site data it learnt."""
+
+    base_model_id: str = Field(description="the model it was adapted from")
+    site_data: str = Field(description="what the site's images were (a manifest, DICOM folder or gallery)")
+    site_listing_sha256: str = Field(description="hash of the site data's listing (patient id, file, size)")
+    site_images: int = Field(description="labelled site images")
+    site_patients: int = Field(description="their patients")
+    held_back_auc_before: float | None = Field(description="AUC of the base on the held-back patients")
+    held_back_auc_after: float | None = Field(description="AUC of the adapted network on them")
+    adapted_at: str = Field(description="when (UTC, ISO-8601)")
+
+    @classmethod
+    def of(cls, training: dict[str, Any]) -> AdaptationOut | None:
+        """From a checkpoint's training summary; None for a model that was not adapted."""
+        record = training.get("adaptation")
+        if not record:
+            return None
+        site, held = record["site"], record["held_back"]
+        return cls(
+            base_model_id=record["base_model_id"],
+            site_data=site["data"],
+            site_listing_sha256=site["listing_sha256"],
+            site_images=site["images"],
+            site_patients=site["patients"],
+            held_back_auc_before=held["before"].get("auc"),
+            held_back_auc_after=held["after"].get("auc"),
+            adapted_at=record["adapted_at"],
+        )
+
+
 class Readiness(BaseModel):
     """The model is loaded and the gallery can be served."""
 
@@ -496,6 +527,10 @@ class Readiness(BaseModel):
     )
     operating_point: OperatingPointOut | None = Field(
         default=None, description=f"the default threshold and its calibration{KEY_HOLDERS}"
+    )
+    adaptation: AdaptationOut | None = Field(
+        default=None,
+        description=f"for a model adapted to a site (`cxr-reid adapt`): its base and site data{KEY_HOLDERS}",
     )
 
 

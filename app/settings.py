@@ -7,11 +7,14 @@ worker process (``--workers N``) reads the same configuration as the parent.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 
@@ -119,6 +122,25 @@ class Settings(BaseSettings):
         if not value.lower().startswith(("http://", "https://")):
             raise ValueError("alert_webhook must be an http:// or https:// URL")
         return value
+
+    def far_for(self, calibration: Any) -> str:
+        """The service's default FAR with ``calibration``: CXR_REID_FAR where it was set (a model that
+        cannot serve it is then refused at start, with the reason); else 1e-3 where the calibration
+        reaches it, else the calibration's own default (an adapted model whose held-back patients
+        resolve FAR 1e-2 only)."""
+        if "far" in self.model_fields_set:
+            return self.far
+        try:
+            calibration.threshold_for(self.far)
+        except ValueError:
+            log.warning(
+                "the model's calibration does not reach FAR %s: its own default FAR %s is the operating "
+                "point (set CXR_REID_FAR to choose another it reaches)",
+                self.far,
+                calibration.default_far,
+            )
+            return str(calibration.default_far)
+        return self.far
 
     @property
     def api_key_list(self) -> list[str]:

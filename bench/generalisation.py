@@ -1,8 +1,10 @@
 """Leave-one-set-out: how a training recipe does at a site it never saw.
 
-For each set of the recipe's ``data.manifests`` in turn, train the recipe on the other sets (the
-held-out set is one ``data.holdout_sets`` override of the same config, never a copied config),
-then evaluate every image of the held-out set, as a new hospital would meet the model. Prints:
+For each site of the recipe's ``data.manifests`` in turn (a set, or the sets ``data.sites`` names as
+one hospital), train the recipe on the other sites (the held-out site is one ``data.holdout_sets``
+override of the same config, never a copied config), then evaluate every image of the held-out
+sets, as a new hospital would meet the model. Folds trained elsewhere (``scripts/train_gpu.py
+--folds`` writes ``<recipe>/holdout-<site>/``) are evaluated with ``--no-train --out``. Prints:
 
 1. the unseen-set table (per held-out set and the mean: AUC, EER, TAR@FAR1e-3, P@1 with patient
    bootstrap 95% intervals), the figures a recipe is chosen by;
@@ -256,10 +258,19 @@ def _snorm_auc(entry: dict[str, Any]) -> float | None:
     return (first.get("auc_snorm") or {}).get("mean")
 
 
-def unseen_table(results: dict[str, dict[str, Any]]) -> str:
+def _unseen(results: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(set, its figures, its fold) for every set a fold held out: a site of two sets gives two rows."""
+    return [
+        (name, r["sets"][name], r) for r in results.values() for name in r["held_out"] if name in r["sets"]
+    ]
+
+
+def unseen_table(results: dict[str, dict[str, Any]], children: Sequence[str] = ()) -> str:
+    """One row per unseen set, the mean over all of them and, where some sets are of children, the
+    mean over the adult ones (what an adult hospital should read)."""
     rows, columns = [], ("auc", "eer", "tar_at_far_1e-3", "precision_at_1")
-    for held_out, r in results.items():
-        m = r["sets"][held_out]
+    unseen = _unseen(results)
+    for held_out, m, r in unseen:
         cut = " (cut by budget)" if r.get("stopped_by_budget") else ""
         rows.append(
             [
@@ -273,9 +284,14 @@ def unseen_table(results: dict[str, dict[str, Any]]) -> str:
                 _num(_snorm_auc(m), 3),
             ]
         )
-    means = [_mean([r["sets"][h].get(c) for h, r in results.items()]) for c in columns]
-    snorm = _mean([_snorm_auc(r["sets"][h]) for h, r in results.items()])
-    rows.append(["**mean**", "", "", *[f"**{_num(v, 3)}**" for v in (*means, snorm)]])
+    groups = [("**mean**", unseen)]
+    adults = [row for row in unseen if row[0] not in children]
+    if children and adults and len(adults) < len(unseen):
+        groups.append(("**mean, adult sets**", adults))
+    for label, chosen in groups:
+        means = [_mean([m.get(c) for _, m, _ in chosen]) for c in columns]
+        snorm = _mean([_snorm_auc(m) for _, m, _ in chosen])
+        rows.append([label, "", "", *[f"**{_num(v, 3)}**" for v in (*means, snorm)]])
     header = (
         "held-out set (unseen)",
         "model",
@@ -291,8 +307,8 @@ def unseen_table(results: dict[str, dict[str, Any]]) -> str:
 
 def calibration_table(results: dict[str, dict[str, Any]]) -> str:
     rows = []
-    for held_out, r in results.items():
-        cal = r["sets"][held_out].get("calibration")
+    for held_out, m, _ in _unseen(results):
+        cal = m.get("calibration")
         if not cal:
             continue
         for far, c in cal["fars"].items():
@@ -336,13 +352,17 @@ def seen_table(results: dict[str, dict[str, Any]]) -> str:
     for held_out, r in results.items():
         row = [f"without {held_out}"]
         for name in names:
-            row.append("(unseen)" if name == held_out else _with_ci(r["sets"][name], "auc", 3))
+            row.append("(unseen)" if name in r["held_out"] else _with_ci(r["sets"][name], "auc", 3))
         rows.append(row)
     return _markdown_table(("model", *[f"{n} test patients: AUC" for n in names]), rows)
 
 
-def report(results: dict[str, dict[str, Any]], title: str) -> str:
-    parts = [title, "Unseen sites (every image of a set the model never saw):", unseen_table(results)]
+def report(results: dict[str, dict[str, Any]], title: str, children: Sequence[str] = ()) -> str:
+    parts = [
+        title,
+        "Unseen sites (every image of a set the model never saw):",
+        unseen_table(results, children),
+    ]
     parts += [
         "Thresholds at the unseen site (split-half: calibrate on half of its patients, measure on the "
         "other half; mean [min, max] over halvings):",
@@ -367,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", help="fold directories (default: runs/generalisation/<config name>)")
     parser.add_argument(
-        "--sets", nargs="*", help="hold out only these sets (default: every set of the recipe)"
+        "--sets", nargs="*", help="hold out only these sites (default: every site of the recipe)"
     )
     parser.add_argument(
         "--minutes", type=float, default=0.0, help="hard stop per fold per invocation (0 = none)"
@@ -422,11 +442,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(config.data.manifests) < 2:
         print("error: leave-one-set-out needs a recipe with at least two sets", file=sys.stderr)
         return 2
-    names = [dataset_name(m) for m in config.data.manifests]
-    held_out = args.sets or names
-    unknown = sorted(set(held_out) - set(names))
+    sites = config.data.site_names([dataset_name(m) for m in config.data.manifests])
+    held_out = args.sets or sites
+    unknown = sorted(set(held_out) - set(sites))
     if unknown:
-        print(f"error: --sets {unknown} are not sets of the recipe ({names})", file=sys.stderr)
+        print(f"error: --sets {unknown} are not sites of the recipe ({sites})", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else REPO_ROOT / "runs" / "generalisation" / Path(args.config).stem
     folds = {name: out / f"holdout-{name}" for name in held_out}
@@ -458,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Leave-one-set-out of recipe `{args.config}`{overrides}; {args.bootstrap} bootstrap resamples, "
         f"{args.repeats} halvings; {dt.date.today().isoformat()}"
     )
-    text = report(results, title)
+    text = report(results, title, config.data.children)
     print(text, end="")
     if args.markdown:
         Path(args.markdown).write_text(text, encoding="utf-8")

@@ -17,6 +17,7 @@ import os
 import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,22 @@ class DataConfig:
     # Sets that come from one hospital, by a name for the site: holding one out holds out all of them,
     # so a leave-one-out fold never trains on the hospital it is measured on.
     sites: dict[str, list[str]] = field(default_factory=dict)
+    # Sets of children's radiographs: reports give the mean over the adult sets beside the mean over
+    # all (an adult hospital weighs a paediatric fold less).
+    children: list[str] = field(default_factory=list)
     balance_sets: bool = False  # equal share of each set's patients per epoch (PKSampler groups)
     merge_duplicates: bool = False  # label cleaning: one patient for ids sharing a near-identical image
     cache_dir: str = ".cache/cxr-reid"
+
+    def site_names(self, sets: Sequence[str]) -> list[str]:
+        """One name per hospital among ``sets``: a ``sites`` name where several sets share one, else
+        the set's own name (what ``holdout_sets`` takes to leave that hospital out)."""
+        names, covered = [], set()
+        for site, members in sorted(self.sites.items()):
+            if set(members) & set(sets):
+                names.append(site)
+                covered.update(members)
+        return names + [s for s in sets if s not in covered]
 
     def held_out(self) -> list[str]:
         """The sets kept out of training: ``holdout_sets`` (set or site names) with every set of

@@ -72,20 +72,11 @@ def ensure_metric_learning(wheels: Path) -> None:
         )
 
 
-def site_names(config: Any, sets: list[str]) -> list[str]:
-    """One name per site among ``sets``: a ``data.sites`` name where the sets share a hospital."""
-    names, covered = [], set()
-    for site, members in sorted(config.data.sites.items()):
-        if set(members) & set(sets):
-            names.append(site)
-            covered.update(members)
-    return names + [s for s in sets if s not in covered]
-
-
 def plan_runs(
     configs: list[str], manifests: list[str], overrides: list[str], run_root: Path, *, folds: bool
 ) -> list[RunSpec]:
-    """The full run of each recipe, then (``folds``) one run per held-out site."""
+    """The full run of each recipe (``<recipe>/full``), then (``folds``) one run per held-out site
+    (``<recipe>/holdout-<site>``, the layout ``bench/generalisation.py --no-train`` evaluates)."""
     from models.config import load_config
     from models.data import dataset_name
 
@@ -94,11 +85,11 @@ def plan_runs(
     runs = []
     for path in configs:
         config = load_config(path, common)
-        runs.append(RunSpec(config.name, path, common, run_root / config.name))
-        if folds:
-            for site in site_names(config, sets):
-                name = f"{config.name}-holdout-{site}"
-                extra = [f"data.holdout_sets={json.dumps([site])}", f"name={json.dumps(name)}"]
+        runs.append(RunSpec(f"{config.name}/full", path, common, run_root / config.name / "full"))
+        if folds:  # laid out as bench/generalisation.py reads folds: <recipe>/holdout-<site>/
+            for site in config.data.site_names(sets):
+                name = f"{config.name}/holdout-{site}"
+                extra = [f"data.holdout_sets={json.dumps([site])}", f"name={json.dumps(f'holdout-{site}')}"]
                 runs.append(RunSpec(name, path, [*common, *extra], run_root / name))
     return runs
 

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..dependencies import has_scope, require_scope
-from ..schemas import Health, OperatingPointOut, Readiness, error_responses
+from ..schemas import AdaptationOut, Health, OperatingPointOut, Readiness, error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -57,6 +57,7 @@ def readyz(request: Request) -> Readiness | JSONResponse:
         index=gallery.effective_index_factory,
         index_rebuilding=gallery.index_rebuilding,
         operating_point=OperatingPointOut.of(service.operating_point()),
+        adaptation=AdaptationOut.of(service.embedder.training),
     )
 
 
