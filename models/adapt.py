@@ -56,6 +56,7 @@ from models.calibration import DEFAULT_FAR, FAR_KEYS
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.data import PKSampler, Sample, load_images
 from models.metrics import evaluate_embeddings, pair_scores
+from models.runtime import bf16_autocast
 from models.site import MIN_FALSE_ACCEPTS, MIN_GENUINE_PAIRS, MIN_PATIENTS, fit_site_calibration, pair_counts
 
 log = logging.getLogger(__name__)
@@ -204,25 +205,6 @@ def default_steps(train_images: int, batch_images: int) -> int:
 def resolvable_fars(impostor_pairs: int, fars: Sequence[str]) -> list[str]:
     """The FARs whose threshold rests on at least MIN_FALSE_ACCEPTS false accepts with this many pairs."""
     return [f for f in fars if impostor_pairs >= math.ceil(MIN_FALSE_ACCEPTS / float(f))]
-
-
-def bf16_autocast(device: torch.device, choice: str = "auto") -> bool:
-    """Whether to train in bf16 autocast: always on CUDA; on a CPU only where the processor does bf16
-    in hardware (AMX or AVX512-BF16: about 2x the steps/s on a 2-core machine), else fp32."""
-    if choice not in ("auto", "on", "off"):
-        raise ValueError(f"amp must be auto, on or off, got {choice!r}")
-    if choice != "auto":
-        return choice == "on"
-    if device.type == "cuda":
-        return True
-    cpu = getattr(torch, "cpu", None)
-    return bool(
-        cpu is not None
-        and (
-            getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-            or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-        )
-    )
 
 
 # --- the paired decision --------------------------------------------------------------------------

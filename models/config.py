@@ -122,7 +122,7 @@ class OptimConfig:
     head_lr_scale: float = 10.0  # the head's class centres start random: let them move faster
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
-    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    amp: bool = True  # bf16 autocast on CUDA, and on CPUs that do bf16 in hardware (AMX, AVX512-BF16)
     channels_last: bool = False  # NHWC memory format (faster convolutions on GPUs)
     seed: int = 0
     device: str = "auto"

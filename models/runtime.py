@@ -39,6 +39,25 @@ RUNTIMES = ("auto", "torch", "onednn", "onnxruntime")
 MIN_COSINE = 0.9999
 
 
+def bf16_autocast(device: torch.device, choice: str = "auto") -> bool:
+    """Whether to train in bf16 autocast: always on CUDA; on a CPU only where the processor does bf16
+    in hardware (AMX or AVX512-BF16: about 2x the steps/s on a 2-core machine), else fp32."""
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"amp must be auto, on or off, got {choice!r}")
+    if choice != "auto":
+        return choice == "on"
+    if device.type == "cuda":
+        return True
+    cpu = getattr(torch, "cpu", None)
+    return bool(
+        cpu is not None
+        and (
+            getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+            or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+        )
+    )
+
+
 @contextlib.contextmanager
 def _exporter_quiet() -> Iterator[None]:
     """Silence the exporter while it runs (once, at model load). When an export fails, torch's C++

@@ -56,6 +56,7 @@ from models.embedder import embed_views
 from models.heads import build_head
 from models.metrics import pair_scores, retrieval_metrics, verification_metrics
 from models.preprocess import to_tensor
+from models.runtime import bf16_autocast
 
 __all__ = ["TrainConfig", "load_config", "train"]
 
@@ -105,7 +106,11 @@ class IdentityModel(torch.nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embeddings = self.backbone(images)
-        return embeddings, self.head(embeddings, labels)
+        # The margin head stays in fp32 under bf16 autocast: its cosines near the margin need the
+        # precision (bf16 has 8 bits of mantissa), and it is a small share of the step's work.
+        with torch.autocast(images.device.type, enabled=False):
+            logits = self.head(embeddings.float(), labels)
+        return embeddings, logits
 
 
 def _lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -394,7 +399,7 @@ def train_epoch(run: Run, epoch: int, *, progress: bool = True) -> dict[str, flo
     config, device = run.config, run.device
     run.sampler.set_epoch(epoch)
     run.model.train()
-    use_amp = config.optim.amp and device.type == "cuda"
+    use_amp = bf16_autocast(device, "auto" if config.optim.amp else "off")
     epoch_loss, seen, epoch_start = 0.0, 0, time.monotonic()
     bar = tqdm(
         run.sampler,
@@ -539,6 +544,7 @@ def finalise(run: Run) -> Path:
                 "stopped_by_budget": run.stopped_by_budget,
                 "config": config.portable_dict(),
                 "train_minutes": (run.earlier_s + time.monotonic() - run.started) / 60,
+                "bf16": bf16_autocast(run.device, "auto" if config.optim.amp else "off"),
             }
         )
         model_id = save_checkpoint(
@@ -632,8 +638,9 @@ def _restore(run: Run) -> None:
     run.optimizer.load_state_dict(state["optimizer"])
     run.start_epoch, run.best_auc = state["epoch"] + 1, state["best_auc"]
     run.best_state = state["best_backbone"]
-    run.epochs = int(state.get("epochs", run.epochs))
-    run.total_steps = run.steps_per_epoch * run.epochs
+    if run.config.optim.fit_minutes:  # a fitted plan stands; otherwise the config's epochs (may be raised)
+        run.epochs = int(state.get("epochs", run.epochs))
+        run.total_steps = run.steps_per_epoch * run.epochs
     lines = (run.out_dir / "metrics.jsonl").read_text().splitlines()
     run.history = [json.loads(line) for line in lines if line]
     if run.history:  # elapsed_s and train_minutes count earlier sessions; max_minutes only this one

@@ -163,7 +163,9 @@ def run_summary(spec: RunSpec, exitcode: int | None) -> dict[str, Any]:
     return out
 
 
-def bundle(runs: list[RunSpec], summary: list[dict[str, Any]], bundle_dir: Path) -> Path:
+def bundle(
+    runs: list[RunSpec], summary: list[dict[str, Any]], bundle_dir: Path, part_bytes: int = PART_BYTES
+) -> Path:
     """One tar of every run's checkpoint, metrics, config and log (full models first), cut into
     parts; returns the parts index."""
     from models.checkpoint import split_file
@@ -179,7 +181,7 @@ def bundle(runs: list[RunSpec], summary: list[dict[str, Any]], bundle_dir: Path)
                 path = spec.out_dir / name
                 if path.is_file():
                     tar.add(path, arcname=f"{spec.name}/{name}")
-    index = split_file(tar_path, bundle_dir, part_bytes=PART_BYTES)
+    index = split_file(tar_path, bundle_dir, part_bytes=part_bytes)
     tar_path.unlink()
     return index
 
@@ -261,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=Path("runs/gpu"), help="run folders (default runs/gpu)")
     parser.add_argument("--bundle", type=Path, default=Path("runs/gpu-bundle"), help="parts folder")
     parser.add_argument("--send", type=int, default=4, help="parts copied to OUT now (default 4: 60 MiB)")
+    parser.add_argument(
+        "--part-mib", type=float, default=PART_BYTES / 2**20, help="part size (default 15 MiB)"
+    )
     parser.add_argument("--wheels", type=Path, default=Path(".whl"), help="where the carried wheel lies")
     args = parser.parse_args(argv)
 
@@ -284,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = [run_summary(spec, exitcodes[spec.name]) for spec in runs]
     for row in summary:
         log.info("%s", json.dumps(row))
-    index = bundle(runs, summary, args.bundle)
+    index = bundle(runs, summary, args.bundle, int(args.part_mib * 2**20))
     left = send(index, args.out, args.send)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     if left:

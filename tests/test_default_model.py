@@ -26,7 +26,12 @@ def test_shipped_checkpoint_is_complete_and_small() -> None:
     assert payload["backbone"]["embedding_dim"] == 512
     thresholds = payload["calibration"]["thresholds"]
     assert thresholds["1e-4"] >= thresholds["1e-3"] >= thresholds["1e-2"]
-    assert set(payload["training"]["sets"]) == {"covid-collection", "kermany-paediatric", "nih-cxr14-64px"}
+    assert set(payload["training"]["sets"]) == {
+        "covid-collection",
+        "kermany-paediatric",
+        "nih-cxr14-64px",
+        "nih-cxr14-512px",
+    }
     assert payload["metrics"]["val"]["auc"] > 0.5
 
 
