@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 logger = logging.getLogger(__name__)
@@ -463,6 +464,38 @@ def _make_stem(config: BackboneConfig, variant: Variant) -> tuple[nn.Module, int
     return nn.Sequential(*conv_unit(config.in_channels, 1)), config.width
 
 
+class GridAvgPool2d(nn.Module):
+    """``nn.AdaptiveAvgPool2d(size)`` written as two small matrix products, so that ONNX export and
+    TorchScript tracing can express it at any input size.
+
+    The exporter and oneDNN's traced graph accept adaptive pooling only when the map divides evenly
+    into the grid (224 px gives a 7x7 map, 4 bins of 2, 3, 3, 2 rows that overlap). Each bin's
+    average is a row of a fixed (grid x map) matrix, so ``A @ x @ B.T`` is the same pooling, bin for
+    bin, with the same bins PyTorch uses (start ``floor(i*n/k)``, end ``ceil((i+1)*n/k)``); it holds
+    no weights, so checkpoints load unchanged.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    @staticmethod
+    def bins(n: int, k: int, like: torch.Tensor) -> torch.Tensor:
+        """The (k, n) matrix whose row i averages PyTorch's i-th adaptive bin of n cells."""
+        matrix = torch.zeros(k, n, dtype=like.dtype, device=like.device)
+        for i in range(k):
+            start, end = (i * n) // k, -((-(i + 1) * n) // k)
+            matrix[i, start:end] = 1.0 / (end - start)
+        return matrix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = int(x.shape[-2]), int(x.shape[-1])  # fixed per input size: a constant in traces
+        if h % self.size == 0 and w % self.size == 0:
+            return F.avg_pool2d(x, (h // self.size, w // self.size))
+        rows, cols = self.bins(h, self.size, x), self.bins(w, self.size, x)
+        return torch.matmul(torch.matmul(rows, x), cols.t())
+
+
 class OutputLayer(nn.Module):
     """Final feature map -> embedding: AdaptiveAvgPool -> BN2d -> Dropout -> flatten -> FC -> BN1d.
 
@@ -475,7 +508,7 @@ class OutputLayer(nn.Module):
 
     def __init__(self, channels: int, embedding_dim: int, pool_size: int, dropout: float) -> None:
         super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(pool_size)
+        self.pool = GridAvgPool2d(pool_size)
         self.bn2d = nn.BatchNorm2d(channels)
         self.dropout = nn.Dropout(dropout)
         # No bias: the BN1d right after would cancel it.
@@ -494,7 +527,7 @@ class PlainOutputLayer(nn.Module):
 
     def __init__(self, channels: int, embedding_dim: int, pool_size: int, dropout: float) -> None:
         super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(pool_size)
+        self.pool = GridAvgPool2d(pool_size)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(channels * pool_size * pool_size, embedding_dim)
 

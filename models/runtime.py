@@ -116,7 +116,10 @@ def onednn_network(network: torch.nn.Module, size: int) -> torch.nn.Module:
     for inference: batch norm folded into the convolutions and conv + activation run as fused oneDNN
     kernels. Works for any batch size."""
     example = torch.zeros(2, 1, size, size).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        # The output layer reads the map's size to build its pooling bins; the trace is made for one
+        # input size, so that size being a constant in it is what we want.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(network.eval(), example)
         return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
 

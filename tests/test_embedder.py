@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.backbones import GridAvgPool2d
 from models.embedder import Embedder, resolve_device
+from models.runtime import inference_network
 
 
 def test_checkpoint_round_trip_and_content_id(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -118,12 +120,23 @@ def test_cpu_runtimes_give_the_embeddings_of_pytorch(runtime: str) -> None:
 def test_a_network_the_runtime_cannot_run_falls_back_or_says_so(
     tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The tiny test network pools unevenly, which neither the ONNX exporter nor the fused form can
-    express: auto runs it in PyTorch (with a warning per runtime tried), an explicit onednn is an
-    error that says why."""
-    assert Embedder.from_checkpoint(tiny_checkpoint, runtime="auto").runtime == "torch"
+    """torch's own adaptive pooling on a map the grid does not divide (a 7x7 map into 4x4, as at
+    224 px) is something neither the ONNX exporter nor the fused form can express: auto runs such a
+    network in PyTorch (with a warning per runtime tried), an explicit onednn is an error that says
+    why."""
+    uneven = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=4, padding=1), torch.nn.AdaptiveAvgPool2d(4))
+    cpu = torch.device("cpu")
+    assert inference_network(uneven, 28, cpu, "auto") == (uneven, "torch")
     assert "runtime onnxruntime unavailable" in caplog.text and "runtime onednn unavailable" in caplog.text
     with pytest.raises(ValueError, match="cannot run in runtime 'onednn'"):
-        Embedder.from_checkpoint(tiny_checkpoint, runtime="onednn")
+        inference_network(uneven, 28, cpu, "onednn")
     with pytest.raises(ValueError, match="unknown runtime"):
         Embedder.from_checkpoint(tiny_checkpoint, runtime="tensorrt")
+
+
+@pytest.mark.parametrize("side", [1, 3, 4, 5, 7, 8, 9, 16])
+def test_grid_pooling_is_torch_adaptive_pooling(side: int) -> None:
+    """The exportable pooling of the output layer averages exactly PyTorch's adaptive bins, whether
+    the map divides into the grid, does not (7 -> 4 at 224 px), or is smaller than it."""
+    x = torch.randn(2, 3, side, side + 2)
+    assert torch.allclose(GridAvgPool2d(4)(x), torch.nn.functional.adaptive_avg_pool2d(x, 4), atol=1e-6)
