@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.backbones import GridAvgPool2d
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.embedder import Embedder, resolve_device
 from models.runtime import inference_network
 
