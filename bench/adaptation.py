@@ -1,7 +1,7 @@
 """What a site gains by `cxr-reid adapt`, measured at sites the network never saw.
 
 For each leave-one-site-out fold (a checkpoint trained without that site's sets, e.g. the GPU
-recipe's ``runs/gpu/<recipe>-holdout-<site>/model.pt``), the site's patients are split in halves
+recipe's ``runs/gpu/<recipe>/holdout-<site>/model.pt``), the site's patients are split in halves
 (``models.site.half_split``, ``--halvings`` seeds). Half A is what the hospital has labelled, half B
 its other patients. On half B:
 
@@ -18,7 +18,7 @@ deliver on half B, P@1; the mean over halvings with the mean of the per-halving 
 intervals. Goals (issue 20): after adaptation AUC >= 0.95, TAR@FAR1e-2 >= 0.60 and the delivered FAR
 within 2x of the promised one, on every unseen set.
 
-    python bench/adaptation.py --folds runs/gpu/cxr-reid-ir18w32-224-holdout-*/model.pt
+    python bench/adaptation.py --folds runs/gpu/cxr-reid-ir18w32-224/holdout-*/model.pt
     python bench/adaptation.py --folds ... --halvings 2 --fractions 1.0 --json out.json
 
 Resumable: each (fold, halving, fraction) result is cached as JSON under ``--out`` (default

@@ -465,14 +465,14 @@ def _make_stem(config: BackboneConfig, variant: Variant) -> tuple[nn.Module, int
 
 
 class GridAvgPool2d(nn.Module):
-    """``nn.AdaptiveAvgPool2d(size)`` written as two small matrix products, so that ONNX export and
+    """``nn.AdaptiveAvgPool2d(size)`` written as slices and means, so that ONNX export and
     TorchScript tracing can express it at any input size.
 
     The exporter and oneDNN's traced graph accept adaptive pooling only when the map divides evenly
-    into the grid (224 px gives a 7x7 map, 4 bins of 2, 3, 3, 2 rows that overlap). Each bin's
-    average is a row of a fixed (grid x map) matrix, so ``A @ x @ B.T`` is the same pooling, bin for
-    bin, with the same bins PyTorch uses (start ``floor(i*n/k)``, end ``ceil((i+1)*n/k)``); it holds
-    no weights, so checkpoints load unchanged.
+    into the grid; 224 px gives a 7x7 map, whose 4 bins per side (2, 3, 3 and 2 cells) overlap.
+    The bins here are PyTorch's (start ``floor(i*n/k)``, end ``ceil((i+1)*n/k)``), each averaged
+    on its own, so the result is the same pooling; it holds no weights, so checkpoints load
+    unchanged, and like any pooling it counts no FLOPs.
     """
 
     def __init__(self, size: int) -> None:
@@ -480,20 +480,16 @@ class GridAvgPool2d(nn.Module):
         self.size = size
 
     @staticmethod
-    def bins(n: int, k: int, like: torch.Tensor) -> torch.Tensor:
-        """The (k, n) matrix whose row i averages PyTorch's i-th adaptive bin of n cells."""
-        matrix = torch.zeros(k, n, dtype=like.dtype, device=like.device)
-        for i in range(k):
-            start, end = (i * n) // k, -((-(i + 1) * n) // k)
-            matrix[i, start:end] = 1.0 / (end - start)
-        return matrix
+    def bins(n: int, k: int) -> list[tuple[int, int]]:
+        """PyTorch's k adaptive bins over n cells, as (start, end)."""
+        return [((i * n) // k, -((-(i + 1) * n) // k)) for i in range(k)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = int(x.shape[-2]), int(x.shape[-1])  # fixed per input size: a constant in traces
         if h % self.size == 0 and w % self.size == 0:
             return F.avg_pool2d(x, (h // self.size, w // self.size))
-        rows, cols = self.bins(h, self.size, x), self.bins(w, self.size, x)
-        return torch.matmul(torch.matmul(rows, x), cols.t())
+        rows = torch.stack([x[..., s:e, :].mean(-2) for s, e in self.bins(h, self.size)], dim=-2)
+        return torch.stack([rows[..., s:e].mean(-1) for s, e in self.bins(w, self.size)], dim=-1)
 
 
 class OutputLayer(nn.Module):
