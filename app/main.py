@@ -8,13 +8,11 @@ worker process reads the same ``CXR_REID_*`` environment.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
-import os
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -23,38 +21,38 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
+from app.api.dependencies import require_scope
+from app.api.middleware import BodyLimitMiddleware, MetricsMiddleware, ServiceMetrics, route_template
+from app.api.routers import (
+    alerts,
+    calibration,
+    dicomweb,
+    duplicates,
+    embed,
+    health,
+    images,
+    review,
+    search,
+    verify,
+)
+from app.api.schemas import ErrorResponse, FieldError, error_responses
+from app.api.status import status_of
+from app.service.errors import (
+    BusyError,
+    ServiceError,
+)
+from app.service.keys import FailedAuthLimiter, KeyStore
+from app.service.results import ALERT_ACTIONS
+from app.service.webhook import AlertWebhook
+from app.service.wiring import build_service, build_webhook, open_when_unlocked
+from app.settings import Settings
 from index import (
-    Gallery,
     GalleryError,
     GalleryFullError,
-    GalleryIntegrityError,
-    GalleryLockedError,
     GalleryModelMismatchError,
     GalleryValidationError,
-    faiss_build,
 )
 from models.embedder import Embedder
-
-from .alerts import AlertWebhook
-from .dependencies import require_scope
-from .keys import FailedAuthLimiter, KeyStore
-from .middleware import BodyLimitMiddleware, MetricsMiddleware, ServiceMetrics, route_template
-from .routers import alerts, calibration, dicomweb, duplicates, embed, health, images, review, search, verify
-from .schemas import ErrorResponse, FieldError, error_responses
-from .services import (
-    ALERT_ACTIONS,
-    BusyError,
-    ConflictError,
-    DecodeBudget,
-    InvalidInputError,
-    NotFoundError,
-    PayloadTooLargeError,
-    ReidService,
-    ServiceError,
-    UnavailableError,
-    open_gallery,
-)
-from .settings import MIB, Settings
 
 log = logging.getLogger(__name__)
 
@@ -96,34 +94,6 @@ TAGS = [
 ]
 
 
-def configure_torch_threads(threads: int | None) -> None:
-    """One forward pass at a time may use every core; more threads than cores only thrash."""
-    import torch
-
-    torch.set_num_threads(threads or max(1, min(8, os.cpu_count() or 1)))
-
-
-#: glibc mallopt parameters: large blocks straight from (and back to) the OS, and few arenas.
-_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
-
-
-def configure_allocator() -> None:
-    """Give decoded images' memory back to the OS when a request ends.
-
-    glibc keeps memory a thread freed in that thread's arena, and raises its mmap threshold as large
-    blocks are freed: six threadpool threads decoding one 7000 x 7000 image each in turn left the
-    process 1.4 GB larger, not the ~0.4 GB one decode needs, which defeats the decode budget. A fixed
-    1 MiB mmap threshold and two arenas keep the peak at one decode's worth. A no-op off glibc.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-    mallopt(_M_ARENA_MAX, 2)
-
-
 def alert_hook(metrics: ServiceMetrics, webhook: AlertWebhook | None) -> Callable[[str, Any], None]:
     """What happens to each stored alert event: counted, and sent to the webhook when there is one."""
     action_of = {state: action for action, state in ALERT_ACTIONS.items()}
@@ -137,96 +107,6 @@ def alert_hook(metrics: ServiceMetrics, webhook: AlertWebhook | None) -> Callabl
     return hook
 
 
-def build_webhook(settings: Settings, metrics: ServiceMetrics) -> AlertWebhook | None:
-    if settings.alert_webhook is None:
-        return None
-    webhook = AlertWebhook(
-        settings.alert_webhook,
-        attempts=settings.alert_webhook_attempts,
-        backoff_seconds=settings.alert_webhook_backoff_seconds,
-        on_outcome=lambda outcome: metrics.alert_webhook.labels(outcome).inc(),
-    )
-    log.info("wrong-patient alerts are sent to the webhook at %s", webhook.host)
-    return webhook
-
-
-def build_service(
-    settings: Settings,
-    embedder: Embedder | None,
-    metrics: ServiceMetrics,
-    webhook: AlertWebhook | None = None,
-) -> ReidService:
-    """Load the model and open the gallery; a gallery of another model leaves the service unready."""
-    configure_torch_threads(settings.torch_threads)
-    configure_allocator()
-    if embedder is None:
-        embedder = Embedder.from_checkpoint(
-            settings.model_path, device=settings.device, runtime=settings.runtime
-        )
-    gallery, problem, locked = _open_or_explain(embedder, settings)
-    if locked:
-        log.error("gallery in %s cannot be opened yet: %s", settings.data_dir, problem)
-    service = ReidService(
-        embedder,
-        gallery,
-        default_far=settings.far_for(embedder.calibration),
-        default_threshold=settings.threshold,
-        max_pixels=settings.max_pixels,
-        decode_budget=DecodeBudget(settings.max_decode_mb * MIB, settings.decode_wait_seconds),
-        gallery_problem=problem,
-        gallery_locked=locked,
-        on_embedded=metrics.embeddings.inc,
-        on_alert=lambda kind: metrics.alerts.labels(kind).inc(),
-        on_alert_event=alert_hook(metrics, webhook),
-    )
-    log.info(
-        "serving model %s (dim %d) with %d gallery image(s) from %s; %s",
-        embedder.model_id,
-        embedder.dim,
-        service.gallery_size(),
-        settings.data_dir,
-        faiss_build(),
-    )
-    return service
-
-
-def _open_or_explain(embedder: Embedder, settings: Settings) -> tuple[Gallery | None, str | None, bool]:
-    """The gallery; or None, why it cannot be served (logged, except while another process holds
-    it) and whether that is the lock, which is worth waiting out."""
-    try:
-        return open_gallery(embedder, settings), None, False
-    except GalleryLockedError as exc:
-        return None, f"{exc}; this server opens it as soon as the other process lets go", True
-    except GalleryModelMismatchError as exc:
-        problem = f"{exc} (run `cxr-reid reindex` to re-embed the gallery with model {embedder.model_id})"
-    except GalleryIntegrityError as exc:
-        problem = str(exc)
-    log.error("gallery in %s will not be served: %s", settings.data_dir, problem)
-    return None, problem, False
-
-
-def _open_when_unlocked(service: ReidService, settings: Settings, stop: threading.Event) -> None:
-    """A second server on a locked data dir keeps trying, and becomes ready when the lock frees."""
-    while not stop.wait(settings.lock_retry_seconds):
-        try:
-            gallery, problem, locked = _open_or_explain(service.embedder, settings)
-        except GalleryError as exc:  # any other reason it cannot be opened: say so, stop retrying
-            gallery, problem, locked = None, str(exc), False
-            log.error("gallery in %s cannot be served: %s", settings.data_dir, exc)
-        if locked:
-            continue
-        if gallery is None:
-            service.gallery_problem = problem
-            return
-        service.attach_gallery(gallery)
-        log.info(
-            "gallery in %s was released by the other process; serving %d image(s)",
-            settings.data_dir,
-            len(gallery),
-        )
-        return
-
-
 def create_app(settings: Settings | None = None, *, embedder: Embedder | None = None) -> FastAPI:
     """Build the app; ``embedder`` may be passed in to share an already loaded model (tests, CLI)."""
     settings = settings or Settings()
@@ -234,9 +114,20 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        webhook = build_webhook(settings, metrics)
+        webhook = build_webhook(
+            settings, on_outcome=lambda outcome: metrics.alert_webhook.labels(outcome).inc()
+        )
         try:
-            service = await run_in_threadpool(build_service, settings, embedder, metrics, webhook)
+            service = await run_in_threadpool(
+                partial(
+                    build_service,
+                    settings,
+                    embedder,
+                    on_embedded=metrics.embeddings.inc,
+                    on_alert=lambda kind: metrics.alerts.labels(kind).inc(),
+                    on_alert_event=alert_hook(metrics, webhook),
+                )
+            )
         except BaseException:
             if webhook is not None:
                 webhook.close(timeout=0)
@@ -246,7 +137,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         retry = None
         if service.gallery_locked:
             retry = threading.Thread(
-                target=_open_when_unlocked,
+                target=open_when_unlocked,
                 args=(service, settings, stop),
                 name="gallery-lock-retry",
                 daemon=True,
@@ -303,17 +194,6 @@ def create_app_from_env() -> FastAPI:
     return create_app(Settings())
 
 
-#: The HTTP status of each kind of service error (the first that matches; one place for the mapping).
-STATUS_OF_SERVICE_ERROR: tuple[tuple[type[ServiceError], int], ...] = (
-    (InvalidInputError, 422),
-    (NotFoundError, 404),
-    (PayloadTooLargeError, 413),
-    (ConflictError, 409),
-    (UnavailableError, 503),
-    (ServiceError, 400),
-)
-
-
 def _openapi_with_form_descriptions(app: FastAPI) -> Callable[[], dict[str, Any]]:
     """FastAPI names each multipart form ``Body_<operation>`` without a description; give it one."""
     build = app.openapi
@@ -357,7 +237,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        status = next(code for kind, code in STATUS_OF_SERVICE_ERROR if isinstance(exc, kind))
+        status = status_of(exc)
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, BusyError) else None
         return JSONResponse({"detail": exc.detail}, status_code=status, headers=headers)
 

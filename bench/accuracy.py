@@ -18,41 +18,24 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from models.benchkit import NOT_AVAILABLE, json_safe, markdown_table, num, with_ci
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"  # "../shared/data" from the repo root
-if str(REPO_ROOT) not in sys.path:  # `python bench/accuracy.py` puts bench/, not the root, on the path
-    sys.path.insert(0, str(REPO_ROOT))
-
-NOT_AVAILABLE = "n/a"
 
 
 # ---------------------------------------------------------------------------------------------- formatting
-def _num(value: Any, digits: int = 4) -> str:
-    """A metric value, or n/a when undefined."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return NOT_AVAILABLE
-    return f"{float(value):.{digits}f}"
-
-
-def _with_ci(result: dict[str, Any], key: str, digits: int = 4) -> str:
-    """``0.9512 [0.9301, 0.9688]``: the value and its 95% bootstrap interval when there is one."""
-    text = _num(result.get(key), digits)
-    interval = (result.get("ci") or {}).get(key)
-    if text != NOT_AVAILABLE and interval:
-        text += f" [{_num(interval[0], digits)}, {_num(interval[1], digits)}]"
-    return text
 
 
 def _tar(result: dict[str, Any], far: str) -> str:
     """TAR at a FAR, starred when there are fewer than 1/FAR impostor pairs (not resolvable)."""
-    text = _num(result.get(f"tar_at_far_{far}"))
+    text = num(result.get(f"tar_at_far_{far}"))
     min_far = result.get("min_resolvable_far")
     if text != NOT_AVAILABLE and min_far is not None and float(far) < float(min_far):
         text += "*"
@@ -72,12 +55,6 @@ def _pairs(result: dict[str, Any]) -> str:
     if n is not None and impostor < n * (n - 1) // 2 - genuine:
         text += " (sampled)"
     return text
-
-
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 HEADLINE_COLUMNS = (
@@ -106,18 +83,18 @@ def format_headline_table(results: Sequence[dict[str, Any]]) -> str:
             f"{r['n_images']:,}" if r.get("n_images") is not None else NOT_AVAILABLE,
             f"{r['n_patients']:,}" if r.get("n_patients") is not None else NOT_AVAILABLE,
             _pairs(r),
-            _with_ci(r, "auc"),
-            _with_ci(r, "eer"),
+            with_ci(r, "auc"),
+            with_ci(r, "eer"),
             _tar(r, "1e-2"),
             _tar(r, "1e-3"),
             _tar(r, "1e-4"),
-            _with_ci(r, "precision_at_1"),
-            _num(r.get("r_precision")),
-            _num(r.get("map_at_r")),
+            with_ci(r, "precision_at_1"),
+            num(r.get("r_precision")),
+            num(r.get("map_at_r")),
         ]
         for r in results
     ]
-    return _markdown_table(HEADLINE_COLUMNS, rows)
+    return markdown_table(HEADLINE_COLUMNS, rows)
 
 
 BREAKDOWN_COLUMNS = (
@@ -152,13 +129,13 @@ def format_breakdown_table(results: Sequence[dict[str, Any]]) -> str | None:
                         str(bucket),
                         f"{b.get('n_genuine_pairs', 0):,}",
                         f"{impostors:,}" if impostors is not None else "all",
-                        _num(b.get("auc")) if kind == "view_pair" else "-",
-                        _num(b.get("auc_vs_all_impostors")),
-                        _num(b.get("tar_at_far_1e-3")),
-                        _num(b.get("mean_genuine_score")),
+                        num(b.get("auc")) if kind == "view_pair" else "-",
+                        num(b.get("auc_vs_all_impostors")),
+                        num(b.get("tar_at_far_1e-3")),
+                        num(b.get("mean_genuine_score")),
                     ]
                 )
-    return _markdown_table(BREAKDOWN_COLUMNS, rows) if rows else None
+    return markdown_table(BREAKDOWN_COLUMNS, rows) if rows else None
 
 
 def format_tables(results: Sequence[dict[str, Any]], *, title: str | None = None) -> str:
@@ -194,17 +171,6 @@ def find_manifests(data_dir: Path) -> list[Path]:
     if not data_dir.is_dir():
         return []
     return sorted(p / "manifest.csv" for p in data_dir.iterdir() if (p / "manifest.csv").is_file())
-
-
-def _json_safe(value: Any) -> Any:
-    """Non-finite floats become None so the output is strict JSON."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(
-            json.dumps(_json_safe(payload), indent=2, allow_nan=False), encoding="utf-8"
+            json.dumps(json_safe(payload), indent=2, allow_nan=False), encoding="utf-8"
         )
     return 1 if errors else 0
 

@@ -36,22 +36,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from models.adapt import AdaptSettings, SiteData, adapt
+from models.calibration import Calibration
+from models.checkpoint import load_checkpoint
+from models.data import Sample, read_manifest
+from models.embedder import Embedder
+from models.evaluate import embed_samples
+from models.metrics import evaluate_embeddings, pair_scores
+from models.scorenorm import ScoreNorm, patient_key
+from models.site import CalibrationRefusedError, fit_site_calibration, half_split
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `python bench/adaptation.py` puts bench/, not the root, on the path
-    sys.path.insert(0, str(REPO_ROOT))
-
-import numpy as np  # noqa: E402
-
-from models.adapt import AdaptSettings, SiteData, adapt  # noqa: E402
-from models.calibration import Calibration  # noqa: E402
-from models.checkpoint import load_checkpoint  # noqa: E402
-from models.data import Sample, read_manifest  # noqa: E402
-from models.embedder import Embedder  # noqa: E402
-from models.evaluate import embed_samples  # noqa: E402
-from models.metrics import evaluate_embeddings, pair_scores  # noqa: E402
-from models.scorenorm import ScoreNorm, patient_key  # noqa: E402
-from models.site import CalibrationRefusedError, fit_site_calibration, half_split  # noqa: E402
-
 log = logging.getLogger("bench.adaptation")
 
 FARS = ("1e-2", "1e-3")

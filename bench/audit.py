@@ -14,7 +14,7 @@ them), then plant errors in a copy of the manifest and audit again:
 Recall: planted errors found as a finding of their type. Precision: of the findings of a type
 that touch a changed or added image, the share that are the planted error of that type; findings
 touching none are the set's own and are reported beside. The audit runs at its default operating
-point (the model's calibration at FAR 1e-3, or stricter for a large set: app.audit.operating_point).
+point (the model's calibration at FAR 1e-3, or stricter for a large set: app.analysis.audit.operating_point).
 ``--screenshot`` keeps a PNG of one report as Chromium
 draws it. Without the data it says so and exits 0.
 
@@ -32,7 +32,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -41,13 +40,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from app.analysis.audit import FINDING_TYPES, run_audit
+from app.analysis.audit_report import write_outputs
+from models.embedder import Embedder
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from app.audit import FINDING_TYPES, run_audit  # noqa: E402
-from app.audit_report import write_outputs  # noqa: E402
-from models.embedder import Embedder  # noqa: E402
-
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 SETS = ("covid-collection", "kermany-paediatric", "nih-cxr14-64px")
 log = logging.getLogger("bench.audit")
@@ -207,8 +204,8 @@ def scale(images: int, dim: int, seed: int) -> None:
     import resource
     import time
 
-    from app.audit import find_issues, operating_point
-    from app.corpus import SIGNATURE_SIDE, CorpusImage, EmbeddedCorpus
+    from app.analysis.audit import find_issues, operating_point
+    from app.analysis.corpus import SIGNATURE_SIDE, CorpusImage, EmbeddedCorpus
     from models.calibration import Calibration
 
     rng = np.random.default_rng(seed)

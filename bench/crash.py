@@ -31,16 +31,13 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
+import httpx
+import numpy as np
+from PIL import Image
+
+from app.server_process import Server, free_port, server_env, uvicorn_command
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `python bench/crash.py` puts bench/, not the root, on the path
-    sys.path.insert(0, str(REPO_ROOT))
-
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from tests.serving import Server, free_port, server_env, uvicorn_command  # noqa: E402
-
 log = logging.getLogger("bench.crash")
 
 

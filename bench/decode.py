@@ -21,38 +21,21 @@ import argparse
 import io
 import json
 import logging
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
+from models.benchkit import embed_in_batches, median_ms
+from models.data import read_manifest
+from models.embedder import Embedder
+from models.metrics import pair_scores, verification_metrics
+from models.preprocess import PreprocessConfig, decode_image, prepare
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `python bench/decode.py` puts bench/, not the root, on the path
-    sys.path.insert(0, str(REPO_ROOT))
-
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from models.data import read_manifest  # noqa: E402
-from models.embedder import Embedder  # noqa: E402
-from models.metrics import pair_scores, verification_metrics  # noqa: E402
-from models.preprocess import PreprocessConfig, decode_image, prepare  # noqa: E402
-
 log = logging.getLogger("bench.decode")
-
-
-def median_ms(run: Callable[[], object], seconds: float) -> float:
-    """Median wall time of ``run`` in ms: one warm-up, then repeated for about ``seconds`` (>= 3 runs)."""
-    run()
-    times: list[float] = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds or len(times) < 3:
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
 
 
 def _pillow_bytes(pixels: np.ndarray, fmt: str) -> bytes:
@@ -116,13 +99,6 @@ def speed(embedder: Embedder, seconds: float, only: list[str] | None = None) -> 
             "within_model_time": needed <= model_ms,
         }
     return {"model_ms_per_image_batch32": model_ms, "cases": rows}
-
-
-def embed_in_batches(embedder: Embedder, prepared: list[np.ndarray], batch: int = 64) -> np.ndarray:
-    """Embeddings of many prepared images, ``batch`` at a time (bounded memory)."""
-    return np.concatenate(
-        [embedder.embed_prepared(np.stack(prepared[i : i + batch])) for i in range(0, len(prepared), batch)]
-    )
 
 
 def fidelity(embedder: Embedder, data_dir: Path) -> dict[str, Any]:

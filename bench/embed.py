@@ -32,28 +32,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.benchkit import embed_in_batches, rate
+from models.embedder import Embedder, embed_views
+from models.runtime import OnnxRuntimeNetwork, onednn_network
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `python bench/embed.py` puts bench/, not the root, on the path
-    sys.path.insert(0, str(REPO_ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from models.embedder import Embedder, embed_views  # noqa: E402
-from models.runtime import OnnxRuntimeNetwork, onednn_network  # noqa: E402
-
 log = logging.getLogger("bench.embed")
-
-
-def rate(run: Callable[[], object], items: int, seconds: float) -> float:
-    """Items per second of ``run`` (one warm-up call, then repeated for about ``seconds``)."""
-    run()
-    calls, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds or calls < 3:
-        run()
-        calls += 1
-    return items * calls / elapsed
 
 
 def matmul_gflops(seconds: float) -> float:
@@ -164,7 +152,6 @@ def auc_guard(
     """Verification AUC of the default path and of each variant that keeps cosine >= 0.999 and is
     faster, on every set under ``data_dir``; the change per set is what the 0.001 rule reads.
     ``networks`` are the variants ``variants`` built and timed (built once: compiling is slow)."""
-    from bench.decode import embed_in_batches
     from models.data import read_manifest
     from models.evaluate import select_split
     from models.metrics import pair_scores, verification_metrics

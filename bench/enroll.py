@@ -7,9 +7,9 @@ radiographs of ``--side`` px (the example radiographs, upscaled, each with its o
 file has its own sha256) into a temporary folder, then times, on ``--device``:
 
 - ``decode_images_per_s``: reading, hashing, decoding and preparing alone, on the bulk jobs' worker
-  threads (``app.enrollment.decode_workers``);
+  threads (``app.service.enrollment.decode_workers``);
 - ``embed_images_per_s``: the model alone on prepared batches of ``--batch-size``;
-- ``enrol_images_per_s``: ``app.enrollment.bulk_enrol`` into a new gallery, everything included
+- ``enrol_images_per_s``: ``app.service.enrollment.bulk_enrol`` into a new gallery, everything included
   (SQLite rows and FAISS adds too).
 
 The slowest of the first two is the bound the third approaches.
@@ -27,18 +27,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
+from app.service.enrollment import bulk_enrol, decode_workers, items_from_folder
+from index import Gallery
+from models.embedder import Embedder
+from models.preprocess import decode_image, prepare
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `python bench/enroll.py` puts bench/, not the root, on the path
-    sys.path.insert(0, str(REPO_ROOT))
-
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from app.enrollment import bulk_enrol, decode_workers, items_from_folder  # noqa: E402
-from index import Gallery  # noqa: E402
-from models.embedder import Embedder  # noqa: E402
-from models.preprocess import decode_image, prepare  # noqa: E402
-
 log = logging.getLogger("bench.enroll")
 
 EXAMPLES = REPO_ROOT / "examples" / "radiographs"

@@ -41,15 +41,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from models.benchkit import json_safe, markdown_table, num, with_ci
+from models.scorenorm import DEFAULT_TOP_K
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-for path in (REPO_ROOT, REPO_ROOT / "bench"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from accuracy import _json_safe, _markdown_table, _num, _with_ci  # noqa: E402
-
-from models.scorenorm import DEFAULT_TOP_K  # noqa: E402
-
 log = logging.getLogger("generalisation")
 
 EVAL_VERSION = 2  # bump when eval.json's content changes, so cached evaluations are redone
@@ -242,7 +237,7 @@ def evaluate_fold(
                 snorm_top_k=snorm_top_k or None,
             )
         result["sets"][name] = entry
-    cache.write_text(json.dumps(_json_safe(result), indent=2))
+    cache.write_text(json.dumps(json_safe(result), indent=2))
     return result
 
 
@@ -277,11 +272,11 @@ def unseen_table(results: dict[str, dict[str, Any]], children: Sequence[str] = (
                 held_out,
                 f"`{r['model_id']}`, {r['epochs_run']}/{r['epochs_planned']} epochs{cut}",
                 f"{m['n_images']:,} / {m['n_patients']:,} / {m['n_genuine_pairs']:,}",
-                _with_ci(m, "auc", 3),
-                _with_ci(m, "eer", 3),
-                _with_ci(m, "tar_at_far_1e-3", 3),
-                _with_ci(m, "precision_at_1", 3),
-                _num(_snorm_auc(m), 3),
+                with_ci(m, "auc", 3),
+                with_ci(m, "eer", 3),
+                with_ci(m, "tar_at_far_1e-3", 3),
+                with_ci(m, "precision_at_1", 3),
+                num(_snorm_auc(m), 3),
             ]
         )
     groups = [("**mean**", unseen)]
@@ -291,7 +286,7 @@ def unseen_table(results: dict[str, dict[str, Any]], children: Sequence[str] = (
     for label, chosen in groups:
         means = [_mean([m.get(c) for _, m, _ in chosen]) for c in columns]
         snorm = _mean([_snorm_auc(m) for _, m, _ in chosen])
-        rows.append([label, "", "", *[f"**{_num(v, 3)}**" for v in (*means, snorm)]])
+        rows.append([label, "", "", *[f"**{num(v, 3)}**" for v in (*means, snorm)]])
     header = (
         "held-out set (unseen)",
         "model",
@@ -302,7 +297,7 @@ def unseen_table(results: dict[str, dict[str, Any]], children: Sequence[str] = (
         "P@1",
         "AUC after site calibration (AS-norm, split-half)",
     )
-    return _markdown_table(header, rows)
+    return markdown_table(header, rows)
 
 
 def calibration_table(results: dict[str, dict[str, Any]]) -> str:
@@ -343,7 +338,7 @@ def calibration_table(results: dict[str, dict[str, Any]]) -> str:
         "FAR delivered, site-calibrated + AS-norm [min, max]",
         "TAR",
     )
-    return _markdown_table(header, rows)
+    return markdown_table(header, rows)
 
 
 def seen_table(results: dict[str, dict[str, Any]]) -> str:
@@ -352,9 +347,9 @@ def seen_table(results: dict[str, dict[str, Any]]) -> str:
     for held_out, r in results.items():
         row = [f"without {held_out}"]
         for name in names:
-            row.append("(unseen)" if name in r["held_out"] else _with_ci(r["sets"][name], "auc", 3))
+            row.append("(unseen)" if name in r["held_out"] else with_ci(r["sets"][name], "auc", 3))
         rows.append(row)
-    return _markdown_table(("model", *[f"{n} test patients: AUC" for n in names]), rows)
+    return markdown_table(("model", *[f"{n} test patients: AUC" for n in names]), rows)
 
 
 def report(results: dict[str, dict[str, Any]], title: str, children: Sequence[str] = ()) -> str:
@@ -490,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "folds": results,
         }
         Path(args.json).write_text(
-            json.dumps(_json_safe(payload), indent=2, allow_nan=False), encoding="utf-8"
+            json.dumps(json_safe(payload), indent=2, allow_nan=False), encoding="utf-8"
         )
     return 0
 

@@ -31,22 +31,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from pytorch_metric_learning.losses import SupConLoss
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.backbones import build_backbone
+from models.benchkit import rate
+from models.config import TrainConfig, load_config
+from models.embedder import Embedder, resolve_device
+from models.heads import build_head
+from models.train import IdentityModel, training_step
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `python bench/gpu.py` puts bench/, not the root, on the path
-    sys.path.insert(0, str(REPO_ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from pytorch_metric_learning.losses import SupConLoss  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from bench.embed import rate  # noqa: E402
-from models.backbones import build_backbone  # noqa: E402
-from models.config import TrainConfig, load_config  # noqa: E402
-from models.embedder import Embedder, resolve_device  # noqa: E402
-from models.heads import build_head  # noqa: E402
-from models.train import IdentityModel, training_step  # noqa: E402
-
 log = logging.getLogger("bench.gpu")
 
 EXAMPLES = REPO_ROOT / "examples" / "radiographs"

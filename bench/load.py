@@ -23,15 +23,12 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import httpx
+import numpy as np
+
+from app.server_process import Server, free_port, server_env, uvicorn_command
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `python bench/load.py` puts bench/, not the root, on the path
-    sys.path.insert(0, str(REPO_ROOT))
-
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-
-from tests.serving import Server, free_port, server_env, uvicorn_command  # noqa: E402
-
 log = logging.getLogger("bench.load")
 
 

@@ -1,5 +1,5 @@
 """Does the input quality gate let real radiographs through? Decode every image of some manifests
-exactly as the service does (``app.services.decode_source``: decoder checks plus
+exactly as the service does (``app.service.decoding.decode_source``: decoder checks plus
 ``models.preprocess.check_usable``) and count what is refused, and why.
 
     python bench/quality_gate.py [MANIFEST ...] [--json OUT.json]
@@ -18,15 +18,13 @@ import logging
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
+from app.service.decoding import decode_source
+from app.service.errors import InvalidInputError
+from models.data import read_manifest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `python bench/quality_gate.py` puts bench/, not the root, on the path
-    sys.path.insert(0, str(REPO_ROOT))
-
-from tqdm import tqdm  # noqa: E402
-
-from app.services import InvalidInputError, decode_source  # noqa: E402
-from models.data import read_manifest  # noqa: E402
-
 log = logging.getLogger("bench.quality_gate")
 
 

@@ -11,7 +11,7 @@ images are split by patient, seeded:
   whole to the reference (people the attacker holds who are not released), alternately.
 
 The two manifests are written under ``--out`` (a temporary folder by default) and
-``app.risk.run`` makes the report there; this prints one markdown table of linkability at each FAR
+``app.analysis.risk.run`` makes the report there; this prints one markdown table of linkability at each FAR
 (95% patient-bootstrap intervals) and one of the defences at FAR 1e-3.
 
     python bench/risk.py [--data-dir ../shared/data] [--set nih-cxr14-64px ...] [--manifest CSV ...]
@@ -37,8 +37,6 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"  # "../shared/data" from the repo root
-if str(REPO_ROOT) not in sys.path:  # `python bench/risk.py` puts bench/, not the root, on the path
-    sys.path.insert(0, str(REPO_ROOT))
 
 
 def _order_key(row: dict[str, str]) -> tuple[float, str]:
@@ -186,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from app.risk import RiskError, RiskInputs, run  # torch: imported only when there is work
+    from app.analysis.risk import RiskError, RiskInputs, run  # torch: imported only when there is work
     from models.embedder import Embedder
 
     embedder = Embedder.from_checkpoint(args.model)

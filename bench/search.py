@@ -43,13 +43,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import faiss
+import numpy as np
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `python bench/search.py` puts bench/, not the root, on the path
-    sys.path.insert(0, str(REPO_ROOT))
-
-import faiss  # noqa: E402
-import numpy as np  # noqa: E402
-
 log = logging.getLogger("bench.search")
 
 INDEXES = ("Flat", "HNSW32", "IVF-Flat", "IVF-SQ8", "IVF-PQ")

@@ -30,18 +30,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+import numpy as np
+
+from app.server_process import Server, free_port, server_env, uvicorn_command
+from models.benchkit import median_ms
+from models.embedder import Embedder
+from models.preprocess import decode_image, prepare
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `python bench/service.py` puts bench/, not the root, on the path
-    sys.path.insert(0, str(REPO_ROOT))
-
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-
-from bench.decode import median_ms  # noqa: E402
-from models.embedder import Embedder  # noqa: E402
-from models.preprocess import decode_image, prepare  # noqa: E402
-from tests.serving import Server, free_port, server_env, uvicorn_command  # noqa: E402
-
 log = logging.getLogger("bench.service")
 
 EXAMPLES = REPO_ROOT / "examples" / "radiographs"

@@ -37,8 +37,6 @@ from typing import Any
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `python bench/speed.py` puts bench/, not the root, on the path
-    sys.path.insert(0, str(REPO_ROOT))
 
 # Build-time model of a gallery (SQLite + FAISS), to skip what cannot fit the budget: seconds per
 # vector at N = 10k and 256-d (measured on a busy 2-core machine, linear in the dimension), growing

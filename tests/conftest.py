@@ -1,5 +1,5 @@
 """Shared fixtures: a small random-weight checkpoint, a few phantom images, API test clients, real
-server processes (``tests/serving.py``).
+server processes (``app/server_process.py``).
 
 Plain helpers the test modules import (``from conftest import ...``): ``save_random_checkpoint``,
 ``synthetic_site`` and ``dicom_dataset``.
@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.serving import Server
-from tests.serving import server_env as server_environment
+from app.server_process import Server
+from app.server_process import server_env as server_environment
 
 # The tiny test network cannot be exported or fused (it pools unevenly), so runtime "auto" would try
 # and fall back at every app the tests create: they run it in PyTorch directly. The runtime choice
-# itself is tested in tests/test_embedder.py, and server processes (tests/serving.py) keep "auto".
+# itself is tested in tests/test_embedder.py, and server processes (app/server_process.py) keep "auto".
 os.environ.setdefault("CXR_REID_RUNTIME", "torch")
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from tests.serving import free_port
+from app.server_process import free_port
 
 #: Where Debian's orthanc-dicomweb puts the plugin (`dpkg -L orthanc-dicomweb`).
 PLUGIN_PATHS = (

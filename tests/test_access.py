@@ -8,15 +8,14 @@ import logging
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.keys import FailedAuthLimiter, KeyStore
-from tests.serving import ROOT
+from app.server_process import ROOT
+from app.service.keys import FailedAuthLimiter, KeyStore
 
 
 def test_keys_are_stored_hashed_and_verified(tmp_path: Path) -> None:
@@ -75,14 +74,24 @@ def test_rejected_keys_are_limited_per_address_and_summarised(
 
 
 def test_limiter_window_closes_with_a_summary(caplog: pytest.LogCaptureFixture) -> None:
-    limiter = FailedAuthLimiter(limit=3, window=0.2)
-    with caplog.at_level(logging.WARNING, logger="app.keys"):
+    now = [1000.0]  # a fake clock the test moves by hand: no sleeping, no timing flakes
+    limiter = FailedAuthLimiter(limit=3, window=60.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="app.service.keys"):
         for _ in range(4):
             limiter.failed("10.0.0.9", "sha256:abc")
-        assert limiter.retry_after("10.0.0.9") is not None
-        time.sleep(0.25)
+        assert limiter.retry_after("10.0.0.9") == 60
+        now[0] += 45.0
+        assert limiter.retry_after("10.0.0.9") == 15  # the rest of the window, rounded
+        assert limiter.retry_after("10.0.0.8") is None  # per address
+        now[0] += 14.75
+        assert limiter.retry_after("10.0.0.9") == 1  # never 0 while limited
+        assert "rejected API keys from" not in caplog.text
+        now[0] += 0.25  # the window is over
         assert limiter.retry_after("10.0.0.9") is None
-    assert "4 rejected API keys from 10.0.0.9" in caplog.text
+        assert "4 rejected API keys from 10.0.0.9 in 60 s" in caplog.text
+        # a new window counts from zero: one more failure is under the limit again
+        limiter.failed("10.0.0.9", "sha256:abc")
+        assert limiter.retry_after("10.0.0.9") is None
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -21,12 +21,12 @@ from conftest import dicom_dataset
 from PIL import Image
 
 from app.cli import main
+from app.server_process import ROOT, Server, free_port, uvicorn_command
 from models.adapt import AdaptRefusedError, AdaptSettings, SiteData, adapt, split_patients
 from models.checkpoint import load_checkpoint
 from models.data import read_dicom_folder, read_manifest
 from models.embedder import Embedder
 from models.phantom import write_phantom_set
-from tests.serving import ROOT, Server, free_port, uvicorn_command
 
 #: what makes the phantom site's adaptation clearly better than its base (measured: AUC 0.69 -> 0.89)
 STEPS, LR = 120, 1e-3

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.alerts import AlertWebhook
-from app.keys import KeyStore
 from app.main import create_app
+from app.server_process import ROOT, free_port
+from app.service.keys import KeyStore
+from app.service.webhook import AlertWebhook
 from app.settings import Settings
 from index import AlertNotOpenError, AlertRecord, Gallery, GalleryValidationError, NewAlert, NewImage
 from models.embedder import Embedder
-from tests.serving import ROOT, free_port
 
 EXAMPLES = ROOT / "examples" / "radiographs"
 
@@ -255,7 +255,7 @@ def receiver() -> Iterator[Receiver]:
 def test_webhook_delivers_after_a_failure_without_holding_up_enrolment(
     make_app: Callable[..., TestClient], receiver: Receiver, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="app.alerts")
+    caplog.set_level(logging.INFO, logger="app.service.webhook")
     receiver.answers = [500]
     receiver.gate.clear()  # the receiver holds every request until the enrolment has answered
     client = make_app(alert_webhook=receiver.url, alert_webhook_backoff_seconds=0.05)
@@ -274,7 +274,7 @@ def test_webhook_delivers_after_a_failure_without_holding_up_enrolment(
     assert metric(client, 'cxr_reid_alert_webhook_total{outcome="delivered"} 2.0')
     assert metric(client, 'cxr_reid_alert_webhook_total{outcome="retried"} 1.0')
     # the logs name the receiver's host, not the URL's token nor any patient
-    logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "app.alerts")
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "app.service.webhook")
     assert "HTTP 500" in logged and "secret" not in logged and "child-" not in logged
 
 

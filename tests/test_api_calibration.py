@@ -113,7 +113,7 @@ def test_as_norm_decisions_agree_across_routes(
 ) -> None:
     """With a site calibration in AS-norm units, /verify, /search and /duplicates score every pair
     alike, and /duplicates misses no pair /verify calls the same patient."""
-    from app.services import record_key
+    from app.service.scoring import record_key
 
     data_dir = tmp_path / "data"
     fill_gallery(data_dir, embedder, patients=40, per_patient=3, seed=7)

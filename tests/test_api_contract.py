@@ -19,8 +19,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from app.main import create_app
+from app.server_process import ROOT, Server, free_port, server_env, uvicorn_command
 from app.settings import Settings
-from tests.serving import ROOT, Server, free_port, server_env, uvicorn_command
 
 EXAMPLES = int(os.environ.get("CXR_REID_FUZZ_EXAMPLES", "12"))
 

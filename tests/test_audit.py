@@ -14,9 +14,9 @@ from browser import needs_chromium, render
 from conftest import dicom_dataset
 from PIL import Image
 
-from app.audit import find_issues
+from app.analysis.audit import find_issues
+from app.analysis.corpus import SIGNATURE_SIDE, CorpusImage, EmbeddedCorpus
 from app.cli import main
-from app.corpus import SIGNATURE_SIDE, CorpusImage, EmbeddedCorpus
 from models.calibration import Calibration
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving import ROOT, Server, free_port, server_env, uvicorn_command
+from app.server_process import ROOT, Server, free_port, server_env, uvicorn_command
 
 pytestmark = pytest.mark.skipif(
     shutil.which("jq") is None, reason="the demo needs jq (scripts/test.sh installs it)"

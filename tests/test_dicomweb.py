@@ -20,16 +20,16 @@ from conftest import dicom_dataset
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.main import create_app
-from app.routers.dicomweb import (
+from app.api.routers.dicomweb import (
     FAILURE_CANNOT_UNDERSTAND,
     FAILURE_DATASET_MISMATCH,
     FAILURE_SOP_CLASS_NOT_SUPPORTED,
 )
+from app.main import create_app
+from app.server_process import ROOT, Server, free_port, server_env, uvicorn_command
 from app.settings import Settings
 from models.embedder import Embedder
 from tests.orthanc import Orthanc, missing_reason
-from tests.serving import ROOT, Server, free_port, server_env, uvicorn_command
 
 EXAMPLES = ROOT / "examples" / "radiographs"
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -280,7 +280,7 @@ def test_a_pacs_sends_to_cxr_reid_over_dicomweb(
 def test_response_dataset_is_valid_dicom_json() -> None:
     from pydicom.dataset import Dataset
 
-    from app.routers.dicomweb import Outcome, response_dataset
+    from app.api.routers.dicomweb import Outcome, response_dataset
 
     dataset = response_dataset(
         [Outcome("1.2", "1.2.3", text="wrong-patient alert (x): y"), Outcome(None, None, 0xC000, "bad")]

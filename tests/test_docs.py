@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from app.api.schemas import ErrorResponse
 from app.main import create_app
-from app.schemas import ErrorResponse
+from app.server_process import Server, free_port, uvicorn_command
 from app.settings import Settings
-from tests.serving import Server, free_port, uvicorn_command
 
 # everything but loopback goes to a dead proxy, and no host name resolves: no CDN can answer
 OFFLINE_CHROMIUM = [

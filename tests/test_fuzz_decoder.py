@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from pydicom.uid import RLELossless
 
-from app.services import InvalidInputError, PayloadTooLargeError, decode_source
+from app.service.decoding import decode_source
+from app.service.errors import InvalidInputError, PayloadTooLargeError
 from models.preprocess import PreprocessConfig, prepare
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.dependencies import MAX_LABEL_CHARS, clean_label
+from app.api.dependencies import MAX_LABEL_CHARS, clean_label
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from app.server_process import ROOT
 from index import Gallery, GalleryIntegrityError, NewImage
-from tests.serving import ROOT
 
 DIM = 16
 

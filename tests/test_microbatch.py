@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from app.services import MicroBatcher
+from app.service.batcher import MicroBatcher
 from models.embedder import Embedder
 from models.preprocess import prepare
 

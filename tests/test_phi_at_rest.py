@@ -14,7 +14,7 @@ import pytest
 from conftest import dicom_dataset
 from pydicom.data import get_testdata_file
 
-from app.phi import deidentified_dicom, stored_original
+from app.service.phi import deidentified_dicom, stored_original
 from models.preprocess import decode_image
 
 IDENTITY = {

@@ -11,7 +11,8 @@ import pytest
 from conftest import dicom_dataset
 from PIL import Image
 
-from app.services import InvalidInputError, decode_source
+from app.service.decoding import decode_source
+from app.service.errors import InvalidInputError
 from models.preprocess import MIN_GREY_LEVELS, MIN_SIDE, ImageDecodeError, Radiograph, check_usable
 
 ROOT = Path(__file__).resolve().parents[1]

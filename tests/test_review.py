@@ -18,8 +18,8 @@ import pytest
 from browser import Browser, needs_chromium, render, screenshot
 from PIL import Image
 
-from app.keys import KeyStore
-from tests.serving import ROOT, Server, free_port, server_env, uvicorn_command
+from app.server_process import ROOT, Server, free_port, server_env, uvicorn_command
+from app.service.keys import KeyStore
 
 EXAMPLES = ROOT / "examples" / "radiographs"
 HOSTILE = '<script>alert("x")</script>&<i onmouseover=x>'

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.cli import main
-from app.risk import (
+from app.analysis.risk import (
     Links,
     RiskError,
     best_matches,
@@ -27,7 +26,8 @@ from app.risk import (
     psnr,
     read_gallery,
 )
-from app.services import Scorer
+from app.cli import main
+from app.service.scoring import Scorer
 from models.calibration import Calibration
 from models.preprocess import Radiograph
 from models.scorenorm import ScoreNorm
@@ -425,7 +425,7 @@ def test_bench_without_data_says_so(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_readme_example_manifests_load() -> None:
-    from app.corpus import load_corpus
+    from app.analysis.corpus import load_corpus
 
     examples = Path(__file__).parents[1] / "examples" / "radiographs"
     release = load_corpus([examples / "risk-release.csv"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving import ROOT, Server, free_port, uvicorn_command
+from app.server_process import ROOT, Server, free_port, uvicorn_command
 
 
 def test_acknowledged_enrolments_survive_kill_9(

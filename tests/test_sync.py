@@ -21,10 +21,10 @@ from conftest import dicom_dataset
 from PIL import Image
 
 from app.cli import main
+from app.server_process import ROOT, free_port
 from index import Gallery
 from models.embedder import Embedder
 from tests.orthanc import Orthanc, missing_reason
-from tests.serving import ROOT, free_port
 
 EXAMPLES = ROOT / "examples" / "radiographs"
 CR_STORAGE, MR_STORAGE = "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.4"
@@ -228,8 +228,8 @@ def test_orthanc_changes_survive_errors_bad_instances_and_a_new_database(
     number (a new Orthanc database) is followed from 0."""
     import requests
 
-    from app.services import ReidService
-    from app.sync import SyncState, follow_orthanc_changes
+    from app.pacs.sync import SyncState, follow_orthanc_changes
+    from app.service.reid import ReidService
 
     sop, good = files["c1"]
     change = {"ChangeType": "NewInstance", "ResourceType": "Instance"}

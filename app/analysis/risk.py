@@ -1,0 +1,893 @@
+"""``cxr-reid risk``: how many images of an "anonymised" release can be linked back to identified
+radiographs someone already holds (Packhaeuser et al., Sci Rep 2022: a network does it at AUC 0.99).
+
+The attacker is modelled as the service itself: each released image is compared with every
+reference image (a manifest, a folder, or a gallery's data dir) and its best match is a *link* at a
+false-accept rate (FAR) when its score reaches the model's calibrated threshold for that FAR. With
+AS-norm in the calibration (``Calibration.score_norm``) the ``TOP_K`` best raw cosines of each
+released image are re-scored with AS-norm and the best normalised score decides, as the service
+decides; otherwise the raw cosine does.
+
+Ground truth (patient ids on both sides): a released patient with at least one reference image is
+*linked* at a FAR when one of their released images has its best match above the threshold and
+that match is the same patient; a best match above the threshold that is another patient is a
+*wrong link* (an attacker acting on it names the wrong person). Shares come with 95% intervals over
+patient bootstrap resamples of the released patients (the convention of ``models/metrics.py``:
+patients drawn with replacement, percentile interval). Without ground truth the report gives the
+*expected* number of true links, the sum of the calibrated P(same patient | best score) over the
+released images: an estimate under the calibration's 50/50 prior, stated as such.
+
+Candidate defences are applied to the released images' decoded pixels before the model's own
+preparation (the real decode and prepare path), and measured on the same data, with their cost in
+image fidelity: PSNR and a global (one-window) SSIM of the defended model input against the
+original model input. "crop" approximates cropping to the lung fields by a central box (a fixed
+fraction of each side); its fidelity compares the original with the image blacked out outside that
+box, i.e. what a recipient no longer sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import sqlite3
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from app.analysis.corpus import CorpusError, CorpusImage, embed_corpus, load_corpus, load_for_display
+from app.reports import (
+    curve_svg,
+    package_version,
+    png_data_uri,
+    prepare_out_dir,
+    render,
+    write_json,
+    write_text,
+)
+from app.service.decoding import decode_source
+from app.service.enrollment import decode_workers
+from app.service.errors import InvalidInputError
+from app.service.scoring import image_key
+from models.calibration import Calibration
+from models.embedder import Embedder
+from models.preprocess import Radiograph
+from models.scorenorm import ScoreNorm
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FARS = ("1e-2", "1e-3", "1e-4")
+#: The FAR of the report's headline sentence (when it is among those asked for).
+HEADLINE_FAR = "1e-3"
+#: Raw candidates per released image re-scored with AS-norm.
+TOP_K = 20
+#: Pairs shown with thumbnails, best score first.
+CLOSEST_PAIRS = 24
+#: Bootstrap resamples of the released patients.
+DEFAULT_BOOTSTRAP = 500
+#: Released images scored against the reference at a time (bounds the score matrix).
+_SCORE_ROWS = 1024
+GALLERY_DB = "gallery.sqlite"  # index.store.DB_NAME, without importing the gallery's FAISS side
+
+
+class RiskError(ValueError):
+    """The risk report cannot be made from these inputs (exit 2): the message says why."""
+
+
+# --------------------------------------------------------------------------------------------------
+# defences
+
+
+def _gaussian_matrix(n: int, sigma: float) -> np.ndarray:
+    """The (n, n) matrix of a 1-D Gaussian blur with reflected edges (one matmul per axis: fast for
+    the decoded sizes the model asks for, and numpy only)."""
+    radius = max(1, int(math.ceil(3 * sigma)))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps /= taps.sum()
+    matrix = np.zeros((n, n), dtype=np.float32)
+    rows = np.arange(n)
+    for offset, weight in zip(range(-radius, radius + 1), taps, strict=True):
+        cols = rows + offset
+        cols = np.where(cols < 0, -cols - 1, cols)
+        cols = np.where(cols >= n, 2 * n - cols - 1, cols)
+        np.add.at(matrix, (rows, np.clip(cols, 0, n - 1)), weight)
+    return matrix
+
+
+def gaussian_blur(pixels: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of a 2-D float image, ``sigma`` in pixels."""
+    if sigma <= 0:
+        return pixels.astype(np.float32, copy=True)
+    p = np.asarray(pixels, dtype=np.float32)
+    return _gaussian_matrix(p.shape[0], sigma) @ p @ _gaussian_matrix(p.shape[1], sigma).T
+
+
+@dataclass(frozen=True)
+class Defence:
+    """One candidate defence at one strength; ``apply`` gives (what the model sees, what fidelity is
+    measured on) from a decoded radiograph."""
+
+    name: str
+    family: str
+    strength: float
+    label: str
+
+    def apply(self, image: Radiograph, seed: int) -> tuple[Radiograph, Radiograph]:
+        pixels = np.asarray(image.pixels, dtype=np.float32)
+        h, w = pixels.shape[:2]
+        if self.family == "blur":
+            out = replace(image, pixels=gaussian_blur(pixels, self.strength * max(h, w)))
+            return out, out
+        if self.family == "noise":
+            lo, hi = np.percentile(pixels, [1, 99])
+            rng = np.random.default_rng(seed)
+            noise = rng.standard_normal(pixels.shape).astype(np.float32) * np.float32(
+                self.strength * max(float(hi - lo), 1e-6)
+            )
+            out = replace(image, pixels=pixels + noise)
+            return out, out
+        if self.family == "lowres":
+            side = int(self.strength)
+            if max(h, w) <= side:
+                return image, image
+            scale = side / max(h, w)
+            small = Image.fromarray(pixels, mode="F").resize(
+                (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BOX
+            )
+            # the released file is small; the stored geometry stays, so the model letterboxes it alike
+            out = replace(image, pixels=np.asarray(small, dtype=np.float32), original_shape=image.shape)
+            return out, out
+        if self.family == "crop":
+            keep_h, keep_w = max(1, round(h * self.strength)), max(1, round(w * self.strength))
+            top, left = (h - keep_h) // 2, (w - keep_w) // 2
+            box = (slice(top, top + keep_h), slice(left, left + keep_w))
+            cropped = replace(image, pixels=np.ascontiguousarray(pixels[box]), original_shape=None)
+            masked = np.full_like(pixels, float(pixels.min()))
+            masked[box] = pixels[box]
+            return cropped, replace(image, pixels=masked)
+        raise ValueError(f"unknown defence family {self.family!r}")  # pragma: no cover
+
+
+def _defences(model_side: int) -> dict[str, Defence]:
+    half, quarter = max(8, model_side // 2), max(8, model_side // 4)
+    items = [
+        Defence("blur-1", "blur", 0.01, "Gaussian blur, sigma 1% of the image side"),
+        Defence("blur-2", "blur", 0.02, "Gaussian blur, sigma 2% of the image side"),
+        Defence("noise-5", "noise", 0.05, "Gaussian noise, sd 5% of the grey range (1st-99th centile)"),
+        Defence("noise-15", "noise", 0.15, "Gaussian noise, sd 15% of the grey range (1st-99th centile)"),
+        Defence("lowres-half", "lowres", half, f"resolution cut to {half} px on the long side"),
+        Defence("lowres-quarter", "lowres", quarter, f"resolution cut to {quarter} px on the long side"),
+        Defence("crop-75", "crop", 0.75, "crop to the lung fields: the central 75% of each side"),
+        Defence("crop-55", "crop", 0.55, "crop to the lung fields: the central 55% of each side"),
+    ]
+    return {d.name: d for d in items}
+
+
+DEFENCE_FAMILIES = ("blur", "noise", "lowres", "crop")
+
+
+def choose_defences(spec: str | None, model_side: int) -> list[Defence]:
+    """``--defences``: "all" (default), "none", or comma-separated names or families."""
+    known = _defences(model_side)
+    text = (spec or "all").strip().lower()
+    if text == "all":
+        return list(known.values())
+    if text in ("none", ""):
+        return []
+    chosen: dict[str, Defence] = {}
+    for word in (w.strip() for w in text.split(",") if w.strip()):
+        family = "lowres" if word in ("resolution", "res") else word
+        matched = [d for d in known.values() if d.name == word or d.family == family]
+        if not matched:
+            raise RiskError(
+                f"--defences: unknown defence {word!r}; give all, none, families "
+                f"({', '.join(DEFENCE_FAMILIES)}) or names ({', '.join(known)})"
+            )
+        chosen.update((d.name, d) for d in matched)
+    return list(chosen.values())
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio (dB) of two model inputs in [0, 1]; inf when identical."""
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def global_ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM over the whole image as one window (Wang et al. 2004 constants, data range 1): a cheap,
+    numpy-only fidelity figure; the usual windowed SSIM is lower on local damage."""
+    x, y = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    c1, c2 = 0.01**2, 0.03**2
+    mx, my = x.mean(), y.mean()
+    vx, vy = x.var(), y.var()
+    cov = float(np.mean((x - mx) * (y - my)))
+    return float(((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+
+
+@dataclass
+class DefendedSet:
+    """The released images' embeddings under one defence, and its fidelity per image."""
+
+    defence: Defence
+    vectors: np.ndarray
+    psnr: np.ndarray
+    ssim: np.ndarray
+
+
+def embed_defended(
+    embedder: Embedder,
+    paths: Sequence[Path],
+    usable: np.ndarray,
+    defences: Sequence[Defence],
+    *,
+    batch_size: int = 32,
+    max_pixels: int = 50_000_000,
+    progress: bool = True,
+) -> list[DefendedSet]:
+    """Decode every usable released image once, apply each defence to its decoded pixels, prepare
+    and embed the result as the service would (``decode_source``, ``prepare``, ``embed_prepared``)."""
+    n, d = len(paths), len(defences)
+    vectors = np.zeros((d, n, embedder.dim), dtype=np.float32)
+    psnrs = np.full((d, n), np.nan)
+    ssims = np.full((d, n), np.nan)
+    config = embedder.preprocess_config
+
+    def work(i: int) -> list[tuple[np.ndarray, float, float]] | None:
+        try:
+            data = Path(paths[i]).read_bytes()
+            radiograph = decode_source(data, max_pixels=max_pixels, name="the file", config=config)
+            original = embedder.prepare(radiograph)
+            seed = int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
+            out = []
+            for k, defence in enumerate(defences):
+                for_model, for_fidelity = defence.apply(radiograph, seed + k)
+                shown = embedder.prepare(for_fidelity)
+                out.append((embedder.prepare(for_model), psnr(original, shown), global_ssim(original, shown)))
+            return out
+        except (OSError, InvalidInputError, ValueError) as exc:
+            log.warning("%s: left out of the defences: %s", paths[i], exc)
+            return None
+
+    todo = [i for i in range(n) if usable[i]]
+    workers = decode_workers()
+    bar = tqdm(total=len(todo), desc="defences", unit="img", disable=not progress or not d)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="risk-defence") as pool:
+        for start in range(0, len(todo), batch_size * workers):
+            chunk = todo[start : start + batch_size * workers]
+            results = [(i, r) for i, r in zip(chunk, pool.map(work, chunk), strict=True) if r is not None]
+            for k in range(d):
+                for part in range(0, len(results), batch_size):
+                    batch = results[part : part + batch_size]
+                    embedded = embedder.embed_prepared(np.stack([r[k][0] for _, r in batch]))
+                    for (i, r), vector in zip(batch, embedded, strict=True):
+                        vectors[k, i], psnrs[k, i], ssims[k, i] = vector, r[k][1], r[k][2]
+            bar.update(len(chunk))
+    bar.close()
+    return [DefendedSet(defences[k], vectors[k], psnrs[k], ssims[k]) for k in range(d)]
+
+
+# --------------------------------------------------------------------------------------------------
+# the reference side
+
+
+@dataclass
+class Reference:
+    """Identified images the attacker holds: vectors, patient ids, where to show them from."""
+
+    kind: str  # "manifest" | "folder" | "gallery"
+    source: str
+    images: list[CorpusImage]
+    vectors: np.ndarray
+    ok: np.ndarray
+    keys: list[str]  # AS-norm keys (what the service would leave out); "" unknown
+    errors: list[str | None] = field(default_factory=list)
+
+    @property
+    def patient_ids(self) -> list[str | None]:
+        return [image.patient_id for image in self.images]
+
+
+def is_gallery(path: Path) -> bool:
+    return path.is_dir() and (path / GALLERY_DB).is_file()
+
+
+def read_gallery(data_dir: Path, embedder: Embedder) -> Reference:
+    """Every vector of a gallery, read through a read-only SQLite connection: nothing is written and
+    a running service (which holds the gallery's lock) need not stop. Refuses vectors of another
+    model: their scores would mean nothing against this model's thresholds."""
+    db = (data_dir / GALLERY_DB).resolve()
+    try:
+        conn = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=30.0)
+        try:
+            meta = dict(conn.execute("SELECT key, value FROM gallery_meta").fetchall())
+            rows = conn.execute(
+                "SELECT image_id, patient_id, collection, source_path, blob_sha256, model_id, vector "
+                "FROM images ORDER BY image_id"
+            ).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise RiskError(f"cannot read the gallery database {db}: {exc}") from None
+    stored = meta.get("model_id")
+    if rows and (stored != embedder.model_id or any(r[5] != embedder.model_id for r in rows)):
+        raise RiskError(
+            f"the gallery {data_dir} holds vectors of model {stored!r}, not {embedder.model_id!r}: pass "
+            "the gallery's checkpoint with --model (or reindex the gallery with this model)"
+        )
+    if rows and int(meta.get("dim") or embedder.dim) != embedder.dim:
+        raise RiskError(
+            f"the gallery {data_dir} stores {meta.get('dim')}-d vectors, the model makes {embedder.dim}"
+        )
+    images, keys, vectors = [], [], []
+    for image_id, patient, collection, source_path, blob, _, vector in rows:
+        path = data_dir / "images" / blob[:2] / blob if blob else Path(source_path or "")
+        images.append(
+            CorpusImage(
+                path=path,
+                shown=f"{collection}/{image_id}" + (f" ({Path(source_path).name})" if source_path else ""),
+                patient_id=patient,
+                split=None,
+                source=str(data_dir),
+                key=f"{collection}:{patient}" if patient else "",
+            )
+        )
+        keys.append(image_key(patient, collection))
+        vectors.append(np.frombuffer(vector, dtype="<f4"))
+    matrix = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, embedder.dim), np.float32)
+    return Reference(
+        kind="gallery",
+        source=str(data_dir),
+        images=images,
+        vectors=matrix,
+        ok=np.ones(len(images), dtype=bool),
+        keys=keys,
+        errors=[None] * len(images),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# linking
+
+
+@dataclass
+class Links:
+    """Each released image's best reference match (-1: none, the image unusable)."""
+
+    best: np.ndarray  # (N,) int
+    score: np.ndarray  # (N,) the decision score (AS-norm or cosine); nan where none
+    cosine: np.ndarray  # (N,) raw cosine of that pair
+
+
+def best_matches(
+    release: np.ndarray,
+    release_ok: np.ndarray,
+    reference: np.ndarray,
+    reference_ok: np.ndarray,
+    *,
+    calibration: Calibration,
+    reference_keys: Sequence[str] | None = None,
+    top_k: int = TOP_K,
+) -> Links:
+    """Best reference match of every usable released image: raw cosine, or, when the calibration
+    normalises scores, AS-norm of the ``top_k`` best cosines (the released side's patient is unknown
+    to the attacker, so it leaves nobody out; a reference image leaves out its own patient's key)."""
+    n = release.shape[0]
+    best = np.full(n, -1, dtype=np.int64)
+    score = np.full(n, np.nan)
+    cosine = np.full(n, np.nan)
+    columns = np.flatnonzero(reference_ok)
+    rows = np.flatnonzero(release_ok)
+    if columns.size == 0 or rows.size == 0:
+        return Links(best, score, cosine)
+    ref = np.ascontiguousarray(reference[columns], dtype=np.float32)
+    norm = ScoreNorm.from_dict(calibration.score_norm) if calibration.score_norm else None
+    k = 1 if norm is None else min(top_k, columns.size)
+    candidates = np.empty((rows.size, k), dtype=np.int64)
+    raw = np.empty((rows.size, k), dtype=np.float32)
+    for start in range(0, rows.size, _SCORE_ROWS):
+        part = rows[start : start + _SCORE_ROWS]
+        scores = np.asarray(release[part], dtype=np.float32) @ ref.T
+        if k < scores.shape[1]:
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        else:
+            top = np.broadcast_to(np.arange(scores.shape[1]), scores.shape).copy()
+        candidates[start : start + part.size] = top
+        raw[start : start + part.size] = np.take_along_axis(scores, top, axis=1)
+    if norm is None:
+        decided = raw.astype(np.float64)
+    else:
+        keys = list(reference_keys) if reference_keys is not None else [""] * reference.shape[0]
+        used = np.unique(candidates)
+        position = np.full(columns.size, -1, dtype=np.int64)
+        position[used] = np.arange(used.size)
+        ref_side = norm.neighbours(ref[used])
+        ref_codes = norm.codes([keys[columns[j]] for j in used])
+        query_side = norm.neighbours(np.asarray(release[rows], dtype=np.float32))
+        flat_rows = np.repeat(np.arange(rows.size), k)
+        flat_cols = position[candidates.ravel()]
+        decided = norm.normalise_pairs(
+            raw.ravel().astype(np.float64),
+            query_side,
+            flat_rows,
+            np.full(flat_rows.size, -1, dtype=np.int64),
+            ref_side,
+            flat_cols,
+            ref_codes[flat_cols],
+        ).reshape(rows.size, k)
+    pick = np.argmax(decided, axis=1)
+    best[rows] = columns[candidates[np.arange(rows.size), pick]]
+    score[rows] = decided[np.arange(rows.size), pick]
+    cosine[rows] = raw[np.arange(rows.size), pick]
+    return Links(best, score, cosine)
+
+
+def _percentile_ci(draws: np.ndarray) -> list[float | None]:
+    finite = draws[np.isfinite(draws)]
+    if finite.size == 0:
+        return [None, None]
+    lo, hi = np.percentile(finite, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def linkability(
+    release_patients: Sequence[str | None],
+    reference_patients: Sequence[str | None],
+    links: Links,
+    thresholds: dict[str, float],
+    *,
+    bootstrap: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Patient-level linkability per FAR, with ground truth on both sides (see the module docstring).
+
+    Per FAR: ``patients`` (released patients with a reference image), ``linked``, ``share`` and
+    their 95% bootstrap intervals (``linked_ci`` is ``share_ci`` times ``patients``: the question
+    is "what share of such patients", the count follows), ``wrong_link_images`` /
+    ``wrong_link_patients`` (best match above the threshold but another patient, any released
+    patient) with an interval, and ``flagged_images`` (best match above the threshold at all).
+    Bootstrap: the released patients are resampled with replacement, one resample for every FAR.
+    """
+    on_reference = {p for p in reference_patients if p}
+    patients = sorted({p for p, b in zip(release_patients, links.best, strict=True) if p and b >= 0})
+    index = {p: i for i, p in enumerate(patients)}
+    n_pat, fars = len(patients), list(thresholds)
+    eligible = np.asarray([p in on_reference for p in patients], dtype=bool)
+    linked = np.zeros((n_pat, len(fars)), dtype=bool)
+    wrong_patient = np.zeros((n_pat, len(fars)), dtype=bool)
+    wrong_images = np.zeros((n_pat, len(fars)), dtype=np.int64)
+    flagged = np.zeros(len(fars), dtype=np.int64)
+    for i, (patient, b) in enumerate(zip(release_patients, links.best, strict=True)):
+        if b < 0:
+            continue
+        for f, far in enumerate(fars):
+            if not links.score[i] >= thresholds[far]:
+                continue
+            flagged[f] += 1
+            if not patient:
+                continue
+            same = reference_patients[b] == patient
+            if same:
+                linked[index[patient], f] = True
+            else:
+                wrong_patient[index[patient], f] = True
+                wrong_images[index[patient], f] += 1
+    rng = np.random.default_rng(seed)
+    counts = (
+        np.stack([np.bincount(rng.integers(0, n_pat, n_pat), minlength=n_pat) for _ in range(bootstrap)])
+        if bootstrap > 0 and n_pat > 0
+        else np.zeros((0, n_pat), dtype=np.int64)
+    )
+    m = int(eligible.sum())
+    out: dict[str, dict[str, Any]] = {}
+    for f, far in enumerate(fars):
+        hit = linked[:, f] & eligible
+        with np.errstate(invalid="ignore", divide="ignore"):
+            shares = (counts @ hit) / (counts @ eligible)
+        share_ci = _percentile_ci(shares)
+        wrong_draws = (counts @ wrong_patient[:, f]).astype(np.float64)
+        out[far] = {
+            "threshold": float(thresholds[far]),
+            "patients": m,
+            "linked": int(hit.sum()),
+            "share": float(hit.sum() / m) if m else None,
+            "share_ci": share_ci,
+            "linked_ci": [None if v is None else v * m for v in share_ci],
+            "wrong_link_images": int(wrong_images[:, f].sum()),
+            "wrong_link_patients": int(wrong_patient[:, f].sum()),
+            "wrong_link_patients_ci": _percentile_ci(wrong_draws),
+            "flagged_images": int(flagged[f]),
+            "released_patients": n_pat,
+        }
+    return out
+
+
+def expected_links(
+    links: Links, calibration: Calibration, thresholds: dict[str, float]
+) -> dict[str, dict[str, Any]]:
+    """Without ground truth: per FAR, images whose best match reaches the threshold and the
+    expected number of true links among them, sum of the calibrated P(same | score) (50/50 prior);
+    ``"any"`` sums over every released image, whatever its score."""
+    usable = links.best >= 0
+    if calibration.score_points:
+        p = np.zeros(links.score.shape)
+        p[usable] = np.asarray(calibration.probability(links.score[usable]), dtype=np.float64)
+    else:
+        p = np.full(links.score.shape, np.nan)
+    out: dict[str, dict[str, Any]] = {}
+    for far, t in thresholds.items():
+        above = usable & (np.nan_to_num(links.score, nan=-np.inf) >= t)
+        out[far] = {
+            "threshold": float(t),
+            "flagged_images": int(above.sum()),
+            "expected_true_links": float(p[above].sum()) if calibration.score_points else None,
+        }
+    out["any"] = {"expected_true_links": float(p[usable].sum()) if calibration.score_points else None}
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the whole report
+
+
+@dataclass
+class RiskInputs:
+    release: str
+    reference: str
+    out: str
+    fars: Sequence[str] = DEFAULT_FARS
+    defences: str | None = "all"
+    bootstrap: int = DEFAULT_BOOTSTRAP
+    batch_size: int = 32
+    max_pixels: int = 50_000_000
+    progress: bool = True
+    seed: int = 0
+
+
+def parse_fars(text: str | Sequence[str] | None, calibration: Calibration) -> dict[str, float]:
+    """FAR keys -> thresholds of the model's calibration; RiskError for a FAR it cannot place."""
+    items = DEFAULT_FARS if text is None else text.split(",") if isinstance(text, str) else text
+    out: dict[str, float] = {}
+    for item in (i.strip() for i in items if i.strip()):
+        try:
+            value = float(item)
+            threshold = calibration.threshold_for(item)
+        except ValueError as exc:
+            raise RiskError(f"--far {item}: {exc}") from None
+        if value < calibration.min_resolvable_far * (1 - 1e-9):
+            log.warning(
+                "FAR %s is below what the model's calibration measured (%d impostor pairs): its "
+                "threshold is an extrapolation",
+                item,
+                calibration.n_impostor,
+            )
+        key = next((k for k in calibration.thresholds if math.isclose(float(k), value)), f"{value:.3g}")
+        out[key] = threshold
+    if not out:
+        raise RiskError("--far: give at least one false-accept rate, e.g. 1e-3")
+    return dict(sorted(out.items(), key=lambda kv: -float(kv[0])))
+
+
+def _curve_fars(calibration: Calibration, asked: dict[str, float]) -> dict[float, float]:
+    """The FARs of the linkability curve: the calibration's grid from 1e-5 to 1e-1 in half-decade
+    steps, and the FARs asked for."""
+    grid = [f for f in calibration.far_points if 1e-5 * (1 - 1e-9) <= f <= 0.1 * (1 + 1e-9)][::5]
+    out = {float(f): calibration.threshold_for(f) for f in grid}
+    for key, threshold in asked.items():
+        out = {f: t for f, t in out.items() if not math.isclose(f, float(key))}
+        out[float(key)] = threshold
+    return dict(sorted(out.items()))
+
+
+def _load_side(
+    path: str, embedder: Embedder, cache: Path, inputs: RiskInputs, what: str
+) -> tuple[str, list[CorpusImage], np.ndarray, np.ndarray, list[str | None]]:
+    source = Path(path)
+    if not source.exists():
+        raise RiskError(f"{what} {path} not found (give a manifest CSV or a folder of images)")
+    try:
+        images = load_corpus([source])
+    except CorpusError as exc:
+        raise RiskError(f"{what}: {exc}") from None
+    embedded = embed_corpus(
+        embedder,
+        images,
+        cache_dir=cache,
+        batch_size=inputs.batch_size,
+        max_pixels=inputs.max_pixels,
+        progress=inputs.progress,
+        desc=what,
+    )
+    kind = "folder" if source.is_dir() else "manifest"
+    return kind, embedded.images, embedded.vectors, embedded.ok, embedded.errors
+
+
+def _side_summary(kind: str, source: str, images: list[CorpusImage], ok: np.ndarray, errors: list) -> dict:
+    return {
+        "kind": kind,
+        "source": source,
+        "images": len(images),
+        "usable": int(ok.sum()),
+        "patients": len({i.patient_id for i, good in zip(images, ok, strict=True) if good and i.patient_id}),
+        "unlabelled": int(sum(1 for i, good in zip(images, ok, strict=True) if good and not i.patient_id)),
+        "unusable": [
+            {"path": image.shown, "error": error}
+            for image, error in zip(images, errors, strict=True)
+            if error is not None
+        ],
+    }
+
+
+def _measure(
+    links: Links,
+    release_patients: list[str | None],
+    reference_patients: list[str | None],
+    thresholds: dict[str, float],
+    calibration: Calibration,
+    ground_truth: bool,
+    bootstrap: int,
+    seed: int,
+) -> dict[str, Any]:
+    result: dict[str, Any] = {"estimate": expected_links(links, calibration, thresholds)}
+    if ground_truth:
+        result["measured"] = linkability(
+            release_patients, reference_patients, links, thresholds, bootstrap=bootstrap, seed=seed
+        )
+    return result
+
+
+def assess(inputs: RiskInputs, embedder: Embedder) -> dict[str, Any]:
+    """Everything ``risk.json`` holds (see the module docstring); raises RiskError when the inputs
+    cannot give a report."""
+    calibration = embedder.calibration
+    thresholds = parse_fars(inputs.fars, calibration)
+    defences = choose_defences(inputs.defences, embedder.preprocess_config.size)
+    try:
+        out = prepare_out_dir(inputs.out)
+    except (NotADirectoryError, OSError) as exc:
+        raise RiskError(str(exc)) from None
+    cache = out / "cache"
+    kind, release, release_vectors, release_ok, release_errors = _load_side(
+        inputs.release, embedder, cache, inputs, "release"
+    )
+    reference_path = Path(inputs.reference)
+    if is_gallery(reference_path):
+        reference = read_gallery(reference_path, embedder)
+    else:
+        ref_kind, images, vectors, ok, errors = _load_side(
+            inputs.reference, embedder, cache, inputs, "reference"
+        )
+        reference = Reference(ref_kind, inputs.reference, images, vectors, ok, [""] * len(images), errors)
+    if not release_ok.any():
+        raise RiskError(f"release {inputs.release}: none of its {len(release)} image(s) could be used")
+    if not reference.ok.any():
+        raise RiskError(
+            f"reference {inputs.reference}: none of its {len(reference.images)} image(s) could be used"
+        )
+
+    release_patients = [i.patient_id for i in release]
+    reference_patients = reference.patient_ids
+    ground_truth = all(p for p, good in zip(release_patients, release_ok, strict=True) if good) and all(
+        p for p, good in zip(reference_patients, reference.ok, strict=True) if good
+    )
+    match = {"calibration": calibration, "reference_keys": reference.keys}
+    links = best_matches(release_vectors, release_ok, reference.vectors, reference.ok, **match)
+    measure = {
+        "release_patients": release_patients,
+        "reference_patients": reference_patients,
+        "calibration": calibration,
+        "ground_truth": ground_truth,
+        "bootstrap": inputs.bootstrap,
+        "seed": inputs.seed,
+    }
+    headline = _measure(links, thresholds=thresholds, **measure)
+    curve_fars = _curve_fars(calibration, thresholds)
+    curve = _measure(links, thresholds=curve_fars, **{**measure, "bootstrap": min(inputs.bootstrap, 200)})
+
+    defended = embed_defended(
+        embedder,
+        [i.path for i in release],
+        release_ok,
+        defences,
+        batch_size=inputs.batch_size,
+        max_pixels=inputs.max_pixels,
+        progress=inputs.progress,
+    )
+    defence_rows = [
+        {
+            "name": "none",
+            "label": "the release as it is",
+            "psnr_db": None,
+            "ssim": 1.0,
+            "usable": int(release_ok.sum()),
+            **_measure(links, thresholds=thresholds, **measure),
+        }
+    ]
+    for item in defended:
+        ok = release_ok & ~np.isnan(item.psnr)  # nan: the image failed under this defence
+        d_links = best_matches(item.vectors, ok, reference.vectors, reference.ok, **match)
+        defence_rows.append(
+            {
+                "name": item.defence.name,
+                "label": item.defence.label,
+                # inf (identical input: the defence changed nothing at this size) counts as 99 dB
+                "psnr_db": float(np.mean(np.minimum(item.psnr[ok], 99.0))) if ok.any() else None,
+                "ssim": float(np.nanmean(item.ssim[ok])) if ok.any() else None,
+                "usable": int(ok.sum()),
+                **_measure(d_links, thresholds=thresholds, **measure),
+            }
+        )
+
+    probability = (
+        np.asarray(calibration.probability(np.nan_to_num(links.score, nan=-1.0)), dtype=np.float64)
+        if calibration.score_points
+        else np.full(len(release), np.nan)
+    )
+    per_image = []
+    for i, image in enumerate(release):
+        b = int(links.best[i])
+        ref_image = reference.images[b] if b >= 0 else None
+        link = "none"
+        if b >= 0:
+            if not image.patient_id or not ref_image.patient_id:
+                link = "unknown"
+            else:
+                link = "correct" if image.patient_id == ref_image.patient_id else "wrong"
+        per_image.append(
+            {
+                "path": image.shown,
+                "patient_id": image.patient_id,
+                "error": release_errors[i],
+                "best_reference": ref_image.shown if ref_image else None,
+                "reference_row": b if b >= 0 else None,  # row of the reference manifest / gallery order
+                "best_reference_patient_id": ref_image.patient_id if ref_image else None,
+                "score": float(links.score[i]) if b >= 0 else None,
+                "cosine": float(links.cosine[i]) if b >= 0 else None,
+                "probability": float(probability[i]) if b >= 0 and calibration.score_points else None,
+                "linkable": {far: bool(b >= 0 and links.score[i] >= t) for far, t in thresholds.items()},
+                "same_patient": None if link in ("none", "unknown") else link == "correct",
+                "link": link,
+            }
+        )
+    headline_far = HEADLINE_FAR if HEADLINE_FAR in thresholds else next(iter(thresholds))
+    return {
+        "version": package_version(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model_id": embedder.model_id,
+        "calibration": calibration.summary(),
+        "score": f"AS-norm of the top {TOP_K} cosines" if calibration.score_norm else "raw cosine",
+        "release": _side_summary(kind, inputs.release, release, release_ok, release_errors),
+        "reference": _side_summary(
+            reference.kind, reference.source, reference.images, reference.ok, reference.errors
+        ),
+        "ground_truth": ground_truth,
+        "bootstrap": inputs.bootstrap if ground_truth else 0,
+        "thresholds": thresholds,
+        # a FAR is per comparison: against R reference images, an image of someone the reference
+        # does not hold still finds a false match above the threshold with about this chance
+        "false_link_chance_per_image": {
+            far: 1.0 - (1.0 - float(far)) ** int(reference.ok.sum()) for far in thresholds
+        },
+        "headline_far": headline_far,
+        "headline": headline_sentence(headline, headline_far, ground_truth, int(release_ok.sum())),
+        "linkability": headline,
+        "curve": [
+            {"far": float(far), **_curve_point(curve, far, ground_truth, int(release_ok.sum()))}
+            for far in curve_fars
+        ],
+        "defences": defence_rows,
+        "images": per_image,
+        # for the HTML report's thumbnails only; write_report drops them from risk.json
+        "_release_images": release,
+        "_reference_images": reference.images,
+    }
+
+
+def _curve_point(curve: dict[str, Any], far: str, ground_truth: bool, usable: int) -> dict[str, Any]:
+    if ground_truth:
+        m = curve["measured"][far]
+        return {"threshold": m["threshold"], "share": m["share"], "share_ci": m["share_ci"]}
+    e = curve["estimate"][far]
+    expected = e["expected_true_links"]
+    return {
+        "threshold": e["threshold"],
+        "share": None if expected is None else expected / max(usable, 1),
+        "share_ci": [None, None],
+    }
+
+
+def headline_sentence(result: dict[str, Any], far: str, ground_truth: bool, usable: int) -> str:
+    """The report's first sentence."""
+    if ground_truth:
+        m = result["measured"][far]
+        lo, hi = m["linked_ci"]
+        ci = "" if lo is None else f" [95% CI {lo:.0f}–{hi:.0f}]"
+        share = "" if m["share"] is None else f" ({100 * m['share']:.1f}%)"
+        wrong = m["wrong_link_images"]
+        return (
+            f"{m['linked']} of {m['patients']} patients{share} linkable at FAR {far}{ci}; "
+            f"{wrong} released image(s) wrongly linked to another patient"
+        )
+    e = result["estimate"][far]
+    expected = e["expected_true_links"]
+    what = "n/a" if expected is None else f"{expected:.1f}"
+    return (
+        f"estimated {what} true links among {e['flagged_images']} of {usable} released images "
+        f"whose best match reaches FAR {far} (an estimate from the model's calibrated probabilities: "
+        "no ground truth)"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+
+
+def write_report(report: dict[str, Any], embedder: Embedder, out: Path) -> None:
+    """``risk.json`` (everything but thumbnails) and the self-contained ``report.html``."""
+    release_images: list[CorpusImage] = report.pop("_release_images")
+    reference_images: list[CorpusImage] = report.pop("_reference_images")
+    write_json(out / "risk.json", report)
+    order = sorted(
+        (i for i, row in enumerate(report["images"]) if row["score"] is not None),
+        key=lambda i: -report["images"][i]["score"],
+    )[:CLOSEST_PAIRS]
+    thumbs: dict[tuple[str, int], str] = {}
+
+    def thumb(side: str, images: list[CorpusImage], row: int | None) -> str:
+        if row is None or row < 0:
+            return ""
+        if (side, row) not in thumbs:
+            thumbs[side, row] = png_data_uri(load_for_display(images[row], embedder, side=128))
+        return thumbs[side, row]
+
+    pairs = []
+    for i in order:
+        row = report["images"][i]
+        pairs.append(
+            {
+                **row,
+                "release_thumb": thumb("release", release_images, i),
+                "reference_thumb": thumb("reference", reference_images, row["reference_row"]),
+            }
+        )
+    fars = list(report["thresholds"])
+    truth = report["ground_truth"]
+    series = {"measured share of patients linked" if truth else "expected true links / released images": []}
+    bands: dict[str, list[tuple[float, float, float]]] = {}
+    name = next(iter(series))
+    for point in report["curve"]:
+        if point["share"] is not None:
+            series[name].append((point["far"], point["share"]))
+            lo, hi = point["share_ci"]
+            if lo is not None:
+                bands.setdefault(name, []).append((point["far"], lo, hi))
+    chart = curve_svg(series, x_label="false-accept rate (FAR)", y_label="linkable", bands=bands)
+    html = render(
+        "risk.html.j2",
+        version=report["version"],
+        model_id=report["model_id"],
+        created=report["created"],
+        report=report,
+        fars=fars,
+        chart=chart,
+        pairs=pairs,
+    )
+    write_text(out / "report.html", html)
+
+
+def run(inputs: RiskInputs, embedder: Embedder) -> dict[str, Any]:
+    """Assess the release and write ``risk.json`` and ``report.html`` under ``inputs.out``."""
+    report = assess(inputs, embedder)
+    write_report(report, embedder, Path(inputs.out))
+    return report
+
+
+def summary_of(report: dict[str, Any]) -> dict[str, Any]:
+    """risk.json without the per-image rows: what ``--json`` prints."""
+    return {k: v for k, v in report.items() if k not in ("images",)}

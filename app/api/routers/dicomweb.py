@@ -1,0 +1,449 @@
+"""DICOMweb STOW-RS receive: a modality or a PACS stores radiographs in the gallery (issue 13).
+
+``POST /dicomweb/studies`` (and ``/dicomweb/studies/{study}``) takes a ``multipart/related;
+type="application/dicom"`` body, one DICOM instance per part, and enrols each instance on its own,
+filed under the PatientID, StudyInstanceUID, SOPInstanceUID and ViewPosition of its tags. The
+answer is the STOW-RS response dataset (PS3.18 10.5.3) as DICOM JSON:
+
+* ``ReferencedSOPSequence``: the instances stored, and those already in the collection (same
+  SOPInstanceUID: not enrolled again, so a PACS may re-send a study). A wrong-patient alert raised
+  by an instance's enrolment is put in the item's ``TextValue`` (0040,A160), prefixed
+  ``wrong-patient alert (<kind>):``; PS3.18 defines no attribute for it, TextValue is the plain
+  text attribute a DICOM reader shows as such, and a STOW client that does not know it ignores it.
+* ``FailedSOPSequence``: the instances refused, each with a ``FailureReason`` code (PS3.18 table
+  10.5.3-2, ``FAILURE_*`` below) and the reason in words, again in ``TextValue``.
+
+Status: 200 every instance stored (or already there), 202 some failed, 409 none stored; a request
+that cannot be read at all gets the service's JSON error (400 broken multipart, 413 too large, 415
+not DICOM). The body is read as it streams in, within the request body limit
+(``CXR_REID_MAX_UPLOAD_BYTES``, enforced by ``BodyLimitMiddleware``), by python-multipart's parser;
+at most ``CXR_REID_MAX_FILES`` instances are kept, the rest fail with 0xA700 (send them again in
+another request).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
+
+from app.api.dependencies import AccessDep, Label, ServiceDep, SettingsDep, require_scope
+from app.api.schemas import error_responses
+from app.service.clientargs import ALL_COLLECTIONS
+from app.service.decoding import Upload
+from app.service.errors import InvalidInputError, PayloadTooLargeError, ServiceError, UnavailableError
+from app.service.reid import ReidService
+from app.service.scoring import OperatingPoint
+from app.settings import Settings
+from index import GalleryError, GalleryFullError, GalleryValidationError, ImageMetadata
+from models.preprocess import RADIOGRAPH_MODALITIES
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+
+DICOM_JSON = "application/dicom+json"
+DICOM = "application/dicom"
+
+#: FailureReason codes (PS3.18 table 10.5.3-2, PS3.4 annex B).
+FAILURE_OUT_OF_RESOURCES = 0xA700  # over the instance count of one request, or no room to decode / store
+FAILURE_DATASET_MISMATCH = 0xA900  # an instance of another study than the request's target
+FAILURE_CANNOT_UNDERSTAND = 0xC000  # not DICOM, no SOP ids, or pixel data that cannot be used
+FAILURE_PROCESSING = 0x0110  # the gallery could not store it (the error is in the server log)
+FAILURE_SOP_CLASS_NOT_SUPPORTED = 0x0122  # not a projection radiograph (Modality not CR / DX / DR / RG)
+
+#: RFC 2046 allows 70 characters, but Orthanc's DICOMweb plugin sends 73 (two UUIDs): be lenient.
+MAX_BOUNDARY = 200
+_UID = re.compile(r"[0-9.]{1,64}")
+#: One STOW at a time between "is this SOPInstanceUID stored?" and its enrolment, so that two
+#: requests sending the same instance store it once (a gallery has one writing process).
+_stow_lock = threading.Lock()
+
+
+@dataclass
+class Part:
+    """One body part: its headers (lower-case names) and bytes."""
+
+    headers: dict[str, str] = field(default_factory=dict)
+    data: bytes = b""
+
+
+@dataclass
+class Outcome:
+    """What became of one instance: stored (``failure`` None) or refused, in the response's terms."""
+
+    sop_class_uid: str | None
+    sop_instance_uid: str | None
+    failure: int | None = None
+    text: str | None = None
+
+
+class _Collector:
+    """python-multipart callbacks that gather parts, keeping at most ``max_parts`` parts' bytes."""
+
+    def __init__(self, max_parts: int) -> None:
+        self.max_parts = max_parts
+        self.parts: list[Part] = []
+        self.dropped = 0
+        self.ended = False
+        self._data = bytearray()
+        self._field = bytearray()
+        self._value = bytearray()
+        self._headers: dict[str, str] = {}
+
+    def callbacks(self) -> dict[str, Any]:
+        return {
+            "on_part_begin": self._begin,
+            "on_header_field": lambda data, start, end: self._field.extend(data[start:end]),
+            "on_header_value": lambda data, start, end: self._value.extend(data[start:end]),
+            "on_header_end": self._header_end,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        }
+
+    @property
+    def keeping(self) -> bool:
+        return len(self.parts) < self.max_parts
+
+    def _begin(self) -> None:
+        self._data = bytearray()
+        self._headers = {}
+
+    def _header_end(self) -> None:
+        name = self._field.decode("latin-1").strip().lower()
+        self._headers[name] = self._value.decode("latin-1").strip()
+        self._field.clear()
+        self._value.clear()
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.keeping:
+            self._data.extend(data[start:end])
+
+    def _part_end(self) -> None:
+        if self.keeping:
+            self.parts.append(Part(self._headers, bytes(self._data)))
+        else:
+            self.dropped += 1
+        self._data = bytearray()
+
+    def _end(self) -> None:
+        self.ended = True
+
+
+def _boundary(content_type: str | None) -> bytes:
+    """The multipart boundary of a STOW-RS request; 415 for another media type, 400 without one."""
+    if not content_type:
+        raise HTTPException(
+            status_code=415,
+            detail=f'missing Content-Type: send multipart/related; type="{DICOM}"; boundary=...',
+        )
+    media, params = parse_options_header(content_type)
+    if media.decode("latin-1").lower() != "multipart/related":
+        raise HTTPException(
+            status_code=415,
+            detail=f"Content-Type {media.decode('latin-1')!r} is not accepted: STOW-RS here takes "
+            f'multipart/related; type="{DICOM}" (one DICOM instance per part)',
+        )
+    kind = params.get(b"type", DICOM.encode()).decode("latin-1").lower()
+    if kind != DICOM:
+        raise HTTPException(
+            status_code=415,
+            detail=f'multipart/related of type "{kind}" is not accepted: only type="{DICOM}" '
+            "(whole DICOM instances; not metadata with bulk data)",
+        )
+    boundary = params.get(b"boundary", b"")
+    if not boundary or len(boundary) > MAX_BOUNDARY:
+        raise HTTPException(
+            status_code=400, detail="the multipart/related Content-Type has no (valid) boundary parameter"
+        )
+    return boundary
+
+
+async def _read_parts(request: Request, boundary: bytes, max_parts: int) -> _Collector:
+    """Parse the body as it streams in; the body limit middleware stops it past the upload limit."""
+    collector = _Collector(max_parts)
+    parser = MultipartParser(boundary, callbacks=collector.callbacks())
+    try:
+        async for chunk in request.stream():
+            if chunk:
+                parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise HTTPException(
+            status_code=400, detail=f"the multipart/related body cannot be parsed: {exc}"
+        ) from None
+    if not collector.ended:
+        raise HTTPException(
+            status_code=400,
+            detail="the multipart/related body ends before its closing boundary "
+            "(truncated, or the wrong boundary)",
+        )
+    if not collector.parts:
+        raise HTTPException(status_code=400, detail="the multipart/related body holds no DICOM instance")
+    return collector
+
+
+def _header(data: bytes) -> Any:
+    """The DICOM header of a part (no pixel data), read the way models.preprocess reads DICOM."""
+    import pydicom
+
+    has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
+    if data.startswith(b"DICM"):
+        data, has_preamble = b"\x00" * 128 + data, True
+    return pydicom.dcmread(io.BytesIO(data), force=not has_preamble, stop_before_pixels=True)
+
+
+def _uid(ds: Any, keyword: str) -> str | None:
+    value = str(ds.get(keyword, "") or "").strip("\0 ")
+    return value if _UID.fullmatch(value) else None
+
+
+def _store_one(
+    service: ReidService, index: int, part: Part, *, collection: str, study: str | None, point: OperatingPoint
+) -> Outcome:
+    """Check, embed and enrol one instance; every refusal becomes a failed Outcome, never an error."""
+    name = f"instance {index + 1}"
+    part_type = part.headers.get("content-type")
+    if part_type and parse_options_header(part_type)[0].decode("latin-1").lower() != DICOM:
+        return Outcome(
+            None, None, FAILURE_CANNOT_UNDERSTAND, f"{name} has Content-Type {part_type!r}, not {DICOM}"
+        )
+    try:
+        ds = _header(part.data)
+    except Exception as exc:  # pydicom raises many kinds on what is not DICOM
+        return Outcome(None, None, FAILURE_CANNOT_UNDERSTAND, f"{name} is not a readable DICOM file ({exc})")
+    sop_class, sop = _uid(ds, "SOPClassUID"), _uid(ds, "SOPInstanceUID")
+    if sop_class is None or sop is None:
+        return Outcome(
+            sop_class,
+            sop,
+            FAILURE_CANNOT_UNDERSTAND,
+            f"{name} is not a DICOM instance (no valid SOPClassUID and SOPInstanceUID)",
+        )
+    name = f"instance {sop}"
+    if study is not None and _uid(ds, "StudyInstanceUID") != study:
+        return Outcome(
+            sop_class, sop, FAILURE_DATASET_MISMATCH, f"{name} belongs to another study than {study}"
+        )
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if modality not in RADIOGRAPH_MODALITIES:
+        return Outcome(
+            sop_class,
+            sop,
+            FAILURE_SOP_CLASS_NOT_SUPPORTED,
+            f"{name} has Modality {modality or '(missing)'}; only projection radiographs "
+            f"({', '.join(sorted(RADIOGRAPH_MODALITIES))}) are enrolled",
+        )
+    del ds
+    if service.gallery.find_by_sop_instance_uid(sop, collection=collection) is not None:
+        return Outcome(sop_class, sop)  # already stored: success, nothing to do (idempotent)
+    try:
+        decoded, vectors = service.embed_uploads([Upload(name, part.data)])
+    except PayloadTooLargeError as exc:
+        return Outcome(sop_class, sop, FAILURE_OUT_OF_RESOURCES, exc.detail)
+    except UnavailableError as exc:  # BusyError: the decode budget is taken; try again later
+        return Outcome(sop_class, sop, FAILURE_OUT_OF_RESOURCES, exc.detail)
+    except ServiceError as exc:  # InvalidInputError: undecodable pixels, the quality gate
+        return Outcome(sop_class, sop, FAILURE_CANNOT_UNDERSTAND, exc.detail)
+    try:
+        with _stow_lock:
+            if service.gallery.find_by_sop_instance_uid(sop, collection=collection) is not None:
+                return Outcome(sop_class, sop)
+            [result] = service.enrol(decoded, vectors, ImageMetadata(collection=collection), point=point)
+    except GalleryFullError as exc:
+        return Outcome(sop_class, sop, FAILURE_OUT_OF_RESOURCES, str(exc))
+    except GalleryValidationError as exc:
+        return Outcome(sop_class, sop, FAILURE_CANNOT_UNDERSTAND, f"{name}: {exc}")
+    except GalleryError as exc:
+        log.error("STOW-RS: %s could not be stored: %s", name, exc)
+        return Outcome(sop_class, sop, FAILURE_PROCESSING, f"{name} could not be stored; see the server log")
+    alert = result.alert
+    if alert is None:
+        return Outcome(sop_class, sop)
+    # the kind and ids only: the message names patients, which stay out of logs
+    log.warning("STOW-RS: wrong-patient alert %s on image %d (%s)", alert.kind, result.record.image_id, name)
+    return Outcome(sop_class, sop, text=f"wrong-patient alert ({alert.kind}): {alert.message}")
+
+
+def _store_all(
+    service: ReidService,
+    collector: _Collector,
+    settings: Settings,
+    *,
+    collection: str,
+    study: str | None,
+    point: OperatingPoint,
+) -> list[Outcome]:
+    outcomes = []
+    for index in range(len(collector.parts)):
+        part = collector.parts[index]
+        outcomes.append(_store_one(service, index, part, collection=collection, study=study, point=point))
+        collector.parts[index] = Part()  # its bytes are no longer needed
+    outcomes += [
+        Outcome(
+            None,
+            None,
+            FAILURE_OUT_OF_RESOURCES,
+            f"instance {settings.max_files + n + 1} of the request: at most {settings.max_files} instances "
+            "are taken in one request (CXR_REID_MAX_FILES); send the rest in another",
+        )
+        for n in range(collector.dropped)
+    ]
+    return outcomes
+
+
+def response_dataset(outcomes: list[Outcome]) -> dict[str, Any]:
+    """The STOW-RS response dataset (DICOM JSON) of these outcomes."""
+    from pydicom.dataset import Dataset
+
+    referenced, failed = [], []
+    for outcome in outcomes:
+        item = Dataset()
+        if outcome.sop_class_uid:
+            item.ReferencedSOPClassUID = outcome.sop_class_uid
+        if outcome.sop_instance_uid:
+            item.ReferencedSOPInstanceUID = outcome.sop_instance_uid
+        if outcome.failure is not None:
+            item.FailureReason = outcome.failure
+        if outcome.text:
+            item.TextValue = outcome.text
+        (referenced if outcome.failure is None else failed).append(item)
+    ds = Dataset()
+    if referenced:
+        ds.ReferencedSOPSequence = referenced
+    if failed:
+        ds.FailedSOPSequence = failed
+    return ds.to_json_dict()
+
+
+def _status(outcomes: list[Outcome]) -> int:
+    failed = sum(outcome.failure is not None for outcome in outcomes)
+    return 200 if not failed else 409 if failed == len(outcomes) else 202
+
+
+_DATASET_SCHEMA = {
+    "type": "object",
+    "description": "the STOW-RS response dataset in DICOM JSON (PS3.18 F.2): "
+    "00081199 ReferencedSOPSequence, 00081198 FailedSOPSequence; items hold 00081150 / 00081155 "
+    "(SOP class / instance UID), 00081197 FailureReason and 0040A160 TextValue (the reason in words, or "
+    "a wrong-patient alert)",
+}
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "every instance is stored (or was already)",
+        "content": {DICOM_JSON: {"schema": _DATASET_SCHEMA}},
+    },
+    202: {
+        "description": "some instances are stored, others failed (FailedSOPSequence says why)",
+        "content": {DICOM_JSON: {"schema": _DATASET_SCHEMA}},
+    },
+    409: {
+        "description": "no instance could be stored (FailedSOPSequence says why)",
+        "content": {DICOM_JSON: {"schema": _DATASET_SCHEMA}},
+    },
+    **error_responses(
+        400,
+        413,
+        415,
+        e400="the body is not a readable multipart/related message (no boundary, truncated, no parts)",
+        e415='the body is not multipart/related; type="application/dicom"',
+    ),
+}
+OPENAPI_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": 'multipart/related; type="application/dicom": one DICOM instance (a Part 10 '
+        "file) per part",
+        "content": {"multipart/related": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+DESCRIPTION = (
+    "DICOMweb STOW-RS (PS3.18): store DICOM instances sent as `multipart/related; "
+    'type="application/dicom"`. Each instance is enrolled on its own, under the PatientID, '
+    "StudyInstanceUID, SOPInstanceUID and ViewPosition of its tags, in `collection`, with the "
+    "wrong-patient check of `POST /images` (against the gallery as it stands, earlier instances of the "
+    "same request included). An instance whose SOPInstanceUID is already in the collection is reported "
+    "as stored and not enrolled again. Instances that are not projection radiographs (Modality CR, DX, "
+    "DR, RG), cannot be decoded, or (on `/dicomweb/studies/{study}`) belong to another study fail on "
+    "their own.\n\nThe answer is the STOW-RS response dataset in DICOM JSON: ReferencedSOPSequence "
+    "(stored), FailedSOPSequence (with FailureReason 0xC000 cannot understand, 0x0122 not a "
+    "radiograph, 0xA900 another study, 0xA700 out of resources, 0x0110 processing failure); each item's "
+    "TextValue (0040A160) holds a failure's reason in words, or a stored instance's wrong-patient alert. "
+    "200: all stored; 202: some failed; 409: none stored."
+)
+
+CollectionQuery = Annotated[str | None, Query(description="gallery collection to enrol into"), Label]
+
+
+async def _stow(
+    request: Request,
+    service: ReidService,
+    settings: Settings,
+    access: Any,
+    collection: str | None,
+    study: str | None,
+) -> Response:
+    if collection is None or collection == ALL_COLLECTIONS:
+        raise InvalidInputError("collection must be a non-empty name other than '*'")
+    access.collection(collection)
+    boundary = _boundary(request.headers.get("content-type"))
+    service.gallery  # noqa: B018 -- 503 now, before the body is read, when there is no gallery to store in
+    point = service.operating_point()
+    collector = await _read_parts(request, boundary, settings.max_files)
+    outcomes = await run_in_threadpool(
+        _store_all, service, collector, settings, collection=collection, study=study, point=point
+    )
+    stored = sum(o.failure is None for o in outcomes)
+    log.info("STOW-RS: %d instance(s) stored or already there, %d failed", stored, len(outcomes) - stored)
+    return Response(
+        content=json.dumps(response_dataset(outcomes)), status_code=_status(outcomes), media_type=DICOM_JSON
+    )
+
+
+@router.post(
+    "/studies",
+    dependencies=[Depends(require_scope("write"))],
+    summary="DICOMweb STOW-RS: store DICOM instances (enrol radiographs)",
+    description=DESCRIPTION,
+    response_class=Response,
+    responses=RESPONSES,
+    openapi_extra=OPENAPI_BODY,
+)
+async def stow(
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    access: AccessDep,
+    collection: CollectionQuery = "default",
+) -> Response:
+    return await _stow(request, service, settings, access, collection, None)
+
+
+@router.post(
+    "/studies/{study}",
+    dependencies=[Depends(require_scope("write"))],
+    summary="DICOMweb STOW-RS: store DICOM instances of one study",
+    description=DESCRIPTION + " Here every instance must belong to the study `study` (else 0xA900).",
+    response_class=Response,
+    responses=RESPONSES,
+    openapi_extra=OPENAPI_BODY,
+)
+async def stow_study(
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    access: AccessDep,
+    study: Annotated[str, Path(description="StudyInstanceUID every instance must belong to")],
+    collection: CollectionQuery = "default",
+) -> Response:
+    return await _stow(request, service, settings, access, collection, study.strip())

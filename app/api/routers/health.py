@@ -1,0 +1,80 @@
+"""Liveness, readiness and Prometheus metrics.
+
+/healthz and the status of /readyz answer everyone (orchestrators and the container health check
+hold no key); with API keys configured, what /readyz says beyond ready / not ready, and /metrics,
+need a key with the read scope.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.api.dependencies import has_scope, require_scope
+from app.api.schemas import AdaptationOut, Health, OperatingPointOut, Readiness, error_responses
+
+router = APIRouter(tags=["health"])
+
+
+@router.get(
+    "/healthz",
+    response_model=Health,
+    summary="Liveness: the process is up",
+    description="Always 200 while the process serves HTTP; says nothing about the model or gallery.",
+)
+def healthz() -> Health:
+    return Health()
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    response_model_exclude_none=True,
+    summary="Readiness: model loaded and gallery consistent",
+    description=(
+        "200 when the model is loaded and the gallery is open, holds vectors of this model and its "
+        "FAISS index matches the database. 503 with the reason in `detail` otherwise (for example a "
+        "gallery embedded with another model: run `cxr-reid reindex`)."
+    ),
+    responses=error_responses(503, e503="not ready; `detail` says why and what to do"),
+)
+def readyz(request: Request) -> Readiness | JSONResponse:
+    service = request.app.state.service
+    problem = "the model is not loaded yet" if service is None else service.readiness_problem()
+    details = has_scope(request, "read")
+    if problem is not None:
+        if not details:
+            problem = "not ready (the reason is in the server log, and shown here with an API key)"
+        return JSONResponse({"detail": problem}, status_code=503)
+    if not details:
+        return Readiness()
+    gallery = service.gallery
+    return Readiness(
+        model_id=service.model_id,
+        embedding_dim=service.embedder.dim,
+        gallery_images=service.gallery_size(),
+        index=gallery.effective_index_factory,
+        index_rebuilding=gallery.index_rebuilding,
+        operating_point=OperatingPointOut.of(service.operating_point()),
+        adaptation=AdaptationOut.of(service.embedder.training),
+    )
+
+
+@router.get(
+    "/metrics",
+    dependencies=[Depends(require_scope("read"))],
+    summary="Prometheus metrics",
+    description=(
+        "Prometheus text format: `cxr_reid_requests_total` and `cxr_reid_request_duration_seconds` by "
+        "route template, `cxr_reid_embeddings_total`, `cxr_reid_gallery_images`. Per process: with "
+        "several workers each reports its own counts."
+    ),
+    response_class=Response,
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "metrics in text format"},
+        **error_responses(401, 403, 429),
+    },
+)
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

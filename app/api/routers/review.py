@@ -1,0 +1,275 @@
+"""GET /review: the wrong-patient alerts and /duplicates conflicts as one HTML page for a person.
+
+Plain server-rendered HTML (the report kit's Jinja2 templates, autoescaped), no script needed: each
+open alert shows its two radiographs side by side (PNG thumbnails drawn here from the stored
+originals, inline as data URIs), the score, calibrated probability, patient ids, study dates and
+views, and one form whose buttons confirm, dismiss or relabel it through the same
+``ReidService.resolve_alert`` as ``POST /alerts/{id}`` (then 303 back to the page).
+
+Auth: the API key in ``X-API-Key`` as for the API, or, for a browser, in an HttpOnly, SameSite=Strict
+cookie set by the login form (``POST /review/login``). Every form carries an anti-CSRF token, an HMAC
+of the credential under a secret drawn when the app starts. Without keys configured the page is as
+open as the rest of the API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+from datetime import UTC, datetime
+from functools import lru_cache
+from pathlib import Path as FilePath
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Form, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from PIL import Image
+from pydantic import ValidationError
+
+from app.api.dependencies import ServiceDep, authorise, get_access
+from app.api.routers.alerts import AlertIdPath, resolve_as
+from app.api.schemas import AlertResolution
+from app.api.status import status_of
+from app.reports import package_version, png_data_uri, render
+from app.service.clientargs import collection_arg
+from app.service.decoding import decode_source
+from app.service.errors import ServiceError
+from app.service.reid import ReidService
+from index import ImageRecord
+from models.preprocess import PreprocessConfig
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(include_in_schema=False)
+
+COOKIE = "cxr_reid_review"
+#: Open alerts per page, and conflicting /duplicates pairs shown (best first).
+PAGE_SIZE = 20
+MAX_CONFLICTS = 50
+THUMB_SIDE = 192
+
+
+def _secret(request: Request) -> bytes:
+    state = request.app.state
+    if getattr(state, "review_secret", None) is None:
+        state.review_secret = secrets.token_bytes(32)
+    return state.review_secret
+
+
+def _credential(request: Request) -> str | None:
+    return request.headers.get("X-API-Key") or request.cookies.get(COOKIE) or None
+
+
+def csrf_token(request: Request, credential: str | None) -> str:
+    """The anti-CSRF token of a session: an HMAC of its credential (none: the open API)."""
+    return hmac.new(_secret(request), (credential or "").encode(), hashlib.sha256).hexdigest()
+
+
+@lru_cache(maxsize=1024)
+def _thumbnail(path: str, max_pixels: int, config: PreprocessConfig, side: int = THUMB_SIDE) -> str:
+    """A stored original as a windowed, aspect-kept PNG data URI ("" when it cannot be read)."""
+    try:
+        radiograph = decode_source(
+            FilePath(path).read_bytes(), max_pixels=max_pixels, name="the stored original", config=config
+        )
+    except (OSError, ServiceError, ValueError):
+        log.warning("review: a stored original could not be drawn")
+        return ""
+    pixels = np.asarray(radiograph.pixels, dtype=np.float32)
+    low, high = np.percentile(pixels, [config.low_percentile, config.high_percentile])
+    scaled = np.clip((pixels - low) / max(float(high - low), 1e-6), 0.0, 1.0)
+    image = Image.fromarray((scaled * 255.0 + 0.5).astype(np.uint8), mode="L")
+    image.thumbnail((side, side), Image.Resampling.LANCZOS)
+    return png_data_uri(np.asarray(image))
+
+
+def thumbnail(service: ReidService, record: ImageRecord | None) -> str:
+    path = record and (record.stored_path or record.source_path)
+    if not path:
+        return ""
+    return _thumbnail(path, service.max_pixels, service.embedder.preprocess_config)
+
+
+def _side(service: ReidService, record: ImageRecord | None, role: str) -> dict:
+    return {"role": role, "record": record, "src": thumbnail(service, record)}
+
+
+def _page(
+    request: Request,
+    service: ReidService,
+    *,
+    collection: str | None,
+    offset: int,
+    notice: str = "",
+    error: str = "",
+    status: int = 200,
+) -> HTMLResponse:
+    access = get_access(request)
+    key = access.key
+    if collection is None and key is not None and key.collections:
+        collection = key.collections[0]  # a limited key must name a collection: its first
+    where = access.collection(collection_arg(collection, None))
+    views, total = service.list_alerts(state="open", collection=where, offset=offset, limit=PAGE_SIZE)
+    alerts = [
+        {
+            "view": v,
+            "sides": [_side(service, v.image, "enrolled"), _side(service, v.other_image, "matched")],
+            "probability": service.probability(v.alert.score),
+        }
+        for v in views
+    ]
+    point = service.operating_point()
+    report = service.duplicates(point=point, collection=where, conflicts_only=True)
+    conflicts = [
+        {
+            "pair": p,
+            "sides": [_side(service, p.a, "a"), _side(service, p.b, "b")],
+            "probability": service.probability(p.score),
+        }
+        for p in report.pairs[:MAX_CONFLICTS]
+    ]
+    html = render(
+        "review.html.j2",
+        version=package_version(),
+        model_id=service.model_id,
+        created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        alerts=alerts,
+        total=total,
+        offset=offset,
+        page_size=PAGE_SIZE,
+        collection=collection or "",
+        conflicts=conflicts,
+        total_conflicts=report.total_conflicts,
+        threshold=point.threshold,
+        csrf=csrf_token(request, _credential(request)),
+        key_id=key.key_id if key is not None else None,
+        notice=notice,
+        error=error,
+        base=request.url_for("review_page").path,
+    )
+    return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+def _login_page(request: Request, message: str = "", status: int = 401) -> HTMLResponse:
+    html = render(
+        "review_login.html.j2",
+        version=package_version(),
+        model_id="",
+        created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        message=message,
+        base=request.url_for("review_page").path,
+    )
+    response = HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
+    if request.cookies.get(COOKIE):
+        response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+def _signed_in(request: Request, scope: str) -> bool:
+    """Authorise the header or cookie credential; False (no exception) when none or a bad one."""
+    try:
+        authorise(request, _credential(request), scope)
+    except HTTPException as exc:
+        if exc.status_code == 401:
+            return False
+        raise
+    return True
+
+
+@router.get("/review", response_class=HTMLResponse, name="review_page")
+def review_page(
+    request: Request,
+    service: ServiceDep,
+    collection: Annotated[str | None, Query()] = None,
+    offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    resolved: Annotated[int | None, Query(ge=1, le=2**62)] = None,
+    state: Annotated[str | None, Query(max_length=20)] = None,
+) -> Response:
+    if not _signed_in(request, "read"):
+        return _login_page(request)
+    notice = ""
+    if resolved is not None and state in ("confirmed", "dismissed", "relabelled"):
+        notice = f"alert {resolved} {state}"
+    return _page(request, service, collection=collection, offset=offset, notice=notice)
+
+
+@router.post("/review/login", name="review_login")
+def review_login(request: Request, api_key: Annotated[str, Form(max_length=512)] = "") -> Response:
+    try:
+        authorise(request, api_key.strip(), "read")
+    except HTTPException as exc:
+        if exc.status_code == 401:
+            return _login_page(request, "That API key is not valid.")
+        raise
+    response = RedirectResponse(request.url_for("review_page").path, status_code=303)
+    if api_key.strip():
+        response.set_cookie(
+            COOKIE,
+            api_key.strip(),
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path="/",
+        )
+    return response
+
+
+@router.post("/review/logout", name="review_logout")
+def review_logout(request: Request) -> Response:
+    response = RedirectResponse(request.url_for("review_page").path, status_code=303)
+    response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+@router.post("/review/alerts/{alert_id}", name="review_resolve")
+def review_resolve(
+    request: Request,
+    service: ServiceDep,
+    alert_id: AlertIdPath,
+    action: Annotated[str, Form(max_length=20)] = "",
+    patient_id: Annotated[str, Form(max_length=1024)] = "",
+    note: Annotated[str, Form(max_length=4000)] = "",
+    csrf: Annotated[str, Form(max_length=128)] = "",
+    collection: Annotated[str, Form(max_length=300)] = "",
+) -> Response:
+    credential = _credential(request)
+    authorise(request, credential, "write")
+    if not hmac.compare_digest(csrf.encode(), csrf_token(request, credential).encode()):
+        raise HTTPException(
+            status_code=403, detail="missing or wrong anti-CSRF token: reload the review page"
+        )
+    access = get_access(request)
+    try:
+        body = AlertResolution(
+            action=action,
+            patient_id=(patient_id or None) if action == "relabel" else None,
+            note=note.strip() or None,
+        )
+        resolved = resolve_as(service, access, alert_id, body)
+    except ServiceError as exc:
+        status = status_of(exc)
+        return _page(
+            request,
+            service,
+            collection=collection or None,
+            offset=0,
+            error=f"alert {alert_id}: {exc.detail}",
+            status=status,
+        )
+    except ValidationError as exc:
+        reasons = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return _page(
+            request,
+            service,
+            collection=collection or None,
+            offset=0,
+            error=f"alert {alert_id}: {reasons}",
+            status=422,
+        )
+    target = request.url_for("review_page").include_query_params(
+        resolved=alert_id, state=resolved.state, **({"collection": collection} if collection else {})
+    )
+    return RedirectResponse(f"{target.path}?{target.query}", status_code=303)

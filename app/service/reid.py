@@ -1,0 +1,725 @@
+"""The re-identification service: a loaded model and its gallery; verify, search, enrol with the
+wrong-patient check, alert review, delete and the duplicates report. No HTTP here."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from app.service.batcher import MicroBatcher
+from app.service.clientargs import ALL_COLLECTIONS
+from app.service.decoding import DecodeBudget, DecodedImage, QueryImage, Upload, decode_uploads, new_image
+from app.service.errors import ConflictError, InvalidInputError, NotFoundError, UnavailableError
+from app.service.phi import stored_original
+from app.service.results import (
+    ALERT_ACTIONS,
+    Alert,
+    AlertView,
+    Cluster,
+    DuplicateReport,
+    EnrolResult,
+    PairVerdict,
+    PatientVerdict,
+    ScoredRecord,
+)
+from app.service.scoring import (
+    OperatingPoint,
+    Scorer,
+    image_key,
+    is_same_patient,
+    record_key,
+    resolve_operating_point,
+)
+from index import (
+    AlertNotOpenError,
+    AlertRecord,
+    DuplicatePair,
+    Gallery,
+    ImageMetadata,
+    ImageRecord,
+    NewAlert,
+    cluster_pairs,
+)
+from models.calibration import Calibration
+from models.embedder import Embedder
+
+log = logging.getLogger(__name__)
+
+#: Candidates are fetched from FAISS this far below the threshold, then re-scored exactly, so a
+#: float-rounding difference between FAISS and numpy never drops a pair that verify would accept.
+SCORE_SLACK = 1e-4
+#: /duplicates: the loosest operating point it scans at, the most candidate pairs one scan may
+#: hold, and how many finished reports are kept for paging.
+DUPLICATES_LOWEST_FAR = 1e-1
+DUPLICATES_MAX_PAIRS = 200_000
+DUPLICATES_CACHED_REPORTS = 4
+#: Enrol-time matches reported per new image.
+ENROL_MATCHES = 5
+
+
+class ReidService:
+    """A loaded model and (when its vectors match the model) a gallery, safe to share across threads.
+
+    Inference is serialised with a lock: torch already spreads one batch over the cores, and
+    concurrent forward passes would only fight for them. The Gallery is thread-safe on its own;
+    enrolments are serialised here as well, so an enrolment's wrong-patient check and its write see
+    the same gallery.
+    """
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        gallery: Gallery | None,
+        *,
+        default_far: str = "1e-3",
+        default_threshold: float | None = None,
+        max_pixels: int = 50_000_000,
+        decode_budget: DecodeBudget | None = None,
+        gallery_problem: str | None = None,
+        gallery_locked: bool = False,
+        on_embedded: Callable[[int], None] | None = None,
+        on_alert: Callable[[str], None] | None = None,
+        on_alert_event: Callable[[str, AlertRecord], None] | None = None,
+    ) -> None:
+        self.embedder = embedder
+        self._gallery = gallery
+        self.gallery_problem = gallery_problem
+        self.gallery_locked = gallery_locked  # another process holds it: worth opening again later
+        self.default_far = default_far
+        self.default_threshold = default_threshold
+        self.max_pixels = max_pixels
+        self.decode_budget = decode_budget
+        self._on_embedded = on_embedded
+        self._on_alert = on_alert  # called with each wrong-patient alert's kind (Prometheus counter)
+        # called with ("raised" | an ALERT_ACTIONS state, the stored alert): the webhook, the counters
+        self._on_alert_event = on_alert_event
+        self._batcher = MicroBatcher(self.embedder.embed_prepared)
+        self._enrol_lock = threading.Lock()
+        self._calibration_lock = threading.Lock()
+        self._duplicates_lock = threading.Lock()
+        self._duplicates_cache: dict[tuple, DuplicateReport] = {}
+        self._use(self._stored_site_calibration() or embedder.calibration)
+        # fail at start-up, not on the first request, when the default operating point is unusable
+        self.operating_point()
+
+    # ---------------------------------------------------------------- basics
+    @property
+    def model_id(self) -> str:
+        return self.embedder.model_id
+
+    @property
+    def calibration(self) -> Calibration:
+        """The calibration in force: the gallery's site calibration if one was fitted, else the model's."""
+        return self._state[0]
+
+    def _use(self, calibration: Calibration) -> None:
+        """Put a calibration in force, with the scorer its thresholds need (one reference swap, so a
+        request sees the calibration and the scorer of one moment)."""
+        self._state = (calibration, Scorer(calibration))
+
+    @property
+    def scorer(self) -> Scorer:
+        return self._state[1]
+
+    def _stored_site_calibration(self) -> Calibration | None:
+        """The site calibration kept in the gallery for this model, if any and if it is usable."""
+        if self._gallery is None:
+            return None
+        body = self._gallery.site_calibration()
+        if body is None:
+            return None
+        calibration = Calibration.from_dict(body)
+        calibration.provenance.update(calibration_id=body["calibration_id"])
+        try:
+            resolve_operating_point(
+                calibration, default_far=self.default_far, default_threshold=self.default_threshold
+            )
+        except (ValueError, KeyError) as exc:
+            log.error(
+                "site calibration %s cannot serve the default operating point (%s); using the model's own",
+                body["calibration_id"],
+                exc,
+            )
+            return None
+        log.info("site calibration %s in force (%s)", body["calibration_id"], calibration.summary())
+        return calibration
+
+    def calibrate(
+        self,
+        *,
+        fars: Sequence[str],
+        collection: str | None,
+        bootstrap: int = 200,
+        score_norm: bool = True,
+    ) -> Calibration:
+        """Fit a site calibration on the gallery's labelled images, keep it in the gallery and use it.
+
+        Refused (409, nothing changes) when the labelled images cannot resolve a FAR asked for.
+        """
+        from models.site import CalibrationRefusedError, fit_site_calibration
+
+        fars = list(dict.fromkeys(fars))
+        if self.default_far not in fars:
+            raise InvalidInputError(
+                f"the service's default FAR {self.default_far} (CXR_REID_FAR) must be among the FARs "
+                f"calibrated, got {fars}"
+            )
+        with self._calibration_lock:
+            keys, vectors = self.gallery.labelled_vectors(collection=collection)
+            try:
+                calibration = fit_site_calibration(
+                    vectors,
+                    [f"{c}\x00{p}" for c, p in keys],
+                    fars=fars,
+                    default_far=self.default_far,
+                    bootstrap=bootstrap,
+                    score_norm=score_norm,
+                    provenance={
+                        "data": "gallery",
+                        "collection": ALL_COLLECTIONS if collection is None else collection,
+                        "model_id": self.model_id,
+                    },
+                )
+            except CalibrationRefusedError as exc:
+                raise ConflictError(f"{exc}; the calibration in force is unchanged") from None
+            calibration_id = self.gallery.save_calibration(calibration.to_dict())
+            calibration.provenance.update(calibration_id=calibration_id)
+            self._use(calibration)
+        log.info("site calibration %d fitted and in force: %s", calibration_id, calibration.summary())
+        return calibration
+
+    def clear_calibration(self) -> bool:
+        """Go back to the model's own calibration; True when a site calibration was in force."""
+        with self._calibration_lock:
+            cleared = self.gallery.clear_site_calibration()
+            self._use(self.embedder.calibration)
+        return cleared
+
+    @property
+    def gallery(self) -> Gallery:
+        """The gallery, or 503 with the reason when it cannot serve (e.g. vectors of another model)."""
+        if self._gallery is None:
+            raise UnavailableError(self.gallery_problem or "no gallery is open")
+        return self._gallery
+
+    def attach_gallery(self, gallery: Gallery) -> None:
+        """Serve a gallery opened after start-up (it was locked by another process until now)."""
+        with self._calibration_lock:
+            self._gallery = gallery
+            self.gallery_problem = None
+            self.gallery_locked = False
+            self._use(self._stored_site_calibration() or self.embedder.calibration)
+
+    def gallery_size(self) -> int:
+        if self._gallery is None:
+            return 0
+        return len(self._gallery)
+
+    def readiness_problem(self) -> str | None:
+        """None when ready; otherwise what is wrong, in words."""
+        if self._gallery is None:
+            return self.gallery_problem or "no gallery is open"
+        if not self._gallery.looks_consistent():
+            return "the gallery index does not match its database; restart the service to rebuild it"
+        return None
+
+    def close(self) -> None:
+        self._batcher.close()
+        if self._gallery is not None:
+            self._gallery.close()
+
+    def operating_point(
+        self, far: str | float | None = None, threshold: float | None = None
+    ) -> OperatingPoint:
+        return resolve_operating_point(
+            self.calibration,
+            far=far,
+            threshold=threshold,
+            default_far=self.default_far,
+            default_threshold=self.default_threshold,
+        )
+
+    def probability(self, score: float) -> float:
+        return float(self.calibration.probability(score))
+
+    # ---------------------------------------------------------------- embedding
+    def embed_uploads(self, uploads: Sequence[Upload]) -> tuple[list[DecodedImage], np.ndarray]:
+        """Decode (within the decode budget), prepare, then embed in one forward pass at a time."""
+        decoded = decode_uploads(
+            uploads,
+            max_pixels=self.max_pixels,
+            config=self.embedder.preprocess_config,
+            budget=self.decode_budget,
+        )
+        if not decoded:
+            return decoded, np.zeros((0, self.embedder.dim), dtype=np.float32)
+        vectors = self._batcher.embed([d.prepared for d in decoded])
+        if self._on_embedded is not None:
+            self._on_embedded(len(decoded))
+        return decoded, vectors
+
+    def query_images(self, sides: Sequence[Upload | int]) -> list[QueryImage]:
+        """Vectors for a mix of uploads (embedded in one batch) and gallery image ids, in order."""
+        uploads = [side for side in sides if isinstance(side, Upload)]
+        decoded, vectors = self.embed_uploads(uploads) if uploads else ([], None)
+        out, next_upload = [], 0
+        for side in sides:
+            if isinstance(side, Upload):
+                image = decoded[next_upload]
+                out.append(QueryImage(vector=vectors[next_upload], key="", filename=image.filename))
+                next_upload += 1
+            else:
+                record, vector = self.stored_vector(int(side))
+                out.append(QueryImage(vector=vector, key=record_key(record), record=record))
+        return out
+
+    # ---------------------------------------------------------------- gallery reads
+    def record(self, image_id: int) -> ImageRecord:
+        record = self.gallery.get(image_id)
+        if record is None:
+            raise NotFoundError(f"image {image_id} not found")
+        return record
+
+    def stored_vector(self, image_id: int) -> tuple[ImageRecord, np.ndarray]:
+        record = self.gallery.get(image_id)
+        vector = self.gallery.get_vector(image_id) if record is not None else None
+        if record is None or vector is None:
+            raise NotFoundError(f"image {image_id} not found")
+        return record, vector
+
+    def _vectors(self, image_ids: Sequence[int]) -> dict[int, np.ndarray]:
+        """Stored vectors by id, for exact re-scoring (ids deleted meanwhile are left out)."""
+        return self.gallery.get_vectors(image_ids)
+
+    # ---------------------------------------------------------------- verify
+    def verify_patient(
+        self,
+        vector: np.ndarray,
+        patient_id: str,
+        *,
+        collection: str | None,
+        point: OperatingPoint,
+        exclude_image_id: int | None = None,
+    ) -> PatientVerdict:
+        """Score an image against every gallery image of one patient; decide on the best score."""
+        records, vectors = self.gallery.patient_images(patient_id, collection=collection)
+        keep = [i for i, r in enumerate(records) if r.image_id != exclude_image_id]
+        if not keep:
+            where = "any collection" if collection is None else f"collection '{collection}'"
+            raise NotFoundError(f"patient '{patient_id}' has no other images in {where}")
+        records = [records[i] for i in keep]
+        raw, scores = self.scorer.scores(
+            vector,
+            image_key(patient_id, collection),
+            np.asarray(vectors)[keep],
+            [record_key(r) for r in records],
+        )
+        best = int(np.argmax(scores))
+        best_score = float(scores[best])
+        return PatientVerdict(
+            patient_id=patient_id,
+            collection=collection,
+            best_score=best_score,
+            mean_score=float(scores.mean()),
+            best_image_id=records[best].image_id,
+            compared_with=len(records),
+            same_patient=is_same_patient(best_score, point),
+            probability=self.probability(best_score),
+            best_cosine=float(raw[best]),
+        )
+
+    def verify_pair(
+        self, a: np.ndarray, key_a: str, b: np.ndarray, key_b: str, *, point: OperatingPoint
+    ) -> PairVerdict:
+        """Two images (keys: ``record_key`` of a gallery image, "" for an upload)."""
+        raw, score = self.scorer.pair(a, key_a, b, key_b)
+        return PairVerdict(score, raw, self.probability(score), is_same_patient(score, point))
+
+    # ---------------------------------------------------------------- search
+    def search(
+        self,
+        vector: np.ndarray,
+        *,
+        k: int,
+        collection: str | None,
+        point: OperatingPoint,
+        exclude_ids: Sequence[int] = (),
+        patient_id: str | None = None,
+        split: str | None = None,
+        only_matches: bool = False,
+        query_key: str = "",
+    ) -> list[ScoredRecord]:
+        """Best matches first, scored exactly from stored vectors; filters apply before the cut to k.
+
+        ``query_key``: the query's patient key (``image_key``) where known, so AS-norm leaves the
+        patient out of its statistics."""
+        gallery = self.gallery
+        scorer = self.scorer
+        excluded = set(exclude_ids)
+        threshold = None
+        if only_matches:  # the lowest cosine that can decide "same"
+            threshold = min(
+                scorer.query_floor(point.threshold, vector),
+                scorer.gallery_floor(point.threshold, gallery, collection),
+            )
+            threshold -= SCORE_SLACK
+
+        def wanted(record: ImageRecord) -> bool:
+            return (
+                record.image_id not in excluded
+                and (patient_id is None or record.patient_id == patient_id)
+                and (split is None or record.split == split)
+            )
+
+        if patient_id is not None:
+            # every image of one patient: exact, no index needed
+            records, vectors = gallery.patient_images(patient_id, collection=collection)
+            candidates = list(records)
+            vector_of = {r.image_id: v for r, v in zip(records, np.asarray(vectors), strict=True)}
+        else:
+            total = len(gallery)
+            # spare candidates: exact re-scoring may reorder near-ties at the cut; AS-norm reorders more
+            fetch = k + 8 if split is None and scorer.norm is None else 4 * k + 8
+            while True:
+                fetch = min(fetch, max(total, 1))
+                hits = gallery.search(
+                    vector, k=fetch, collection=collection, threshold=threshold, exclude_ids=tuple(excluded)
+                )
+                candidates = [m.record for m in hits]
+                if len(hits) < fetch or fetch >= total or sum(map(wanted, candidates)) >= k:
+                    break
+                fetch *= 4
+            vector_of = self._vectors([r.image_id for r in candidates])
+
+        kept = [r for r in candidates if wanted(r) and r.image_id in vector_of]
+        if not kept:
+            return []
+        raw, scores = scorer.scores(
+            vector,
+            query_key,
+            np.stack([vector_of[r.image_id] for r in kept]),
+            [record_key(r) for r in kept],
+        )
+        results = []
+        for record, cos, score in zip(kept, raw, scores, strict=True):
+            same = is_same_patient(float(score), point)
+            if only_matches and not same:
+                continue
+            results.append(ScoredRecord(record, float(score), same, float(cos)))
+        results.sort(key=lambda r: (-r.score, r.record.image_id))
+        return results[:k]
+
+    # ---------------------------------------------------------------- enrol
+    def enrol(
+        self,
+        decoded: Sequence[DecodedImage],
+        vectors: np.ndarray,
+        meta: ImageMetadata,
+        *,
+        point: OperatingPoint,
+    ) -> list[EnrolResult]:
+        """File images in the gallery, all or none, with their matches and a wrong-patient alert each.
+
+        Matches and alerts are computed against the gallery as it stood before this request (images of
+        one request are not compared with each other), under the enrolment lock so that no other
+        enrolment slips in between the check and the write.
+        """
+        images = [
+            new_image(
+                d.identifiers,
+                meta,
+                sha256=d.sha256,
+                blob=stored_original(d.data, d.source_format),
+            )
+            for d in decoded
+        ]
+        with self._enrol_lock:
+            gallery = self.gallery
+            pending = []
+            for image, vector in zip(images, vectors, strict=True):
+                existing = gallery.find_by_sha256(image.sha256, collection=image.collection)
+                matches = self.search(
+                    vector,
+                    k=ENROL_MATCHES,
+                    collection=image.collection,
+                    point=point,
+                    query_key=image_key(image.patient_id, image.collection),
+                )
+                alert = self._alert(vector, image.patient_id, image.collection, point)
+                pending.append((matches, alert, existing.image_id if existing is not None else None))
+            records, stored = gallery.add_with_alerts(
+                np.asarray(vectors, dtype=np.float32),
+                images,
+                [None if alert is None else _new_alert(alert, point) for _, alert, _ in pending],
+            )
+        first_by_sha: dict[str, int] = {}
+        results = []
+        for record, (matches, alert, duplicate_of), stored_alert in zip(
+            records, pending, stored, strict=True
+        ):
+            if alert is not None and stored_alert is not None:
+                alert.alert_id = stored_alert.alert_id
+                self._alert_event("raised", stored_alert)
+            if duplicate_of is None and record.sha256 in first_by_sha:
+                duplicate_of = first_by_sha[record.sha256]  # same bytes twice in one request
+            first_by_sha.setdefault(record.sha256 or "", record.image_id)
+            results.append(EnrolResult(record, matches, alert, duplicate_of))
+            if alert is not None and self._on_alert is not None:
+                self._on_alert(alert.kind)
+        log.info("enrolled %d image(s): ids %s", len(records), [r.image_id for r in records])
+        return results
+
+    def _alert_event(self, event: str, alert: AlertRecord) -> None:
+        """Tell the hook (webhook, counters); its failure never fails the request that caused it."""
+        if self._on_alert_event is None:
+            return
+        try:
+            self._on_alert_event(event, alert)
+        except Exception:
+            log.exception("alert %d: the %s hook failed", alert.alert_id, event)
+
+    # ---------------------------------------------------------------- stored alerts
+    def alert(self, alert_id: int) -> AlertRecord:
+        found = self.gallery.get_alert(alert_id)
+        if found is None:
+            raise NotFoundError(f"alert {alert_id} not found")
+        return found
+
+    def alert_view(self, alert: AlertRecord) -> AlertView:
+        gallery = self.gallery
+        other = gallery.get(alert.other_image_id) if alert.other_image_id is not None else None
+        return AlertView(alert, gallery.get(alert.image_id), other)
+
+    def list_alerts(
+        self, *, state: str | None, collection: str | None, offset: int, limit: int
+    ) -> tuple[list[AlertView], int]:
+        """A page of stored alerts, newest first, each with its images as they are now."""
+        alerts, total = self.gallery.list_alerts(
+            state=state, collection=collection, offset=offset, limit=limit
+        )
+        return [self.alert_view(a) for a in alerts], total
+
+    def open_alerts(self) -> int:
+        """Open alerts in the gallery (0 while none is open): the Prometheus gauge."""
+        if self._gallery is None:
+            return 0
+        try:
+            return self._gallery.count_alerts("open")
+        except Exception:  # a closing gallery: the scrape goes on
+            return 0
+
+    def resolve_alert(
+        self,
+        alert_id: int,
+        *,
+        action: str,
+        resolved_by: str,
+        patient_id: str | None = None,
+        note: str | None = None,
+    ) -> AlertRecord:
+        """Confirm (the image is misfiled), dismiss (a false alarm) or relabel (file the image under
+        ``patient_id``, by default the patient it matched) an open alert; recorded with who and when.
+        Under the enrolment lock: a relabel changes the labels an enrolment's check reads."""
+        state = ALERT_ACTIONS.get(action)
+        if state is None:
+            raise InvalidInputError(f"action must be one of {', '.join(ALERT_ACTIONS)}")
+        alert = self.alert(alert_id)
+        if action != "relabel" and patient_id is not None:
+            raise InvalidInputError("patient_id is only for the action 'relabel'")
+        new_patient = None
+        if action == "relabel":
+            new_patient = patient_id or alert.other_patient_id
+            if new_patient is None:
+                raise InvalidInputError(
+                    "relabel: give the patient_id to file the image under (this alert names no other patient)"
+                )
+        with self._enrol_lock:
+            try:
+                resolved = self.gallery.resolve_alert(
+                    alert_id, state=state, resolved_by=resolved_by, note=note, new_patient_id=new_patient
+                )
+            except AlertNotOpenError as exc:
+                raise ConflictError(
+                    f"alert {alert_id} is already {exc.alert.state}"
+                    + (f" (since {exc.alert.resolved_at})" if exc.alert.resolved_at else "")
+                    + "; nothing changed"
+                ) from None
+        if resolved is None:
+            raise NotFoundError(f"alert {alert_id} not found")
+        # ids only: the note and the patients stay out of the log
+        log.info("alert %d %s by %s (image %d)", alert_id, state, resolved_by, resolved.image_id)
+        self._alert_event(state, resolved)
+        return resolved
+
+    def _alert(
+        self, vector: np.ndarray, patient_id: str | None, collection: str, point: OperatingPoint
+    ) -> Alert | None:
+        """Wrong-patient check for an image filed under ``patient_id`` (None: nothing to check)."""
+        if patient_id is None:
+            return None
+        gallery, scorer = self.gallery, self.scorer
+        key = image_key(patient_id, collection)
+        own_records, own_vectors = gallery.patient_images(patient_id, collection=collection)
+        own_best = None
+        if own_records:
+            own_best = float(scorer.scores(vector, key, own_vectors, [key] * len(own_records))[1].max())
+
+        floor = min(
+            scorer.query_floor(point.threshold, vector),
+            scorer.gallery_floor(point.threshold, gallery, collection),
+        )
+        fetch = len(own_records) + 20
+        while True:
+            hits = gallery.search(vector, k=fetch, collection=collection, threshold=floor - SCORE_SLACK)
+            others = [m.record for m in hits if m.record.patient_id not in (None, patient_id)]
+            if others or len(hits) < fetch:
+                break
+            fetch *= 4
+        vectors = self._vectors([r.image_id for r in others])
+        others = [r for r in others if r.image_id in vectors]
+        scored: list[tuple[float, ImageRecord]] = []
+        if others:
+            _, decided = scorer.scores(
+                vector, key, np.stack([vectors[r.image_id] for r in others]), [record_key(r) for r in others]
+            )
+            scored = [
+                (float(v), r)
+                for v, r in zip(decided, others, strict=True)
+                if is_same_patient(float(v), point)
+            ]
+        if scored:
+            score, other = max(scored, key=lambda item: (item[0], -item[1].image_id))
+            return Alert(
+                kind="matches_other_patient",
+                message=(
+                    f"filed under patient '{patient_id}' but matches image {other.image_id} of patient "
+                    f"'{other.patient_id}' (score {score:.3f} >= threshold {point.threshold:.3f})"
+                ),
+                score=score,
+                other_patient_id=other.patient_id,
+                other_image_id=other.image_id,
+                own_best_score=own_best,
+                own_images=len(own_records),
+            )
+        if own_best is not None and not is_same_patient(own_best, point):
+            return Alert(
+                kind="no_match_with_own_images",
+                message=(
+                    f"matches none of the {len(own_records)} earlier image(s) of patient '{patient_id}' "
+                    f"(best score {own_best:.3f} < threshold {point.threshold:.3f})"
+                ),
+                score=own_best,
+                own_best_score=own_best,
+                own_images=len(own_records),
+            )
+        return None
+
+    # ---------------------------------------------------------------- delete
+    def delete_image(self, image_id: int) -> None:
+        if not self.gallery.delete_image(image_id):
+            raise NotFoundError(f"image {image_id} not found")
+        log.info("deleted image %d", image_id)
+
+    def delete_patient(self, patient_id: str, collection: str | None) -> int:
+        count = self.gallery.delete_patient(patient_id, collection=collection)
+        if count == 0:
+            raise NotFoundError(
+                "no images of that patient" + ("" if collection is None else " in that collection")
+            )
+        log.info("deleted %d image(s) of one patient", count)
+        return count
+
+    # ---------------------------------------------------------------- duplicates
+    def duplicates_floor(self) -> float:
+        """The lowest threshold /duplicates scans at: the calibration's FAR 1e-1 point (below it a
+        large share of all pairs would be listed, at O(n^2) memory)."""
+        calibration = self.calibration
+        try:
+            return calibration.threshold_for(DUPLICATES_LOWEST_FAR)
+        except ValueError:
+            return min(calibration.thresholds.values())
+
+    def duplicates(
+        self, *, point: OperatingPoint, collection: str | None, conflicts_only: bool
+    ) -> DuplicateReport:
+        """Every pair at or above the threshold (exact scores), best first, and their clusters.
+
+        One report is computed at a time (concurrent requests wait instead of each holding the
+        O(n^2) scan in memory) and kept per gallery generation, collection, threshold and
+        calibration, so paging through it or asking again does not recompute it.
+        """
+        floor = self.duplicates_floor()
+        if point.threshold < floor:
+            raise InvalidInputError(
+                f"threshold {point.threshold:.4g} is below {floor:.4g}, the calibration's FAR "
+                f"{DUPLICATES_LOWEST_FAR:g} point: that would list a large share of all pairs; use a "
+                "higher threshold or a lower far"
+            )
+        gallery, scorer = self.gallery, self.scorer
+        with self._duplicates_lock:
+            key = (gallery.generation, collection, point.threshold, scorer)
+            report = self._duplicates_cache.pop(key, None) or self._compute_duplicates(
+                point, collection, scorer
+            )
+            self._duplicates_cache[key] = report  # most recent last
+            while len(self._duplicates_cache) > DUPLICATES_CACHED_REPORTS:
+                self._duplicates_cache.pop(next(iter(self._duplicates_cache)))
+        if not conflicts_only:
+            return report
+        conflicts = [p for p in report.pairs if p.conflict]
+        return DuplicateReport(conflicts, _clusters(conflicts), report.total_conflicts)
+
+    def _compute_duplicates(
+        self, point: OperatingPoint, collection: str | None, scorer: Scorer
+    ) -> DuplicateReport:
+        """The report for the cache key's scorer (not whatever calibration is in force by now)."""
+        candidates = self.gallery.duplicates(
+            collection=collection,
+            row_thresholds=lambda ids, vectors: scorer.floors(point.threshold, vectors) - SCORE_SLACK,
+            max_pairs=DUPLICATES_MAX_PAIRS,
+        )
+        vectors = self._vectors([i for p in candidates for i in (p.a.image_id, p.b.image_id)])
+        kept = []
+        for pair in candidates:
+            if pair.a.image_id not in vectors or pair.b.image_id not in vectors:
+                continue
+            _, score = scorer.pair(
+                vectors[pair.a.image_id], record_key(pair.a), vectors[pair.b.image_id], record_key(pair.b)
+            )
+            if is_same_patient(score, point):
+                kept.append(DuplicatePair(a=pair.a, b=pair.b, score=score, conflict=pair.conflict))
+        total_conflicts = sum(p.conflict for p in kept)
+        kept.sort(key=lambda p: (-p.score, p.a.image_id, p.b.image_id))
+        return DuplicateReport(kept, _clusters(kept), total_conflicts)
+
+
+def _new_alert(alert: Alert, point: OperatingPoint) -> NewAlert:
+    """An enrolment's alert as the gallery stores it, with the operating point it was decided at."""
+    return NewAlert(
+        kind=alert.kind,
+        message=alert.message,
+        score=alert.score,
+        other_patient_id=alert.other_patient_id,
+        other_image_id=alert.other_image_id,
+        own_best_score=alert.own_best_score,
+        own_images=alert.own_images,
+        operating_point={
+            "threshold": point.threshold,
+            "far": point.far,
+            "source": point.source,
+            "calibration": dict(point.calibration),
+        },
+    )
+
+
+def _clusters(pairs: list[DuplicatePair]) -> list[Cluster]:
+    """Connected components of the pairs' image ids, largest first, with their labels."""
+    label = {record.image_id: record.patient_id for pair in pairs for record in (pair.a, pair.b)}
+    out = []
+    for ids in sorted((sorted(c) for c in cluster_pairs(pairs)), key=lambda c: (-len(c), c[0])):
+        names = sorted({label[i] for i in ids}, key=lambda p: (p is None, p or ""))
+        out.append(Cluster(ids, names, conflict=sum(p is not None for p in names) > 1))
+    return out

@@ -1,0 +1,175 @@
+"""One place that builds the service from settings, for the API, the CLI and PACS sync alike: the
+process set-up (threads, allocator), the gallery with its index options, the alert webhook and
+``ReidService`` with its limits. Each caller adds only its own hooks (the API its metrics)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from app.service.decoding import DecodeBudget
+from app.service.reid import ReidService
+from app.service.webhook import AlertWebhook
+from app.settings import MIB, Settings
+from index import (
+    AlertRecord,
+    Gallery,
+    GalleryError,
+    GalleryIntegrityError,
+    GalleryLockedError,
+    GalleryModelMismatchError,
+    faiss_build,
+)
+from models.embedder import Embedder
+
+log = logging.getLogger(__name__)
+
+#: glibc mallopt parameters: large blocks straight from (and back to) the OS, and few arenas.
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
+
+
+def configure_torch_threads(threads: int | None) -> None:
+    """One forward pass at a time may use every core; more threads than cores only thrash."""
+    import torch
+
+    torch.set_num_threads(threads or max(1, min(8, os.cpu_count() or 1)))
+
+
+def configure_allocator() -> None:
+    """Give decoded images' memory back to the OS when a request ends.
+
+    glibc keeps memory a thread freed in that thread's arena, and raises its mmap threshold as large
+    blocks are freed: six threadpool threads decoding one 7000 x 7000 image each in turn left the
+    process 1.4 GB larger, not the ~0.4 GB one decode needs, which defeats the decode budget. A fixed
+    1 MiB mmap threshold and two arenas keep the peak at one decode's worth. A no-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    mallopt(_M_ARENA_MAX, 2)
+
+
+def open_gallery(embedder: Embedder, settings: Any, *, allow_model_mismatch: bool = False) -> Gallery:
+    """Open the gallery in ``settings.data_dir`` for this model (one place for the index options)."""
+    return Gallery(
+        settings.data_dir,
+        dim=embedder.dim,
+        model_id=embedder.model_id,
+        index_factory=settings.index_factory,
+        nprobe=settings.nprobe,
+        ef_search=settings.ef_search,
+        allow_model_mismatch=allow_model_mismatch,
+        init=settings.init,
+    )
+
+
+def build_webhook(settings: Settings, on_outcome: Callable[[str], None] | None = None) -> AlertWebhook | None:
+    """The alert webhook the settings name, or None; the server and ``cxr-reid sync`` send alike."""
+    if settings.alert_webhook is None:
+        return None
+    webhook = AlertWebhook(
+        settings.alert_webhook,
+        attempts=settings.alert_webhook_attempts,
+        backoff_seconds=settings.alert_webhook_backoff_seconds,
+        on_outcome=on_outcome,
+    )
+    log.info("wrong-patient alerts are sent to the webhook at %s", webhook.host)
+    return webhook
+
+
+def service_for(
+    settings: Settings,
+    embedder: Embedder,
+    gallery: Gallery | None,
+    *,
+    gallery_problem: str | None = None,
+    gallery_locked: bool = False,
+    on_embedded: Callable[[int], None] | None = None,
+    on_alert: Callable[[str], None] | None = None,
+    on_alert_event: Callable[[str, AlertRecord], None] | None = None,
+) -> ReidService:
+    """``ReidService`` with the operating point and the limits the settings give (one place)."""
+    return ReidService(
+        embedder,
+        gallery,
+        default_far=settings.far_for(embedder.calibration),
+        default_threshold=settings.threshold,
+        max_pixels=settings.max_pixels,
+        decode_budget=DecodeBudget(settings.max_decode_mb * MIB, settings.decode_wait_seconds),
+        gallery_problem=gallery_problem,
+        gallery_locked=gallery_locked,
+        on_embedded=on_embedded,
+        on_alert=on_alert,
+        on_alert_event=on_alert_event,
+    )
+
+
+def build_service(settings: Settings, embedder: Embedder | None = None, **hooks: Any) -> ReidService:
+    """Load the model and open the gallery; a gallery of another model leaves the service unready.
+    ``hooks`` are :func:`service_for`'s ``on_*`` callbacks."""
+    configure_torch_threads(settings.torch_threads)
+    configure_allocator()
+    if embedder is None:
+        embedder = Embedder.from_checkpoint(
+            settings.model_path, device=settings.device, runtime=settings.runtime
+        )
+    gallery, problem, locked = open_or_explain(embedder, settings)
+    if locked:
+        log.error("gallery in %s cannot be opened yet: %s", settings.data_dir, problem)
+    service = service_for(
+        settings, embedder, gallery, gallery_problem=problem, gallery_locked=locked, **hooks
+    )
+    log.info(
+        "serving model %s (dim %d) with %d gallery image(s) from %s; %s",
+        embedder.model_id,
+        embedder.dim,
+        service.gallery_size(),
+        settings.data_dir,
+        faiss_build(),
+    )
+    return service
+
+
+def open_or_explain(embedder: Embedder, settings: Settings) -> tuple[Gallery | None, str | None, bool]:
+    """The gallery; or None, why it cannot be served (logged, except while another process holds
+    it) and whether that is the lock, which is worth waiting out."""
+    try:
+        return open_gallery(embedder, settings), None, False
+    except GalleryLockedError as exc:
+        return None, f"{exc}; this server opens it as soon as the other process lets go", True
+    except GalleryModelMismatchError as exc:
+        problem = f"{exc} (run `cxr-reid reindex` to re-embed the gallery with model {embedder.model_id})"
+    except GalleryIntegrityError as exc:
+        problem = str(exc)
+    log.error("gallery in %s will not be served: %s", settings.data_dir, problem)
+    return None, problem, False
+
+
+def open_when_unlocked(service: ReidService, settings: Settings, stop: threading.Event) -> None:
+    """A second server on a locked data dir keeps trying, and becomes ready when the lock frees."""
+    while not stop.wait(settings.lock_retry_seconds):
+        try:
+            gallery, problem, locked = open_or_explain(service.embedder, settings)
+        except GalleryError as exc:  # any other reason it cannot be opened: say so, stop retrying
+            gallery, problem, locked = None, str(exc), False
+            log.error("gallery in %s cannot be served: %s", settings.data_dir, exc)
+        if locked:
+            continue
+        if gallery is None:
+            service.gallery_problem = problem
+            return
+        service.attach_gallery(gallery)
+        log.info(
+            "gallery in %s was released by the other process; serving %d image(s)",
+            settings.data_dir,
+            len(gallery),
+        )
+        return
