@@ -27,6 +27,14 @@ from app.server_process import server_env as server_environment
 # itself is tested in tests/test_embedder.py, and server processes (app/server_process.py) keep "auto".
 os.environ.setdefault("CXR_REID_RUNTIME", "torch")
 
+# Under pytest-xdist (scripts/test.sh runs the full suite on one worker per core) each worker and
+# every process it starts compute on one thread: workers of several threads each on the same cores
+# spin against one another, and training then runs several times slower than in a serial run.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "CXR_REID_TORCH_THREADS"):
+        os.environ.setdefault(variable, "1")
+    torch.set_num_threads(1)
+
 if TYPE_CHECKING:
     from fastapi.testclient import TestClient
     from pydicom.dataset import Dataset

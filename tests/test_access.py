@@ -105,6 +105,8 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_keys_cli_and_no_open_api_beyond_loopback(tmp_path: Path, server_env: dict[str, str]) -> None:
     env = {**server_env, "CXR_REID_DATA_DIR": str(tmp_path / "data")}
     refused = _cli("serve", "--host", "0.0.0.0", "--port", "1", env=env)

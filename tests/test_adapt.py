@@ -104,6 +104,7 @@ def cli(*args: object) -> int:
     return main([str(a) for a in args])
 
 
+@pytest.mark.slow
 # ------------------------------------------------------------------------------------------ learning
 def test_adapt_learns_a_site_where_the_base_is_weak(
     adapted: tuple[Path, object], base_model: Path, site: Path
@@ -154,6 +155,7 @@ def test_the_split_holds_back_patients_not_images() -> None:
     assert (split_patients(samples, 0.3, seed=1) != held).any()
 
 
+@pytest.mark.slow
 # ------------------------------------------------------------------------------------------ refusals
 def test_a_site_too_small_is_refused_with_how_many_more(base_model: Path, tmp_path: Path, caplog) -> None:
     small = write_site(tmp_path / "small", 12, seed=5)
@@ -167,6 +169,7 @@ def test_a_site_too_small_is_refused_with_how_many_more(base_model: Path, tmp_pa
     assert "nothing written" in caplog.text
 
 
+@pytest.mark.slow
 def test_no_identity_to_learn_means_exit_1_and_nothing_written(
     base_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -192,6 +195,7 @@ def test_no_identity_to_learn_means_exit_1_and_nothing_written(
     assert not out.exists() and not (tmp_path / "out.pt.adapt").exists()
 
 
+@pytest.mark.slow
 def test_arguments_are_checked_before_any_work(base_model: Path, tmp_path: Path) -> None:
     assert cli("adapt", "--out", tmp_path / "o.pt") == 2  # no data named
     assert cli("adapt", "--manifest", tmp_path / "none.csv", "--out", tmp_path / "o.pt") == 2
@@ -200,6 +204,8 @@ def test_arguments_are_checked_before_any_work(base_model: Path, tmp_path: Path)
     assert cli("adapt", "--manifest", tmp_path / "none.csv", "--out", tmp_path / "o.pt", "--far", "2") == 2
 
 
+@pytest.mark.server
+@pytest.mark.slow
 # ------------------------------------------------------------------------------------------ resume
 def test_adapt_resumes_after_kill_9(base_model: Path, site: Path, tmp_path: Path) -> None:
     out, work = tmp_path / "adapted.pt", tmp_path / "work"
@@ -246,6 +252,8 @@ def test_a_dicom_folder_is_read_by_patient_id(tmp_path: Path) -> None:
     assert all(s.patient_id.startswith("pacs:") and s.dataset == "pacs" for s in samples)
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_the_adapted_model_serves_a_gallery_only_after_reindex(
     adapted: tuple[Path, object], base_model: Path, site: Path, tmp_path: Path, servers: list
 ) -> None:

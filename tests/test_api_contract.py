@@ -22,6 +22,7 @@ from app.main import create_app
 from app.server_process import ROOT, Server, free_port, server_env, uvicorn_command
 from app.settings import Settings
 
+pytestmark = pytest.mark.server
 EXAMPLES = int(os.environ.get("CXR_REID_FUZZ_EXAMPLES", "12"))
 
 

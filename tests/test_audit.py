@@ -271,6 +271,7 @@ def test_audit_of_dicom_folders_takes_ids_from_tags_and_splits_from_folders(
     assert leak["patient_ids"] == ["A"] and leak["splits"] == ["test", "train"]
 
 
+@pytest.mark.browser
 @needs_chromium
 def test_audit_report_renders_in_chromium(
     tiny_checkpoint: Path, planted_set: tuple[Path, dict[str, str]], tmp_path: Path

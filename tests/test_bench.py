@@ -151,6 +151,7 @@ def test_accuracy_on_a_phantom_set(tmp_path: Path, tiny_checkpoint: Path) -> Non
     assert payload["results"][0]["n_images"] == 18 and payload["errors"] == []
 
 
+@pytest.mark.slow
 def test_speed_quick_prints_its_table(tiny_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "speed.json"
     # --threads 1: on a machine whose cores are busy, multi-threaded OpenMP can be far slower.
@@ -179,6 +180,7 @@ def test_speed_quick_prints_its_table(tiny_checkpoint: Path, tmp_path: Path) -> 
     assert flat["extra"]["recall"] == 1.0  # exact search finds the exact neighbours
 
 
+@pytest.mark.slow
 def test_embed_reports_efficiency_and_variants(tiny_checkpoint: Path) -> None:
     proc = _run(
         "embed.py", "--model", str(tiny_checkpoint), "--seconds", "0.05", "--json",
@@ -211,6 +213,7 @@ def test_generalisation_without_data_says_so(tmp_path: Path) -> None:
     assert result.returncode == 0 and "nothing to measure" in result.stdout
 
 
+@pytest.mark.slow
 def test_generalisation_trains_a_fold_per_set_and_reports_unseen_sites_first(tmp_path: Path) -> None:
     """Two phantom 'sites', a tiny recipe: each fold trains without one site and is scored on all of
     it; the unseen table comes first, then thresholds there, then the seen sets; a rerun trains
@@ -262,6 +265,7 @@ def test_generalisation_trains_a_fold_per_set_and_reports_unseen_sites_first(tmp
     assert other.returncode != 0 and "another recipe" in other.stderr
 
 
+@pytest.mark.slow
 def test_gpu_bench_runs_its_code_path_on_the_cpu() -> None:
     """--quick runs every measurement of the GPU benchmark at toy sizes; on the CPU the embeddings it
     compares are the CPU's own, so the cosine must be 1."""
@@ -277,6 +281,7 @@ def test_gpu_bench_runs_its_code_path_on_the_cpu() -> None:
     assert figures["enroll"]["min_cosine_to_cpu"] > 0.99999
 
 
+@pytest.mark.slow
 def test_decode_compares_full_and_needed_resolution() -> None:
     """Each speed row times both decodes of a real radiograph and says how close the embeddings are."""
     proc = _run(
@@ -292,6 +297,8 @@ def test_decode_compares_full_and_needed_resolution() -> None:
         assert row["cosine_full_vs_needed"] > 0.999
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_service_bench_reports_each_cell_and_the_goals(tmp_path: Path) -> None:
     proc = _run(
         "service.py", "--seconds", "1", "--max-requests", "4", "--concurrency", "1", "2",
@@ -306,6 +313,7 @@ def test_service_bench_reports_each_cell_and_the_goals(tmp_path: Path) -> None:
     assert figures["goals"]["verify_c1_p50_over_decode_plus_model"] > 0
 
 
+@pytest.mark.slow
 def test_search_bench_reports_every_index_on_patient_clusters() -> None:
     """Flat is the ground truth (recall 1), and the drawn clusters separate genuine from impostor."""
     # IVF-PQ is left out: FAISS trains PQ very slowly on fewer than 39 * 256 vectors
@@ -327,6 +335,7 @@ def test_search_bench_reports_every_index_on_patient_clusters() -> None:
     assert flat["recall_at_10"] == 1.0 and flat["bytes_per_vector"] >= 4 * figures["dim"]
 
 
+@pytest.mark.slow
 def test_enroll_bench_times_decode_embed_and_the_whole_path() -> None:
     proc = _run(
         "enroll.py", "--images", "6", "--side", "400", "--batch-size", "4", "--device", "cpu", "--json"
@@ -338,6 +347,7 @@ def test_enroll_bench_times_decode_embed_and_the_whole_path() -> None:
         assert figures[key] > 0
 
 
+@pytest.mark.slow
 def test_audit_bench_plants_errors_and_scores_them(tmp_path: Path, tiny_checkpoint: Path) -> None:
     from models.phantom import write_phantom_set
 

@@ -25,6 +25,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_models_lists_every_variant(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "--input-size", "64", "--width", "8", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -34,6 +35,7 @@ def test_models_lists_every_variant(capsys: pytest.CaptureFixture[str]) -> None:
     assert "GFLOPs" in capsys.readouterr().out
 
 
+@pytest.mark.server
 def test_evaluate_json_prints_exactly_one_object(tiny_checkpoint: Path, phantom_set: Path) -> None:
     result = _run(
         "evaluate",
@@ -79,12 +81,14 @@ def test_phantoms_command_writes_a_manifest(tmp_path: Path, capsys: pytest.Captu
     assert manifest.is_file() and len(manifest.read_text().splitlines()) == 7
 
 
+@pytest.mark.server
 def test_bad_paths_fail_with_a_message_not_a_traceback(tmp_path: Path) -> None:
     result = _run("evaluate", "--model", str(tmp_path / "missing.pt"), "--manifest", str(tmp_path / "m.csv"))
     assert result.returncode == 2
     assert "not found" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.server
 def test_evaluate_checks_the_manifest_before_loading_a_model(tmp_path: Path) -> None:
     """A typo in the manifest fails at once, with the manifest named, whatever the model."""
     result = _run("evaluate", "--manifest", str(tmp_path / "typo.csv"), "--model", "README.md")
@@ -92,6 +96,7 @@ def test_evaluate_checks_the_manifest_before_loading_a_model(tmp_path: Path) -> 
     assert "manifest not found" in result.stderr and "checkpoint" not in result.stderr
 
 
+@pytest.mark.server
 def test_missing_images_are_named_before_the_model_loads(tmp_path: Path) -> None:
     manifest = tmp_path / "site" / "manifest.csv"
     manifest.parent.mkdir()

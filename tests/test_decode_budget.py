@@ -39,6 +39,7 @@ def _memory_kib(pid: int) -> dict[str, int]:
     return fields
 
 
+@pytest.mark.slow
 def test_header_pixels_reads_only_the_header() -> None:
     data = _large_png()
     assert len(data) < 1_000_000 and header_pixels(data) == SIDE * SIDE
@@ -93,6 +94,8 @@ def test_the_api_answers_413_and_503_with_retry_after(
     assert answer.status_code == 503 and answer.headers["Retry-After"] == "7"
 
 
+@pytest.mark.server
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak RSS from /proc")
 def test_concurrent_large_images_stay_under_the_budget(
     server_env: dict[str, str], servers: list[Server], tmp_path: Path

@@ -10,9 +10,10 @@ import pytest
 
 from app.server_process import ROOT, Server, free_port, server_env, uvicorn_command
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("jq") is None, reason="the demo needs jq (scripts/test.sh installs it)"
-)
+pytestmark = [
+    pytest.mark.server,
+    pytest.mark.skipif(shutil.which("jq") is None, reason="the demo needs jq (scripts/test.sh installs it)"),
+]
 
 
 def _demo(url: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -21,6 +22,7 @@ def _demo(url: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_demo_passes_against_the_shipped_model_any_number_of_times(
     servers: list[Server], tmp_path: Path
 ) -> None:

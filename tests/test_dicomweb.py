@@ -210,6 +210,9 @@ def test_stow_refuses_malformed_requests(
     assert ok.status_code == 200 and items(ok.json(), REFERENCED)
 
 
+@pytest.mark.pacs
+@pytest.mark.server
+@pytest.mark.slow
 @pytest.mark.skipif(missing_reason() is not None, reason=missing_reason() or "")
 def test_a_pacs_sends_to_cxr_reid_over_dicomweb(
     tmp_path: Path, servers: list[Server], study_files: dict[str, tuple[str, bytes]]

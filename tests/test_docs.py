@@ -97,6 +97,9 @@ def test_error_bodies_sent_match_the_documented_schema(make_client: Any) -> None
     )
 
 
+@pytest.mark.browser
+@pytest.mark.server
+@pytest.mark.slow
 @pytest.mark.skipif(
     shutil.which("chromium") is None, reason="needs Debian's chromium (scripts/test.sh installs it)"
 )

@@ -44,6 +44,7 @@ def test_gpu_config_is_the_shipped_network_scaled_up() -> None:
     assert small.preprocess.size == 160 and small.optim == config.optim
 
 
+@pytest.mark.slow
 def test_train_gpu_rehearses_every_run_on_the_cpu_and_bundles_them(tmp_path: Path) -> None:
     """The device call's script, end to end on the CPU: two recipes, their folds by site (two sets of
     one hospital held out together), the schedule fitted to the budget, the bundle cut into parts

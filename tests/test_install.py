@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.install
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 CUDA_PACKAGE_PREFIXES = ("nvidia-", "triton", "cuda-")
@@ -85,6 +86,7 @@ def _installs(report: Path) -> dict[str, dict[str, Any]]:
     return {item["metadata"]["name"].lower(): item for item in json.loads(report.read_text())["install"]}
 
 
+@pytest.mark.slow
 def test_install_commands_resolve_the_cpu_torch_build_with_pip_config_ignored(tmp_path: Path) -> None:
     if not _reachable("https://pypi.org/simple/"):
         pytest.skip("PyPI is unreachable: nothing to resolve the other packages against")

@@ -80,6 +80,8 @@ def _check(data_dir: Path, model: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_check_command(tmp_path: Path, tiny_checkpoint: Path, embedder, phantom_images) -> None:  # noqa: ANN001
     data_dir = tmp_path / "data"
     with Gallery(data_dir, dim=embedder.dim, model_id=embedder.model_id) as gallery:

@@ -249,6 +249,7 @@ def test_bootstrap_weights_equal_an_explicit_resample():
     assert got_r["map_at_r"] == pytest.approx(np.average(rd.ap_r, weights=weights))
 
 
+@pytest.mark.slow
 def test_bootstrap_ci_contains_point_and_narrows_with_more_patients():
     few_e, few_l = synthetic(40, 3, noise=1.3, singles=10, seed=11)
     many_e, many_l = synthetic(400, 3, noise=1.3, singles=100, seed=11)

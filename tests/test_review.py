@@ -21,6 +21,7 @@ from PIL import Image
 from app.server_process import ROOT, Server, free_port, server_env, uvicorn_command
 from app.service.keys import KeyStore
 
+pytestmark = pytest.mark.server
 EXAMPLES = ROOT / "examples" / "radiographs"
 HOSTILE = '<script>alert("x")</script>&<i onmouseover=x>'
 
@@ -106,6 +107,8 @@ def resolve_form(html: str, alert_id: str) -> dict:
     return form
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 @needs_chromium
 def test_review_page_in_chromium_relabels_an_alert(server: tuple[Server, dict], tmp_path: Path) -> None:
     srv, ids = server

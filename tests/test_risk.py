@@ -265,6 +265,7 @@ def test_risk_finds_the_planted_links_within_its_interval(risk_run: Path) -> Non
     assert [p["far"] for p in curve] == sorted(p["far"] for p in curve) and len(curve) >= 5
 
 
+@pytest.mark.browser
 @needs_chromium
 def test_risk_report_renders_with_counts_rows_and_thumbnails(risk_run: Path) -> None:
     dom = render(risk_run / "report.html")

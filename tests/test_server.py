@@ -15,7 +15,10 @@ import pytest
 
 from app.server_process import ROOT, Server, free_port, uvicorn_command
 
+pytestmark = pytest.mark.server
 
+
+@pytest.mark.slow
 def test_acknowledged_enrolments_survive_kill_9(
     server_env: dict[str, str], servers: list[Server], tmp_path: Path, phantom_images: list[Path]
 ) -> None:
@@ -102,6 +105,7 @@ def _multipart(field: str, filename: str, payload: bytes, boundary: str) -> byte
     )
 
 
+@pytest.mark.slow
 def test_limits_and_concurrency_over_real_http(
     server_env: dict[str, str], servers: list[Server], tmp_path: Path, phantom_images: list[Path]
 ) -> None:

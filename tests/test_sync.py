@@ -114,6 +114,7 @@ def sync(*args: str) -> int:
     return main(["sync", *args, "--no-progress"])
 
 
+@pytest.mark.pacs
 @needs_orthanc
 def test_sync_dicomweb_then_orthanc_changes(
     pacs: Orthanc, files: dict[str, tuple[str, bytes]], tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -162,6 +163,7 @@ def test_sync_dicomweb_then_orthanc_changes(
     assert "instances seen 0" in summary(caplog)
 
 
+@pytest.mark.pacs
 @needs_orthanc
 def test_sync_since(
     pacs: Orthanc, files: dict[str, tuple[str, bytes]], tmp_path: Path, caplog: pytest.LogCaptureFixture

@@ -11,6 +11,8 @@ from models.evaluate import evaluate
 from models.phantom import write_phantom_set
 from models.train import TrainConfig, load_config, train
 
+pytestmark = pytest.mark.slow
+
 
 def test_phantom_training_generalises_to_unseen_patients(tmp_path: Path) -> None:
     train_manifest = write_phantom_set(tmp_path / "phantom-train", 150, 4, size=96, seed=11)
@@ -83,6 +85,7 @@ def test_phantom_training_generalises_to_unseen_patients(tmp_path: Path) -> None
         train(other, progress=False)
 
 
+@pytest.mark.server
 def test_torchrun_ddp_trains_on_cpu(tmp_path: Path) -> None:
     """Two processes under torchrun (gloo on the CPU) train one model and write one checkpoint."""
     import subprocess
