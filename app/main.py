@@ -52,7 +52,7 @@ from index import (
     GalleryModelMismatchError,
     GalleryValidationError,
 )
-from models.embedder import Embedder
+from models.net.embedder import Embedder
 
 log = logging.getLogger(__name__)
 

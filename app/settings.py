@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     runtime: Literal["auto", "torch", "onednn", "onnxruntime"] = Field(
         default="auto",
         description="what runs the model on the CPU; auto = ONNX Runtime, else oneDNN fusion, else "
-        "PyTorch (models/runtime.py has the figures)",
+        "PyTorch (models/net/runtime.py has the figures)",
     )
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads; None = number of CPU cores (max 8)"

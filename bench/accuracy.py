@@ -1,7 +1,7 @@
 """Re-compute the model card's accuracy tables from ../shared/data.
 
 For every set folder holding a ``manifest.csv`` under the data dir (sorted by name), or for the
-manifests given with ``--manifest``, this runs ``models.evaluate.evaluate(split="auto")``: the
+manifests given with ``--manifest``, this runs ``models.evaluation.evaluate.evaluate(split="auto")``: the
 held-out test patients of a set the checkpoint was trained on, every image of a set it never saw.
 It prints two markdown tables (headline figures with 95% patient-bootstrap intervals, then the
 view-pair and time-gap breakdowns) and can write the full results as JSON and per-set plots.
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from models.benchkit import NOT_AVAILABLE, json_safe, markdown_table, num, with_ci
+from models.evaluation.benchkit import NOT_AVAILABLE, json_safe, markdown_table, num, with_ci
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"  # "../shared/data" from the repo root
@@ -75,7 +75,7 @@ HEADLINE_COLUMNS = (
 
 
 def format_headline_table(results: Sequence[dict[str, Any]]) -> str:
-    """One markdown row per evaluation result (the dicts ``models.evaluate.evaluate`` returns)."""
+    """One markdown row per evaluation result (the dicts ``models.evaluation.evaluate.evaluate`` returns)."""
     rows = [
         [
             str(r.get("dataset", "?")),
@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         source = f"data dir {shown_path(data_dir)}"
 
-    from models.embedder import DEFAULT_CHECKPOINT, Embedder  # torch: imported only when there is work
+    from models.net.embedder import DEFAULT_CHECKPOINT, Embedder  # torch: imported only when there is work
 
     if args.model is None:
         checkpoint = DEFAULT_CHECKPOINT
@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: checkpoint not found: {checkpoint}", file=sys.stderr)
             return 2
 
-    from models.evaluate import evaluate
+    from models.evaluation.evaluate import evaluate
 
     model_id = Embedder.from_checkpoint(checkpoint).model_id
     progress = sys.stderr.isatty()

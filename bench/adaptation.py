@@ -2,13 +2,13 @@
 
 For each leave-one-site-out fold (a checkpoint trained without that site's sets, e.g. the GPU
 recipe's ``runs/gpu/<recipe>/holdout-<site>/model.pt``), the site's patients are split in halves
-(``models.site.half_split``, ``--halvings`` seeds). Half A is what the hospital has labelled, half B
+(``models.scoring.site.half_split``, ``--halvings`` seeds). Half A is what the hospital has labelled, half B
 its other patients. On half B:
 
 1. **base**: the fold's network as shipped (its own thresholds: the FAR they deliver there);
 2. **base + calibration**: ``fit_site_calibration`` on half A with AS-norm (what ``cxr-reid
    calibrate`` does), applied to half B;
-3. **adapted + calibration**: ``models.adapt.adapt`` on half A (which holds back part of A to
+3. **adapted + calibration**: ``models.training.adapt.adapt`` on half A (which holds back part of A to
    prove itself and calibrates there), applied to half B. Where adapt declines (exit 1), the site
    keeps row 2, and the row says so;
 4. the learning curve: row 3 with 25 / 50 / 100% of half A's patients (``--fractions``).
@@ -38,15 +38,15 @@ from typing import Any
 
 import numpy as np
 
-from models.adapt import AdaptSettings, SiteData, adapt
-from models.calibration import Calibration
-from models.checkpoint import load_checkpoint
-from models.data import Sample, read_manifest
-from models.embedder import Embedder
-from models.evaluate import embed_samples
-from models.metrics import evaluate_embeddings, pair_scores
-from models.scorenorm import ScoreNorm, patient_key
-from models.site import CalibrationRefusedError, fit_site_calibration, half_split
+from models.evaluation.evaluate import embed_samples
+from models.evaluation.metrics import evaluate_embeddings, pair_scores
+from models.net.checkpoint import load_checkpoint
+from models.net.embedder import Embedder
+from models.scoring.calibration import Calibration
+from models.scoring.scorenorm import ScoreNorm, patient_key
+from models.scoring.site import CalibrationRefusedError, fit_site_calibration, half_split
+from models.training.adapt import AdaptSettings, SiteData, adapt
+from models.training.data import Sample, read_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.adaptation")
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the summary rows here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("models.metrics", "models.embedder", "models.adapt"):
+    for noisy in ("models.evaluation.metrics", "models.net.embedder", "models.training.adapt"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not args.data.is_dir():
         log.warning("no data at %s: nothing to measure", args.data)

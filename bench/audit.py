@@ -42,7 +42,7 @@ from PIL import Image, ImageOps
 
 from app.analysis.audit import FINDING_TYPES, run_audit
 from app.analysis.audit_report import write_outputs
-from models.embedder import Embedder
+from models.net.embedder import Embedder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
@@ -206,7 +206,7 @@ def scale(images: int, dim: int, seed: int) -> None:
 
     from app.analysis.audit import find_issues, operating_point
     from app.analysis.corpus import SIGNATURE_SIDE, CorpusImage, EmbeddedCorpus
-    from models.calibration import Calibration
+    from models.scoring.calibration import Calibration
 
     rng = np.random.default_rng(seed)
     sizes = rng.integers(1, 5, images)

@@ -17,7 +17,7 @@ the example radiographs and random inputs. With ``--auc`` the variants that keep
 and beat the default are also scored on the real sets (the test patients of trained sets, every
 image of unseen ones, like ``bench/accuracy.py``): the rule of issue 11 is that the fastest variant
 that keeps cosine >= 0.999 and moves AUC by less than 0.001 becomes the service's default path
-(``models/runtime.py`` says which it is and why).
+(``models/net/runtime.py`` says which it is and why).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.benchkit import embed_in_batches, rate
-from models.embedder import Embedder, embed_views
-from models.runtime import OnnxRuntimeNetwork, onednn_network
+from models.evaluation.benchkit import embed_in_batches, rate
+from models.net.embedder import Embedder, embed_views
+from models.net.runtime import OnnxRuntimeNetwork, onednn_network
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.embed")
@@ -152,9 +152,9 @@ def auc_guard(
     """Verification AUC of the default path and of each variant that keeps cosine >= 0.999 and is
     faster, on every set under ``data_dir``; the change per set is what the 0.001 rule reads.
     ``networks`` are the variants ``variants`` built and timed (built once: compiling is slow)."""
-    from models.data import read_manifest
-    from models.evaluate import select_split
-    from models.metrics import pair_scores, verification_metrics
+    from models.evaluation.evaluate import select_split
+    from models.evaluation.metrics import pair_scores, verification_metrics
+    from models.training.data import read_manifest
 
     candidates = [
         name

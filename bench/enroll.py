@@ -32,8 +32,8 @@ from PIL import Image
 
 from app.service.enrollment import bulk_enrol, decode_workers, items_from_folder
 from index import Gallery
-from models.embedder import Embedder
-from models.preprocess import decode_image, prepare
+from models.imaging.preprocess import decode_image, prepare
+from models.net.embedder import Embedder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.enroll")

@@ -41,8 +41,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from models.benchkit import json_safe, markdown_table, num, with_ci
-from models.scorenorm import DEFAULT_TOP_K
+from models.evaluation.benchkit import json_safe, markdown_table, num, with_ci
+from models.scoring.scorenorm import DEFAULT_TOP_K
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("generalisation")
@@ -84,8 +84,8 @@ def _recipe_view(config_dict: dict[str, Any]) -> dict[str, Any]:
 
 def fold_state(fold_dir: Path, wanted: dict[str, Any]) -> str:
     """ "new", "resume" or "done" for a fold directory; raises if it holds another recipe's run."""
-    from models.checkpoint import load_checkpoint
-    from models.config import load_config
+    from models.net.checkpoint import load_checkpoint
+    from models.training.config import load_config
 
     saved = fold_dir / "config.toml"
     if not saved.is_file():
@@ -113,7 +113,7 @@ def train_folds(
 ) -> None:
     """Train the unfinished folds, ``jobs`` at a time, each in its own ``cxr-reid train`` process
     with ``threads`` CPU threads (default: the cores shared out between the jobs)."""
-    from models.config import load_config
+    from models.training.config import load_config
 
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     pending: list[tuple[str, list[str]]] = []
@@ -175,11 +175,11 @@ def evaluate_fold(
 
     import numpy as np
 
-    from models.data import read_manifest
-    from models.embedder import Embedder
-    from models.evaluate import embed_samples, select_split
-    from models.metrics import evaluate_embeddings
-    from models.site import split_half
+    from models.evaluation.evaluate import embed_samples, select_split
+    from models.evaluation.metrics import evaluate_embeddings
+    from models.net.embedder import Embedder
+    from models.scoring.site import split_half
+    from models.training.data import read_manifest
 
     members = [Embedder.from_checkpoint(d / "model.pt") for d in (fold_dir, *partners)]
     if tta is not None:
@@ -422,8 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from models.config import ConfigError, load_config
-    from models.data import dataset_name
+    from models.training.config import ConfigError, load_config
+    from models.training.data import dataset_name
 
     try:
         config = load_config(args.config, args.set)

@@ -7,7 +7,7 @@ Issue 11, benchmark 6. In one run it measures:
 - the card's limit: a bf16 and an fp32 (TF32 off) matrix product, 8192 x 8192 x 8192;
 - per recipe (the shipped checkpoint's own training config, and ``configs/gpu.toml``): embedding
   images/s at batch 256 in fp32 and in bf16 autocast, both channels_last, one view per image; the
-  training step of ``models.train.training_step`` (two augmented views per image, margin + SupCon
+  training step of ``models.training.train.training_step`` (two augmented views per image, margin + SupCon
   loss, AdamW) in the recipe's own precision, in view-images/s; the FLOPs of each
   (``torch.utils.flop_counter``: conv and matmul, 2 per multiply-accumulate, backward included for
   training) and the fraction of the bf16 limit they reach;
@@ -36,12 +36,12 @@ import torch
 from pytorch_metric_learning.losses import SupConLoss
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.backbones import build_backbone
-from models.benchkit import rate
-from models.config import TrainConfig, load_config
-from models.embedder import Embedder, resolve_device
-from models.heads import build_head
-from models.train import IdentityModel, training_step
+from models.evaluation.benchkit import rate
+from models.net.backbones import build_backbone
+from models.net.embedder import Embedder, resolve_device
+from models.net.heads import build_head
+from models.training.config import TrainConfig, load_config
+from models.training.train import IdentityModel, training_step
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.gpu")

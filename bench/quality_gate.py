@@ -1,12 +1,12 @@
 """Does the input quality gate let real radiographs through? Decode every image of some manifests
 exactly as the service does (``app.service.decoding.decode_source``: decoder checks plus
-``models.preprocess.check_usable``) and count what is refused, and why.
+``models.imaging.preprocess.check_usable``) and count what is refused, and why.
 
     python bench/quality_gate.py [MANIFEST ...] [--json OUT.json]
 
 Without arguments it reads every ``manifest.csv`` under ``../shared/data`` (the project's sets).
 Exit status 1 when any image is refused, so it can gate a change to the thresholds in
-``models/preprocess.py`` (MIN_SIDE, MAX_ASPECT, MIN_GREY_LEVELS).
+``models/imaging/preprocess.py`` (MIN_SIDE, MAX_ASPECT, MIN_GREY_LEVELS).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from app.service.decoding import decode_source
 from app.service.errors import InvalidInputError
-from models.data import read_manifest
+from models.training.data import read_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.quality_gate")

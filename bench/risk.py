@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from app.analysis.risk import RiskError, RiskInputs, run  # torch: imported only when there is work
-    from models.embedder import Embedder
+    from models.net.embedder import Embedder
 
     embedder = Embedder.from_checkpoint(args.model)
     out_root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="cxr-reid-risk-"))

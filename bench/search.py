@@ -61,7 +61,7 @@ CHUNK = 65_536
 # ---------------------------------------------------------------------------------------------- data
 def model_figures() -> tuple[int, float, float]:
     """(dim, median impostor cosine, 99th percentile impostor cosine) of the shipped model."""
-    from models.embedder import Embedder
+    from models.net.embedder import Embedder
 
     embedder = Embedder.from_checkpoint(None)
     cal = embedder.calibration

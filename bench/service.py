@@ -34,9 +34,9 @@ import httpx
 import numpy as np
 
 from app.server_process import Server, free_port, server_env, uvicorn_command
-from models.benchkit import median_ms
-from models.embedder import Embedder
-from models.preprocess import decode_image, prepare
+from models.evaluation.benchkit import median_ms
+from models.imaging.preprocess import decode_image, prepare
+from models.net.embedder import Embedder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.service")

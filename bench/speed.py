@@ -5,7 +5,7 @@
 
 Three stages, one table:
 - decode + prepare, per image, from bytes already in memory: a 512 px 16-bit PNG and an uncompressed
-  512 px DICOM (both phantoms from ``models.phantom``), and pydicom-data's RG1_J2KR.dcm (JPEG 2000
+  512 px DICOM (both phantoms from ``models.imaging.phantom``), and pydicom-data's RG1_J2KR.dcm (JPEG 2000
   lossless, 1955 x 1841) next to RG1_UNCR.dcm (the same image uncompressed) when pydicom-data is
   installed; ``prepare`` uses the checkpoint's preprocessing.
 - model forward (``Embedder.embed_prepared``) at batch 1 and 32, in images/s. Without a checkpoint
@@ -92,7 +92,7 @@ def _p(times_s: Sequence[float], q: float) -> float:
 # ---------------------------------------------------------------------------------------------- model
 def load_embedder(args: argparse.Namespace) -> tuple[Any, str]:
     """The checkpoint to time, or a random-weight model from the flags; returns it and a note."""
-    from models.embedder import DEFAULT_CHECKPOINT, Embedder
+    from models.net.embedder import DEFAULT_CHECKPOINT, Embedder
 
     if args.model is not None or DEFAULT_CHECKPOINT.is_file():
         embedder = Embedder.from_checkpoint(args.model, runtime="auto")  # the serving path
@@ -100,9 +100,9 @@ def load_embedder(args: argparse.Namespace) -> tuple[Any, str]:
 
     import torch
 
-    from models.backbones import BackboneConfig, build_backbone
-    from models.calibration import Calibration
-    from models.preprocess import PreprocessConfig
+    from models.imaging.preprocess import PreprocessConfig
+    from models.net.backbones import BackboneConfig, build_backbone
+    from models.scoring.calibration import Calibration
 
     defaults = BackboneConfig()
     config = BackboneConfig(
@@ -133,7 +133,7 @@ def load_embedder(args: argparse.Namespace) -> tuple[Any, str]:
 # ---------------------------------------------------------------------------------------------- stages
 def decode_cases(workdir: Path) -> list[tuple[str, bytes]]:
     """(label, file bytes) for each decode case available here."""
-    from models.phantom import write_phantom_set
+    from models.imaging.phantom import write_phantom_set
 
     cases = []
     for fmt, label in (
@@ -160,7 +160,7 @@ def decode_cases(workdir: Path) -> list[tuple[str, bytes]]:
 
 def _decode_once(data: bytes, config: Any, decode_s: list[float], prepare_s: list[float]) -> None:
     """Decode and prepare one image, recording the two times separately."""
-    from models.preprocess import decode_image, prepare
+    from models.imaging.preprocess import decode_image, prepare
 
     t0 = time.perf_counter()
     image = decode_image(data, config=config)  # at the resolution the model needs, as served

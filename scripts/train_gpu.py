@@ -77,8 +77,8 @@ def plan_runs(
 ) -> list[RunSpec]:
     """The full run of each recipe (``<recipe>/full``), then (``folds``) one run per held-out site
     (``<recipe>/holdout-<site>``, the layout ``bench/generalisation.py --no-train`` evaluates)."""
-    from models.config import load_config
-    from models.data import dataset_name
+    from models.training.config import load_config
+    from models.training.data import dataset_name
 
     common = [f"data.manifests={json.dumps(manifests)}", *overrides]
     sets = [dataset_name(m) for m in manifests]
@@ -96,8 +96,8 @@ def plan_runs(
 
 def _decode(config_path: str, overrides: list[str]) -> str:
     """Decode and cache one recipe's images (the cache key is the preprocessing and the paths)."""
-    from models.config import load_config
-    from models.data import load_images, read_manifests
+    from models.training.config import load_config
+    from models.training.data import load_images, read_manifests
 
     config = load_config(config_path, overrides)
     samples = read_manifests(config.data.manifests)
@@ -107,8 +107,8 @@ def _decode(config_path: str, overrides: list[str]) -> str:
 
 def _train_one(spec: RunSpec) -> None:
     """Worker process: one ``cxr-reid train`` run, its log in its run folder."""
-    from models.config import load_config
-    from models.train import train
+    from models.training.config import load_config
+    from models.training.train import train
 
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(
@@ -145,7 +145,7 @@ def train_all(runs: list[RunSpec], deadline_s: float) -> dict[str, int | None]:
 
 def run_summary(spec: RunSpec, exitcode: int | None) -> dict[str, Any]:
     """What a run made: its model id, epochs and best validation figures (from its checkpoint)."""
-    from models.checkpoint import load_checkpoint
+    from models.net.checkpoint import load_checkpoint
 
     out: dict[str, Any] = {"name": spec.name, "config": spec.config, "exitcode": exitcode}
     model = spec.out_dir / "model.pt"
@@ -168,7 +168,7 @@ def bundle(
 ) -> Path:
     """One tar of every run's checkpoint, metrics, config and log (full models first), cut into
     parts; returns the parts index."""
-    from models.checkpoint import split_file
+    from models.net.checkpoint import split_file
 
     if bundle_dir.exists():
         shutil.rmtree(bundle_dir)
@@ -208,7 +208,7 @@ def send(index: Path, out_dir: Path, parts: int) -> list[str]:
 
 def unpack(sources: list[Path], run_root: Path) -> int:
     """Back here: rejoin the parts (from one or more fetched folders) and unpack the runs."""
-    from models.checkpoint import join_parts
+    from models.net.checkpoint import join_parts
 
     index = next(
         (s / f"{BUNDLE_NAME}.parts.json" for s in sources if (s / f"{BUNDLE_NAME}.parts.json").is_file()),

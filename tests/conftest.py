@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from fastapi.testclient import TestClient
     from pydicom.dataset import Dataset
 
-    from models.embedder import Embedder
+    from models.net.embedder import Embedder
 
 
 def save_random_checkpoint(
@@ -54,10 +54,10 @@ def save_random_checkpoint(
 ) -> Path:
     """Save a width-8 IR-18 at 64 px with seeded random weights and a calibration fitted to
     synthetic genuine / impostor scores, each ``(mean, std, count)`` clipped to [-1, 1]."""
-    from models.backbones import BackboneConfig, build_backbone
-    from models.calibration import Calibration
-    from models.checkpoint import save_checkpoint
-    from models.preprocess import PreprocessConfig
+    from models.imaging.preprocess import PreprocessConfig
+    from models.net.backbones import BackboneConfig, build_backbone
+    from models.net.checkpoint import save_checkpoint
+    from models.scoring.calibration import Calibration
 
     torch.manual_seed(seed)
     backbone_config = BackboneConfig(variant="ir", depth=18, width=8, embedding_dim=embedding_dim)
@@ -94,7 +94,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def phantom_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A manifest of 6 phantom patients x 3 studies as PNG; returns the manifest path."""
-    from models.phantom import write_phantom_set
+    from models.imaging.phantom import write_phantom_set
 
     return write_phantom_set(tmp_path_factory.mktemp("phantoms"), 6, 3, size=128, fmt="png", seed=1)
 
@@ -111,7 +111,7 @@ def phantom_images(phantom_set: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def embedder(tiny_checkpoint: Path) -> Embedder:
     """The tiny checkpoint loaded once per test module, shared by every app that module starts."""
-    from models.embedder import Embedder
+    from models.net.embedder import Embedder
 
     return Embedder.from_checkpoint(tiny_checkpoint)
 

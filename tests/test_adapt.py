@@ -22,11 +22,11 @@ from PIL import Image
 
 from app.cli import main
 from app.server_process import ROOT, Server, free_port, uvicorn_command
-from models.adapt import AdaptRefusedError, AdaptSettings, SiteData, adapt, split_patients
-from models.checkpoint import load_checkpoint
-from models.data import read_dicom_folder, read_manifest
-from models.embedder import Embedder
-from models.phantom import write_phantom_set
+from models.imaging.phantom import write_phantom_set
+from models.net.checkpoint import load_checkpoint
+from models.net.embedder import Embedder
+from models.training.adapt import AdaptRefusedError, AdaptSettings, SiteData, adapt, split_patients
+from models.training.data import read_dicom_folder, read_manifest
 
 #: what makes the phantom site's adaptation clearly better than its base (measured: AUC 0.69 -> 0.89)
 STEPS, LR = 120, 1e-3
@@ -35,7 +35,7 @@ STEPS, LR = 120, 1e-3
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small network trained on ordinary phantoms: it knows phantom identity (AUC ~0.98 there)."""
-    from models.train import TrainConfig, train
+    from models.training.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("base")
     manifest = write_phantom_set(root / "train", 150, 4, size=64, seed=11)
@@ -134,7 +134,7 @@ def test_adapt_learns_a_site_where_the_base_is_weak(
     samples = read_manifest(site)
     held = split_patients(samples, 0.3, 0)
     proof = [s for s, h in zip(samples, held, strict=True) if h]
-    from models.metrics import evaluate_embeddings
+    from models.evaluation.metrics import evaluate_embeddings
 
     vectors = Embedder.from_checkpoint(out).embed([s.path for s in proof])
     again = evaluate_embeddings(vectors, [s.patient_id for s in proof], bootstrap=0)
@@ -142,7 +142,7 @@ def test_adapt_learns_a_site_where_the_base_is_weak(
 
 
 def test_the_split_holds_back_patients_not_images() -> None:
-    from models.data import Sample
+    from models.training.data import Sample
 
     samples = [
         Sample(path=f"/x/{p}-{k}.png", patient_id=f"s:{p}", dataset="s") for p in range(50) for k in range(3)

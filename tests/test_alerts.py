@@ -24,7 +24,7 @@ from app.service.keys import KeyStore
 from app.service.webhook import AlertWebhook
 from app.settings import Settings
 from index import AlertNotOpenError, AlertRecord, Gallery, GalleryValidationError, NewAlert, NewImage
-from models.embedder import Embedder
+from models.net.embedder import Embedder
 
 EXAMPLES = ROOT / "examples" / "radiographs"
 

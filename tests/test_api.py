@@ -19,7 +19,7 @@ from conftest import dicom_dataset
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from models.embedder import Embedder
+from models.net.embedder import Embedder
 
 STRICT = "0.9999"  # a threshold only (near-)identical images reach with the random-weight model
 

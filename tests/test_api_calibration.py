@@ -12,7 +12,7 @@ from conftest import synthetic_site
 from fastapi.testclient import TestClient
 
 from index import Gallery, NewImage
-from models.embedder import Embedder
+from models.net.embedder import Embedder
 
 
 def fill_gallery(data_dir: Path, embedder: Embedder, patients: int, per_patient: int, seed: int = 0) -> None:
@@ -159,8 +159,8 @@ def test_serving_a_site_calibrated_checkpoint(tmp_path: Path, tiny_checkpoint: P
 
     from app.main import create_app
     from app.settings import Settings
-    from models.phantom import write_phantom_set
-    from models.site import calibrate_checkpoint
+    from models.imaging.phantom import write_phantom_set
+    from models.scoring.site import calibrate_checkpoint
 
     manifest = write_phantom_set(tmp_path / "site", 25, 3, size=64, seed=9)
     site = tmp_path / "site.pt"

@@ -17,7 +17,7 @@ from PIL import Image
 from app.analysis.audit import find_issues
 from app.analysis.corpus import SIGNATURE_SIDE, CorpusImage, EmbeddedCorpus
 from app.cli import main
-from models.calibration import Calibration
+from models.scoring.calibration import Calibration
 
 
 def cli(*args: object) -> int:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.backbones import (
+from models.net.backbones import (
     VARIANTS,
     BackboneConfig,
     build_backbone,

@@ -41,7 +41,7 @@ def accuracy() -> ModuleType:
 
 
 def _result(dataset: str, **overrides: Any) -> dict[str, Any]:
-    """A hand-made result shaped like models.evaluate.evaluate's."""
+    """A hand-made result shaped like models.evaluation.evaluate.evaluate's."""
     result = {
         "dataset": dataset,
         "split": "test patients of the checkpoint's split",
@@ -125,7 +125,7 @@ def test_tables_include_breakdowns(accuracy: ModuleType) -> None:
 
 
 def test_accuracy_on_a_phantom_set(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    from models.phantom import write_phantom_set
+    from models.imaging.phantom import write_phantom_set
 
     manifest = write_phantom_set(tmp_path / "phantom-set", 6, 3, size=96)
     out = tmp_path / "results.json"
@@ -218,7 +218,7 @@ def test_generalisation_trains_a_fold_per_set_and_reports_unseen_sites_first(tmp
     """Two phantom 'sites', a tiny recipe: each fold trains without one site and is scored on all of
     it; the unseen table comes first, then thresholds there, then the seen sets; a rerun trains
     nothing and a fold folder of another recipe is refused."""
-    from models.phantom import write_phantom_set
+    from models.imaging.phantom import write_phantom_set
 
     for name, seed in (("site-a", 1), ("site-b", 2)):
         write_phantom_set(tmp_path / "data" / name, 24, 3, size=48, seed=seed)
@@ -349,7 +349,7 @@ def test_enroll_bench_times_decode_embed_and_the_whole_path() -> None:
 
 @pytest.mark.slow
 def test_audit_bench_plants_errors_and_scores_them(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    from models.phantom import write_phantom_set
+    from models.imaging.phantom import write_phantom_set
 
     write_phantom_set(tmp_path / "data" / "phantoms", 12, 3, size=96, seed=3)
     proc = _run(

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from models.calibration import FAR_KEYS, Calibration, _thin_monotone, far_curve_grid
+from models.scoring.calibration import FAR_KEYS, Calibration, _thin_monotone, far_curve_grid
 
 
 def _scores(n_gen: int, n_imp: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

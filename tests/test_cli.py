@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from app.cli import main
-from models.metrics import HEADLINE_METRICS
+from models.evaluation.metrics import HEADLINE_METRICS
 
 REQUIRED_KEYS = {*HEADLINE_METRICS, "n_images", "n_patients", "n_genuine_pairs", "n_impostor_pairs"}
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from models.config import ConfigError, load_config, to_toml
+from models.training.config import ConfigError, load_config, to_toml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

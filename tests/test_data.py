@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import (
+from models.training.data import (
     AugmentConfig,
     ManifestError,
     PKSampler,

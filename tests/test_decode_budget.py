@@ -18,7 +18,7 @@ from app.server_process import Server, free_port, uvicorn_command
 from app.service.decoding import DecodeBudget
 from app.service.errors import BusyError, PayloadTooLargeError
 from app.settings import MIB
-from models.preprocess import DECODE_BYTES_PER_PIXEL, header_pixels
+from models.imaging.preprocess import DECODE_BYTES_PER_PIXEL, header_pixels
 
 SIDE = 7000  # 49 M pixels: a 0.25 MB PNG that decodes to hundreds of MB
 

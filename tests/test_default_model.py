@@ -10,8 +10,8 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from app.cli import main
-from models.checkpoint import load_checkpoint
-from models.embedder import DEFAULT_CHECKPOINT, Embedder
+from models.net.checkpoint import load_checkpoint
+from models.net.embedder import DEFAULT_CHECKPOINT, Embedder
 
 
 @pytest.fixture(scope="module")

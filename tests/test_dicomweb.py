@@ -28,7 +28,7 @@ from app.api.routers.dicomweb import (
 from app.main import create_app
 from app.server_process import ROOT, Server, free_port, server_env, uvicorn_command
 from app.settings import Settings
-from models.embedder import Embedder
+from models.net.embedder import Embedder
 from tests.orthanc import Orthanc, missing_reason
 
 EXAMPLES = ROOT / "examples" / "radiographs"

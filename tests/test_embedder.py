@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.backbones import GridAvgPool2d
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from models.embedder import Embedder, resolve_device
-from models.runtime import inference_network
+from models.net.backbones import GridAvgPool2d
+from models.net.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.net.embedder import Embedder, resolve_device
+from models.net.runtime import inference_network
 
 
 def test_checkpoint_round_trip_and_content_id(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -77,10 +77,10 @@ def test_embed_gives_unit_vectors_deterministically(
 def test_test_time_augmentation_averages_views(tiny_checkpoint: Path) -> None:
     import dataclasses
 
-    from models.preprocess import TTA_VIEWS, PreprocessConfig
+    from models.imaging.preprocess import TTA_VIEWS, PreprocessConfig
 
     embedder = Embedder.from_checkpoint(tiny_checkpoint)
-    from models.phantom import make_patient, render_study
+    from models.imaging.phantom import make_patient, render_study
 
     images = np.stack([render_study(make_patient(p), 0, size=64) for p in range(3)]).astype(np.float32)
     plain = embedder.embed_prepared(images)

@@ -16,7 +16,7 @@ from app.cli import main
 from app.main import create_app
 from app.settings import Settings
 from index import Gallery
-from models.embedder import Embedder
+from models.net.embedder import Embedder
 
 
 @pytest.fixture(scope="module")

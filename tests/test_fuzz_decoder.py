@@ -22,7 +22,7 @@ from pydicom.uid import RLELossless
 
 from app.service.decoding import decode_source
 from app.service.errors import InvalidInputError, PayloadTooLargeError
-from models.preprocess import PreprocessConfig, prepare
+from models.imaging.preprocess import PreprocessConfig, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = int(os.environ.get("CXR_REID_FUZZ_EXAMPLES", "150"))

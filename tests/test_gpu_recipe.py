@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from models.checkpoint import CheckpointError, join_parts, load_checkpoint, split_file
-from models.config import load_config
+from models.net.checkpoint import CheckpointError, join_parts, load_checkpoint, split_file
+from models.training.config import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_train_gpu_rehearses_every_run_on_the_cpu_and_bundles_them(tmp_path: Pat
     """The device call's script, end to end on the CPU: two recipes, their folds by site (two sets of
     one hospital held out together), the schedule fitted to the budget, the bundle cut into parts
     of which some are sent now and the rest later, and the runs unpacked back here."""
-    from models.phantom import write_phantom_set
+    from models.imaging.phantom import write_phantom_set
 
     for name, seed in (("site-a", 1), ("site-b", 2), ("hospital-x1", 3), ("hospital-x2", 4)):
         write_phantom_set(tmp_path / "data" / name, 12, 2, size=64, seed=seed)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.heads import HEAD_PRESETS, CombinedMarginHead, build_head
+from models.net.heads import HEAD_PRESETS, CombinedMarginHead, build_head
 
 S = 10.0
 

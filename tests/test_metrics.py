@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models import metrics as M
-from models.metrics import (
+from models.evaluation import metrics as M
+from models.evaluation.metrics import (
     evaluate_embeddings,
     pair_scores,
     retrieval_metrics,
@@ -352,7 +352,7 @@ def test_save_plots(tmp_path, small):
 
 def test_import_is_light():
     code = (
-        "import sys, models.metrics, models.calibration; "
+        "import sys, models.evaluation.metrics, models.scoring.calibration; "
         "print(sorted(m for m in ('torch', 'matplotlib', 'sklearn') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

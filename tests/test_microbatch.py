@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from app.service.batcher import MicroBatcher
-from models.embedder import Embedder
-from models.preprocess import prepare
+from models.imaging.preprocess import prepare
+from models.net.embedder import Embedder
 
 
 def test_concurrent_requests_share_forward_passes_and_get_their_own_rows(embedder: Embedder) -> None:

@@ -1,4 +1,4 @@
-"""models/phantom.py: deterministic, identity-bearing phantoms, written as PNG or DICOM sets."""
+"""models/imaging/phantom.py: deterministic, identity-bearing phantoms, written as PNG or DICOM sets."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from models.phantom import PhantomSpec, make_patient, render_study, write_phantom_set
-from models.preprocess import PreprocessConfig, decode_image, prepare
+from models.imaging.phantom import PhantomSpec, make_patient, render_study, write_phantom_set
+from models.imaging.preprocess import PreprocessConfig, decode_image, prepare
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:

@@ -15,7 +15,7 @@ from conftest import dicom_dataset
 from pydicom.data import get_testdata_file
 
 from app.service.phi import deidentified_dicom, stored_original
-from models.preprocess import decode_image
+from models.imaging.preprocess import decode_image
 
 IDENTITY = {
     "PatientName": "Doe^Jane",

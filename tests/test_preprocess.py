@@ -1,4 +1,4 @@
-"""models/preprocess.py: every format and transfer syntax decodes, bad input fails clearly, prepare()
+"""models/imaging/preprocess.py: every format and transfer syntax decodes, bad input fails clearly, prepare()
 and to_tensor() keep the model input contract."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from models.preprocess import (
+from models.imaging.preprocess import (
     ImageDecodeError,
     PreprocessConfig,
     Radiograph,

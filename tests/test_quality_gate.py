@@ -13,7 +13,7 @@ from PIL import Image
 
 from app.service.decoding import decode_source
 from app.service.errors import InvalidInputError
-from models.preprocess import MIN_GREY_LEVELS, MIN_SIDE, ImageDecodeError, Radiograph, check_usable
+from models.imaging.preprocess import MIN_GREY_LEVELS, MIN_SIDE, ImageDecodeError, Radiograph, check_usable
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -222,7 +222,7 @@ def test_open_without_keys(tmp_path: Path) -> None:
 
     from app.main import create_app
     from app.settings import Settings
-    from models.embedder import Embedder
+    from models.net.embedder import Embedder
 
     embedder = Embedder.from_checkpoint(None, runtime="torch")
     with TestClient(create_app(Settings(data_dir=tmp_path / "data"), embedder=embedder)) as client:

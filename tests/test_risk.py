@@ -28,9 +28,9 @@ from app.analysis.risk import (
 )
 from app.cli import main
 from app.service.scoring import Scorer
-from models.calibration import Calibration
-from models.preprocess import Radiograph
-from models.scorenorm import ScoreNorm
+from models.imaging.preprocess import Radiograph
+from models.scoring.calibration import Calibration
+from models.scoring.scorenorm import ScoreNorm
 from tests.browser import needs_chromium, render
 
 # --------------------------------------------------------------------------------------------------
@@ -313,7 +313,7 @@ def test_risk_reads_a_gallery_and_refuses_another_models(
     planted: tuple[Path, Path], risk_checkpoint: Path, tmp_path: Path
 ) -> None:
     from index import Gallery, NewImage
-    from models.embedder import Embedder
+    from models.net.embedder import Embedder
 
     embedder = Embedder.from_checkpoint(risk_checkpoint)
     _, reference = planted
@@ -406,7 +406,7 @@ def _bench() -> object:
 def test_bench_split_keeps_earlier_images_of_overlap_patients_in_the_reference(
     phantom_set: Path, tmp_path: Path
 ) -> None:
-    from models.data import read_manifest
+    from models.training.data import read_manifest
 
     release, reference, counts = _bench().split_release(phantom_set, tmp_path, seed=0)
     assert counts == {"overlap": 3, "release_only": 2, "reference_only": 1}

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import synthetic_site
 
-from models.checkpoint import load_checkpoint
-from models.site import (
+from models.net.checkpoint import load_checkpoint
+from models.scoring.site import (
     MIN_FALSE_ACCEPTS,
     CalibrationRefusedError,
     calibrate_checkpoint,
@@ -63,8 +63,8 @@ def test_site_calibration_records_provenance_and_intervals() -> None:
 
 
 def test_split_half_delivers_the_promised_far_where_shipped_thresholds_do_not() -> None:
-    from models.calibration import Calibration
-    from models.metrics import pair_scores
+    from models.evaluation.metrics import pair_scores
+    from models.scoring.calibration import Calibration
 
     vectors, ids = synthetic_site(200, 3, noise=1.0, seed=3)
     # "shipped" thresholds from a site whose impostors score lower (a model trained elsewhere)
@@ -81,7 +81,7 @@ def test_split_half_delivers_the_promised_far_where_shipped_thresholds_do_not() 
 
 
 def test_calibrate_checkpoint_writes_a_copy_or_nothing(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    from models.phantom import write_phantom_set
+    from models.imaging.phantom import write_phantom_set
 
     manifest = write_phantom_set(tmp_path / "site", 25, 3, size=64, seed=5)
     out = tmp_path / "site.pt"

@@ -23,7 +23,7 @@ from PIL import Image
 from app.cli import main
 from app.server_process import ROOT, free_port
 from index import Gallery
-from models.embedder import Embedder
+from models.net.embedder import Embedder
 from tests.orthanc import Orthanc, missing_reason
 
 EXAMPLES = ROOT / "examples" / "radiographs"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from models.evaluate import evaluate
-from models.phantom import write_phantom_set
-from models.train import TrainConfig, load_config, train
+from models.evaluation.evaluate import evaluate
+from models.imaging.phantom import write_phantom_set
+from models.training.train import TrainConfig, load_config, train
 
 pytestmark = pytest.mark.slow
 

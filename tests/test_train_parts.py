@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import (
+from models.imaging.preprocess import PreprocessConfig, equalize_histogram, prepare
+from models.training.data import (
     AugmentConfig,
     PKSampler,
     Sample,
@@ -21,8 +22,7 @@ from models.data import (
     merge_duplicate_identities,
     near_duplicate_pairs,
 )
-from models.preprocess import PreprocessConfig, equalize_histogram, prepare
-from models.train import _lr_factor, load_config, train
+from models.training.train import _lr_factor, load_config, train
 
 
 def test_learning_rate_is_a_function_of_the_step_only() -> None:
@@ -109,8 +109,8 @@ def test_equalisation_matches_between_training_and_serving() -> None:
 
 
 def test_time_budget_is_a_recorded_hard_stop(tmp_path: Path) -> None:
-    from models.checkpoint import load_checkpoint
-    from models.phantom import write_phantom_set
+    from models.imaging.phantom import write_phantom_set
+    from models.net.checkpoint import load_checkpoint
 
     manifest = write_phantom_set(tmp_path / "ph", 20, 2, size=48, seed=2)
     config = load_config(
@@ -141,8 +141,8 @@ def test_time_budget_is_a_recorded_hard_stop(tmp_path: Path) -> None:
 
 
 def test_training_views_match_the_embedder(tiny_checkpoint: Path) -> None:
-    from models.embedder import Embedder
-    from models.train import embed_images
+    from models.net.embedder import Embedder
+    from models.training.train import embed_images
 
     embedder = Embedder.from_checkpoint(tiny_checkpoint)
     size = embedder.preprocess_config.size
@@ -157,8 +157,8 @@ def test_training_views_match_the_embedder(tiny_checkpoint: Path) -> None:
 def test_shipped_thresholds_are_fitted_on_the_embeddings_served(tmp_path: Path) -> None:
     """A run with test-time views calibrates on view-averaged embeddings: same seed and weights,
     other thresholds than the single-view run."""
-    from models.checkpoint import load_checkpoint
-    from models.phantom import write_phantom_set
+    from models.imaging.phantom import write_phantom_set
+    from models.net.checkpoint import load_checkpoint
 
     manifest = write_phantom_set(tmp_path / "ph", 16, 3, size=48, seed=3)
     thresholds = {}

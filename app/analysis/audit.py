@@ -36,9 +36,9 @@ import numpy as np
 
 from app.analysis.corpus import CorpusError, EmbeddedCorpus, embed_corpus, load_corpus
 from index import PairLimitError, pairs_above
-from models.calibration import Calibration
-from models.embedder import Embedder
-from models.scorenorm import ScoreNorm, patient_key
+from models.net.embedder import Embedder
+from models.scoring.calibration import Calibration
+from models.scoring.scorenorm import ScoreNorm, patient_key
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 from app.analysis.audit import FINDING_TYPES, AuditResult
 from app.analysis.corpus import load_for_display
 from app.reports import histogram_svg, package_version, png_data_uri, render, write_json, write_text
-from models.embedder import Embedder
+from models.net.embedder import Embedder
 
 HTML_FINDINGS = 300
 HTML_THUMBNAILS = 8

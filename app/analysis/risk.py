@@ -12,7 +12,7 @@ Ground truth (patient ids on both sides): a released patient with at least one r
 *linked* at a FAR when one of their released images has its best match above the threshold and
 that match is the same patient; a best match above the threshold that is another patient is a
 *wrong link* (an attacker acting on it names the wrong person). Shares come with 95% intervals over
-patient bootstrap resamples of the released patients (the convention of ``models/metrics.py``:
+patient bootstrap resamples of the released patients (the convention of ``models/evaluation/metrics.py``:
 patients drawn with replacement, percentile interval). Without ground truth the report gives the
 *expected* number of true links, the sum of the calibrated P(same patient | best score) over the
 released images: an estimate under the calibration's 50/50 prior, stated as such.
@@ -56,10 +56,10 @@ from app.service.decoding import decode_source
 from app.service.enrollment import decode_workers
 from app.service.errors import InvalidInputError
 from app.service.scoring import image_key
-from models.calibration import Calibration
-from models.embedder import Embedder
-from models.preprocess import Radiograph
-from models.scorenorm import ScoreNorm
+from models.imaging.preprocess import Radiograph
+from models.net.embedder import Embedder
+from models.scoring.calibration import Calibration
+from models.scoring.scorenorm import ScoreNorm
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ log = logging.getLogger("cxr_reid")
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from models.backbones import describe_variants, format_variants_table
+    from models.net.backbones import describe_variants, format_variants_table
 
     rows = describe_variants(input_size=args.input_size, embedding_dim=args.embedding_dim, width=args.width)
     sys.stdout.write((json.dumps(rows, indent=2) if args.json else format_variants_table(rows)) + "\n")
@@ -26,7 +26,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from models.train import load_config, train
+    from models.training.train import load_config, train
 
     overrides = list(args.set or [])
     if args.manifest:
@@ -48,7 +48,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from models.evaluate import evaluate, format_report
+    from models.evaluation.evaluate import evaluate, format_report
 
     result = evaluate(
         args.manifest,
@@ -64,7 +64,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_phantoms(args: argparse.Namespace) -> int:
-    from models.phantom import write_phantom_set
+    from models.imaging.phantom import write_phantom_set
 
     manifest = write_phantom_set(
         args.output, args.patients, args.studies, size=args.size, fmt=args.format, seed=args.seed
@@ -74,7 +74,7 @@ def _cmd_phantoms(args: argparse.Namespace) -> int:
 
 
 def _cmd_checkpoint(args: argparse.Namespace) -> int:
-    from models.checkpoint import join_parts, split_file
+    from models.net.checkpoint import join_parts, split_file
 
     if args.action == "split":
         index = split_file(args.path, args.out or Path(args.path).parent, int(args.part_mib * 2**20))
@@ -87,7 +87,7 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from models.evaluate import SPLIT_CHOICES
+    from models.evaluation.evaluate import SPLIT_CHOICES
 
     parser = argparse.ArgumentParser(prog="cxr-reid", description="Chest X-ray patient re-identification")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -59,7 +59,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn  # only now: a refused start says so without loading torch first
 
     from app.main import create_app
-    from models.embedder import DEFAULT_CHECKPOINT
+    from models.net.embedder import DEFAULT_CHECKPOINT
 
     checkpoint = settings.model_path or DEFAULT_CHECKPOINT
     if not checkpoint.is_file():  # fail here, with a plain message, not in uvicorn's start-up traceback
@@ -133,7 +133,7 @@ def _cmd_healthcheck(args: argparse.Namespace) -> int:
 def _embedder(settings: Any) -> Any:
     """The model of the settings (path, device, runtime), with torch's thread count applied."""
     from app.service.wiring import configure_torch_threads
-    from models.embedder import Embedder
+    from models.net.embedder import Embedder
 
     configure_torch_threads(settings.torch_threads)
     return Embedder.from_checkpoint(settings.model_path, device=settings.device, runtime=settings.runtime)
@@ -382,7 +382,7 @@ def _cmd_risk(args: argparse.Namespace) -> int:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from app.api.routers.calibration import parse_fars
     from app.service.errors import ServiceError
-    from models.calibration import Calibration
+    from models.scoring.calibration import Calibration
 
     try:
         fars = parse_fars(args.far)
@@ -391,7 +391,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         return 2
     settings = _settings(args)
     if args.manifest:
-        from models.site import CalibrationRefusedError, calibrate_checkpoint
+        from models.scoring.site import CalibrationRefusedError, calibrate_checkpoint
 
         if args.data_dir:
             log.error("give --manifest (a site's labelled images) or --data-dir (a gallery), not both")
@@ -463,8 +463,8 @@ def _site_data(args: argparse.Namespace, settings: Any) -> Any:
     """The site's labelled images for ``adapt``: a manifest CSV, a DICOM folder, or a gallery."""
     from pathlib import Path
 
-    from models.adapt import SiteData
-    from models.data import check_files_exist, read_dicom_folder, read_manifest
+    from models.training.adapt import SiteData
+    from models.training.data import check_files_exist, read_dicom_folder, read_manifest
 
     if args.manifest:
         source = Path(args.manifest)
@@ -479,7 +479,7 @@ def _site_data(args: argparse.Namespace, settings: Any) -> Any:
         check_files_exist(samples, source)
         return SiteData(samples, f"manifest {source.name}")
     from index import GalleryError
-    from models.data import Sample
+    from models.training.data import Sample
 
     data_dir = Path(settings.data_dir)
     if not data_dir.is_dir():
@@ -512,8 +512,8 @@ def _site_data(args: argparse.Namespace, settings: Any) -> Any:
 def _cmd_adapt(args: argparse.Namespace) -> int:
     from app.api.routers.calibration import parse_fars
     from app.service.errors import ServiceError
-    from models.adapt import AdaptRefusedError, AdaptSettings, adapt
-    from models.data import ManifestError
+    from models.training.adapt import AdaptRefusedError, AdaptSettings, adapt
+    from models.training.data import ManifestError
 
     if bool(args.manifest) == bool(args.data_dir):
         log.error("give --manifest (a CSV or a DICOM folder) or --data-dir (a gallery, server stopped)")
@@ -559,7 +559,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def _embedder_device(settings: Any) -> str:
-    from models.embedder import resolve_device
+    from models.net.embedder import resolve_device
 
     return str(resolve_device(settings.device))
 
@@ -601,7 +601,7 @@ def _format_adaptation(result: Any) -> str:
 
 
 def _device_arg(parser: argparse.ArgumentParser) -> None:
-    """--device for the bulk jobs (the values of models.embedder.DEVICES; torch is not imported here)."""
+    """--device for the bulk jobs (the values of models.net.embedder.DEVICES; torch is not imported here)."""
     parser.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],

@@ -43,7 +43,7 @@ from app.service.reid import ReidService
 from app.service.results import Alert
 from index import GalleryError, ImageMetadata
 from index._fs import atomic_write_bytes
-from models.preprocess import RADIOGRAPH_MODALITIES
+from models.imaging.preprocess import RADIOGRAPH_MODALITIES
 
 log = logging.getLogger(__name__)
 

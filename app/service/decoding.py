@@ -20,7 +20,7 @@ from index import (
     ImageRecord,
     NewImage,
 )
-from models.preprocess import (
+from models.imaging.preprocess import (
     DECODE_BYTES_PER_PIXEL,
     ImageDecodeError,
     PreprocessConfig,

@@ -43,8 +43,8 @@ from index import (
     NewAlert,
     cluster_pairs,
 )
-from models.calibration import Calibration
-from models.embedder import Embedder
+from models.net.embedder import Embedder
+from models.scoring.calibration import Calibration
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class ReidService:
 
         Refused (409, nothing changes) when the labelled images cannot resolve a FAR asked for.
         """
-        from models.site import CalibrationRefusedError, fit_site_calibration
+        from models.scoring.site import CalibrationRefusedError, fit_site_calibration
 
         fars = list(dict.fromkeys(fars))
         if self.default_far not in fars:

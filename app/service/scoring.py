@@ -19,8 +19,8 @@ from index import (
     Gallery,
     ImageRecord,
 )
-from models.calibration import Calibration
-from models.scorenorm import Neighbours, ScoreNorm, patient_key
+from models.scoring.calibration import Calibration
+from models.scoring.scorenorm import Neighbours, ScoreNorm, patient_key
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def record_key(record: ImageRecord) -> str:
 
 class Scorer:
     """Cosines -> the scores decisions are made on: the cosines themselves, or their AS-norm against
-    the cohort of the calibration in force (``models/scorenorm.py``), leaving out both patients of
+    the cohort of the calibration in force (``models/scoring/scorenorm.py``), leaving out both patients of
     each pair. One per calibration; it caches each gallery image's bounds for range searches."""
 
     def __init__(self, calibration: Calibration) -> None:

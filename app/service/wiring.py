@@ -25,7 +25,7 @@ from index import (
     GalleryModelMismatchError,
     faiss_build,
 )
-from models.embedder import Embedder
+from models.net.embedder import Embedder
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from app.service.reid import ReidService
 from app.service.scoring import OperatingPoint
 from app.settings import Settings
 from index import GalleryError, GalleryFullError, GalleryValidationError, ImageMetadata
-from models.preprocess import RADIOGRAPH_MODALITIES
+from models.imaging.preprocess import RADIOGRAPH_MODALITIES
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ async def _read_parts(request: Request, boundary: bytes, max_parts: int) -> _Col
 
 
 def _header(data: bytes) -> Any:
-    """The DICOM header of a part (no pixel data), read the way models.preprocess reads DICOM."""
+    """The DICOM header of a part (no pixel data), read the way models.imaging.preprocess reads DICOM."""
     import pydicom
 
     has_preamble = len(data) >= 132 and data[128:132] == b"DICM"

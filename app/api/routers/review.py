@@ -39,7 +39,7 @@ from app.service.decoding import decode_source
 from app.service.errors import ServiceError
 from app.service.reid import ReidService
 from index import ImageRecord
-from models.preprocess import PreprocessConfig
+from models.imaging.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
 

@@ -11,15 +11,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.backbones import BackboneConfig, build_backbone
-from models.calibration import Calibration
-from models.checkpoint import load_checkpoint
-from models.preprocess import TTA_VIEWS, PreprocessConfig, Radiograph, load_for_model, prepare, to_tensor
-from models.runtime import inference_network
+from models.imaging.preprocess import (
+    TTA_VIEWS,
+    PreprocessConfig,
+    Radiograph,
+    load_for_model,
+    prepare,
+    to_tensor,
+)
+from models.net.backbones import BackboneConfig, build_backbone
+from models.net.checkpoint import load_checkpoint
+from models.net.runtime import inference_network
+from models.scoring.calibration import Calibration
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "default.pt"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "default.pt"
 
 ImageSource = Radiograph | bytes | str | os.PathLike | np.ndarray
 
@@ -67,7 +74,8 @@ class Embedder:
         network.load_state_dict(state)
         # NHWC: measured 1.14x the images/s of NCHW for the default net on a 2-core CPU (bench/speed.py).
         self.network = network.to(self.device, memory_format=torch.channels_last).eval()
-        # What embed_prepared calls: the network itself or a fused / exported form of it (models/runtime.py).
+        # What embed_prepared calls: the network itself or a fused / exported form of it
+        # (models/net/runtime.py).
         self.forward_network, self.runtime = inference_network(
             self.network, self.preprocess_config.size, self.device, runtime
         )
@@ -78,7 +86,7 @@ class Embedder:
     ) -> Embedder:
         """Load a checkpoint file; ``None`` means the default model shipped in the package.
         ``device`` is cpu, cuda or auto (see :func:`resolve_device`); ``runtime`` is torch, onednn,
-        onnxruntime or auto (see :func:`models.runtime.inference_network`)."""
+        onnxruntime or auto (see :func:`models.net.runtime.inference_network`)."""
         checkpoint_path = Path(path) if path is not None else DEFAULT_CHECKPOINT
         if not checkpoint_path.is_file():
             hint = (
@@ -112,7 +120,7 @@ class Embedder:
         """Embed a stack of prepared images (N, size, size) in [0, 1]; returns (N, dim) unit vectors.
 
         With test-time augmentation (``preprocess.tta = k``) the unit embeddings of the plain view and
-        of the first k of :data:`~models.preprocess.TTA_VIEWS` are averaged, then normalised again.
+        of the first k of :data:`~models.imaging.preprocess.TTA_VIEWS` are averaged, then normalised again.
         """
         inputs = to_tensor(batch).to(self.device)
         vectors = embed_views(self.forward_network, inputs, self.preprocess_config.tta)
@@ -143,7 +151,7 @@ class Embedder:
 
 def embed_views(network: torch.nn.Module, inputs: torch.Tensor, views: int = 0) -> torch.Tensor:
     """Unit embeddings of a prepared batch (N, 1, H, W): the plain view averaged with the first
-    ``views`` of :data:`~models.preprocess.TTA_VIEWS`, normalised again. The one definition that
+    ``views`` of :data:`~models.imaging.preprocess.TTA_VIEWS`, normalised again. The one definition that
     serving and training's final calibration share, so thresholds are fitted on the embeddings
     the checkpoint serves."""
     inputs = inputs.contiguous(memory_format=torch.channels_last)

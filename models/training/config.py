@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from models.backbones import BackboneConfig
-from models.data import AugmentConfig
-from models.heads import HEAD_PRESETS, head_margins
-from models.preprocess import PreprocessConfig
+from models.imaging.preprocess import PreprocessConfig
+from models.net.backbones import BackboneConfig
+from models.net.heads import HEAD_PRESETS, head_margins
+from models.training.data import AugmentConfig
 
 BASE_KEY = "base"
 #: (section, key) of input paths, resolved against the folder of the config file that sets them.
@@ -78,7 +78,7 @@ class HeadConfig:
     """The margin head. ``margins`` holds each head's own margin under its name (``arcface = 0.3``,
     ``cosface = 0.35``, ``sphereface = 4``, ``combined = [1.0, 0.3, 0.2]``); only the entry of
     ``name`` is used, so switching ``name`` never carries another head's margin along. A head
-    without an entry uses its published preset (models/heads.py)."""
+    without an entry uses its published preset (models/net/heads.py)."""
 
     name: str = "arcface"
     s: float = 30.0

@@ -12,7 +12,7 @@ small sets where most patients have a single image.
 
 Layout of a run directory::
 
-    config.toml      the resolved config (base chain + file + overrides; models/config.py)
+    config.toml      the resolved config (base chain + file + overrides; models/training/config.py)
     splits.csv       every image with its split (patient-disjoint)
     metrics.jsonl    one line per epoch
     last.pt          training state for --resume (weights, head, optimiser, epoch)
@@ -37,11 +37,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import SupConLoss
 
-from models.backbones import BackboneConfig, build_backbone
-from models.calibration import Calibration
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.config import TrainConfig, load_config, to_toml
-from models.data import (
+from models.evaluation.metrics import pair_scores, retrieval_metrics, verification_metrics
+from models.imaging.preprocess import to_tensor
+from models.net.backbones import BackboneConfig, build_backbone
+from models.net.checkpoint import load_checkpoint, save_checkpoint
+from models.net.embedder import embed_views
+from models.net.heads import build_head
+from models.net.runtime import bf16_autocast
+from models.scoring.calibration import Calibration
+from models.training.config import TrainConfig, load_config, to_toml
+from models.training.data import (
     PKSampler,
     Sample,
     assign_splits,
@@ -52,11 +57,6 @@ from models.data import (
     summarise,
     write_manifest,
 )
-from models.embedder import embed_views
-from models.heads import build_head
-from models.metrics import pair_scores, retrieval_metrics, verification_metrics
-from models.preprocess import to_tensor
-from models.runtime import bf16_autocast
 
 __all__ = ["TrainConfig", "load_config", "train"]
 

@@ -128,7 +128,7 @@ class Calibration:
     #: patient-bootstrap interval of each threshold (``threshold_ci``); free-form JSON values
     provenance: dict[str, Any] = field(default_factory=dict)
     #: when set, thresholds and the probability map are in AS-norm units: scores are normalised
-    #: against this cohort first (``models.scorenorm.ScoreNorm.to_dict()``); None = raw cosines
+    #: against this cohort first (``models.scoring.scorenorm.ScoreNorm.to_dict()``); None = raw cosines
     score_norm: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:

@@ -52,12 +52,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.calibration import DEFAULT_FAR, FAR_KEYS
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.data import PKSampler, Sample, load_images
-from models.metrics import evaluate_embeddings, pair_scores
-from models.runtime import bf16_autocast
-from models.site import MIN_FALSE_ACCEPTS, MIN_GENUINE_PAIRS, MIN_PATIENTS, fit_site_calibration, pair_counts
+from models.evaluation.metrics import evaluate_embeddings, pair_scores
+from models.net.checkpoint import load_checkpoint, save_checkpoint
+from models.net.runtime import bf16_autocast
+from models.scoring.calibration import DEFAULT_FAR, FAR_KEYS
+from models.scoring.site import (
+    MIN_FALSE_ACCEPTS,
+    MIN_GENUINE_PAIRS,
+    MIN_PATIENTS,
+    fit_site_calibration,
+    pair_counts,
+)
+from models.training.data import PKSampler, Sample, load_images
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +292,8 @@ def adapt(
     Raises :class:`AdaptRefusedError` before any work when the data cannot support it. The work
     folder (default ``<out>.adapt``) holds the resumable state; it is removed when the run ends.
     """
-    from models.embedder import DEFAULT_CHECKPOINT
-    from models.train import IdentityModel, _lr_factor, embed_images, training_step
+    from models.net.embedder import DEFAULT_CHECKPOINT
+    from models.training.train import IdentityModel, _lr_factor, embed_images, training_step
 
     settings = settings or AdaptSettings()
     out_path = Path(out)
@@ -506,7 +512,7 @@ def adapt(
 
 def _base_train_config(base: dict[str, Any]) -> Any:
     """The base's own training recipe (augmentation, loss, head), so the site is learnt the same way."""
-    from models.config import TrainConfig
+    from models.training.config import TrainConfig
 
     recorded = dict(base.get("training", {}).get("config") or {})
     recorded.pop("data", None)  # the base's data is not here; only how it learnt matters
@@ -520,7 +526,7 @@ def _base_train_config(base: dict[str, Any]) -> Any:
 
 
 def _backbone_from(base: dict[str, Any]) -> torch.nn.Module:
-    from models.backbones import BackboneConfig, build_backbone
+    from models.net.backbones import BackboneConfig, build_backbone
 
     backbone = build_backbone(BackboneConfig.from_dict(base["backbone"]))
     backbone.load_state_dict(
@@ -538,8 +544,8 @@ def _head_from_means(
     device: torch.device,
 ) -> torch.nn.Module:
     """The margin head with each patient's centre at the base's normalised mean embedding of them."""
-    from models.heads import build_head
-    from models.train import embed_images
+    from models.net.heads import build_head
+    from models.training.train import embed_images
 
     head = build_head(config.head.name, config.backbone.embedding_dim, classes, **config.head.build_kwargs())
     vectors = torch.from_numpy(embed_images(backbone, images, device))
@@ -607,8 +613,8 @@ def _calibrate(
 def _as_norm_helps(vectors: np.ndarray, labels: Sequence[str], seed: int) -> bool:
     """Whether AS-norm, with a cohort of these images and leave-pair-out as the calibration applies
     it, ranks these pairs at least as well as raw cosines."""
-    from models.scorenorm import ScoreNorm, choose_cohort, patient_key
-    from models.site import _auc
+    from models.scoring.scorenorm import ScoreNorm, choose_cohort, patient_key
+    from models.scoring.site import _auc
 
     genuine, impostor, gp, ip = pair_scores(vectors, list(labels), max_impostor_pairs=300_000, rng_seed=seed)
     keys = [patient_key(p) for p in labels]

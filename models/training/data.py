@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.preprocess import ImageDecodeError, PreprocessConfig, load_for_model
+from models.imaging.preprocess import ImageDecodeError, PreprocessConfig, load_for_model
 
 log = logging.getLogger(__name__)
 
@@ -569,7 +569,7 @@ def _degrade_resolution(
 
 def equalize_batch(batch: torch.Tensor, bins: int = 256) -> torch.Tensor:
     """Histogram equalisation of each image of (N, 1, H, W) in [0, 1] over its non-zero pixels: the
-    same map as :func:`models.preprocess.equalize_histogram`, batched."""
+    same map as :func:`models.imaging.preprocess.equalize_histogram`, batched."""
     n = batch.shape[0]
     flat = batch.reshape(n, -1)
     inside = flat > 0

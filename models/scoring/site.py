@@ -7,11 +7,11 @@ site). A site's gallery already holds patient ids, so it can fit its own:
 
 - :func:`fit_site_calibration` embeds nothing; it takes the site's embeddings and patient ids,
   refuses (:class:`CalibrationRefusedError`, saying how many more labelled images would do) when the
-  pairs cannot resolve a FAR asked for, and returns a :class:`~models.calibration.Calibration`
+  pairs cannot resolve a FAR asked for, and returns a :class:`~models.scoring.calibration.Calibration`
   whose provenance records the data, the date and a patient-bootstrap interval of each threshold.
 - :func:`split_half` measures the promise honestly: calibrate on half of a site's patients,
   count false accepts on the other half.
-- AS-norm (``models/scorenorm.py``) normalises scores against a cohort of the site's own images;
+- AS-norm (``models/scoring/scorenorm.py``) normalises scores against a cohort of the site's own images;
   :func:`split_half` measures it with ``snorm_top_k``.
 
 Rules of refusal: a FAR f needs at least ``MIN_FALSE_ACCEPTS / f`` impostor pairs (so that the
@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from models.calibration import DEFAULT_FAR, FAR_KEYS, Calibration
-from models.metrics import pair_scores
-from models.scorenorm import ScoreNorm, choose_cohort, patient_key
+from models.evaluation.metrics import pair_scores
+from models.scoring.calibration import DEFAULT_FAR, FAR_KEYS, Calibration
+from models.scoring.scorenorm import ScoreNorm, choose_cohort, patient_key
 
 MIN_FALSE_ACCEPTS = 10
 MIN_GENUINE_PAIRS = 30
@@ -167,7 +167,7 @@ def fit_site_calibration(
 
     With ``score_norm`` (the default, measured in MODEL_CARD.md to raise TAR at unseen sites) the
     scores are AS-normalised first against a cohort drawn from these images, leave-pair-out
-    (``models/scorenorm.py``), and the cohort is kept with the calibration. Raises
+    (``models/scoring/scorenorm.py``), and the cohort is kept with the calibration. Raises
     :class:`CalibrationRefusedError` before any fitting when the data cannot support the request.
     """
     fars = tuple(dict.fromkeys(str(f) for f in fars))
@@ -250,7 +250,7 @@ def split_half(
     calibration's thresholds (what a user gets without calibrating); with ``snorm_top_k``,
     ``snorm``: AS-norm as :func:`fit_site_calibration` does it, the cohort drawn from the
     calibration half and every pair of that half normalised leave-pair-out
-    (``models/scorenorm.py``). AUC of the measured half, raw and normalised, comes with the first
+    (``models/scoring/scorenorm.py``). AUC of the measured half, raw and normalised, comes with the first
     FAR.
     """
     e = np.asarray(embeddings, np.float32)
@@ -337,10 +337,10 @@ def calibrate_checkpoint(
     The manifest is read and its pair counts checked before the model loads, so a wrong path or a
     too-small site fails in a moment, not after embedding.
     """
-    from models.checkpoint import with_calibration
-    from models.data import check_files_exist, read_manifest
-    from models.embedder import DEFAULT_CHECKPOINT, Embedder
-    from models.evaluate import embed_samples
+    from models.evaluation.evaluate import embed_samples
+    from models.net.checkpoint import with_calibration
+    from models.net.embedder import DEFAULT_CHECKPOINT, Embedder
+    from models.training.data import check_files_exist, read_manifest
 
     fars = tuple(dict.fromkeys(str(f) for f in fars))
     if default_far not in fars:
