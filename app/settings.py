@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models.scoring.decide import parse_fars
+
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
@@ -108,10 +110,10 @@ class Settings(BaseSettings):
     @field_validator("far")
     @classmethod
     def _far_is_number(cls, value: str) -> str:
-        far = float(value)
-        if not 0.0 < far < 1.0:
-            raise ValueError("far must be in (0, 1)")
-        return value.strip()
+        fars = parse_fars(value)
+        if len(fars) != 1:
+            raise ValueError("far: give one false-accept rate, e.g. 1e-3")
+        return fars[0]
 
     @field_validator("alert_webhook")
     @classmethod

@@ -19,10 +19,10 @@ from app.analysis.risk import (
     best_matches,
     choose_defences,
     expected_links,
+    far_thresholds,
     gaussian_blur,
     global_ssim,
     linkability,
-    parse_fars,
     psnr,
     read_gallery,
 )
@@ -152,10 +152,10 @@ def test_choosing_defences_and_fars() -> None:
         choose_defences("sharpen", 128)
     rng = np.random.default_rng(0)
     calibration = Calibration.fit(rng.normal(0.8, 0.05, 500), rng.normal(0.2, 0.1, 5000))
-    fars = parse_fars("1e-4, 1e-2,1e-3", calibration)
+    fars = far_thresholds("1e-4, 1e-2,1e-3", calibration)
     assert list(fars) == ["1e-2", "1e-3", "1e-4"] and fars["1e-3"] == calibration.thresholds["1e-3"]
     with pytest.raises(RiskError, match="--far 0.9"):
-        parse_fars("0.9", calibration)
+        far_thresholds("0.9", calibration)
 
 
 # --------------------------------------------------------------------------------------------------

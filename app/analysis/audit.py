@@ -38,7 +38,8 @@ from app.analysis.corpus import CorpusError, EmbeddedCorpus, embed_corpus, load_
 from index import PairLimitError, pairs_above
 from models.net.embedder import Embedder
 from models.scoring.calibration import Calibration
-from models.scoring.scorenorm import ScoreNorm, patient_key
+from models.scoring.decide import PairScorer
+from models.scoring.scorenorm import patient_key
 
 log = logging.getLogger(__name__)
 
@@ -110,41 +111,10 @@ class AuditResult:
 # scoring
 
 
-class PairScorer:
-    """Decision scores of row pairs: raw cosines, or their AS-norm when the calibration has a cohort
-    (the same scores the service decides on)."""
-
-    def __init__(self, calibration: Calibration, corpus: EmbeddedCorpus) -> None:
-        self.vectors = corpus.vectors
-        self.norm = ScoreNorm.from_dict(calibration.score_norm) if calibration.score_norm else None
-        if self.norm is not None:
-            self.side = self.norm.neighbours(corpus.vectors)
-            self.codes = self.norm.codes(
-                [patient_key(image.key) if image.key else "" for image in corpus.images]
-            )
-
-    def floors(self, threshold: float) -> np.ndarray:
-        """Per row, the lowest raw cosine at which a pair with it can reach ``threshold``."""
-        if self.norm is None:
-            return np.full(len(self.vectors), threshold, dtype=np.float32)
-        bounds = self.norm.bounds(self.side)
-        sd = bounds[:, 1] if threshold >= 0 else bounds[:, 2]
-        return (threshold * sd + bounds[:, 0]).astype(np.float32)
-
-    def score(self, a: np.ndarray, b: np.ndarray, raw: np.ndarray | None = None) -> np.ndarray:
-        if raw is None:
-            raw = np.empty(len(a))
-            for start in range(0, len(a), CHUNK):  # chunked: each pair's two vectors in float64
-                part = slice(start, start + CHUNK)
-                raw[part] = np.einsum(
-                    "ij,ij->i",
-                    self.vectors[a[part]].astype(np.float64),
-                    self.vectors[b[part]].astype(np.float64),
-                )
-        raw = np.asarray(raw, dtype=np.float64)
-        if self.norm is None or raw.size == 0:
-            return raw
-        return self.norm.normalise_pairs(raw, self.side, a, self.codes[a], self.side, b, self.codes[b])
+def _pair_scorer(calibration: Calibration, corpus: EmbeddedCorpus) -> PairScorer:
+    """The service's decision scores over the corpus's rows (AS-norm keys from each image's patient)."""
+    keys = [patient_key(image.key) if image.key else "" for image in corpus.images]
+    return PairScorer(calibration, corpus.vectors, keys)
 
 
 def _impostor_sample(corpus: EmbeddedCorpus, scorer: PairScorer, seed: int = 0) -> np.ndarray:
@@ -251,7 +221,7 @@ def find_issues(
     images, n = corpus.images, len(corpus)
     ok = corpus.ok
     rows = np.flatnonzero(ok)
-    scorer = PairScorer(calibration, corpus)
+    scorer = _pair_scorer(calibration, corpus)
     findings: list[Finding] = []
 
     # --- candidate pairs: everything at or above the decision threshold (exact)
@@ -259,13 +229,13 @@ def find_issues(
     decided = np.zeros(0)
     if rows.size >= 2:
         try:
-            ia, ib, raw = pairs_above(
-                corpus.vectors[rows], scorer.floors(threshold)[rows], max_pairs=MAX_PAIRS
+            ia, ib, _ = pairs_above(
+                corpus.vectors[rows], scorer.floors(threshold)[rows].astype(np.float32), max_pairs=MAX_PAIRS
             )
         except PairLimitError as exc:
             raise CorpusError(f"{exc}: give a stricter --far or a higher --threshold") from None
         a, b = rows[ia], rows[ib]
-        decided = scorer.score(a, b, raw)
+        decided = scorer.score(a, b)  # re-scored exactly, as the service does
         keep = decided >= threshold
         a, b, decided = a[keep], b[keep], decided[keep]
 
@@ -286,7 +256,7 @@ def find_issues(
         other = not_self & (ids[nbr] != ids[rows][:, None])
         first = np.where(other.any(1), other.argmax(1), -1)
         has = first >= 0
-        best_other[rows[has]] = scorer.score(rows[has], nbr[has, first[has]], sims[has, first[has]])
+        best_other[rows[has]] = scorer.score(rows[has], nbr[has, first[has]])
 
     # --- own-patient scores: each image's best score to the other images under its id
     by_patient: dict[str, list[int]] = defaultdict(list)

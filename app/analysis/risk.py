@@ -55,11 +55,10 @@ from app.reports import (
 from app.service.decoding import decode_source
 from app.service.enrollment import decode_workers
 from app.service.errors import InvalidInputError
-from app.service.scoring import image_key
 from models.imaging.preprocess import Radiograph
 from models.net.embedder import Embedder
 from models.scoring.calibration import Calibration
-from models.scoring.scorenorm import ScoreNorm
+from models.scoring.decide import PairScorer, image_key, pair_cosines, parse_fars
 
 log = logging.getLogger(__name__)
 
@@ -387,40 +386,30 @@ def best_matches(
     if columns.size == 0 or rows.size == 0:
         return Links(best, score, cosine)
     ref = np.ascontiguousarray(reference[columns], dtype=np.float32)
-    norm = ScoreNorm.from_dict(calibration.score_norm) if calibration.score_norm else None
-    k = 1 if norm is None else min(top_k, columns.size)
+    k = 1 if calibration.score_norm is None else min(top_k, columns.size)
     candidates = np.empty((rows.size, k), dtype=np.int64)
-    raw = np.empty((rows.size, k), dtype=np.float32)
-    for start in range(0, rows.size, _SCORE_ROWS):
+    for start in range(0, rows.size, _SCORE_ROWS):  # candidates by a float32 product, then re-scored
         part = rows[start : start + _SCORE_ROWS]
         scores = np.asarray(release[part], dtype=np.float32) @ ref.T
         if k < scores.shape[1]:
-            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            candidates[start : start + part.size] = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         else:
-            top = np.broadcast_to(np.arange(scores.shape[1]), scores.shape).copy()
-        candidates[start : start + part.size] = top
-        raw[start : start + part.size] = np.take_along_axis(scores, top, axis=1)
-    if norm is None:
-        decided = raw.astype(np.float64)
-    else:
-        keys = list(reference_keys) if reference_keys is not None else [""] * reference.shape[0]
-        used = np.unique(candidates)
-        position = np.full(columns.size, -1, dtype=np.int64)
-        position[used] = np.arange(used.size)
-        ref_side = norm.neighbours(ref[used])
-        ref_codes = norm.codes([keys[columns[j]] for j in used])
-        query_side = norm.neighbours(np.asarray(release[rows], dtype=np.float32))
-        flat_rows = np.repeat(np.arange(rows.size), k)
-        flat_cols = position[candidates.ravel()]
-        decided = norm.normalise_pairs(
-            raw.ravel().astype(np.float64),
-            query_side,
-            flat_rows,
-            np.full(flat_rows.size, -1, dtype=np.int64),
-            ref_side,
-            flat_cols,
-            ref_codes[flat_cols],
-        ).reshape(rows.size, k)
+            candidates[start : start + part.size] = np.arange(scores.shape[1])
+    # exact decision scores, as the service computes them; the released side's patient is unknown
+    # (leaves nobody out), a reference image leaves out its own patient
+    used = np.unique(candidates)
+    keys = list(reference_keys) if reference_keys is not None else [""] * reference.shape[0]
+    scorer = PairScorer(
+        calibration,
+        np.concatenate([np.asarray(release[rows], dtype=np.float32), ref[used]]),
+        [""] * rows.size + [keys[columns[j]] for j in used],
+    )
+    position = np.full(columns.size, -1, dtype=np.int64)
+    position[used] = rows.size + np.arange(used.size)
+    flat_rows = np.repeat(np.arange(rows.size), k)
+    flat_cols = position[candidates.ravel()]
+    raw = pair_cosines(scorer.vectors[flat_rows], scorer.vectors[flat_cols]).reshape(rows.size, k)
+    decided = scorer.score(flat_rows, flat_cols).reshape(rows.size, k)
     pick = np.argmax(decided, axis=1)
     best[rows] = columns[candidates[np.arange(rows.size), pick]]
     score[rows] = decided[np.arange(rows.size), pick]
@@ -550,13 +539,17 @@ class RiskInputs:
     seed: int = 0
 
 
-def parse_fars(text: str | Sequence[str] | None, calibration: Calibration) -> dict[str, float]:
-    """FAR keys -> thresholds of the model's calibration; RiskError for a FAR it cannot place."""
-    items = DEFAULT_FARS if text is None else text.split(",") if isinstance(text, str) else text
+def far_thresholds(text: str | Sequence[str] | None, calibration: Calibration) -> dict[str, float]:
+    """FARs asked for (``DEFAULT_FARS`` when None) -> thresholds of the model's calibration, highest
+    FAR first; RiskError for a FAR it cannot place."""
+    try:
+        items = parse_fars(DEFAULT_FARS if text is None else text)
+    except ValueError as exc:
+        raise RiskError(f"--far: {exc}") from None
     out: dict[str, float] = {}
-    for item in (i.strip() for i in items if i.strip()):
+    for item in items:
+        value = float(item)
         try:
-            value = float(item)
             threshold = calibration.threshold_for(item)
         except ValueError as exc:
             raise RiskError(f"--far {item}: {exc}") from None
@@ -569,8 +562,6 @@ def parse_fars(text: str | Sequence[str] | None, calibration: Calibration) -> di
             )
         key = next((k for k in calibration.thresholds if math.isclose(float(k), value)), f"{value:.3g}")
         out[key] = threshold
-    if not out:
-        raise RiskError("--far: give at least one false-accept rate, e.g. 1e-3")
     return dict(sorted(out.items(), key=lambda kv: -float(kv[0])))
 
 
@@ -646,7 +637,7 @@ def assess(inputs: RiskInputs, embedder: Embedder) -> dict[str, Any]:
     """Everything ``risk.json`` holds (see the module docstring); raises RiskError when the inputs
     cannot give a report."""
     calibration = embedder.calibration
-    thresholds = parse_fars(inputs.fars, calibration)
+    thresholds = far_thresholds(inputs.fars, calibration)
     defences = choose_defences(inputs.defences, embedder.preprocess_config.size)
     try:
         out = prepare_out_dir(inputs.out)

@@ -9,8 +9,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from app.api.dependencies import clean_label
 from app.service.decoding import QueryImage
 from app.service.results import Alert, AlertView, ScoredRecord
-from app.service.scoring import OperatingPoint
 from index import AlertRecord, ImageRecord
+from models.scoring.decide import OperatingPoint
 
 
 class FieldError(BaseModel):

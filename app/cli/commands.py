@@ -380,14 +380,14 @@ def _cmd_risk(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from app.api.routers.calibration import parse_fars
     from app.service.errors import ServiceError
     from models.scoring.calibration import Calibration
+    from models.scoring.decide import parse_fars
 
     try:
         fars = parse_fars(args.far)
-    except ServiceError as exc:
-        log.error("--%s", exc.detail)
+    except ValueError as exc:
+        log.error("--far: %s", exc)
         return 2
     settings = _settings(args)
     if args.manifest:
@@ -510,8 +510,7 @@ def _site_data(args: argparse.Namespace, settings: Any) -> Any:
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
-    from app.api.routers.calibration import parse_fars
-    from app.service.errors import ServiceError
+    from models.scoring.decide import parse_fars
     from models.training.adapt import AdaptRefusedError, AdaptSettings, adapt
     from models.training.data import ManifestError
 
@@ -520,8 +519,8 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         return 2
     try:
         fars = parse_fars(args.far)
-    except ServiceError as exc:
-        log.error("--%s", exc.detail)
+    except ValueError as exc:
+        log.error("--far: %s", exc)
         return 2
     settings = _settings(args)
     try:

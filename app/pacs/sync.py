@@ -43,6 +43,7 @@ from app.service.reid import ReidService
 from app.service.results import Alert
 from index import GalleryError, ImageMetadata
 from index._fs import atomic_write_bytes
+from models.imaging.dicom import read_dicom
 from models.imaging.preprocess import RADIOGRAPH_MODALITIES
 
 log = logging.getLogger(__name__)
@@ -154,13 +155,6 @@ def parse_since(text: str | None) -> str | None:
     return digits
 
 
-def _read_header(data: bytes) -> Any:
-    import pydicom
-
-    has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
-    return pydicom.dcmread(io.BytesIO(data), force=not has_preamble, stop_before_pixels=True)
-
-
 class Enroller:
     """Enrols instances one by one into a collection and counts what became of each."""
 
@@ -194,7 +188,7 @@ class Enroller:
         (refused and already-there instances are not failures)."""
         summary = self.summary
         try:
-            header = _read_header(data)
+            header = read_dicom(data, header_only=True)
             sop = str(header.get("SOPInstanceUID", "") or "").strip() or None
             modality = str(header.get("Modality", "") or "").strip().upper()
         except Exception as exc:  # pydicom raises many kinds on what is not DICOM

@@ -19,8 +19,9 @@ from __future__ import annotations
 import io
 import logging
 
-import pydicom
 from pydicom.errors import InvalidDicomError
+
+from models.imaging.dicom import read_dicom
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def stored_original(data: bytes, source_format: str) -> bytes:
 def deidentified_dicom(data: bytes) -> bytes:
     """``data`` (a DICOM file or raw data set) written back without identifying attributes."""
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        ds = read_dicom(data)
     except (InvalidDicomError, ValueError, EOFError) as exc:  # decoded once already: unexpected
         raise ValueError(f"cannot re-read the DICOM upload to de-identify it: {exc}") from exc
     for keyword in IDENTIFYING_KEYWORDS:

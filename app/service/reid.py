@@ -25,14 +25,7 @@ from app.service.results import (
     PatientVerdict,
     ScoredRecord,
 )
-from app.service.scoring import (
-    OperatingPoint,
-    Scorer,
-    image_key,
-    is_same_patient,
-    record_key,
-    resolve_operating_point,
-)
+from app.service.scoring import Scorer, record_key, resolve_operating_point
 from index import (
     AlertNotOpenError,
     AlertRecord,
@@ -45,6 +38,7 @@ from index import (
 )
 from models.net.embedder import Embedder
 from models.scoring.calibration import Calibration
+from models.scoring.decide import OperatingPoint, image_key, is_same_patient
 
 log = logging.getLogger(__name__)
 

@@ -1,38 +1,24 @@
-"""Scores and decisions: how two vectors become a score (:func:`cosine_scores`, or the AS-norm
-:class:`Scorer`), how a score becomes a decision (:func:`is_same_patient`) and how an operating
-point is chosen (:func:`resolve_operating_point`). /verify, /search, /images and /duplicates all
-score pairs here, from the stored vectors, so they never disagree about a pair."""
+"""The service's side of scoring: the operating point of a request (its ``ValueError`` becomes an
+:class:`~app.service.errors.InvalidInputError`) and :class:`Scorer`, which scores one query against
+gallery rows and keeps each gallery image's AS-norm bounds for range searches. The arithmetic (the
+cosine, AS-norm, floors, the decision rule) is :mod:`models.scoring.decide`, shared with the audit
+and the risk report."""
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from app.service.errors import InvalidInputError
-from index import (
-    Gallery,
-    ImageRecord,
-)
+from index import Gallery, ImageRecord
 from models.scoring.calibration import Calibration
-from models.scoring.scorenorm import Neighbours, ScoreNorm, patient_key
+from models.scoring.decide import OperatingPoint, cosine_scores, image_key, operating_point, score_norm_of
+from models.scoring.scorenorm import ScoreNorm
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class OperatingPoint:
-    """A cosine threshold and the false-accept rate it stands for on the calibration in force."""
-
-    threshold: float
-    far: float
-    source: str  # "default" | "far" | "threshold"
-    calibration: dict[str, Any] = field(default_factory=dict, compare=False)  # Calibration.summary()
 
 
 def resolve_operating_point(
@@ -43,60 +29,24 @@ def resolve_operating_point(
     default_far: str = "1e-3",
     default_threshold: float | None = None,
 ) -> OperatingPoint:
-    """Pick the operating point of a request: an explicit threshold, a FAR, or the service default."""
-    if far is not None and threshold is not None:
-        raise InvalidInputError("give either 'far' or 'threshold', not both")
-    summary = calibration.summary()
-    if threshold is not None:
-        if calibration.score_norm is not None:  # AS-norm units: any finite score
-            if not math.isfinite(threshold):
-                raise InvalidInputError(f"threshold must be a finite score, got {threshold}")
-        elif not (math.isfinite(threshold) and -1.0 <= threshold <= 1.0):
-            raise InvalidInputError(f"threshold must be a cosine score in [-1, 1], got {threshold}")
-        return OperatingPoint(float(threshold), calibration.far_at(threshold), "threshold", summary)
-    if far is not None:
-        try:
-            value = calibration.threshold_for(far)
-            far_value = float(far)
-        except ValueError as exc:
-            raise InvalidInputError(f"far: {exc}") from None
-        return OperatingPoint(value, far_value, "far", summary)
-    if default_threshold is not None:
-        return OperatingPoint(default_threshold, calibration.far_at(default_threshold), "default", summary)
-    return OperatingPoint(calibration.threshold_for(default_far), float(default_far), "default", summary)
-
-
-def is_same_patient(score: float, point: OperatingPoint) -> bool:
-    """The one decision rule: same patient when the cosine score reaches the threshold."""
-    return bool(score >= point.threshold)
-
-
-def cosine_scores(query: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """Cosine scores of one unit vector against rows of unit vectors, in float64, clipped to [-1, 1].
-
-    Row by row (an elementwise product summed along the row), not a matrix product: a BLAS product
-    rounds a row differently with the number of rows, and /verify (one pair) and /search (many)
-    must give one pair one score, to the last bit.
-    """
-    q = np.asarray(query, dtype=np.float64).reshape(-1)
-    m = np.asarray(vectors, dtype=np.float64).reshape(-1, q.size)
-    return np.clip((m * q).sum(axis=1), -1.0, 1.0)
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine score of a pair (same arithmetic as :func:`cosine_scores`)."""
-    return float(cosine_scores(a, np.asarray(b)[None, :])[0])
-
-
-def image_key(patient_id: str | None, collection: str | None) -> str:
-    """The key AS-norm leaves a patient out by: collection and id, as :meth:`ReidService.calibrate`
-    keys the gallery's patients ("" when the patient or its collection is unknown)."""
-    if not patient_id or collection is None:
-        return ""
-    return patient_key(f"{collection}\x00{patient_id}")
+    """:func:`models.scoring.decide.operating_point` for a request: a bad FAR or threshold is the
+    caller's mistake (InvalidInputError)."""
+    try:
+        return operating_point(
+            calibration,
+            far=far,
+            threshold=threshold,
+            default_far=default_far,
+            default_threshold=default_threshold,
+        )
+    except ValueError as exc:
+        if far is None and threshold is None:
+            raise  # the service's own default: a configuration fault, not the request's
+        raise InvalidInputError(str(exc)) from None
 
 
 def record_key(record: ImageRecord) -> str:
+    """The AS-norm key of a gallery image (see :func:`models.scoring.decide.image_key`)."""
     return image_key(record.patient_id, record.collection)
 
 
@@ -106,7 +56,7 @@ class Scorer:
     each pair. One per calibration; it caches each gallery image's bounds for range searches."""
 
     def __init__(self, calibration: Calibration) -> None:
-        self.norm = ScoreNorm.from_dict(calibration.score_norm) if calibration.score_norm else None
+        self.norm = score_norm_of(calibration)
         self._bounds: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -137,9 +87,7 @@ class Scorer:
         """Per image, the lowest cosine at which a pair with it can reach ``threshold``."""
         if self.norm is None:
             return np.full(len(vectors), threshold)
-        bounds = self.norm.bounds(self.norm.neighbours(vectors))
-        sd = bounds[:, 1] if threshold >= 0 else bounds[:, 2]
-        return threshold * sd + bounds[:, 0]
+        return ScoreNorm.floors(threshold, self.norm.bounds(self.norm.neighbours(vectors)))
 
     def gallery_floor(self, threshold: float, gallery: Gallery, collection: str | None) -> float:
         """The lowest cosine at which any gallery image of ``collection`` can be in a pair reaching
@@ -162,7 +110,3 @@ class Scorer:
         if self.norm is None:
             return threshold
         return ScoreNorm.raw_floor(threshold, self.norm.bounds(self.norm.neighbours(query[None, :])))
-
-
-def _unused(_: Neighbours) -> None:  # pragma: no cover
-    """Keeps the import of Neighbours for type checkers."""

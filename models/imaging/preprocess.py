@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from models.imaging.dicom import looks_like_dicom, read_dicom
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -50,10 +52,6 @@ IDENTIFIER_KEYWORDS = (
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
-_DICOM_VRS = frozenset(
-    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM".split()
-    + b"UC UI UL UN UR US UT UV".split()
-)
 # ITU-R BT.601 luma, the weights Pillow's convert("L") uses, so colour files grey the same either way.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -193,9 +191,7 @@ def header_pixels(data: bytes) -> int | None:
                 width, height = im.size
                 return width * height * max(1, len(im.getbands())) * int(getattr(im, "n_frames", 1))
         if kind == "dicom":
-            import pydicom  # lazily, like the decoder: PNG/JPEG-only callers never load it
-
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+            ds = read_dicom(data, header_only=True)
             frames = _int_or(ds.get("NumberOfFrames", 1), 1)
             samples = _int_or(ds.get("SamplesPerPixel", 1), 1)
             return _int_or(ds.get("Rows", 0), 0) * _int_or(ds.get("Columns", 0), 0) * max(1, frames) * samples
@@ -221,7 +217,7 @@ def sniff_format(data: bytes) -> str | None:
         return "jpeg"
     if data.startswith(_TIFF_MAGICS):
         return "tiff"
-    if data.startswith(b"DICM") or _looks_like_raw_dicom(data):
+    if looks_like_dicom(data):
         return "dicom"
     return None
 
@@ -239,27 +235,6 @@ def _read_source(source: bytes | str | os.PathLike) -> tuple[bytes, str]:
     raise TypeError(f"source must be bytes or a path, got {type(source).__name__}")
 
 
-def _looks_like_raw_dicom(data: bytes) -> bool:
-    """True for a DICOM stream without the 128-byte preamble and "DICM" (old or hand-made files).
-
-    Such a stream starts with a small group-0002 or group-0008 tag, followed either by a VR (explicit
-    VR) or by a plausible 4-byte length (implicit VR). Image formats have their own magic bytes, which
-    never match, and random bytes almost never do; pydicom's own parse is the final check.
-    """
-    if len(data) < 8:
-        return False
-    for order in ("little", "big"):
-        group = int.from_bytes(data[0:2], order)
-        element = int.from_bytes(data[2:4], order)
-        if group not in (0x0002, 0x0008) or element > 0x0100:
-            continue
-        if data[4:6] in _DICOM_VRS:
-            return True
-        if order == "little" and int.from_bytes(data[4:8], "little") < min(len(data), 1 << 16):
-            return True
-    return False
-
-
 def _looks_like_text(data: bytes) -> bool:
     head = data[:512]
     try:
@@ -272,14 +247,10 @@ def _looks_like_text(data: bytes) -> bool:
 def _decode_dicom(
     data: bytes, name: str, *, max_pixels: int, check_modality: bool, config: PreprocessConfig | None
 ) -> Radiograph:
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
-    has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
-    if data.startswith(b"DICM"):  # preamble dropped but prefix kept: give pydicom what it expects
-        data, has_preamble = b"\x00" * 128 + data, True
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
+        ds = read_dicom(data)
     except InvalidDicomError as exc:
         raise ImageDecodeError(f"{name} is not a valid DICOM file: {exc}") from exc
     except Exception as exc:  # pydicom raises many types on damaged streams

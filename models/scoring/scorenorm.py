@@ -197,8 +197,14 @@ class ScoreNorm:
         Range searches start there and every candidate is re-scored exactly."""
         if len(bounds) == 0:
             return math.inf
+        return float(np.min(ScoreNorm.floors(threshold, bounds)))
+
+    @staticmethod
+    def floors(threshold: float, bounds: np.ndarray) -> np.ndarray:
+        """Per row of ``bounds``, the lowest raw cosine at which a pair with that side can reach a
+        normalised ``threshold`` (see :meth:`raw_floor`)."""
         sd = bounds[:, 1] if threshold >= 0 else bounds[:, 2]
-        return float(np.min(threshold * sd + bounds[:, 0]))
+        return threshold * sd + bounds[:, 0]
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.imaging.dicom import read_dicom
 from models.imaging.preprocess import ImageDecodeError, PreprocessConfig, load_for_model
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,6 @@ def read_dicom_folder(folder: str | os.PathLike) -> tuple[list[Sample], int]:
     """Every DICOM file under ``folder`` (recursively, hidden files skipped) as a sample filed under
     its PatientID, namespaced by the folder's name like a manifest's set; returns the samples and
     the number of files left out (not DICOM, or no PatientID). Only the header is read."""
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
     root = Path(folder)
@@ -162,7 +162,7 @@ def read_dicom_folder(folder: str | os.PathLike) -> tuple[list[Sample], int]:
         if any(part.startswith(".") for part in path.relative_to(root).parts):
             continue
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+            ds = read_dicom(path, header_only=True, specific_tags=["PatientID"])
         except (InvalidDicomError, OSError, ValueError, EOFError):
             skipped += 1
             continue

@@ -11,6 +11,7 @@ from app.api.schemas import CalibrationDetail, CalibrationOut, error_responses
 from app.service.clientargs import collection_arg
 from app.service.errors import InvalidInputError
 from app.service.reid import ReidService
+from models.scoring.decide import parse_fars
 
 router = APIRouter(tags=["calibration"])
 
@@ -28,19 +29,11 @@ def _detail(service: ReidService) -> CalibrationDetail:
     )
 
 
-def parse_fars(text: str) -> list[str]:
-    """ "1e-2,1e-3" -> ["1e-2", "1e-3"]; each a number in (0, 1)."""
-    fars = [part.strip() for part in text.split(",") if part.strip()]
-    if not fars:
-        raise InvalidInputError("far: give one or more false-accept rates, e.g. 1e-2,1e-3")
-    for far in fars:
-        try:
-            value = float(far)
-        except ValueError:
-            raise InvalidInputError(f"far: {far!r} is not a number") from None
-        if not 0.0 < value < 1.0:
-            raise InvalidInputError(f"far: {far} is not in (0, 1)")
-    return fars
+def _fars(text: str) -> list[str]:
+    try:
+        return parse_fars(text)
+    except ValueError as exc:
+        raise InvalidInputError(f"far: {exc}") from None
 
 
 @router.get(
@@ -92,7 +85,7 @@ def fit_calibration(
     ] = True,
 ) -> CalibrationDetail:
     service.calibrate(
-        fars=parse_fars(far),
+        fars=_fars(far),
         collection=access.collection(collection_arg(collection)),
         bootstrap=bootstrap,
         score_norm=score_norm,

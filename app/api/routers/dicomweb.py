@@ -23,7 +23,6 @@ another request).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -42,10 +41,11 @@ from app.service.clientargs import ALL_COLLECTIONS
 from app.service.decoding import Upload
 from app.service.errors import InvalidInputError, PayloadTooLargeError, ServiceError, UnavailableError
 from app.service.reid import ReidService
-from app.service.scoring import OperatingPoint
 from app.settings import Settings
 from index import GalleryError, GalleryFullError, GalleryValidationError, ImageMetadata
+from models.imaging.dicom import read_dicom
 from models.imaging.preprocess import RADIOGRAPH_MODALITIES
+from models.scoring.decide import OperatingPoint
 
 log = logging.getLogger(__name__)
 
@@ -193,16 +193,6 @@ async def _read_parts(request: Request, boundary: bytes, max_parts: int) -> _Col
     return collector
 
 
-def _header(data: bytes) -> Any:
-    """The DICOM header of a part (no pixel data), read the way models.imaging.preprocess reads DICOM."""
-    import pydicom
-
-    has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
-    if data.startswith(b"DICM"):
-        data, has_preamble = b"\x00" * 128 + data, True
-    return pydicom.dcmread(io.BytesIO(data), force=not has_preamble, stop_before_pixels=True)
-
-
 def _uid(ds: Any, keyword: str) -> str | None:
     value = str(ds.get(keyword, "") or "").strip("\0 ")
     return value if _UID.fullmatch(value) else None
@@ -219,7 +209,7 @@ def _store_one(
             None, None, FAILURE_CANNOT_UNDERSTAND, f"{name} has Content-Type {part_type!r}, not {DICOM}"
         )
     try:
-        ds = _header(part.data)
+        ds = read_dicom(part.data, header_only=True)
     except Exception as exc:  # pydicom raises many kinds on what is not DICOM
         return Outcome(None, None, FAILURE_CANNOT_UNDERSTAND, f"{name} is not a readable DICOM file ({exc})")
     sop_class, sop = _uid(ds, "SOPClassUID"), _uid(ds, "SOPInstanceUID")
