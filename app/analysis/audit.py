@@ -25,7 +25,7 @@ import logging
 import math
 import os
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
@@ -214,17 +214,54 @@ class _Union:
 # the findings
 
 
+@dataclass
+class _Pairs:
+    """Image pairs at or above the decision threshold: corpus rows ``a[i]``, ``b[i]`` and their score."""
+
+    a: np.ndarray
+    b: np.ndarray
+    decided: np.ndarray
+
+    def __iter__(self) -> Iterator[tuple[int, int, float]]:
+        return zip(self.a, self.b, self.decided, strict=True)
+
+
 def find_issues(
     corpus: EmbeddedCorpus, calibration: Calibration, threshold: float
 ) -> tuple[list[Finding], dict[str, np.ndarray]]:
-    """Every finding of the module docstring, ranked, and the per-image statistics behind them."""
-    images, n = corpus.images, len(corpus)
-    ok = corpus.ok
-    rows = np.flatnonzero(ok)
-    scorer = _pair_scorer(calibration, corpus)
-    findings: list[Finding] = []
+    """Every finding of the module docstring, ranked, and the per-image statistics behind them.
 
-    # --- candidate pairs: everything at or above the decision threshold (exact)
+    The phases run in this order because each leaves out what an earlier one explained: strays
+    (laterals, inverted images) and copies stay out of the mislabels, and all of them out of the
+    identities.
+    """
+    rows = np.flatnonzero(corpus.ok)
+    scorer = _pair_scorer(calibration, corpus)
+    pairs = _pairs_above(corpus, scorer, rows, threshold)
+    typicality, best_other = _neighbour_scores(corpus, scorer, rows)
+    own_best, by_patient = _own_patient_scores(corpus, scorer, rows)
+    impostors = _impostor_sample(corpus, scorer)
+    outliers, strays, template_corr = _outliers(corpus, rows, typicality)
+    copies, same_picture = _copies(corpus, rows, pairs)
+    low = min(float(np.quantile(impostors, MISLABEL_QUANTILE)) if impostors.size else threshold, threshold)
+    mislabels, mislabelled = _mislabels(corpus, pairs, by_patient, own_best, low, same_picture, strays)
+    single_bar = _chance_bar(impostors, rows.size)
+    identities = _identities(corpus, pairs, mislabelled | strays, same_picture, single_bar)
+    stats = {
+        "own_best": own_best,
+        "best_other": best_other,
+        "typicality": typicality,
+        "template_corr": template_corr,
+        "mislabel_below": np.asarray(low),
+        "impostors": impostors,
+        "single_pair_bar": np.asarray(single_bar),
+    }
+    return _ranked(outliers + copies + mislabels + identities), stats
+
+
+def _pairs_above(corpus: EmbeddedCorpus, scorer: PairScorer, rows: np.ndarray, threshold: float) -> _Pairs:
+    """Every pair at or above the decision threshold: a range search from the score floors, each
+    candidate re-scored exactly."""
     a = b = np.zeros(0, dtype=np.int64)
     decided = np.zeros(0)
     if rows.size >= 2:
@@ -238,8 +275,15 @@ def find_issues(
         decided = scorer.score(a, b)  # re-scored exactly, as the service does
         keep = decided >= threshold
         a, b, decided = a[keep], b[keep], decided[keep]
+    return _Pairs(a, b, decided)
 
-    # --- nearest neighbours: typicality and each image's best score to another patient
+
+def _neighbour_scores(
+    corpus: EmbeddedCorpus, scorer: PairScorer, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: typicality (mean cosine of its nearest neighbours) and its best score to another
+    patient's image among them."""
+    images, n = corpus.images, len(corpus)
     k = int(min(rows.size, 16))
     typicality = np.full(n, np.nan)
     best_other = np.full(n, np.nan)
@@ -257,8 +301,14 @@ def find_issues(
         first = np.where(other.any(1), other.argmax(1), -1)
         has = first >= 0
         best_other[rows[has]] = scorer.score(rows[has], nbr[has, first[has]])
+    return typicality, best_other
 
-    # --- own-patient scores: each image's best score to the other images under its id
+
+def _own_patient_scores(
+    corpus: EmbeddedCorpus, scorer: PairScorer, rows: np.ndarray
+) -> tuple[np.ndarray, dict[str, list[int]]]:
+    """Per image, its best score to the other images under its id; and the usable rows of each id."""
+    images, n = corpus.images, len(corpus)
     by_patient: dict[str, list[int]] = defaultdict(list)
     for i in rows:
         if images[i].patient_id is not None:
@@ -274,9 +324,17 @@ def find_issues(
         square[pa, pb] = s
         square[pb, pa] = s
         own_best[m] = square.max(1)
+    return own_best, by_patient
 
-    # --- images that do not belong (left out of the identity findings: a lateral or an inverted image
-    # scores low against its patient's frontals and high against other patients' laterals)
+
+def _outliers(
+    corpus: EmbeddedCorpus, rows: np.ndarray, typicality: np.ndarray
+) -> tuple[list[Finding], set[int], np.ndarray]:
+    """Images that do not belong: unreadable, blank, inverted, unlike the set's layout, or far from
+    every other image. They stay out of the identity findings: a lateral or an inverted image scores
+    low against its patient's frontals and high against other patients' laterals."""
+    n, ok = len(corpus), corpus.ok
+    findings: list[Finding] = []
     strays: set[int] = set()
     for i in np.flatnonzero(~ok):
         reason = corpus.errors[i] or ""
@@ -313,8 +371,15 @@ def find_issues(
             findings.append(
                 Finding("outlier", kind, why, [int(i)], flagged=[int(i)], confidence=min(1.0, severity / 20))
             )
+    return findings, strays, template_corr
 
-    # --- exact and near-exact copies
+
+def _copies(corpus: EmbeddedCorpus, rows: np.ndarray, pairs: _Pairs) -> tuple[list[Finding], dict[int, int]]:
+    """Exact and near-exact copies (identical files, identical pixels, near-identical pictures), and
+    the group of each copied row."""
+    images = corpus.images
+    a, b = pairs.a, pairs.b
+    findings: list[Finding] = []
     copies = _Union()
     copy_kind: dict[tuple[int, int], str] = {}
     for key, kind in ((corpus.sha256, "identical files"), (corpus.pixel_hash, "identical pixels")):
@@ -356,12 +421,23 @@ def find_issues(
             )
         )
     same_picture = {i: copies.find(i) for i in copies.parent}
+    return findings, same_picture
 
-    # --- possible mislabels: far from the rest of the patient's images
-    impostors = _impostor_sample(corpus, scorer)
-    low = min(float(np.quantile(impostors, MISLABEL_QUANTILE)) if impostors.size else threshold, threshold)
+
+def _mislabels(
+    corpus: EmbeddedCorpus,
+    pairs: _Pairs,
+    by_patient: dict[str, list[int]],
+    own_best: np.ndarray,
+    low: float,
+    same_picture: dict[int, int],
+    strays: set[int],
+) -> tuple[list[Finding], set[int]]:
+    """Possible mislabels: images far (below ``low``) from the rest of their patient's images."""
+    images = corpus.images
+    findings: list[Finding] = []
     matched_other: dict[int, tuple[int, float]] = {}
-    for x, y, s in zip(a, b, decided, strict=True):
+    for x, y, s in pairs:
         px, py = images[x].patient_id, images[y].patient_id
         if px is None or py is None or px == py:
             continue
@@ -401,13 +477,25 @@ def find_issues(
                 confidence=min(1.0, 0.5 * strength + (0.5 if looks_like else 0.0)),
             )
         )
+    return findings, mislabelled
 
-    # --- identities: ids linked by images the model calls one patient, and ids in several splits
+
+def _identities(
+    corpus: EmbeddedCorpus,
+    pairs: _Pairs,
+    left_out: set[int],
+    same_picture: dict[int, int],
+    single_bar: float,
+) -> list[Finding]:
+    """Ids linked by images the model calls one patient (duplicate identities), and ids or linked
+    images in several splits (leakage). ``left_out``: rows explained already (mislabels, strays)."""
+    images, ok = corpus.images, corpus.ok
+    findings: list[Finding] = []
     link = _Union()
     evidence: dict[tuple[str, str], list[tuple[int, int, float]]] = defaultdict(list)
-    for x, y, s in zip(a, b, decided, strict=True):
+    for x, y, s in pairs:
         px, py = images[x].patient_id, images[y].patient_id
-        if px is None or py is None or px == py or {x, y} & (mislabelled | strays):
+        if px is None or py is None or px == py or {x, y} & left_out:
             continue
         evidence[tuple(sorted((px, py)))].append((int(x), int(y), float(s)))
     splits_of: dict[str, set[str]] = defaultdict(set)
@@ -424,7 +512,6 @@ def find_issues(
     # matches (9,000 in a set of 4,264). A link rests on a shared picture, on several matching pairs
     # (MIN_SUPPORT of the possible ones), or on one pair above the score the set's own random pairs
     # of different patients reach once in all its pairs (a normal tail fitted to them).
-    single_bar = _chance_bar(impostors, rows.size)
     for (px, py), pairs in list(evidence.items()):
         copied = any(same_picture.get(x, -1) == same_picture.get(y, -2) for x, y, _ in pairs)
         several = len(pairs) > 1 and len(pairs) >= MIN_SUPPORT * count_of[px] * count_of[py]
@@ -497,23 +584,18 @@ def find_issues(
 
     for ids in clusters:
         emit(ids)
+    return findings
 
+
+def _ranked(findings: list[Finding]) -> list[Finding]:
+    """Findings by type, strongest first within a type, each given its id ("mislabel-3")."""
     order = {kind: k for k, kind in enumerate(FINDING_TYPES)}
     findings.sort(key=lambda f: (order[f.type], -f.confidence, -len(f.images), f.images[0]))
     numbers: Counter[str] = Counter()
     for finding in findings:
         numbers[finding.type] += 1
         finding.id = f"{finding.type}-{numbers[finding.type]}"
-    stats = {
-        "own_best": own_best,
-        "best_other": best_other,
-        "typicality": typicality,
-        "template_corr": template_corr,
-        "mislabel_below": np.asarray(low),
-        "impostors": impostors,
-        "single_pair_bar": np.asarray(single_bar),
-    }
-    return findings, stats
+    return findings
 
 
 # --------------------------------------------------------------------------------------------------
