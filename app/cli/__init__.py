@@ -1,168 +1,42 @@
 """The ``cxr-reid`` command line: one entry point, a subcommand per job.
 
-Model jobs (models, train, evaluate, checkpoint, phantoms) live here; gallery and service jobs (serve,
-enroll, reindex, audit) are registered by ``app.cli.commands``. Heavy imports happen inside each
-command so that ``cxr-reid --help`` stays fast.
+Each command group lives in its own module and adds its subcommands with ``register(subparsers)``:
+
+- ``app.cli.model``: models, train, evaluate, checkpoint, phantoms
+- ``app.cli.service``: serve, keys, check, healthcheck
+- ``app.cli.gallery``: enroll, sync, reindex
+- ``app.cli.site``: calibrate, adapt
+- ``app.cli.analysis``: audit, risk
+
+``app.cli.common`` holds what they share (logging, settings from the flags, the model and the gallery).
+Heavy imports happen inside each command so that ``cxr-reid --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-log = logging.getLogger("cxr_reid")
+from app.cli import analysis, gallery, model, service, site
+from app.cli.common import configure_logging, log
 
-
-def _cmd_models(args: argparse.Namespace) -> int:
-    from models.net.backbones import describe_variants, format_variants_table
-
-    rows = describe_variants(input_size=args.input_size, embedding_dim=args.embedding_dim, width=args.width)
-    sys.stdout.write((json.dumps(rows, indent=2) if args.json else format_variants_table(rows)) + "\n")
-    return 0
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from models.training.train import load_config, train
-
-    overrides = list(args.set or [])
-    if args.manifest:
-        overrides.append("data.manifests=" + json.dumps(args.manifest))
-    for flag, key in (
-        ("output", "output_dir"),
-        ("epochs", "optim.epochs"),
-        ("device", "optim.device"),
-        ("max_minutes", "optim.max_minutes"),
-        ("name", "name"),
-    ):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
-    config = load_config(args.config, overrides)
-    checkpoint = train(config, resume=args.resume, progress=not args.no_progress)
-    sys.stdout.write(f"{checkpoint}\n")
-    return 0
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from models.evaluation.evaluate import evaluate, format_report
-
-    result = evaluate(
-        args.manifest,
-        model=args.model,
-        split=args.split,
-        bootstrap=args.bootstrap,
-        plots_dir=args.plots,
-        max_impostor_pairs=args.max_impostor_pairs,
-        progress=not args.json,
-    )
-    sys.stdout.write((json.dumps(result) if args.json else format_report(result)) + "\n")
-    return 0
-
-
-def _cmd_phantoms(args: argparse.Namespace) -> int:
-    from models.imaging.phantom import write_phantom_set
-
-    manifest = write_phantom_set(
-        args.output, args.patients, args.studies, size=args.size, fmt=args.format, seed=args.seed
-    )
-    sys.stdout.write(f"{manifest}\n")
-    return 0
-
-
-def _cmd_checkpoint(args: argparse.Namespace) -> int:
-    from models.net.checkpoint import join_parts, split_file
-
-    if args.action == "split":
-        index = split_file(args.path, args.out or Path(args.path).parent, int(args.part_mib * 2**20))
-        sys.stdout.write(f"{index}\n")
-    else:
-        if not args.out:
-            raise ValueError("join needs --out FILE: where to write the rejoined checkpoint")
-        sys.stdout.write(f"{join_parts(args.path, args.out)}\n")
-    return 0
+#: The groups in the order their subcommands are listed by ``cxr-reid --help``.
+GROUPS = (model, service, gallery, site, analysis)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from models.evaluation.evaluate import SPLIT_CHOICES
-
     parser = argparse.ArgumentParser(prog="cxr-reid", description="Chest X-ray patient re-identification")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("models", help="list backbone variants with parameters and GFLOPs")
-    p.add_argument("--input-size", type=int, default=224, help="input side in pixels (default 224)")
-    p.add_argument("--embedding-dim", type=int, default=512)
-    p.add_argument("--width", type=int, default=64, help="channels of the first stage")
-    p.add_argument("--json", action="store_true", help="print JSON rows")
-    p.set_defaults(func=_cmd_models)
-
-    p = sub.add_parser("train", help="train an identity model from a config (torchrun for DDP)")
-    p.add_argument("--config", help="experiment config (TOML), e.g. configs/default.toml")
-    p.add_argument("--manifest", action="append", help="training manifest(s); replaces data.manifests")
-    p.add_argument("--output", help="run directory (default from the config)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--max-minutes", type=float, help="stop after this wall time, keeping the best epoch")
-    p.add_argument("--device", help="auto | cpu | cuda")
-    p.add_argument("--name", help="model name (the model id is name + content hash)")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's last.pt")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    p.set_defaults(func=_cmd_train)
-
-    p = sub.add_parser("evaluate", help="verification and retrieval metrics on a manifest")
-    p.add_argument("--model", help="checkpoint (default: the shipped model)")
-    p.add_argument("--manifest", required=True, help="manifest CSV (path,patient_id[,view,...])")
-    p.add_argument(
-        "--split",
-        choices=SPLIT_CHOICES,
-        default="auto",
-        help="auto: held-out patients of sets seen in training, all images of unseen sets",
-    )
-    p.add_argument("--bootstrap", type=int, default=200, help="patient-level bootstrap resamples (0 = none)")
-    p.add_argument("--max-impostor-pairs", type=int, default=1_000_000)
-    p.add_argument("--plots", help="write ROC and score-histogram PNGs here")
-    p.add_argument("--json", action="store_true", help="print exactly one JSON object")
-    p.set_defaults(func=_cmd_evaluate)
-
-    p = sub.add_parser(
-        "checkpoint",
-        help="split a checkpoint into parts of bounded size, or join them back (checked by sha256)",
-    )
-    p.add_argument("action", choices=("split", "join"))
-    p.add_argument("path", help="split: the checkpoint; join: its <name>.parts.json")
-    p.add_argument("--out", help="split: folder for the parts (default: beside it); join: the file to write")
-    p.add_argument("--part-mib", type=float, default=15.0, help="largest part, MiB (default 15)")
-    p.set_defaults(func=_cmd_checkpoint)
-
-    p = sub.add_parser("phantoms", help="write a synthetic identity-labelled phantom set (not radiographs)")
-    p.add_argument("output", help="output folder")
-    p.add_argument("--patients", type=int, default=20)
-    p.add_argument("--studies", type=int, default=3, help="studies per phantom patient")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--format", choices=("png", "dicom"), default="png")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_phantoms)
-
-    from app.cli.commands import register
-
-    register(sub)
+    for group in GROUPS:
+        group.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # faiss's loader logs each instruction-set build it tries and fails to find (a ModuleNotFoundError
-    # that reads like a failure); the service says once which build it runs instead (index.faiss_build).
-    logging.getLogger("faiss.loader").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:

@@ -1,0 +1,193 @@
+"""Running the HTTP service: ``serve`` starts it, ``keys`` manages its scoped API keys, ``check``
+opens its gallery offline the way it would at start, ``healthcheck`` asks a running one if it is ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TYPE_CHECKING
+
+from app.cli.common import Subparsers, add_settings_args, log, open_model_and_gallery, settings_from
+
+if TYPE_CHECKING:
+    from app.settings import Settings
+
+#: Hosts that only this machine can reach: serving there without an API key is allowed (with a warning).
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    settings = settings_from(args, host=args.host, port=args.port, workers=args.workers)
+    if settings.workers > 1:
+        log.error(
+            "--workers %d: a gallery data dir can be open in one process only (the gallery holds a file "
+            "lock and an in-memory index); run one worker, which serves requests from a thread pool",
+            settings.workers,
+        )
+        return 2
+    if not _keys_configured(settings):
+        if settings.host not in LOOPBACK_HOSTS and not settings.insecure:
+            log.error(
+                "no API key is configured, so the API would be open to anyone who can reach %s: add "
+                "one (`cxr-reid keys add --scope admin`, or CXR_REID_API_KEYS) or pass --insecure "
+                "(CXR_REID_INSECURE=1) to serve it open anyway",
+                settings.host,
+            )
+            return 2
+        log.warning(
+            "no API key is configured: the API is open to every client that can reach %s:%d "
+            "(`cxr-reid keys add` to require keys)",
+            settings.host,
+            settings.port,
+        )
+    import uvicorn  # only now: a refused start says so without loading torch first
+
+    from app.main import create_app
+    from models.net.embedder import DEFAULT_CHECKPOINT
+
+    checkpoint = settings.model_path or DEFAULT_CHECKPOINT
+    if not checkpoint.is_file():  # fail here, with a plain message, not in uvicorn's start-up traceback
+        what = "checkpoint" if settings.model_path else "the shipped default model (pass --model)"
+        raise FileNotFoundError(f"{what} not found: {checkpoint}")
+    log.info("serving on http://%s:%d (data dir %s)", settings.host, settings.port, settings.data_dir)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        reload=False,
+        access_log=False,  # it logs raw paths and query strings (patient ids); app.access logs templates
+    )
+    return 0
+
+
+def _keys_configured(settings: Settings) -> bool:
+    from app.service.keys import KeyStore
+
+    return bool(settings.api_key_list) or bool(KeyStore(settings.keys_path).keys())
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    """Manage the scoped API keys of a data dir; the running service sees changes at once."""
+    from app.service.keys import KeyStore
+
+    settings = settings_from(args)
+    store = KeyStore(settings.keys_path)
+    if args.action == "add":
+        key, token = store.add(args.scope, note=args.note or "", collections=args.collection)
+        sys.stderr.write(
+            f"added key {key.key_id} (scope {key.scope}) to {store.path}; give the client this key, "
+            "it is not shown again:\n"
+        )
+        sys.stdout.write(token + "\n")
+    elif args.action == "list":
+        sys.stdout.write(json.dumps([k.public() for k in store.keys().values()], indent=2) + "\n")
+    elif not store.revoke(args.key_id):
+        sys.stderr.write(f"no key {args.key_id!r} in {store.path}\n")
+        return 1
+    else:
+        sys.stderr.write(f"revoked key {args.key_id}\n")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Open the gallery offline the way the service does (integrity checks, orphan clean-up, FAISS
+    rebuilt if stale) and report; exit 1 with the reason when it cannot be served."""
+    from index import GalleryError
+
+    settings = settings_from(args)
+    try:
+        _, gallery = open_model_and_gallery(settings, allow_model_mismatch=True)
+    except GalleryError as exc:
+        sys.stderr.write(f"check failed: {exc}\n")
+        return 1
+    with gallery:
+        report = {
+            "data_dir": str(gallery.data_dir),
+            "images": len(gallery),
+            "collections": gallery.collections(),
+            "gallery_model_id": gallery.stored_model_id,
+            "orphaned_originals_removed": gallery.remove_orphan_blobs(),
+            "index_matches_database": gallery.is_consistent(),
+            "index": gallery.effective_index_factory,
+            "index_rebuilding": gallery.index_rebuilding,
+        }
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    return 0 if report["index_matches_database"] else 1
+
+
+def _cmd_healthcheck(args: argparse.Namespace) -> int:
+    """Exit 0 only when the local service answers /readyz with 200 (the container HEALTHCHECK)."""
+    import urllib.error
+    import urllib.request
+
+    port = args.port or settings_from(args).port
+    url = f"http://127.0.0.1:{port}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        detail = exc.read(2000).decode("utf-8", "replace")
+        sys.stderr.write(f"not ready: {url} answered {exc.code}: {detail}\n")
+        return 1
+    except OSError as exc:
+        sys.stderr.write(f"not ready: {url} did not answer ({exc})\n")
+        return 1
+    sys.stdout.write(f"ready: {url} answered {status}\n")
+    return 0 if status == 200 else 1
+
+
+def register(subparsers: Subparsers) -> None:
+    """Add serve, keys, check and healthcheck to ``cxr-reid``."""
+    p = subparsers.add_parser("serve", help="run the HTTP service (uvicorn)")
+    p.add_argument("--host", help="bind address (default: CXR_REID_HOST, else 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: CXR_REID_PORT, else 8000)")
+    p.add_argument("--workers", type=int, help="worker processes; the gallery allows only 1")
+    add_settings_args(p)
+    p.add_argument(
+        "--init",
+        action="store_true",
+        help="allow a new, empty gallery in a data dir that holds stored data but no database",
+    )
+    p.add_argument(
+        "--insecure", action="store_true", help="serve beyond loopback even with no API key configured"
+    )
+    p.set_defaults(func=_cmd_serve)
+
+    p = subparsers.add_parser(
+        "keys",
+        help="scoped API keys (read < write < admin), stored hashed in the data dir's keys.json",
+        description="add prints the new key once (stdout); list shows ids, scopes and notes; revoke "
+        "removes one. A running service picks the change up at its next request.",
+    )
+    p.add_argument("action", choices=["add", "list", "revoke"])
+    p.add_argument("key_id", nargs="?", help="revoke: the key id (from list)")
+    p.add_argument("--scope", choices=["read", "write", "admin"], default="read", help="add: default read")
+    p.add_argument("--note", help="add: who or what the key is for")
+    p.add_argument(
+        "--collection",
+        action="append",
+        help="add: limit the key to this collection (repeat for several; default: every collection)",
+    )
+    add_settings_args(p, model=False)
+    p.set_defaults(func=_cmd_keys)
+
+    p = subparsers.add_parser(
+        "check",
+        help="integrity check of a gallery data dir, offline: database, stored originals, FAISS index",
+        description="Runs SQLite's quick_check, refuses a data dir whose database is missing next to "
+        "stored data, removes stored originals no row references and rebuilds a stale FAISS index, as "
+        "the service does at start. Exit 0 when the gallery can be served, 1 with the reason if not.",
+    )
+    add_settings_args(p)
+    p.set_defaults(func=_cmd_check)
+
+    p = subparsers.add_parser(
+        "healthcheck",
+        help="exit 0 if the local service is ready (GET /readyz is 200), else 1: the container health check",
+    )
+    p.add_argument("--port", type=int, help="port (default: CXR_REID_PORT, else 8000)")
+    p.add_argument("--timeout", type=float, default=4.0, help="seconds to wait for the answer (default 4)")
+    p.set_defaults(func=_cmd_healthcheck)
