@@ -37,12 +37,12 @@ from app.api.routers import (
 )
 from app.api.schemas import ErrorResponse, FieldError, error_responses
 from app.api.status import status_of
+from app.service.alerts import ALERT_ACTIONS
 from app.service.errors import (
     BusyError,
     ServiceError,
 )
 from app.service.keys import FailedAuthLimiter, KeyStore
-from app.service.results import ALERT_ACTIONS
 from app.service.webhook import AlertWebhook
 from app.service.wiring import build_service, build_webhook, open_when_unlocked
 from app.settings import Settings

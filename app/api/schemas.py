@@ -8,7 +8,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from app.api.dependencies import clean_label
 from app.service.decoding import QueryImage
-from app.service.results import Alert, AlertView, ScoredRecord
+from app.service.results import AlertView, ScoredRecord
 from index import AlertRecord, ImageRecord
 from models.scoring.decide import OperatingPoint
 
@@ -219,10 +219,20 @@ class AlertOut(BaseModel):
     )
 
     @classmethod
-    def of(cls, alert: Alert | None) -> AlertOut | None:
+    def of(cls, alert: AlertRecord | None) -> AlertOut | None:
+        """An enrolment's stored alert, in the fields this answer has always carried."""
         if alert is None:
             return None
-        return cls(**alert.__dict__)
+        return cls(
+            kind=alert.kind,
+            message=alert.message,
+            score=alert.score,
+            other_patient_id=alert.other_patient_id,
+            other_image_id=alert.other_image_id,
+            own_best_score=alert.own_best_score,
+            own_images=alert.own_images,
+            alert_id=alert.alert_id,
+        )
 
 
 AlertState = Literal["open", "confirmed", "dismissed", "relabelled", "deleted"]

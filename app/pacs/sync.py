@@ -1,7 +1,8 @@
 """Pull radiographs from a PACS into the gallery: ``cxr-reid sync`` (issue 13).
 
-Two ways in, one enrolment path (:class:`Enroller`, through :meth:`app.service.reid.ReidService.enrol`, so
-each instance gets the wrong-patient check of ``POST /images`` against the gallery as it stands):
+Two ways in, one enrolment path (:class:`Enroller`, through :func:`app.service.ingest.ingest_instance`,
+the check-and-enrol path STOW-RS uses too, so each instance gets the wrong-patient check of
+``POST /images`` against the gallery as it stands):
 
 * :func:`sync_dicomweb`: QIDO-RS lists the studies (``ModalitiesInStudy`` and ``StudyDate`` filters,
   paged with limit/offset), oldest first; per study the series of the wanted modalities, per series the
@@ -37,13 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.service.decoding import Upload
 from app.service.errors import ServiceError
+from app.service.ingest import IngestStatus, InstanceRules, ingest_instance
 from app.service.reid import ReidService
-from app.service.results import Alert
-from index import GalleryError, ImageMetadata
+from index import AlertRecord, GalleryError
 from index._fs import atomic_write_bytes
-from models.imaging.dicom import read_dicom
 from models.imaging.preprocess import RADIOGRAPH_MODALITIES
 
 log = logging.getLogger(__name__)
@@ -72,7 +71,7 @@ class SyncAlert:
 
     image_id: int
     sop_instance_uid: str
-    alert: Alert
+    alert: AlertRecord
 
 
 @dataclass
@@ -163,6 +162,7 @@ class Enroller:
     ) -> None:
         self.service, self.summary = service, summary
         self.collection, self.modalities = collection, modalities
+        self.rules = InstanceRules(modalities=modalities)
         self.point = service.operating_point()
 
     def wanted(self, sop: str | None, modality: str | None) -> bool:
@@ -174,7 +174,7 @@ class Enroller:
                 "instance %s refused: Modality %s is not among %s", sop, modality, sorted(self.modalities)
             )
             return False
-        if sop and self.service.gallery.find_by_sop_instance_uid(sop, collection=self.collection):
+        if sop and self.service.find_by_sop_instance_uid(sop, collection=self.collection):
             self.summary.already += 1
             return False
         return True
@@ -184,46 +184,40 @@ class Enroller:
         self.summary.failed.append((name, reason))
 
     def enrol(self, data: bytes, name: str) -> bool:
-        """Check and enrol one DICOM file already counted by :meth:`wanted`; False when it failed
-        (refused and already-there instances are not failures)."""
+        """Check and enrol one DICOM file already counted by :meth:`wanted` (:func:`ingest_instance`);
+        False when it failed (refused and already-there instances are not failures)."""
         summary = self.summary
-        try:
-            header = read_dicom(data, header_only=True)
-            sop = str(header.get("SOPInstanceUID", "") or "").strip() or None
-            modality = str(header.get("Modality", "") or "").strip().upper()
-        except Exception as exc:  # pydicom raises many kinds on what is not DICOM
-            self.fail(name, f"not a readable DICOM file ({exc})")
+        done = ingest_instance(
+            self.service, data, collection=self.collection, point=self.point, rules=self.rules
+        )
+        sop, status, error = done.sop_instance_uid, done.status, done.error
+        if status is IngestStatus.UNREADABLE:
+            self.fail(name, f"not a readable DICOM file ({error})")
             return False
-        del header
-        if sop is None:
+        if sop is None:  # IngestStatus.NO_SOP_UIDS
             self.fail(name, "no SOPInstanceUID")
             return False
-        if modality not in self.modalities:
+        if status is IngestStatus.OTHER_MODALITY:
             summary.refused += 1
-            shown = modality or "(missing)"
+            shown = done.modality or "(missing)"
             log.info("instance %s refused: Modality %s is not among %s", sop, shown, sorted(self.modalities))
             return True
-        gallery = self.service.gallery
-        if gallery.find_by_sop_instance_uid(sop, collection=self.collection) is not None:
+        if status is IngestStatus.ALREADY_STORED:
             summary.already += 1
             return True
-        try:
-            decoded, vectors = self.service.embed_uploads([Upload(f"instance {sop}", data)])
-            [result] = self.service.enrol(
-                decoded, vectors, ImageMetadata(collection=self.collection), point=self.point
-            )
-        except ServiceError as exc:  # undecodable pixels, the quality gate, the decode budget
-            self.fail(sop, exc.detail)
+        if isinstance(error, ServiceError):  # undecodable pixels, the quality gate, the decode budget
+            self.fail(sop, error.detail)
             return False
-        except (GalleryError, ValueError) as exc:
-            self.fail(sop, f"could not be stored: {exc}")
+        if isinstance(error, (GalleryError, ValueError)):
+            self.fail(sop, f"could not be stored: {error}")
             return False
-        except Exception as exc:  # anything else is still one instance's failure, not the run's
-            log.exception("instance %s: unexpected error", sop)
-            self.fail(sop, f"unexpected error: {exc!r}")
+        if error is not None:  # anything else is still one instance's failure, not the run's
+            log.error("instance %s: unexpected error", sop, exc_info=error)
+            self.fail(sop, f"unexpected error: {error!r}")
             return False
+        result = done.result
         summary.enrolled += 1
-        if result.alert is not None:
+        if result is not None and result.alert is not None:
             image_id = result.record.image_id
             # the kind and ids only: the message names patients, which stay out of logs
             log.warning("wrong-patient alert %s on image %d (instance %s)", result.alert.kind, image_id, sop)

@@ -78,8 +78,9 @@ class DecodeBudget:
 
     Each image reserves what its header says decoding will take (``DECODE_BYTES_PER_PIXEL`` per
     pixel) before a pixel is decoded, and gives it back once prepared; a request waits up to
-    ``wait_seconds`` for room, then gets a 503 with Retry-After. Any mix of legal requests therefore
-    stays under the ceiling, instead of each one decoding as it pleases until the process is killed.
+    ``wait_seconds`` for room, then gets a :class:`~app.service.errors.BusyError` (worth retrying
+    after its ``retry_after``). Any mix of legal requests therefore stays under the ceiling, instead
+    of each one decoding as it pleases until the process is killed.
     """
 
     def __init__(self, capacity_bytes: int, wait_seconds: float) -> None:

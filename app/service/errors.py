@@ -9,8 +9,7 @@ log = logging.getLogger(__name__)
 
 
 class ServiceError(Exception):
-    """A request the service cannot serve, in domain terms; ``app.main`` maps each kind to an HTTP
-    status (the service layer knows nothing of HTTP)."""
+    """A request the service cannot serve, in domain terms (``detail`` says what and why)."""
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)

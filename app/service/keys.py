@@ -156,8 +156,9 @@ class KeyStore:
 
 class FailedAuthLimiter:
     """At most ``limit`` failed key checks per client address per ``window`` seconds; beyond that
-    the address gets 429 without a check, and the log gets one summary line per address and window
-    instead of one warning per attempt. ``clock`` gives the time in seconds (a test passes a fake one)."""
+    the address is refused without a check (``retry_after``), and the log gets one summary line per
+    address and window instead of one warning per attempt. ``clock`` gives the time in seconds (a
+    test passes a fake one)."""
 
     def __init__(
         self, limit: int = 20, window: float = 60.0, *, clock: Callable[[], float] = time.monotonic

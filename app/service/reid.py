@@ -1,5 +1,8 @@
-"""The re-identification service: a loaded model and its gallery; verify, search, enrol with the
-wrong-patient check, alert review, delete and the duplicates report. No HTTP here."""
+"""The re-identification service: a loaded model and its gallery; embed, verify, search, enrol
+with the wrong-patient check, and delete. Alert review (:mod:`app.service.alerts`) and the
+duplicates report (:mod:`app.service.duplicates`) are mixed into :class:`ReidService`, so callers
+see one service; DICOM instances come in through :mod:`app.service.ingest`. Failures are the
+domain errors of :mod:`app.service.errors`; no HTTP here."""
 
 from __future__ import annotations
 
@@ -9,52 +12,33 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from app.service.alerts import AlertReview
 from app.service.batcher import MicroBatcher
 from app.service.clientargs import ALL_COLLECTIONS
 from app.service.decoding import DecodeBudget, DecodedImage, QueryImage, Upload, decode_uploads, new_image
+from app.service.duplicates import DuplicatesReport
 from app.service.errors import ConflictError, InvalidInputError, NotFoundError, UnavailableError
 from app.service.phi import stored_original
 from app.service.results import (
-    ALERT_ACTIONS,
-    Alert,
-    AlertView,
-    Cluster,
-    DuplicateReport,
     EnrolResult,
+    GalleryStatus,
     PairVerdict,
     PatientVerdict,
     ScoredRecord,
 )
-from app.service.scoring import Scorer, record_key, resolve_operating_point
-from index import (
-    AlertNotOpenError,
-    AlertRecord,
-    DuplicatePair,
-    Gallery,
-    ImageMetadata,
-    ImageRecord,
-    NewAlert,
-    cluster_pairs,
-)
+from app.service.scoring import SCORE_SLACK, Scorer, record_key, resolve_operating_point
+from index import AlertRecord, Gallery, ImageMetadata, ImageRecord, NewAlert
 from models.net.embedder import Embedder
 from models.scoring.calibration import Calibration
 from models.scoring.decide import OperatingPoint, image_key, is_same_patient
 
 log = logging.getLogger(__name__)
 
-#: Candidates are fetched from FAISS this far below the threshold, then re-scored exactly, so a
-#: float-rounding difference between FAISS and numpy never drops a pair that verify would accept.
-SCORE_SLACK = 1e-4
-#: /duplicates: the loosest operating point it scans at, the most candidate pairs one scan may
-#: hold, and how many finished reports are kept for paging.
-DUPLICATES_LOWEST_FAR = 1e-1
-DUPLICATES_MAX_PAIRS = 200_000
-DUPLICATES_CACHED_REPORTS = 4
 #: Enrol-time matches reported per new image.
 ENROL_MATCHES = 5
 
 
-class ReidService:
+class ReidService(AlertReview, DuplicatesReport):
     """A loaded model and (when its vectors match the model) a gallery, safe to share across threads.
 
     Inference is serialised with a lock: torch already spreads one batch over the cores, and
@@ -78,6 +62,7 @@ class ReidService:
         on_alert: Callable[[str], None] | None = None,
         on_alert_event: Callable[[str, AlertRecord], None] | None = None,
     ) -> None:
+        super().__init__()  # DuplicatesReport: its lock and report cache
         self.embedder = embedder
         self._gallery = gallery
         self.gallery_problem = gallery_problem
@@ -93,8 +78,6 @@ class ReidService:
         self._batcher = MicroBatcher(self.embedder.embed_prepared)
         self._enrol_lock = threading.Lock()
         self._calibration_lock = threading.Lock()
-        self._duplicates_lock = threading.Lock()
-        self._duplicates_cache: dict[tuple, DuplicateReport] = {}
         self._use(self._stored_site_calibration() or embedder.calibration)
         # fail at start-up, not on the first request, when the default operating point is unusable
         self.operating_point()
@@ -151,7 +134,8 @@ class ReidService:
     ) -> Calibration:
         """Fit a site calibration on the gallery's labelled images, keep it in the gallery and use it.
 
-        Refused (409, nothing changes) when the labelled images cannot resolve a FAR asked for.
+        Refused (ConflictError, nothing changes) when the labelled images cannot resolve a FAR
+        asked for.
         """
         from models.scoring.site import CalibrationRefusedError, fit_site_calibration
 
@@ -194,10 +178,16 @@ class ReidService:
 
     @property
     def gallery(self) -> Gallery:
-        """The gallery, or 503 with the reason when it cannot serve (e.g. vectors of another model)."""
+        """The gallery; UnavailableError with the reason when none can serve (e.g. vectors of another
+        model). For the service's own modules: the API and PACS sync call the service's methods."""
         if self._gallery is None:
             raise UnavailableError(self.gallery_problem or "no gallery is open")
         return self._gallery
+
+    def ensure_gallery(self) -> None:
+        """UnavailableError now, with the reason, when no gallery can serve: a check before work
+        that will need one (reading a request body, say)."""
+        _ = self.gallery
 
     def attach_gallery(self, gallery: Gallery) -> None:
         """Serve a gallery opened after start-up (it was locked by another process until now)."""
@@ -211,6 +201,15 @@ class ReidService:
         if self._gallery is None:
             return 0
         return len(self._gallery)
+
+    def gallery_status(self) -> GalleryStatus:
+        """Size and index of the gallery being served (UnavailableError when none is)."""
+        gallery = self.gallery
+        return GalleryStatus(
+            images=self.gallery_size(),
+            index=gallery.effective_index_factory,
+            index_rebuilding=gallery.index_rebuilding,
+        )
 
     def readiness_problem(self) -> str | None:
         """None when ready; otherwise what is wrong, in words."""
@@ -283,6 +282,18 @@ class ReidService:
         if record is None or vector is None:
             raise NotFoundError(f"image {image_id} not found")
         return record, vector
+
+    def list_images(
+        self, *, patient_id: str | None, collection: str | None, offset: int, limit: int
+    ) -> tuple[list[ImageRecord], int]:
+        """A page of gallery images (filters None: any) and the total matching."""
+        return self.gallery.list_images(
+            patient_id=patient_id, collection=collection, offset=offset, limit=limit
+        )
+
+    def find_by_sop_instance_uid(self, uid: str, *, collection: str | None) -> ImageRecord | None:
+        """The image stored with this DICOM SOPInstanceUID in ``collection`` (None: any), if any."""
+        return self.gallery.find_by_sop_instance_uid(uid, collection=collection)
 
     def _vectors(self, image_ids: Sequence[int]) -> dict[int, np.ndarray]:
         """Stored vectors by id, for exact re-scoring (ids deleted meanwhile are left out)."""
@@ -445,18 +456,13 @@ class ReidService:
                 alert = self._alert(vector, image.patient_id, image.collection, point)
                 pending.append((matches, alert, existing.image_id if existing is not None else None))
             records, stored = gallery.add_with_alerts(
-                np.asarray(vectors, dtype=np.float32),
-                images,
-                [None if alert is None else _new_alert(alert, point) for _, alert, _ in pending],
+                np.asarray(vectors, dtype=np.float32), images, [alert for _, alert, _ in pending]
             )
         first_by_sha: dict[str, int] = {}
         results = []
-        for record, (matches, alert, duplicate_of), stored_alert in zip(
-            records, pending, stored, strict=True
-        ):
-            if alert is not None and stored_alert is not None:
-                alert.alert_id = stored_alert.alert_id
-                self._alert_event("raised", stored_alert)
+        for record, (matches, _, duplicate_of), alert in zip(records, pending, stored, strict=True):
+            if alert is not None:
+                self._alert_event("raised", alert)
             if duplicate_of is None and record.sha256 in first_by_sha:
                 duplicate_of = first_by_sha[record.sha256]  # same bytes twice in one request
             first_by_sha.setdefault(record.sha256 or "", record.image_id)
@@ -466,92 +472,11 @@ class ReidService:
         log.info("enrolled %d image(s): ids %s", len(records), [r.image_id for r in records])
         return results
 
-    def _alert_event(self, event: str, alert: AlertRecord) -> None:
-        """Tell the hook (webhook, counters); its failure never fails the request that caused it."""
-        if self._on_alert_event is None:
-            return
-        try:
-            self._on_alert_event(event, alert)
-        except Exception:
-            log.exception("alert %d: the %s hook failed", alert.alert_id, event)
-
-    # ---------------------------------------------------------------- stored alerts
-    def alert(self, alert_id: int) -> AlertRecord:
-        found = self.gallery.get_alert(alert_id)
-        if found is None:
-            raise NotFoundError(f"alert {alert_id} not found")
-        return found
-
-    def alert_view(self, alert: AlertRecord) -> AlertView:
-        gallery = self.gallery
-        other = gallery.get(alert.other_image_id) if alert.other_image_id is not None else None
-        return AlertView(alert, gallery.get(alert.image_id), other)
-
-    def list_alerts(
-        self, *, state: str | None, collection: str | None, offset: int, limit: int
-    ) -> tuple[list[AlertView], int]:
-        """A page of stored alerts, newest first, each with its images as they are now."""
-        alerts, total = self.gallery.list_alerts(
-            state=state, collection=collection, offset=offset, limit=limit
-        )
-        return [self.alert_view(a) for a in alerts], total
-
-    def open_alerts(self) -> int:
-        """Open alerts in the gallery (0 while none is open): the Prometheus gauge."""
-        if self._gallery is None:
-            return 0
-        try:
-            return self._gallery.count_alerts("open")
-        except Exception:  # a closing gallery: the scrape goes on
-            return 0
-
-    def resolve_alert(
-        self,
-        alert_id: int,
-        *,
-        action: str,
-        resolved_by: str,
-        patient_id: str | None = None,
-        note: str | None = None,
-    ) -> AlertRecord:
-        """Confirm (the image is misfiled), dismiss (a false alarm) or relabel (file the image under
-        ``patient_id``, by default the patient it matched) an open alert; recorded with who and when.
-        Under the enrolment lock: a relabel changes the labels an enrolment's check reads."""
-        state = ALERT_ACTIONS.get(action)
-        if state is None:
-            raise InvalidInputError(f"action must be one of {', '.join(ALERT_ACTIONS)}")
-        alert = self.alert(alert_id)
-        if action != "relabel" and patient_id is not None:
-            raise InvalidInputError("patient_id is only for the action 'relabel'")
-        new_patient = None
-        if action == "relabel":
-            new_patient = patient_id or alert.other_patient_id
-            if new_patient is None:
-                raise InvalidInputError(
-                    "relabel: give the patient_id to file the image under (this alert names no other patient)"
-                )
-        with self._enrol_lock:
-            try:
-                resolved = self.gallery.resolve_alert(
-                    alert_id, state=state, resolved_by=resolved_by, note=note, new_patient_id=new_patient
-                )
-            except AlertNotOpenError as exc:
-                raise ConflictError(
-                    f"alert {alert_id} is already {exc.alert.state}"
-                    + (f" (since {exc.alert.resolved_at})" if exc.alert.resolved_at else "")
-                    + "; nothing changed"
-                ) from None
-        if resolved is None:
-            raise NotFoundError(f"alert {alert_id} not found")
-        # ids only: the note and the patients stay out of the log
-        log.info("alert %d %s by %s (image %d)", alert_id, state, resolved_by, resolved.image_id)
-        self._alert_event(state, resolved)
-        return resolved
-
     def _alert(
         self, vector: np.ndarray, patient_id: str | None, collection: str, point: OperatingPoint
-    ) -> Alert | None:
-        """Wrong-patient check for an image filed under ``patient_id`` (None: nothing to check)."""
+    ) -> NewAlert | None:
+        """Wrong-patient check for an image filed under ``patient_id`` (None: nothing to check); the
+        alert as the gallery stores it, with the operating point it was decided at."""
         if patient_id is None:
             return None
         gallery, scorer = self.gallery, self.scorer
@@ -584,9 +509,15 @@ class ReidService:
                 for v, r in zip(decided, others, strict=True)
                 if is_same_patient(float(v), point)
             ]
+        decided_at = {
+            "threshold": point.threshold,
+            "far": point.far,
+            "source": point.source,
+            "calibration": dict(point.calibration),
+        }
         if scored:
             score, other = max(scored, key=lambda item: (item[0], -item[1].image_id))
-            return Alert(
+            return NewAlert(
                 kind="matches_other_patient",
                 message=(
                     f"filed under patient '{patient_id}' but matches image {other.image_id} of patient "
@@ -597,9 +528,10 @@ class ReidService:
                 other_image_id=other.image_id,
                 own_best_score=own_best,
                 own_images=len(own_records),
+                operating_point=decided_at,
             )
         if own_best is not None and not is_same_patient(own_best, point):
-            return Alert(
+            return NewAlert(
                 kind="no_match_with_own_images",
                 message=(
                     f"matches none of the {len(own_records)} earlier image(s) of patient '{patient_id}' "
@@ -608,6 +540,7 @@ class ReidService:
                 score=own_best,
                 own_best_score=own_best,
                 own_images=len(own_records),
+                operating_point=decided_at,
             )
         return None
 
@@ -625,95 +558,3 @@ class ReidService:
             )
         log.info("deleted %d image(s) of one patient", count)
         return count
-
-    # ---------------------------------------------------------------- duplicates
-    def duplicates_floor(self) -> float:
-        """The lowest threshold /duplicates scans at: the calibration's FAR 1e-1 point (below it a
-        large share of all pairs would be listed, at O(n^2) memory)."""
-        calibration = self.calibration
-        try:
-            return calibration.threshold_for(DUPLICATES_LOWEST_FAR)
-        except ValueError:
-            return min(calibration.thresholds.values())
-
-    def duplicates(
-        self, *, point: OperatingPoint, collection: str | None, conflicts_only: bool
-    ) -> DuplicateReport:
-        """Every pair at or above the threshold (exact scores), best first, and their clusters.
-
-        One report is computed at a time (concurrent requests wait instead of each holding the
-        O(n^2) scan in memory) and kept per gallery generation, collection, threshold and
-        calibration, so paging through it or asking again does not recompute it.
-        """
-        floor = self.duplicates_floor()
-        if point.threshold < floor:
-            raise InvalidInputError(
-                f"threshold {point.threshold:.4g} is below {floor:.4g}, the calibration's FAR "
-                f"{DUPLICATES_LOWEST_FAR:g} point: that would list a large share of all pairs; use a "
-                "higher threshold or a lower far"
-            )
-        gallery, scorer = self.gallery, self.scorer
-        with self._duplicates_lock:
-            key = (gallery.generation, collection, point.threshold, scorer)
-            report = self._duplicates_cache.pop(key, None) or self._compute_duplicates(
-                point, collection, scorer
-            )
-            self._duplicates_cache[key] = report  # most recent last
-            while len(self._duplicates_cache) > DUPLICATES_CACHED_REPORTS:
-                self._duplicates_cache.pop(next(iter(self._duplicates_cache)))
-        if not conflicts_only:
-            return report
-        conflicts = [p for p in report.pairs if p.conflict]
-        return DuplicateReport(conflicts, _clusters(conflicts), report.total_conflicts)
-
-    def _compute_duplicates(
-        self, point: OperatingPoint, collection: str | None, scorer: Scorer
-    ) -> DuplicateReport:
-        """The report for the cache key's scorer (not whatever calibration is in force by now)."""
-        candidates = self.gallery.duplicates(
-            collection=collection,
-            row_thresholds=lambda ids, vectors: scorer.floors(point.threshold, vectors) - SCORE_SLACK,
-            max_pairs=DUPLICATES_MAX_PAIRS,
-        )
-        vectors = self._vectors([i for p in candidates for i in (p.a.image_id, p.b.image_id)])
-        kept = []
-        for pair in candidates:
-            if pair.a.image_id not in vectors or pair.b.image_id not in vectors:
-                continue
-            _, score = scorer.pair(
-                vectors[pair.a.image_id], record_key(pair.a), vectors[pair.b.image_id], record_key(pair.b)
-            )
-            if is_same_patient(score, point):
-                kept.append(DuplicatePair(a=pair.a, b=pair.b, score=score, conflict=pair.conflict))
-        total_conflicts = sum(p.conflict for p in kept)
-        kept.sort(key=lambda p: (-p.score, p.a.image_id, p.b.image_id))
-        return DuplicateReport(kept, _clusters(kept), total_conflicts)
-
-
-def _new_alert(alert: Alert, point: OperatingPoint) -> NewAlert:
-    """An enrolment's alert as the gallery stores it, with the operating point it was decided at."""
-    return NewAlert(
-        kind=alert.kind,
-        message=alert.message,
-        score=alert.score,
-        other_patient_id=alert.other_patient_id,
-        other_image_id=alert.other_image_id,
-        own_best_score=alert.own_best_score,
-        own_images=alert.own_images,
-        operating_point={
-            "threshold": point.threshold,
-            "far": point.far,
-            "source": point.source,
-            "calibration": dict(point.calibration),
-        },
-    )
-
-
-def _clusters(pairs: list[DuplicatePair]) -> list[Cluster]:
-    """Connected components of the pairs' image ids, largest first, with their labels."""
-    label = {record.image_id: record.patient_id for pair in pairs for record in (pair.a, pair.b)}
-    out = []
-    for ids in sorted((sorted(c) for c in cluster_pairs(pairs)), key=lambda c: (-len(c), c[0])):
-        names = sorted({label[i] for i in ids}, key=lambda p: (p is None, p or ""))
-        out.append(Cluster(ids, names, conflict=sum(p is not None for p in names) > 1))
-    return out

@@ -1,4 +1,7 @@
-"""What the service answers, as plain data classes the API and the CLI turn into their own forms."""
+"""What the service answers, as plain data classes the API and the CLI turn into their own forms.
+
+A wrong-patient alert is the gallery's own record (``index.NewAlert`` as the check finds it,
+``index.AlertRecord`` once stored): its fields are declared there once, not copied here."""
 
 from __future__ import annotations
 
@@ -6,11 +9,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-from index import (
-    AlertRecord,
-    DuplicatePair,
-    ImageRecord,
-)
+from index import AlertRecord, DuplicatePair, ImageRecord
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +44,6 @@ class PatientVerdict:
 
 
 @dataclass
-class Alert:
-    kind: str  # "matches_other_patient" | "no_match_with_own_images"
-    message: str
-    score: float
-    other_patient_id: str | None = None
-    other_image_id: int | None = None
-    own_best_score: float | None = None
-    own_images: int = 0
-    alert_id: int | None = None  # its row in the gallery's alerts table, once stored
-
-
-#: POST /alerts/{id} actions and the state each leaves the alert in.
-ALERT_ACTIONS = {"confirm": "confirmed", "dismiss": "dismissed", "relabel": "relabelled"}
-
-
-@dataclass
 class AlertView:
     """A stored alert with its image and the image it matched, as they are now (None: deleted)."""
 
@@ -73,7 +56,7 @@ class AlertView:
 class EnrolResult:
     record: ImageRecord
     matches: list[ScoredRecord]
-    alert: Alert | None
+    alert: AlertRecord | None  # the wrong-patient alert as stored (index's record: one declaration)
     duplicate_of: int | None
 
 
@@ -84,6 +67,15 @@ class Cluster:
     image_ids: list[int]
     patient_ids: list[str | None]  # known ids first (sorted), then None if some are unlabelled
     conflict: bool  # more than one known patient id: a label is probably wrong
+
+
+@dataclass
+class GalleryStatus:
+    """What readiness reports of the gallery being served."""
+
+    images: int
+    index: str  # the FAISS index factory in effect
+    index_rebuilding: bool
 
 
 @dataclass

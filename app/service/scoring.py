@@ -20,6 +20,10 @@ from models.scoring.scorenorm import ScoreNorm
 
 log = logging.getLogger(__name__)
 
+#: Candidates are fetched from FAISS this far below the threshold, then re-scored exactly, so a
+#: float-rounding difference between FAISS and numpy never drops a pair that verify would accept.
+SCORE_SLACK = 1e-4
+
 
 def resolve_operating_point(
     calibration: Calibration,

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-import threading
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -38,12 +36,11 @@ from starlette.concurrency import run_in_threadpool
 from app.api.dependencies import AccessDep, Label, ServiceDep, SettingsDep, require_scope
 from app.api.schemas import error_responses
 from app.service.clientargs import ALL_COLLECTIONS
-from app.service.decoding import Upload
 from app.service.errors import InvalidInputError, PayloadTooLargeError, ServiceError, UnavailableError
+from app.service.ingest import IngestOutcome, IngestStatus, InstanceRules, ingest_instance
 from app.service.reid import ReidService
 from app.settings import Settings
-from index import GalleryError, GalleryFullError, GalleryValidationError, ImageMetadata
-from models.imaging.dicom import read_dicom
+from index import GalleryFullError, GalleryValidationError
 from models.imaging.preprocess import RADIOGRAPH_MODALITIES
 from models.scoring.decide import OperatingPoint
 
@@ -63,10 +60,6 @@ FAILURE_SOP_CLASS_NOT_SUPPORTED = 0x0122  # not a projection radiograph (Modalit
 
 #: RFC 2046 allows 70 characters, but Orthanc's DICOMweb plugin sends 73 (two UUIDs): be lenient.
 MAX_BOUNDARY = 200
-_UID = re.compile(r"[0-9.]{1,64}")
-#: One STOW at a time between "is this SOPInstanceUID stored?" and its enrolment, so that two
-#: requests sending the same instance store it once (a gallery has one writing process).
-_stow_lock = threading.Lock()
 
 
 @dataclass
@@ -193,27 +186,31 @@ async def _read_parts(request: Request, boundary: bytes, max_parts: int) -> _Col
     return collector
 
 
-def _uid(ds: Any, keyword: str) -> str | None:
-    value = str(ds.get(keyword, "") or "").strip("\0 ")
-    return value if _UID.fullmatch(value) else None
-
-
 def _store_one(
     service: ReidService, index: int, part: Part, *, collection: str, study: str | None, point: OperatingPoint
 ) -> Outcome:
-    """Check, embed and enrol one instance; every refusal becomes a failed Outcome, never an error."""
+    """Check, embed and enrol one instance (:func:`ingest_instance`); every refusal becomes a failed
+    Outcome, never an error."""
     name = f"instance {index + 1}"
     part_type = part.headers.get("content-type")
     if part_type and parse_options_header(part_type)[0].decode("latin-1").lower() != DICOM:
         return Outcome(
             None, None, FAILURE_CANNOT_UNDERSTAND, f"{name} has Content-Type {part_type!r}, not {DICOM}"
         )
-    try:
-        ds = read_dicom(part.data, header_only=True)
-    except Exception as exc:  # pydicom raises many kinds on what is not DICOM
-        return Outcome(None, None, FAILURE_CANNOT_UNDERSTAND, f"{name} is not a readable DICOM file ({exc})")
-    sop_class, sop = _uid(ds, "SOPClassUID"), _uid(ds, "SOPInstanceUID")
-    if sop_class is None or sop is None:
+    rules = InstanceRules(study=study, strict_uids=True)  # the answer names both SOP UIDs
+    done = ingest_instance(service, part.data, collection=collection, point=point, rules=rules)
+    return _outcome(done, name, study)
+
+
+def _outcome(done: IngestOutcome, name: str, study: str | None) -> Outcome:
+    """An ingest outcome in STOW-RS terms: a FailureReason code and the reason in words, or the
+    wrong-patient alert of a stored instance. An unexpected error is raised (the request's 500)."""
+    status, sop_class, sop, error = done.status, done.sop_class_uid, done.sop_instance_uid, done.error
+    if status is IngestStatus.UNREADABLE:
+        return Outcome(
+            None, None, FAILURE_CANNOT_UNDERSTAND, f"{name} is not a readable DICOM file ({error})"
+        )
+    if status is IngestStatus.NO_SOP_UIDS:
         return Outcome(
             sop_class,
             sop,
@@ -221,44 +218,38 @@ def _store_one(
             f"{name} is not a DICOM instance (no valid SOPClassUID and SOPInstanceUID)",
         )
     name = f"instance {sop}"
-    if study is not None and _uid(ds, "StudyInstanceUID") != study:
+    if status is IngestStatus.OTHER_STUDY:
         return Outcome(
             sop_class, sop, FAILURE_DATASET_MISMATCH, f"{name} belongs to another study than {study}"
         )
-    modality = str(ds.get("Modality", "") or "").strip().upper()
-    if modality not in RADIOGRAPH_MODALITIES:
+    if status is IngestStatus.OTHER_MODALITY:
         return Outcome(
             sop_class,
             sop,
             FAILURE_SOP_CLASS_NOT_SUPPORTED,
-            f"{name} has Modality {modality or '(missing)'}; only projection radiographs "
+            f"{name} has Modality {done.modality or '(missing)'}; only projection radiographs "
             f"({', '.join(sorted(RADIOGRAPH_MODALITIES))}) are enrolled",
         )
-    del ds
-    if service.gallery.find_by_sop_instance_uid(sop, collection=collection) is not None:
-        return Outcome(sop_class, sop)  # already stored: success, nothing to do (idempotent)
-    try:
-        decoded, vectors = service.embed_uploads([Upload(name, part.data)])
-    except PayloadTooLargeError as exc:
-        return Outcome(sop_class, sop, FAILURE_OUT_OF_RESOURCES, exc.detail)
-    except UnavailableError as exc:  # BusyError: the decode budget is taken; try again later
-        return Outcome(sop_class, sop, FAILURE_OUT_OF_RESOURCES, exc.detail)
-    except ServiceError as exc:  # InvalidInputError: undecodable pixels, the quality gate
-        return Outcome(sop_class, sop, FAILURE_CANNOT_UNDERSTAND, exc.detail)
-    try:
-        with _stow_lock:
-            if service.gallery.find_by_sop_instance_uid(sop, collection=collection) is not None:
-                return Outcome(sop_class, sop)
-            [result] = service.enrol(decoded, vectors, ImageMetadata(collection=collection), point=point)
-    except GalleryFullError as exc:
-        return Outcome(sop_class, sop, FAILURE_OUT_OF_RESOURCES, str(exc))
-    except GalleryValidationError as exc:
-        return Outcome(sop_class, sop, FAILURE_CANNOT_UNDERSTAND, f"{name}: {exc}")
-    except GalleryError as exc:
-        log.error("STOW-RS: %s could not be stored: %s", name, exc)
+    if status is IngestStatus.ALREADY_STORED:
+        return Outcome(sop_class, sop)  # success, nothing to do (idempotent)
+    if status is IngestStatus.NOT_DECODED and isinstance(error, ServiceError):
+        # too large, or the decode budget is taken (BusyError: try again later)
+        if isinstance(error, (PayloadTooLargeError, UnavailableError)):
+            return Outcome(sop_class, sop, FAILURE_OUT_OF_RESOURCES, error.detail)
+        # undecodable pixels, the quality gate
+        return Outcome(sop_class, sop, FAILURE_CANNOT_UNDERSTAND, error.detail)
+    if status is IngestStatus.NOT_STORED:
+        if isinstance(error, GalleryFullError):
+            return Outcome(sop_class, sop, FAILURE_OUT_OF_RESOURCES, str(error))
+        if isinstance(error, GalleryValidationError):
+            return Outcome(sop_class, sop, FAILURE_CANNOT_UNDERSTAND, f"{name}: {error}")
+        log.error("STOW-RS: %s could not be stored: %s", name, error)
         return Outcome(sop_class, sop, FAILURE_PROCESSING, f"{name} could not be stored; see the server log")
-    alert = result.alert
-    if alert is None:
+    if error is not None:  # IngestStatus.FAILED: the app's error handlers answer (500, or a service error's)
+        raise error
+    result = done.result
+    alert = result.alert if result is not None else None
+    if result is None or alert is None:
         return Outcome(sop_class, sop)
     # the kind and ids only: the message names patients, which stay out of logs
     log.warning("STOW-RS: wrong-patient alert %s on image %d (%s)", alert.kind, result.record.image_id, name)
@@ -387,7 +378,7 @@ async def _stow(
         raise InvalidInputError("collection must be a non-empty name other than '*'")
     access.collection(collection)
     boundary = _boundary(request.headers.get("content-type"))
-    service.gallery  # noqa: B018 -- 503 now, before the body is read, when there is no gallery to store in
+    service.ensure_gallery()  # 503 now, before the body is read, when there is no gallery to store in
     point = service.operating_point()
     collector = await _read_parts(request, boundary, settings.max_files)
     outcomes = await run_in_threadpool(

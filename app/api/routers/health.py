@@ -49,12 +49,12 @@ def readyz(request: Request) -> Readiness | JSONResponse:
         return JSONResponse({"detail": problem}, status_code=503)
     if not details:
         return Readiness()
-    gallery = service.gallery
+    gallery = service.gallery_status()
     return Readiness(
         model_id=service.model_id,
         embedding_dim=service.embedder.dim,
-        gallery_images=service.gallery_size(),
-        index=gallery.effective_index_factory,
+        gallery_images=gallery.images,
+        index=gallery.index,
         index_rebuilding=gallery.index_rebuilding,
         operating_point=OperatingPointOut.of(service.operating_point()),
         adaptation=AdaptationOut.of(service.embedder.training),

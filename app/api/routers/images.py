@@ -158,7 +158,7 @@ def list_images(
     offset: PageOffset = 0,
     limit: PageLimit = 100,
 ) -> ImagePage:
-    records, total = service.gallery.list_images(
+    records, total = service.list_images(
         patient_id=patient_id,
         collection=access.collection(collection_arg(collection, None)),
         offset=offset,
