@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from app.api.schemas import StoredAlertOut
 from app.main import create_app
 from app.server_process import ROOT, free_port
 from app.service.keys import KeyStore
@@ -268,6 +269,9 @@ def test_webhook_delivers_after_a_failure_without_holding_up_enrolment(
     event = got[1][1]
     assert event["event"] == "raised" and event["alert"]["alert_id"] == misfile["alert"]["alert_id"]
     assert event["alert"]["image_id"] == misfile["image_id"] and event["alert"]["state"] == "open"
+    stored = client.get(f"/alerts/{misfile['alert']['alert_id']}").json()
+    assert {key: stored[key] for key in event["alert"]} == event["alert"]  # the API's fields, as served
+    assert set(StoredAlertOut.model_fields) == set(event["alert"])
     client.post(f"/alerts/{misfile['alert']['alert_id']}", json={"action": "confirm"})
     got = receiver.wait_for(3)
     assert got[2][1]["event"] == "confirmed" and got[2][1]["alert"]["resolved_by"] == "anonymous"
