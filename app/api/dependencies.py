@@ -6,7 +6,7 @@ import hmac
 import logging
 import unicodedata
 from collections.abc import Callable
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, HTTPException, Path, Query, Request, UploadFile
 from fastapi.security import APIKeyHeader
@@ -18,7 +18,10 @@ from app.service.errors import InvalidInputError, NotFoundError, PayloadTooLarge
 from app.service.keys import SCOPES, ApiKey, KeyFileError, KeyStore
 from app.service.reid import ReidService
 from app.settings import Settings, key_fingerprint
-from index import ImageRecord
+from index import AlertRecord, ImageRecord
+
+if TYPE_CHECKING:  # schemas import this module (clean_label)
+    from app.api.schemas import AlertResolution
 
 log = logging.getLogger(__name__)
 
@@ -230,3 +233,26 @@ def upload_or_id(
     if file is None and image_id is None:
         raise InvalidInputError(f"missing '{file_field}' (an image) or '{id_field}' (a gallery image id)")
     return read_uploads([file], settings)[0] if file is not None else int(image_id)
+
+
+AlertIdPath = Annotated[int, Path(ge=1, le=MAX_IMAGE_ID, description="a stored alert's id")]
+
+
+def visible_alert(access: Access, alert: AlertRecord) -> AlertRecord:
+    """An alert of a collection the key may not use is "not found" (like its image)."""
+    if access.key is not None and not access.key.allows_collection(alert.collection):
+        raise NotFoundError(f"alert {alert.alert_id} not found")
+    return alert
+
+
+def resolve_as(service: ReidService, access: Access, alert_id: int, body: AlertResolution) -> AlertRecord:
+    """Resolve an alert the key may see, recorded with the key's id (``anonymous`` without keys): the
+    one path of ``POST /alerts/{id}`` and the review page's forms."""
+    visible_alert(access, service.alert(alert_id))
+    return service.resolve_alert(
+        alert_id,
+        action=body.action,
+        resolved_by=access.key.key_id if access.key is not None else "anonymous",
+        patient_id=body.patient_id,
+        note=body.note,
+    )

@@ -4,35 +4,25 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Query
 
 from app.api.dependencies import (
-    MAX_IMAGE_ID,
-    Access,
     AccessDep,
+    AlertIdPath,
     Label,
     PageLimit,
     PageOffset,
     ServiceDep,
     require_scope,
+    resolve_as,
+    visible_alert,
 )
 from app.api.schemas import AlertItem, AlertPage, AlertResolution, AlertState, error_responses
 from app.service.clientargs import collection_arg
-from app.service.errors import NotFoundError
-from app.service.reid import ReidService
-from index import AlertRecord
 
 router = APIRouter(tags=["alerts"])
 
-AlertIdPath = Annotated[int, Path(ge=1, le=MAX_IMAGE_ID, description="a stored alert's id")]
 NOT_FOUND = error_responses(404, e404="unknown alert id")
-
-
-def visible_alert(access: Access, alert: AlertRecord) -> AlertRecord:
-    """An alert of a collection the key may not use is "not found" (like its image)."""
-    if access.key is not None and not access.key.allows_collection(alert.collection):
-        raise NotFoundError(f"alert {alert.alert_id} not found")
-    return alert
 
 
 @router.get(
@@ -97,16 +87,3 @@ def resolve_alert(
     service: ServiceDep, access: AccessDep, alert_id: AlertIdPath, body: AlertResolution
 ) -> AlertItem:
     return AlertItem.of_view(service.alert_view(resolve_as(service, access, alert_id, body)))
-
-
-def resolve_as(service: ReidService, access: Access, alert_id: int, body: AlertResolution) -> AlertRecord:
-    """Resolve an alert the key may see, recorded with the key's id (``anonymous`` without keys): the
-    one path of ``POST /alerts/{id}`` and the review page's forms."""
-    visible_alert(access, service.alert(alert_id))
-    return service.resolve_alert(
-        alert_id,
-        action=body.action,
-        resolved_by=access.key.key_id if access.key is not None else "anonymous",
-        patient_id=body.patient_id,
-        note=body.note,
-    )

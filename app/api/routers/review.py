@@ -29,8 +29,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from PIL import Image
 from pydantic import ValidationError
 
-from app.api.dependencies import ServiceDep, authorise, get_access
-from app.api.routers.alerts import AlertIdPath, resolve_as
+from app.api.dependencies import AlertIdPath, ServiceDep, authorise, get_access, resolve_as
 from app.api.schemas import AlertResolution
 from app.api.status import status_of
 from app.reports import package_version, png_data_uri, render
