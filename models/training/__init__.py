@@ -1,2 +1,2 @@
-"""Training: the config (arcface_torch style), data (manifests, public-set readers, splits,
-augmentation, sampler), the training loop and site adaptation."""
+"""Training: the config (arcface_torch style), data (a package: manifests, public-set readers, splits,
+loading, label cleaning, augmentation, sampler), the training loop and site adaptation."""
