@@ -1,8 +1,13 @@
-"""The gallery: FAISS index + SQLite metadata and vectors (numpy only, no torch)."""
+"""The gallery: FAISS index + SQLite metadata and vectors (numpy only, no torch).
+
+``Gallery`` (index/gallery.py) is the read-write facade, one process at a time; ``GallerySnapshot``
+(index/snapshot.py) reads a data dir without lock or FAISS, for offline tools.
+"""
 
 from .alerts import ALERT_STATES, AlertNotOpenError, AlertRecord, NewAlert
+from .clusters import cluster_pairs
 from .faiss_index import PairLimitError, faiss_build, pairs_above
-from .gallery import Gallery, cluster_pairs
+from .gallery import Gallery
 from .records import (
     DuplicatePair,
     GalleryError,
@@ -16,6 +21,7 @@ from .records import (
     Match,
     NewImage,
 )
+from .snapshot import GallerySnapshot, is_gallery_dir
 
 __all__ = [
     "ALERT_STATES",
@@ -31,6 +37,7 @@ __all__ = [
     "GalleryIntegrityError",
     "GalleryLockedError",
     "GalleryModelMismatchError",
+    "GallerySnapshot",
     "GalleryValidationError",
     "ImageMetadata",
     "ImageRecord",
@@ -38,4 +45,5 @@ __all__ = [
     "NewImage",
     "cluster_pairs",
     "faiss_build",
+    "is_gallery_dir",
 ]

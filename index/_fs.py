@@ -1,13 +1,16 @@
 """Crash-safe file writes: temp file in the same directory, fsync, rename, fsync the directory.
 
 A reader (or a process restarted after kill -9 / power loss) then sees either the old file or the new
-one, never a torn one.
+one, never a torn one. Also here: private modes for gallery files, and telling a full disk apart
+from other write failures.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import sqlite3
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -89,3 +92,14 @@ def remove_stale_temps(directory: Path, name: str) -> None:
     for p in directory.glob(f".{name}.*.tmp"):
         with contextlib.suppress(OSError):
             p.unlink()
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC from a file write, or SQLite's "database or disk is full", however wrapped."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

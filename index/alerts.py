@@ -12,17 +12,24 @@ exists only for an image that was enrolled. Its life:
   resolved alerts keep their state when their image goes, as history).
 
 Who resolved it (an API key id) and when are kept with it; nothing is ever removed from the table.
+
+Here: the records, the SQL of the ``alerts`` table (functions on a connection, the caller owns the
+transaction) and ``AlertStore``, the reads and resolutions ``Gallery`` delegates to. Application
+state, kept in the gallery's database only so that an alert commits with its image.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .records import GalleryError
+from .records import GalleryError, GalleryValidationError, now_iso
+
+if TYPE_CHECKING:  # store.py imports this module (close_for_deleted)
+    from .store import Store
 
 #: Every state an alert can be in; the first is the only one that can still be resolved.
 ALERT_STATES = ("open", "confirmed", "dismissed", "relabelled", "deleted")
@@ -184,3 +191,62 @@ def close_for_deleted(conn: sqlite3.Connection, image_ids: Sequence[int], closed
         )
         closed += int(cur.rowcount)
     return closed
+
+
+class AlertStore:
+    """The alerts of one gallery: what ``Gallery.get_alert``, ``list_alerts``, ``count_alerts`` and
+    ``resolve_alert`` delegate to. Raising an alert is part of an enrolment (``Gallery.add_with_alerts``
+    calls ``insert`` in its transaction), so it is not here."""
+
+    def __init__(self, store: Store, check_open: Callable[[], None]) -> None:
+        self._store = store
+        self._check_open = check_open  # the gallery's: raises once it is closed
+
+    def get(self, alert_id: int) -> AlertRecord | None:
+        return get(self._store.reader(), int(alert_id))
+
+    def page(
+        self, *, state: str | None, collection: str | None, offset: int, limit: int
+    ) -> tuple[list[AlertRecord], int]:
+        """A page of alerts, newest first, and the total matching (state / collection None: any)."""
+        if int(offset) < 0 or int(limit) < 0:
+            raise GalleryValidationError("offset and limit must be >= 0")
+        if state is not None and state not in ALERT_STATES:
+            raise GalleryValidationError(f"state must be one of {', '.join(ALERT_STATES)}")
+        with self._store.read_txn() as conn:
+            return page(conn, state=state, collection=collection, offset=offset, limit=limit)
+
+    def count(self, state: str | None = "open") -> int:
+        return count(self._store.reader(), state)
+
+    def resolve(
+        self,
+        alert_id: int,
+        *,
+        state: str,
+        resolved_by: str,
+        note: str | None = None,
+        new_patient_id: str | None = None,
+    ) -> AlertRecord | None:
+        """Resolve an open alert; a relabel files its image under ``new_patient_id`` in the same
+        transaction (see ``Gallery.resolve_alert``)."""
+        if state not in RESOLVED_STATES:
+            raise GalleryValidationError(f"state must be one of {', '.join(RESOLVED_STATES)}")
+        if (state == "relabelled") != (new_patient_id is not None):
+            raise GalleryValidationError("new_patient_id is given with state 'relabelled', and only then")
+        store = self._store
+        with store.write_lock:
+            self._check_open()
+            with store.write_txn() as conn:
+                resolved = resolve(
+                    conn,
+                    alert_id,
+                    state=state,
+                    resolved_by=resolved_by,
+                    resolved_at=now_iso(),
+                    note=note,
+                    new_patient_id=new_patient_id,
+                )
+                if resolved is not None and new_patient_id is not None:
+                    store.relabel(conn, resolved.image_id, new_patient_id)
+        return resolved

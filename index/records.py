@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+
+def now_iso() -> str:
+    """The current time as the gallery stores it: ISO-8601 UTC, milliseconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")  # noqa: UP017 (py3.10)
 
 
 class GalleryError(Exception):

@@ -21,14 +21,13 @@ import re
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from . import alerts as alert_sql
 from ._fs import PRIVATE_FILE, atomic_write_bytes, fsync_dir, make_private_dir, restrict_file
-from .records import GalleryError, GalleryIntegrityError, ImageRecord
+from .records import GalleryError, GalleryIntegrityError, GalleryValidationError, ImageRecord, now_iso
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +117,32 @@ def blobs_to_matrix(blobs: Sequence[bytes], dim: int) -> np.ndarray:
     if not blobs:
         return np.empty((0, dim), dtype=np.float32)
     return np.frombuffer(b"".join(blobs), dtype="<f4").astype(np.float32).reshape(len(blobs), -1)
+
+
+def blob_path(images_dir: Path, sha256: str) -> Path:
+    """Where the stored original with this sha256 lies under a data dir's ``images/`` folder."""
+    return images_dir / sha256[:2] / sha256
+
+
+# ---------------------------------------------------------------- read-only access (index/snapshot.py)
+#: What a snapshot reads of every image, in this order.
+SNAPSHOT_COLUMNS = "image_id, patient_id, collection, source_path, blob_sha256, model_id, vector"
+
+
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """A ``mode=ro`` connection to the database at ``path`` (absolute): it writes nothing and takes
+    no gallery lock, so it may read while a server has the gallery open (WAL: it sees committed data)."""
+    return sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30.0)
+
+
+def read_meta(conn: sqlite3.Connection) -> dict[str, str]:
+    """The gallery's meta table (model_id, dim, generation, ...)."""
+    return dict(conn.execute("SELECT key, value FROM gallery_meta").fetchall())
+
+
+def read_images(conn: sqlite3.Connection) -> list[tuple]:
+    """``SNAPSHOT_COLUMNS`` of every image, by image_id."""
+    return conn.execute(f"SELECT {SNAPSHOT_COLUMNS} FROM images ORDER BY image_id").fetchall()
 
 
 class Store:
@@ -342,6 +367,25 @@ class Store:
         )
         return int(cur.lastrowid)
 
+    def inserted_record(self, image_id: int, row: dict, model_id: str, created_at: str) -> ImageRecord:
+        """The record of a row ``insert_image`` wrote (without reading it back)."""
+        return ImageRecord(
+            image_id=image_id,
+            model_id=model_id,
+            created_at=created_at,
+            stored_path=str(self.blob_path(row["blob_sha256"])) if row["blob_sha256"] else None,
+            patient_id=row["patient_id"],
+            collection=row["collection"],
+            source_path=row["source_path"],
+            sha256=row["sha256"],
+            sop_instance_uid=row["sop_instance_uid"],
+            study_instance_uid=row["study_instance_uid"],
+            view=row["view"],
+            study_date=row["study_date"],
+            split=row["split"],
+            tags=dict(row["tags"]),
+        )
+
     def to_record(self, row: Sequence) -> ImageRecord:
         (
             image_id,
@@ -498,36 +542,16 @@ class Store:
         rows = self.reader().execute(query, args).fetchall()
         return [(str(r[0]), str(r[1])) for r in rows], blobs_to_matrix([r[2] for r in rows], dim)
 
-    # ---------------------------------------------------------------- site calibrations
-    def save_calibration(self, model_id: str, body: dict, created_at: str) -> int:
-        """Store a calibration as the one in force for ``model_id``; earlier ones become history."""
-        with self.write_txn() as conn:
-            conn.execute("UPDATE calibrations SET active = 0 WHERE model_id = ?", (model_id,))
-            cur = conn.execute(
-                "INSERT INTO calibrations (model_id, created_at, body, active) VALUES (?, ?, ?, 1)",
-                (model_id, created_at, json.dumps(body, allow_nan=False)),
-            )
-            return int(cur.lastrowid)
-
-    def active_calibration(self, model_id: str) -> tuple[int, str, dict] | None:
-        """(id, created_at, body) of the calibration in force for ``model_id``, or None."""
-        row = (
-            self.reader()
-            .execute(
-                "SELECT calibration_id, created_at, body FROM calibrations WHERE model_id = ? AND active = 1 "
-                "ORDER BY calibration_id DESC LIMIT 1",
-                (model_id,),
-            )
-            .fetchone()
-        )
-        return None if row is None else (int(row[0]), str(row[1]), json.loads(row[2]))
-
-    def deactivate_calibrations(self, model_id: str) -> int:
-        with self.write_txn() as conn:
-            cur = conn.execute(
-                "UPDATE calibrations SET active = 0 WHERE model_id = ? AND active = 1", (model_id,)
-            )
-            return int(cur.rowcount)
+    def relabel(self, conn: sqlite3.Connection, image_id: int, patient_id: str | None) -> bool:
+        """File an image under another patient (None: unknown) inside a write transaction; False
+        when there is no such image. Bumps the generation: labels decide conflicts, so results
+        cached per generation (duplicates) must not outlive it."""
+        if patient_id is not None and (not isinstance(patient_id, str) or not patient_id.strip()):
+            raise GalleryValidationError("patient_id must be a non-empty string or None")
+        cur = conn.execute("UPDATE images SET patient_id = ? WHERE image_id = ?", (patient_id, int(image_id)))
+        if cur.rowcount:
+            self.bump_generation(conn)
+        return bool(cur.rowcount)
 
     def find_by_sha256(self, sha256: str, collection: str | None) -> ImageRecord | None:
         return self._find_first("sha256", sha256, collection)
@@ -562,13 +586,12 @@ class Store:
             marks = ",".join("?" * len(part))
             conn.execute(f"DELETE FROM images WHERE image_id IN ({marks})", part)
             conn.execute(f"DELETE FROM reindex_staging WHERE image_id IN ({marks})", part)
-        now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")  # noqa: UP017 (as gallery.py)
-        alert_sql.close_for_deleted(conn, ids, now)
+        alert_sql.close_for_deleted(conn, ids, now_iso())
         return ids, {str(r[1]) for r in rows}, {str(r[2]) for r in rows if r[2]}
 
     # ---------------------------------------------------------------- blobs
     def blob_path(self, sha256: str) -> Path:
-        return self.images_dir / sha256[:2] / sha256
+        return blob_path(self.images_dir, sha256)
 
     def write_blob(self, data: bytes, sha256: str | None = None) -> tuple[str, bool]:
         """Store ``data`` content-addressed and durably (temp + fsync + rename + dir fsync).

@@ -309,7 +309,7 @@ def test_add_rejects_bad_vectors_and_leaves_nothing(gallery: Gallery, rng, make)
     with pytest.raises(GalleryValidationError):
         gallery.add(make(x), images)
     assert len(gallery) == 0 and blob_files(gallery.data_dir) == []
-    assert gallery._index.ntotal == 0 and gallery.is_consistent()
+    assert gallery._live.current.ntotal == 0 and gallery.is_consistent()
 
 
 def test_add_rejects_bad_images(gallery: Gallery, rng):
@@ -342,7 +342,7 @@ def test_add_failure_inside_transaction_rolls_back_rows_blobs_and_faiss(gallery:
     images = [NewImage(blob=b"kept"), NewImage(blob=b"new-1"), NewImage(blob=b"new-2")]
     with pytest.raises(GalleryError, match="disk full"):
         gallery.add(unit(rng, 3), images)
-    assert len(gallery) == 1 and gallery._index.ntotal == 1 and gallery.is_consistent()
+    assert len(gallery) == 1 and gallery._live.current.ntotal == 1 and gallery.is_consistent()
     assert blob_files(gallery.data_dir) == [Path(kept.stored_path)]  # new blobs gone, old one kept
     monkeypatch.undo()
     recs = gallery.add(unit(rng, 3), images)  # and the gallery still works
@@ -670,5 +670,5 @@ def test_readiness_check_is_cheap_and_falls_back_to_the_full_one(gallery: Galler
     real = gallery.is_consistent
     monkeypatch.setattr(gallery, "is_consistent", lambda: full.append(1) or real())
     assert gallery.looks_consistent() and full == []  # counts agree: no id lists loaded
-    gallery._index.remove(np.asarray([1], dtype=np.int64))  # FAISS drifts from SQLite (a bug)
+    gallery._live.current.remove(np.asarray([1], dtype=np.int64))  # FAISS drifts from SQLite (a bug)
     assert not gallery.looks_consistent() and full == [1]

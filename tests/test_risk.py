@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from app.analysis.defences import gaussian_blur, global_ssim, psnr
 from app.analysis.risk import (
     Links,
     RiskError,
@@ -20,10 +21,7 @@ from app.analysis.risk import (
     choose_defences,
     expected_links,
     far_thresholds,
-    gaussian_blur,
-    global_ssim,
     linkability,
-    psnr,
     read_gallery,
 )
 from app.cli import main
