@@ -2,7 +2,7 @@
 
 For each leave-one-site-out fold (a checkpoint trained without that site's sets, e.g. the GPU
 recipe's ``runs/gpu/<recipe>/holdout-<site>/model.pt``), the site's patients are split in halves
-(``models.scoring.site.half_split``, ``--halvings`` seeds). Half A is what the hospital has labelled, half B
+(``models.training.site.half_split``, ``--halvings`` seeds). Half A is what the hospital has labelled, half B
 its other patients. On half B:
 
 1. **base**: the fold's network as shipped (its own thresholds: the FAR they deliver there);
@@ -38,15 +38,15 @@ from typing import Any
 
 import numpy as np
 
+from models.data import Sample, read_manifest
 from models.evaluation.evaluate import embed_samples
 from models.evaluation.metrics import evaluate_embeddings, pair_scores
 from models.net.checkpoint import load_checkpoint
 from models.net.embedder import Embedder
 from models.scoring.calibration import Calibration
 from models.scoring.scorenorm import ScoreNorm, patient_key
-from models.scoring.site import CalibrationRefusedError, fit_site_calibration, half_split
 from models.training.adapt import AdaptSettings, SiteData, adapt
-from models.training.data import Sample, read_manifest
+from models.training.site import CalibrationRefusedError, fit_site_calibration, half_split
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.adaptation")

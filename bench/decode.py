@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from models.data import read_manifest
 from models.evaluation.benchkit import embed_in_batches, median_ms
 from models.evaluation.metrics import pair_scores, verification_metrics
 from models.imaging.preprocess import PreprocessConfig, decode_image, prepare
 from models.net.embedder import Embedder
-from models.training.data import read_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.decode")

@@ -152,9 +152,9 @@ def auc_guard(
     """Verification AUC of the default path and of each variant that keeps cosine >= 0.999 and is
     faster, on every set under ``data_dir``; the change per set is what the 0.001 rule reads.
     ``networks`` are the variants ``variants`` built and timed (built once: compiling is slow)."""
+    from models.data import read_manifest
     from models.evaluation.evaluate import select_split
     from models.evaluation.metrics import pair_scores, verification_metrics
-    from models.training.data import read_manifest
 
     candidates = [
         name

@@ -175,11 +175,11 @@ def evaluate_fold(
 
     import numpy as np
 
+    from models.data import read_manifest
     from models.evaluation.evaluate import embed_samples, select_split
     from models.evaluation.metrics import evaluate_embeddings
     from models.net.embedder import Embedder
-    from models.scoring.site import split_half
-    from models.training.data import read_manifest
+    from models.training.site import split_half
 
     members = [Embedder.from_checkpoint(d / "model.pt") for d in (fold_dir, *partners)]
     if tta is not None:
@@ -422,8 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from models.data import dataset_name
     from models.training.config import ConfigError, load_config
-    from models.training.data import dataset_name
 
     try:
         config = load_config(args.config, args.set)

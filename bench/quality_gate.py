@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from app.service.decoding import decode_source
 from app.service.errors import InvalidInputError
-from models.training.data import read_manifest
+from models.data import read_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.quality_gate")

@@ -5,7 +5,7 @@
 """
 
 from .alerts import ALERT_STATES, AlertNotOpenError, AlertRecord, NewAlert
-from .clusters import cluster_pairs
+from .clusters import UnionFind, cluster_pairs
 from .faiss_index import PairLimitError, faiss_build, pairs_above
 from .gallery import Gallery
 from .records import (
@@ -43,6 +43,7 @@ __all__ = [
     "ImageRecord",
     "Match",
     "NewImage",
+    "UnionFind",
     "cluster_pairs",
     "faiss_build",
     "is_gallery_dir",

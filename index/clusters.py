@@ -8,6 +8,7 @@ a flat copy of one collection's vectors (``faiss_index.pairs_above``), read in o
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -60,24 +61,41 @@ def duplicate_pairs(
     return pairs
 
 
-def cluster_pairs(pairs: Iterable[DuplicatePair]) -> list[list[int]]:
-    """Connected components of image ids linked by pairs (union-find); largest first, ids ascending."""
-    parent: dict[int, int] = {}
+T = TypeVar("T")
 
-    def find(i: int) -> int:
-        parent.setdefault(i, i)
-        root = i
-        while parent[root] != root:
-            root = parent[root]
-        while parent[i] != root:  # path compression
-            parent[i], i = root, parent[i]
+
+class UnionFind(Generic[T]):
+    """Disjoint sets of hashable items (path compression): the clusters of the duplicates report here,
+    and the copies and linked identities of the dataset audit (``app.analysis.audit``)."""
+
+    def __init__(self) -> None:
+        self.parent: dict[T, T] = {}
+
+    def find(self, x: T) -> T:
+        self.parent.setdefault(x, x)
+        root = x
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[x] != root:
+            self.parent[x], x = root, self.parent[x]
         return root
 
-    for p in pairs:
-        ra, rb = find(p.a.image_id), find(p.b.image_id)
+    def union(self, a: T, b: T) -> None:
+        ra, rb = self.find(a), self.find(b)
         if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    groups: dict[int, list[int]] = {}
-    for i in parent:
-        groups.setdefault(find(i), []).append(i)
-    return sorted((sorted(g) for g in groups.values()), key=lambda g: (-len(g), g[0]))
+            self.parent[rb] = ra
+
+    def groups(self) -> list[list[T]]:
+        """Every set seen, in the order its first item was seen."""
+        out: dict[T, list[T]] = {}
+        for x in self.parent:
+            out.setdefault(self.find(x), []).append(x)
+        return list(out.values())
+
+
+def cluster_pairs(pairs: Iterable[DuplicatePair]) -> list[list[int]]:
+    """Connected components of image ids linked by pairs; largest first, ids ascending."""
+    sets: UnionFind[int] = UnionFind()
+    for p in pairs:
+        sets.union(p.a.image_id, p.b.image_id)
+    return sorted((sorted(g) for g in sets.groups()), key=lambda g: (-len(g), g[0]))

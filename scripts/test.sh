@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Install into .venv and run every check: ruff (lint + format) and the pytest suite (CPU, minutes),
-# the suite spread over one pytest-xdist worker per core (at most 4; PYTEST_WORKERS=N overrides, 1 runs
-# it in one process). `--fast`, as the first argument, runs only the quick tests: none marked slow,
-# server, pacs, browser or install (pyproject.toml lists the markers), in one process, about a minute.
-# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k gallery`, `bash scripts/test.sh --fast -x`.
+# Install into .venv and run every check: ruff (lint + format), the import rules (import-linter) and
+# the pytest suite (CPU, minutes), spread over one pytest-xdist worker per core (at most 4;
+# PYTEST_WORKERS=N overrides, 1 runs it in one process). `--fast`, as the first argument, runs only the
+# quick tests: none marked slow, server, pacs, browser or install (pyproject.toml lists the markers),
+# in one process, about a minute. Extra arguments go to pytest, e.g. `bash scripts/test.sh -k gallery`,
+# `bash scripts/test.sh --fast -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FAST=0
@@ -32,6 +33,7 @@ if [ "$FAST" = 0 ] && [ ${#missing[@]} -gt 0 ]; then
 fi
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
+"$VENV/bin/lint-imports" --no-cache  # the import rules of ARCHITECTURE.md (pyproject.toml)
 if [ "$FAST" = 1 ]; then
     exec "$VENV/bin/python" -m pytest -q -m "not slow and not server and not pacs and not browser and not install" "$@"
 fi

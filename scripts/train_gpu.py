@@ -77,8 +77,8 @@ def plan_runs(
 ) -> list[RunSpec]:
     """The full run of each recipe (``<recipe>/full``), then (``folds``) one run per held-out site
     (``<recipe>/holdout-<site>``, the layout ``bench/generalisation.py --no-train`` evaluates)."""
+    from models.data import dataset_name
     from models.training.config import load_config
-    from models.training.data import dataset_name
 
     common = [f"data.manifests={json.dumps(manifests)}", *overrides]
     sets = [dataset_name(m) for m in manifests]
@@ -96,8 +96,8 @@ def plan_runs(
 
 def _decode(config_path: str, overrides: list[str]) -> str:
     """Decode and cache one recipe's images (the cache key is the preprocessing and the paths)."""
+    from models.data import load_images, read_manifests
     from models.training.config import load_config
-    from models.training.data import load_images, read_manifests
 
     config = load_config(config_path, overrides)
     samples = read_manifests(config.data.manifests)

@@ -22,11 +22,11 @@ from PIL import Image
 
 from app.cli import main
 from app.server_process import ROOT, Server, free_port, uvicorn_command
+from models.data import read_dicom_folder, read_manifest
 from models.imaging.phantom import write_phantom_set
 from models.net.checkpoint import load_checkpoint
 from models.net.embedder import Embedder
 from models.training.adapt import AdaptRefusedError, AdaptSettings, SiteData, adapt, split_patients
-from models.training.data import read_dicom_folder, read_manifest
 
 #: what makes the phantom site's adaptation clearly better than its base (measured: AUC 0.69 -> 0.89)
 STEPS, LR = 120, 1e-3
@@ -142,7 +142,7 @@ def test_adapt_learns_a_site_where_the_base_is_weak(
 
 
 def test_the_split_holds_back_patients_not_images() -> None:
-    from models.training.data import Sample
+    from models.data import Sample
 
     samples = [
         Sample(path=f"/x/{p}-{k}.png", patient_id=f"s:{p}", dataset="s") for p in range(50) for k in range(3)

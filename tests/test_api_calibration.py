@@ -160,7 +160,7 @@ def test_serving_a_site_calibrated_checkpoint(tmp_path: Path, tiny_checkpoint: P
     from app.main import create_app
     from app.settings import Settings
     from models.imaging.phantom import write_phantom_set
-    from models.scoring.site import calibrate_checkpoint
+    from models.training.site import calibrate_checkpoint
 
     manifest = write_phantom_set(tmp_path / "site", 25, 3, size=64, seed=9)
     site = tmp_path / "site.pt"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.training.data import (
+from models.data import (
     AugmentConfig,
     ManifestError,
     PKSampler,

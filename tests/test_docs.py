@@ -128,3 +128,16 @@ def test_docs_render_offline_in_headless_chromium(
     redoc = render("/redoc")
     for _, _, op in operations:
         assert op["summary"] in redoc
+
+
+def test_bench_uses_the_installed_package_not_the_tests() -> None:
+    """bench/ scripts run from a clean checkout with the package installed: no sys.path edits, no
+    imports from tests/ (the server harness lives in app.server_process)."""
+    root = Path(__file__).resolve().parents[1]
+    offenders = [
+        f"{path.name}:{n}"
+        for path in sorted((root / "bench").glob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if "sys.path" in line or line.lstrip().startswith(("from tests", "import tests"))
+    ]
+    assert offenders == []

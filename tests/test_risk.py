@@ -404,7 +404,7 @@ def _bench() -> object:
 def test_bench_split_keeps_earlier_images_of_overlap_patients_in_the_reference(
     phantom_set: Path, tmp_path: Path
 ) -> None:
-    from models.training.data import read_manifest
+    from models.data import read_manifest
 
     release, reference, counts = _bench().split_release(phantom_set, tmp_path, seed=0)
     assert counts == {"overlap": 3, "release_only": 2, "reference_only": 1}

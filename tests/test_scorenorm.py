@@ -9,7 +9,7 @@ from conftest import synthetic_site
 
 from models.evaluation.metrics import pair_scores
 from models.scoring.scorenorm import MAX_PER_PATIENT, UNKNOWN, ScoreNorm, choose_cohort, patient_key
-from models.scoring.site import fit_site_calibration, split_half
+from models.training.site import fit_site_calibration, split_half
 
 
 def test_cohort_caps_each_patient_and_the_size() -> None:

@@ -9,7 +9,7 @@ import pytest
 from conftest import synthetic_site
 
 from models.net.checkpoint import load_checkpoint
-from models.scoring.site import (
+from models.training.site import (
     MIN_FALSE_ACCEPTS,
     CalibrationRefusedError,
     calibrate_checkpoint,

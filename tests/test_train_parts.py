@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.imaging.preprocess import PreprocessConfig, equalize_histogram, prepare
-from models.training.data import (
+from models.data import (
     AugmentConfig,
     PKSampler,
     Sample,
@@ -22,6 +21,7 @@ from models.training.data import (
     merge_duplicate_identities,
     near_duplicate_pairs,
 )
+from models.imaging.preprocess import PreprocessConfig, equalize_histogram, prepare
 from models.training.train import _lr_factor, load_config, train
 
 

@@ -35,7 +35,7 @@ import faiss
 import numpy as np
 
 from app.analysis.corpus import CorpusError, EmbeddedCorpus, embed_corpus, load_corpus
-from index import PairLimitError, pairs_above
+from index import PairLimitError, UnionFind, pairs_above
 from models.net.embedder import Embedder
 from models.scoring.calibration import Calibration
 from models.scoring.decide import PairScorer
@@ -181,37 +181,6 @@ def _centred(signatures: np.ndarray) -> np.ndarray:
     s = signatures.astype(np.float32)
     s -= s.mean(axis=1, keepdims=True)
     return s / np.maximum(np.linalg.norm(s, axis=1, keepdims=True), 1e-6)
-
-
-class _Union:
-    """Union-find over hashable items."""
-
-    def __init__(self) -> None:
-        self.parent: dict[Any, Any] = {}
-
-    def find(self, x: Any) -> Any:
-        self.parent.setdefault(x, x)
-        root = x
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[x] != root:
-            self.parent[x], x = root, self.parent[x]
-        return root
-
-    def union(self, a: Any, b: Any) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
-
-    def groups(self) -> list[list[Any]]:
-        out: dict[Any, list[Any]] = defaultdict(list)
-        for x in self.parent:
-            out[self.find(x)].append(x)
-        return list(out.values())
-
-
-# --------------------------------------------------------------------------------------------------
-# the findings
 
 
 @dataclass
@@ -380,7 +349,7 @@ def _copies(corpus: EmbeddedCorpus, rows: np.ndarray, pairs: _Pairs) -> tuple[li
     images = corpus.images
     a, b = pairs.a, pairs.b
     findings: list[Finding] = []
-    copies = _Union()
+    copies: UnionFind[int] = UnionFind()
     copy_kind: dict[tuple[int, int], str] = {}
     for key, kind in ((corpus.sha256, "identical files"), (corpus.pixel_hash, "identical pixels")):
         groups: dict[str, list[int]] = defaultdict(list)
@@ -491,7 +460,7 @@ def _identities(
     images in several splits (leakage). ``left_out``: rows explained already (mislabels, strays)."""
     images, ok = corpus.images, corpus.ok
     findings: list[Finding] = []
-    link = _Union()
+    link: UnionFind[str] = UnionFind()
     evidence: dict[tuple[str, str], list[tuple[int, int, float]]] = defaultdict(list)
     for x, y, s in pairs:
         px, py = images[x].patient_id, images[y].patient_id

@@ -36,9 +36,9 @@ from app.service.decoding import decode_source, sha256_of
 from app.service.enrollment import decode_workers, items_from_folder
 from app.service.errors import InvalidInputError
 from index._fs import atomic_write
+from models.data import ManifestError, read_manifest
 from models.imaging.preprocess import Radiograph
 from models.net.embedder import Embedder
-from models.training.data import ManifestError, read_manifest
 
 log = logging.getLogger(__name__)
 

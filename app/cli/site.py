@@ -36,7 +36,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         return 2
     settings = settings_from(args)
     if args.manifest:
-        from models.scoring.site import CalibrationRefusedError, calibrate_checkpoint
+        from models.training.site import CalibrationRefusedError, calibrate_checkpoint
 
         if args.data_dir:
             log.error("give --manifest (a site's labelled images) or --data-dir (a gallery), not both")
@@ -108,8 +108,8 @@ def _site_data(args: argparse.Namespace, settings: Settings) -> SiteData:
     """The site's labelled images for ``adapt``: a manifest CSV, a DICOM folder, or a gallery."""
     from pathlib import Path
 
+    from models.data import check_files_exist, read_dicom_folder, read_manifest
     from models.training.adapt import SiteData
-    from models.training.data import check_files_exist, read_dicom_folder, read_manifest
 
     if args.manifest:
         source = Path(args.manifest)
@@ -124,7 +124,7 @@ def _site_data(args: argparse.Namespace, settings: Settings) -> SiteData:
         check_files_exist(samples, source)
         return SiteData(samples, f"manifest {source.name}")
     from index import GalleryError
-    from models.training.data import Sample
+    from models.data import Sample
 
     data_dir = Path(settings.data_dir)
     if not data_dir.is_dir():
@@ -155,9 +155,9 @@ def _site_data(args: argparse.Namespace, settings: Settings) -> SiteData:
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
+    from models.data import ManifestError
     from models.scoring.decide import parse_fars
     from models.training.adapt import AdaptRefusedError, AdaptSettings, adapt
-    from models.training.data import ManifestError
 
     if bool(args.manifest) == bool(args.data_dir):
         log.error("give --manifest (a CSV or a DICOM folder) or --data-dir (a gallery, server stopped)")

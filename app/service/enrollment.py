@@ -21,9 +21,9 @@ from app.service.decoding import decode_source, new_image, sha256_of
 from app.service.errors import InvalidInputError
 from app.service.phi import stored_original
 from index import Gallery, ImageMetadata, ImageRecord
+from models.data import read_manifest
 from models.imaging.preprocess import sniff_format
 from models.net.embedder import Embedder
-from models.training.data import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class BulkEnrolSummary:
 
 
 def items_from_manifest(manifest: str | os.PathLike) -> list[EnrolItem]:
-    """Rows of a manifest (models.training.data.read_manifest: paths relative to the CSV's folder).
+    """Rows of a manifest (models.data.read_manifest: paths relative to the CSV's folder).
 
     The manifest reader namespaces patient ids by their data set ("<set>:<id>"); a gallery keeps
     the ids as the manifest writes them, so that /verify with patient_id "<id>" finds them.

@@ -137,7 +137,7 @@ class ReidService(AlertReview, DuplicatesReport):
         Refused (ConflictError, nothing changes) when the labelled images cannot resolve a FAR
         asked for.
         """
-        from models.scoring.site import CalibrationRefusedError, fit_site_calibration
+        from models.training.site import CalibrationRefusedError, fit_site_calibration
 
         fars = list(dict.fromkeys(fars))
         if self.default_far not in fars:

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from models.data import Sample, check_files_exist, dataset_name, read_manifest, split_of
 from models.evaluation.metrics import HEADLINE_METRICS, evaluate_embeddings, pair_scores, save_plots
 from models.net.embedder import Embedder
 from models.scoring.scorenorm import ScoreNorm, patient_key
-from models.training.data import Sample, check_files_exist, dataset_name, read_manifest, split_of
 
 log = logging.getLogger(__name__)
 

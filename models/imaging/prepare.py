@@ -138,7 +138,7 @@ def equalize_histogram(image: np.ndarray, bins: int = 256) -> np.ndarray:
     """Histogram equalisation of a [0, 1] image over its non-zero pixels (zero stays zero: it is the
     padding and the air below the window), so sites whose scanners render contrast differently
     reach the model with one intensity distribution. Each value maps to the share of pixels below
-    it, linear within its bin; ``models.training.data.augmentation.equalize_batch`` is the same map for
+    it, linear within its bin; ``models.data.augmentation.equalize_batch`` is the same map for
     training batches."""
     out = np.zeros_like(image, dtype=np.float32)
     inside = image > 0

@@ -1,2 +1,3 @@
-"""From embeddings to decisions: calibration (thresholds, probability map), cohort score
-normalisation (AS-norm) and site calibration."""
+"""From embeddings to decisions, in numpy only: calibration (thresholds, probability map), cohort
+score normalisation (AS-norm) and :mod:`~models.scoring.decide` (the cosine, the pair scorer, score
+floors, operating points, FAR parsing) that the service, the audit and the risk report share."""

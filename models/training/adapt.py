@@ -52,18 +52,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.data import PKSampler, Sample, load_images
 from models.evaluation.metrics import evaluate_embeddings, pair_scores
 from models.net.checkpoint import load_checkpoint, save_checkpoint
 from models.net.runtime import bf16_autocast
 from models.scoring.calibration import DEFAULT_FAR, FAR_KEYS
-from models.scoring.site import (
+from models.training.site import (
     MIN_FALSE_ACCEPTS,
     MIN_GENUINE_PAIRS,
     MIN_PATIENTS,
     fit_site_calibration,
     pair_counts,
 )
-from models.training.data import PKSampler, Sample, load_images
 
 log = logging.getLogger(__name__)
 
@@ -614,7 +614,7 @@ def _as_norm_helps(vectors: np.ndarray, labels: Sequence[str], seed: int) -> boo
     """Whether AS-norm, with a cohort of these images and leave-pair-out as the calibration applies
     it, ranks these pairs at least as well as raw cosines."""
     from models.scoring.scorenorm import ScoreNorm, choose_cohort, patient_key
-    from models.scoring.site import _auc
+    from models.training.site import _auc
 
     genuine, impostor, gp, ip = pair_scores(vectors, list(labels), max_impostor_pairs=300_000, rng_seed=seed)
     keys = [patient_key(p) for p in labels]

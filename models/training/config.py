@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from models.data import AugmentConfig
 from models.imaging.preprocess import PreprocessConfig
 from models.net.backbones import BackboneConfig
 from models.net.heads import HEAD_PRESETS, head_margins
-from models.training.data import AugmentConfig
 
 BASE_KEY = "base"
 #: (section, key) of input paths, resolved against the folder of the config file that sets them.

@@ -37,16 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import SupConLoss
 
-from models.evaluation.metrics import pair_scores, retrieval_metrics, verification_metrics
-from models.imaging.preprocess import to_tensor
-from models.net.backbones import BackboneConfig, build_backbone
-from models.net.checkpoint import load_checkpoint, save_checkpoint
-from models.net.embedder import embed_views
-from models.net.heads import build_head
-from models.net.runtime import bf16_autocast
-from models.scoring.calibration import Calibration
-from models.training.config import TrainConfig, load_config, to_toml
-from models.training.data import (
+from models.data import (
     PKSampler,
     Sample,
     assign_splits,
@@ -57,6 +48,15 @@ from models.training.data import (
     summarise,
     write_manifest,
 )
+from models.evaluation.metrics import pair_scores, retrieval_metrics, verification_metrics
+from models.imaging.preprocess import to_tensor
+from models.net.backbones import BackboneConfig, build_backbone
+from models.net.checkpoint import load_checkpoint, save_checkpoint
+from models.net.embedder import embed_views
+from models.net.heads import build_head
+from models.net.runtime import bf16_autocast
+from models.scoring.calibration import Calibration
+from models.training.config import TrainConfig, load_config, to_toml
 
 __all__ = ["TrainConfig", "load_config", "train"]
 

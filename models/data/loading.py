@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from models.data.manifests import ManifestError, Sample
 from models.imaging.preprocess import ImageDecodeError, PreprocessConfig, load_for_model
-from models.training.data.manifests import ManifestError, Sample
 
 
 def load_images(

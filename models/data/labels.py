@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.training.data.manifests import Sample
+from models.data.manifests import Sample
 
 #: Pixel correlation (32 x 32, z-scored) at which two prepared images count as the same picture. At
 #: 0.985 covid-collection's figure re-uses (one radiograph published under two case ids) are found and

@@ -337,10 +337,10 @@ def calibrate_checkpoint(
     The manifest is read and its pair counts checked before the model loads, so a wrong path or a
     too-small site fails in a moment, not after embedding.
     """
+    from models.data import check_files_exist, read_manifest
     from models.evaluation.evaluate import embed_samples
     from models.net.checkpoint import with_calibration
     from models.net.embedder import DEFAULT_CHECKPOINT, Embedder
-    from models.training.data import check_files_exist, read_manifest
 
     fars = tuple(dict.fromkeys(str(f) for f in fars))
     if default_far not in fars:

@@ -6,7 +6,7 @@ the patient's first study; ``follow_up``: a visit number, for sets that number v
 Several manifests combine into one training set with patient ids kept apart per set
 (``<set>:<patient_id>``), because ``p1`` of one hospital is not ``p1`` of another. A folder of DICOM
 files reads as a manifest too (:func:`read_dicom_folder`). :class:`Sample` and
-:class:`ManifestError` live here because every other room of :mod:`models.training.data` speaks them.
+:class:`ManifestError` live here because every other room of :mod:`models.data` speaks them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Readers of the public chest X-ray sets' own metadata (NIH ChestX-ray14, CheXpert, MIMIC-CXR-JPG),
 so a user who downloaded one needs no hand-written manifest: each returns the same :class:`Sample`
-list :func:`~models.training.data.manifests.read_manifest` gives, patient ids namespaced by the set.
+list :func:`~models.data.manifests.read_manifest` gives, patient ids namespaced by the set.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from models.training.data.manifests import ManifestError, Sample, optional_float
+from models.data.manifests import ManifestError, Sample, optional_float
 
 
 def read_chestxray14(data_entry_csv: str | os.PathLike, images_dir: str | os.PathLike) -> list[Sample]:

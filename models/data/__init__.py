@@ -1,30 +1,30 @@
 """Identity-labelled image sets, one room per job:
 
-- :mod:`~models.training.data.manifests`: the manifest CSV contract, :class:`Sample`,
+- :mod:`~models.data.manifests`: the manifest CSV contract, :class:`Sample`,
   :class:`ManifestError`, reading one or several manifests or a DICOM folder, writing one, counts.
-- :mod:`~models.training.data.public_sets`: readers of the public CXR sets' own metadata
+- :mod:`~models.data.public_sets`: readers of the public CXR sets' own metadata
   (ChestX-ray14, CheXpert, MIMIC-CXR-JPG).
-- :mod:`~models.training.data.splits`: patient-disjoint train / val / test splits from a hash.
-- :mod:`~models.training.data.loading`: decoding and preparing a sample list once, cached on disk.
-- :mod:`~models.training.data.labels`: label cleaning (near-duplicate images under two patient ids).
-- :mod:`~models.training.data.augmentation`: batch augmentation, domain generalisation included.
-- :mod:`~models.training.data.sampler`: the P x K batch sampler.
+- :mod:`~models.data.splits`: patient-disjoint train / val / test splits from a hash.
+- :mod:`~models.data.loading`: decoding and preparing a sample list once, cached on disk.
+- :mod:`~models.data.labels`: label cleaning (near-duplicate images under two patient ids).
+- :mod:`~models.data.augmentation`: batch augmentation, domain generalisation included.
+- :mod:`~models.data.sampler`: the P x K batch sampler.
 
-The names used outside the package are re-exported here, so ``from models.training.data import X``
+The names used outside the package are re-exported here, so ``from models.data import X``
 is the way in for the CLI, the service, evaluation, training, benches and tests; each is defined
 once, in its room.
 """
 
 from __future__ import annotations
 
-from models.training.data.augmentation import AugmentConfig, augment, equalize_batch
-from models.training.data.labels import (
+from models.data.augmentation import AugmentConfig, augment, equalize_batch
+from models.data.labels import (
     NEAR_DUPLICATE_CORRELATION,
     merge_duplicate_identities,
     near_duplicate_pairs,
 )
-from models.training.data.loading import load_images
-from models.training.data.manifests import (
+from models.data.loading import load_images
+from models.data.manifests import (
     FOLLOW_UP_NUMBER_SETS,
     SPLITS,
     ManifestError,
@@ -38,9 +38,9 @@ from models.training.data.manifests import (
     summarise,
     write_manifest,
 )
-from models.training.data.public_sets import read_chestxray14, read_chexpert, read_mimic_cxr
-from models.training.data.sampler import PKSampler
-from models.training.data.splits import assign_splits, split_of
+from models.data.public_sets import read_chestxray14, read_chexpert, read_mimic_cxr
+from models.data.sampler import PKSampler
+from models.data.splits import assign_splits, split_of
 
 __all__ = [
     "FOLLOW_UP_NUMBER_SETS",

@@ -8,7 +8,7 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
 
-from models.training.data.manifests import ManifestError, Sample
+from models.data.manifests import ManifestError, Sample
 
 
 def split_of(patient_id: str, *, val_fraction: float, test_fraction: float, seed: int = 0) -> str:
