@@ -24,6 +24,9 @@ reject selectors the search falls back to over-fetching and filtering.
 Thread safety: a reader-writer lock; searches run concurrently (FAISS search is const), add/remove
 take it exclusively. SearchParameters objects are built per call and never shared: IndexIDMap swaps
 the selector inside them during a search, so sharing one between threads would race.
+
+Why one module of this size: every layout's quirks (IVF's own ids, HNSW tombstones, selectors) meet
+in the same add, remove and search methods; this docstring is their one explanation.
 """
 
 from __future__ import annotations

@@ -33,6 +33,9 @@ compaction, saves, the background rebuild of "auto"), ``faiss_index`` (FAISS its
 process lock), ``validation`` (model check, vectors, new rows), ``reindex`` (resumable re-embedding),
 ``calibrations`` and ``alerts`` (application state kept in the database), ``clusters`` (duplicates
 and their union-find), ``snapshot`` (read-only access for offline tools, no lock, no FAISS).
+
+Why over 600 lines: each public method of the facade spells out the order of its steps (write lock,
+SQLite commit, then FAISS, then the hooks); the work itself is done in the rooms above.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ Connections: one writer connection (``check_same_thread=False``) used only while
 ``Store.write_lock`` (an RLock the Gallery also uses for FAISS mutation), and one reader connection
 per thread (created lazily, ``query_only``). WAL lets readers run while the writer commits; each
 reader sees committed data only.
+
+Why one module of this size: it is the storage format (schema, migrations, every statement on the
+images table, the blob layout), kept in one place so the format is defined once; the snapshot
+reads through it.
 """
 
 from __future__ import annotations

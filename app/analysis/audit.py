@@ -17,6 +17,9 @@ Five kinds of finding, each a cluster (one patient under three ids is one findin
 The same-patient decision is the service's (the calibration in force, site calibration when the
 checkpoint carries one, at ``--far`` / ``--threshold``); pairs come from an exact FAISS range search
 (:func:`index.pairs_above`), so no O(N^2) Python loop and memory bounded by the pairs found.
+
+Why one module of this size: the phases of :func:`find_issues` share their intermediate scores; each
+phase is a function and ``find_issues`` reads as the list of them.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ two studies are pixel-identical.
 
 Everything is drawn with numpy and Pillow's ImageDraw (no scipy); a 256 px phantom takes a few ms.
 These are phantoms, not radiographs: never mix them into clinical data.
+
+Why one module of this size: it is one drawing; each anatomical part is a small function and all of
+them share the patient's geometry.
 """
 
 from __future__ import annotations

@@ -40,6 +40,9 @@ Shared by all variants:
   BN2d -> Dropout -> flatten -> FC -> BN1d to the embedding. The embedding is *not* L2-normalised
   here; the margin heads and the Embedder normalise it.
 - Width: stages have ``width`` x [1, 2, 4, 8] channels (bottleneck outputs x 4 more).
+
+Why one module of this size: the whole family written out in one readable file, as torchvision's
+``resnet.py`` does, so that the variants can be compared line by line.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ Layout of a run directory::
     metrics.jsonl    one line per epoch
     last.pt          training state for --resume (weights, head, optimiser, epoch)
     model.pt         the best epoch as a cxr-reid checkpoint, calibrated on validation pairs
+
+Why one module of this size: the four phases share one run's state; each is a function.
 """
 
 from __future__ import annotations
