@@ -100,7 +100,7 @@ class Settings(BaseSettings):
     alert_webhook: str | None = Field(
         default=None,
         description="http(s) URL that every stored wrong-patient alert and its resolution is POSTed to "
-        "as JSON (app/alerts.py: background thread, bounded queue, retried with back-off)",
+        "as JSON (app/service/webhook.py: background thread, bounded queue, retried with back-off)",
     )
     alert_webhook_attempts: int = Field(default=5, ge=1, le=20, description="deliveries tried per event")
     alert_webhook_backoff_seconds: float = Field(

@@ -6,7 +6,7 @@ exactly as the service does (``app.service.decoding.decode_source``: decoder che
 
 Without arguments it reads every ``manifest.csv`` under ``../shared/data`` (the project's sets).
 Exit status 1 when any image is refused, so it can gate a change to the thresholds in
-``models/imaging/preprocess.py`` (MIN_SIDE, MAX_ASPECT, MIN_GREY_LEVELS).
+``models/imaging/quality.py`` (MIN_SIDE, MAX_ASPECT, MIN_GREY_LEVELS).
 """
 
 from __future__ import annotations

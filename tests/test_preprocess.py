@@ -1,5 +1,5 @@
-"""models/imaging/preprocess.py: every format and transfer syntax decodes, bad input fails clearly, prepare()
-and to_tensor() keep the model input contract."""
+"""models/imaging (decode, decode_dicom, prepare, through preprocess.py): every format and transfer
+syntax decodes, bad input fails clearly, prepare() and to_tensor() keep the model input contract."""
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_risk(args: argparse.Namespace) -> int:
-    """Re-identification risk of a release against identified reference images (app/risk.py)."""
+    """Re-identification risk of a release against identified reference images (app/analysis/risk.py)."""
     from app.analysis.risk import RiskError, RiskInputs, run, summary_of
 
     settings = settings_from(args)
