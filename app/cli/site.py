@@ -27,12 +27,9 @@ if TYPE_CHECKING:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from app.service.errors import ServiceError
     from models.scoring.calibration import Calibration
-    from models.scoring.decide import parse_fars
 
-    try:
-        fars = parse_fars(args.far)
-    except ValueError as exc:
-        log.error("--far: %s", exc)
+    fars = _fars(args.far)
+    if fars is None:
         return 2
     settings = settings_from(args)
     if args.manifest:
@@ -156,16 +153,13 @@ def _site_data(args: argparse.Namespace, settings: Settings) -> SiteData:
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
     from models.data import ManifestError
-    from models.scoring.decide import parse_fars
     from models.training.adapt import AdaptRefusedError, AdaptSettings, adapt
 
     if bool(args.manifest) == bool(args.data_dir):
         log.error("give --manifest (a CSV or a DICOM folder) or --data-dir (a gallery, server stopped)")
         return 2
-    try:
-        fars = parse_fars(args.far)
-    except ValueError as exc:
-        log.error("--far: %s", exc)
+    fars = _fars(args.far)
+    if fars is None:
         return 2
     settings = settings_from(args)
     try:
@@ -242,6 +236,17 @@ def _format_adaptation(result: AdaptResult) -> str:
             f"`cxr-reid serve --model {result.out}`"
         )
     return "\n".join(lines)
+
+
+def _fars(text: str) -> list[str] | None:
+    """The FARs of ``--far``, or None (logged) when they cannot be read."""
+    from models.scoring.decide import parse_fars
+
+    try:
+        return parse_fars(text)
+    except ValueError as exc:
+        log.error("--far: %s", exc)
+        return None
 
 
 def register(subparsers: Subparsers) -> None:
