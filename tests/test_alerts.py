@@ -22,7 +22,7 @@ from app.api.schemas import StoredAlertOut
 from app.main import create_app
 from app.server_process import ROOT, free_port
 from app.service.keys import KeyStore
-from app.service.webhook import AlertWebhook
+from app.service.webhook import AlertWebhook, signature
 from app.settings import Settings
 from index import AlertNotOpenError, AlertRecord, Gallery, GalleryValidationError, NewAlert, NewImage
 from models.net.embedder import Embedder
@@ -212,6 +212,7 @@ class Receiver:
     def __init__(self, answers: list[int] | None = None) -> None:
         self.answers = list(answers or [])
         self.received: list[tuple[int, dict]] = []
+        self.raw: list[tuple[dict[str, str], bytes]] = []  # headers and body as they came
         self.gate = threading.Event()
         self.gate.set()
         receiver = self
@@ -219,7 +220,9 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 receiver.gate.wait(10)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.raw.append((dict(self.headers), raw))
+                body = json.loads(raw)
                 status = receiver.answers.pop(0) if receiver.answers else 200
                 receiver.received.append((status, body))
                 self.send_response(status)
@@ -334,3 +337,30 @@ def test_stow_alerts_are_stored_too(make_app: Callable[..., TestClient]) -> None
     )
     [stored] = client.get("/alerts").json()["items"]
     assert stored["image"]["sop_instance_uid"] == misfiled[0] and stored["patient_id"] == "child-A"
+
+
+def test_webhook_bodies_are_signed_with_the_shared_secret(
+    make_app: Callable[..., TestClient], receiver: Receiver
+) -> None:
+    client = make_app(alert_webhook=receiver.url, alert_webhook_secret="s3cret-of-the-ward")
+    enrol(client, "child-A", "child-a-1.jpeg")
+    enrol(client, "child-A", "child-b-1.jpeg")
+    receiver.wait_for(1)
+    headers, raw = receiver.raw[0]
+    timestamp = headers["X-CXR-Reid-Timestamp"]
+    assert abs(int(timestamp) - time.time()) < 600
+    assert headers["X-CXR-Reid-Signature"] == signature("s3cret-of-the-ward", timestamp, raw)
+    assert headers["X-CXR-Reid-Signature"] != signature("another secret", timestamp, raw)  # forgeries fail
+    assert json.loads(raw)["event"] == "raised"
+
+
+def test_webhook_warns_on_plain_http_and_unsigned_bodies(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="app.service.webhook")
+    AlertWebhook("http://pacs.example.org/hook", secret="s").close(0.1)
+    assert "plain http" in caplog.text and "unsigned" not in caplog.text
+    caplog.clear()
+    AlertWebhook("https://pacs.example.org/hook").close(0.1)
+    assert "unsigned" in caplog.text and "plain http" not in caplog.text
+    caplog.clear()
+    AlertWebhook("http://127.0.0.1:9/hook", secret="s").close(0.1)  # loopback: nothing leaves the host
+    assert caplog.text == ""

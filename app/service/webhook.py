@@ -9,12 +9,23 @@ that fails (connection error, timeout, a 408 / 429 / 5xx answer) is retried with
 receiver's host only, never patient ids or the URL's path and query (which may hold a token). The
 gallery's alert table stays the record: ``GET /alerts?state=open`` shows what a dropped or failed
 delivery missed.
+
+Bodies carry patient ids, so a receiver must be able to tell them from forgeries and a network must
+not read them. With a shared secret (``CXR_REID_ALERT_WEBHOOK_SECRET``) every POST is signed:
+``X-CXR-Reid-Timestamp`` (Unix seconds) and ``X-CXR-Reid-Signature: sha256=<hex>``, the HMAC-SHA256
+of ``"<timestamp>.<body>"`` under the secret (:func:`signature`); the receiver recomputes it over the
+raw body and refuses stale timestamps (replays). Without a secret, or over plain http to another
+host, the sender warns at start.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import hmac
+import ipaddress
+import json
 import logging
 import queue
 import threading
@@ -40,6 +51,22 @@ def payload(event: str, alert: AlertRecord) -> dict[str, Any]:
     return {"event": event, "alert": dataclasses.asdict(alert)}
 
 
+def signature(secret: str, timestamp: str, body: bytes) -> str:
+    """``sha256=<hex>``: HMAC-SHA256 of ``"<timestamp>.<body>"`` under ``secret`` (what a receiver checks)."""
+    mac = hmac.new(secret.encode("utf-8"), timestamp.encode("ascii") + b"." + body, hashlib.sha256)
+    return "sha256=" + mac.hexdigest()
+
+
+def _is_loopback(host: str) -> bool:
+    name = urlsplit(f"//{host}").hostname or ""
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 class AlertWebhook:
     """POST alert events to ``url`` from a background thread (see the module docstring)."""
 
@@ -52,10 +79,20 @@ class AlertWebhook:
         max_backoff_seconds: float = 60.0,
         timeout_seconds: float = 10.0,
         queue_size: int = 1000,
+        secret: str | None = None,
         on_outcome: Callable[[str], None] | None = None,
     ) -> None:
         self.url = url
         self.host = urlsplit(url).netloc.rsplit("@", 1)[-1] or "?"  # never a user:password part
+        self._secret = secret or None
+        if urlsplit(url).scheme.lower() == "http" and not _is_loopback(self.host):
+            log.warning("alert webhook: %s is plain http: alerts carry patient ids; use https", self.host)
+        if self._secret is None:
+            log.warning(
+                "alert webhook: no CXR_REID_ALERT_WEBHOOK_SECRET: bodies go unsigned, so %s cannot tell "
+                "them from forgeries",
+                self.host,
+            )
         self.attempts = max(1, int(attempts))
         self.backoff_seconds = backoff_seconds
         self.max_backoff_seconds = max_backoff_seconds
@@ -118,12 +155,20 @@ class AlertWebhook:
                 log.exception("alert webhook: alert %d (%s) failed unexpectedly", alert.alert_id, event)
                 self._outcome("failed")
 
+    def _headers(self, event: str, body: bytes) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "X-CXR-Reid-Event": event}
+        if self._secret is not None:  # signed per attempt: a retry carries a fresh timestamp
+            timestamp = str(int(time.time()))
+            headers["X-CXR-Reid-Timestamp"] = timestamp
+            headers["X-CXR-Reid-Signature"] = signature(self._secret, timestamp, body)
+        return headers
+
     def _deliver(self, event: str, alert: AlertRecord) -> None:
-        body = payload(event, alert)
+        body = json.dumps(payload(event, alert)).encode("utf-8")
         for attempt in range(1, self.attempts + 1):
             retry, problem = False, ""
             try:
-                response = self._client.post(self.url, json=body, headers={"X-CXR-Reid-Event": event})
+                response = self._client.post(self.url, content=body, headers=self._headers(event, body))
             except httpx.HTTPError as exc:  # connection refused, timeout, protocol error
                 retry, problem = True, type(exc).__name__
             else:

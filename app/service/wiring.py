@@ -79,6 +79,7 @@ def build_webhook(settings: Settings, on_outcome: Callable[[str], None] | None =
         settings.alert_webhook,
         attempts=settings.alert_webhook_attempts,
         backoff_seconds=settings.alert_webhook_backoff_seconds,
+        secret=(settings.alert_webhook_secret.get_secret_value() if settings.alert_webhook_secret else None),
         on_outcome=on_outcome,
     )
     log.info("wrong-patient alerts are sent to the webhook at %s", webhook.host)
