@@ -102,6 +102,11 @@ class Settings(BaseSettings):
         description="http(s) URL that every stored wrong-patient alert and its resolution is POSTed to "
         "as JSON (app/service/webhook.py: background thread, bounded queue, retried with back-off)",
     )
+    alert_webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="shared secret that signs every webhook body (HMAC-SHA256 of '<timestamp>.<body>' in "
+        "X-CXR-Reid-Signature, the time in X-CXR-Reid-Timestamp; app/service/webhook.py)",
+    )
     alert_webhook_attempts: int = Field(default=5, ge=1, le=20, description="deliveries tried per event")
     alert_webhook_backoff_seconds: float = Field(
         default=1.0, ge=0, description="wait before the first retry; doubled each time, at most 60 s"
