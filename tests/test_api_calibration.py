@@ -7,10 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import synthetic_site
 from fastapi.testclient import TestClient
 
+from app.service.keys import KeyStore
 from index import Gallery, NewImage
 from models.net.embedder import Embedder
 
@@ -176,3 +178,43 @@ def test_serving_a_site_calibrated_checkpoint(tmp_path: Path, tiny_checkpoint: P
         files = {"file_a": ("a.png", images[0].read_bytes()), "file_b": ("b.png", images[1].read_bytes())}
         pair = client.post("/verify", files=files).json()
         assert pair["calibration"]["source"] == "site" and pair["score"] != pytest.approx(pair["cosine"])
+
+
+def test_a_key_limited_to_collections_cannot_change_the_calibration(
+    tmp_path: Path, embedder: Embedder, make_client: Callable[..., TestClient]
+) -> None:
+    """The calibration decides for every collection: an admin key limited to one may not fit or clear
+    it (and so cannot move what the other collections see); an unlimited admin key may."""
+    data_dir = tmp_path / "data"
+    fill_gallery(data_dir, embedder, patients=40, per_patient=3)
+    store = KeyStore(data_dir / "keys.json")
+    ward_admin = {"X-API-Key": store.add("admin", collections=["ward"])[1]}
+    admin = {"X-API-Key": store.add("admin")[1]}
+    client = make_client(data_dir, far="1e-2")
+    before = client.get("/calibration", headers=ward_admin).json()
+    for answer in (
+        client.post("/calibration", data={"far": "1e-2", "collection": "ward"}, headers=ward_admin),
+        client.delete("/calibration", headers=ward_admin),
+    ):
+        assert answer.status_code == 403 and "every collection" in answer.json()["detail"]
+    assert client.get("/calibration", headers=admin).json() == before  # nothing moved
+    fitted = client.post("/calibration", data={"far": "1e-2", "bootstrap": "0"}, headers=admin)
+    assert fitted.status_code == 200 and fitted.json()["calibration"]["source"] == "site"
+
+
+def test_noise_filed_under_patient_ids_is_not_calibrated_on(
+    tmp_path: Path, embedder: Embedder, make_client: Callable[..., TestClient]
+) -> None:
+    """230 images with no identity in them (as noise images that pass the quality gate embed) would
+    move every collection's threshold: refused with 409, the calibration in force kept."""
+    data_dir = tmp_path / "data"
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(230, embedder.dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    with Gallery(data_dir, dim=embedder.dim, model_id=embedder.model_id) as gallery:
+        gallery.add(vectors, [NewImage(patient_id=f"noise-{i // 3}") for i in range(230)])
+    client = make_client(data_dir, far="1e-2")
+    before = client.get("/calibration").json()
+    refused = client.post("/calibration", data={"far": "1e-2", "bootstrap": "0"})
+    assert refused.status_code == 409 and "score alike" in refused.json()["detail"]
+    assert client.get("/calibration").json() == before

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import synthetic_site
 
+from models.evaluation.metrics import pair_scores
 from models.net.checkpoint import load_checkpoint
 from models.training.site import (
     MIN_FALSE_ACCEPTS,
@@ -16,6 +18,7 @@ from models.training.site import (
     check_resolvable,
     fit_site_calibration,
     pair_counts,
+    separation_auc,
     split_half,
 )
 
@@ -97,3 +100,17 @@ def test_calibrate_checkpoint_writes_a_copy_or_nothing(tmp_path: Path, tiny_chec
     assert len(copy["calibration"]["provenance"]["manifest_sha256"]) == 64
     assert copy["calibration"]["provenance"]["patients"] == 25
     assert copy["calibration"]["score_norm"]["method"] == "as-norm"  # on by default
+
+
+def test_site_calibration_refuses_images_without_identity() -> None:
+    """Noise filed under patient ids (the same-patient pairs score like any other) is refused before
+    anything is fitted; a weak but real site is not."""
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(230, 32)).astype(np.float32)
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    ids = [f"p{i // 3}" for i in range(230)]
+    with pytest.raises(CalibrationRefusedError, match=r"score alike here \(AUC 0\.[45]"):
+        fit_site_calibration(noise, ids, fars=("1e-2",), default_far="1e-2", bootstrap=0)
+    weak, weak_ids = synthetic_site(120, 3, noise=1.6, seed=5)
+    assert 0.6 < separation_auc(*pair_scores(weak, weak_ids)[:2]) < 0.95
+    fit_site_calibration(weak, weak_ids, fars=("1e-2",), default_far="1e-2", bootstrap=0, score_norm=False)

@@ -40,6 +40,11 @@ from models.scoring.scorenorm import ScoreNorm, choose_cohort, patient_key
 MIN_FALSE_ACCEPTS = 10
 MIN_GENUINE_PAIRS = 30
 MIN_PATIENTS = 20
+#: The AUC of same- against different-patient scores below which the images hold no identity the
+#: model can see (noise, labels that do not follow the people, or not chest radiographs). The worst
+#: unseen hospital in MODEL_CARD.md scores 0.81; 230 noise images score about 0.5 and would move
+#: the thresholds every request is decided at.
+MIN_IDENTITY_AUC = 0.6
 
 
 class CalibrationRefusedError(ValueError):
@@ -151,6 +156,27 @@ def threshold_intervals(
     }
 
 
+def separation_auc(genuine: np.ndarray, impostor: np.ndarray) -> float:
+    """P(a same-patient pair scores above a different-patient pair), ties counted half."""
+    ordered = np.sort(np.asarray(impostor, dtype=np.float64))
+    below = np.searchsorted(ordered, genuine, side="left")
+    not_above = np.searchsorted(ordered, genuine, side="right")
+    return float(np.mean((below + not_above) / 2) / max(ordered.size, 1))
+
+
+def check_identity(genuine: np.ndarray, impostor: np.ndarray) -> None:
+    """CalibrationRefusedError when same-patient pairs score no higher than different-patient ones:
+    thresholds fitted there would be noise, and they would decide for every collection."""
+    auc = separation_auc(genuine, impostor)
+    if auc < MIN_IDENTITY_AUC:
+        raise CalibrationRefusedError(
+            f"same-patient and different-patient pairs score alike here (AUC {auc:.2f} over "
+            f"{genuine.size:,} same-patient and {impostor.size:,} different-patient pairs; a site the "
+            f"model never saw scores 0.8 or more): these images do not look like chest radiographs "
+            f"filed under their patients (noise, wrong labels, other images), so no thresholds were fitted"
+        )
+
+
 def fit_site_calibration(
     embeddings: np.ndarray,
     patient_ids: Sequence[Any],
@@ -182,6 +208,7 @@ def fit_site_calibration(
     genuine, impostor, genuine_pairs, impostor_pairs = pair_scores(
         embeddings, codes, max_impostor_pairs=max_impostor_pairs, rng_seed=seed
     )
+    check_identity(genuine, impostor)
     norm = None
     if score_norm:
         keys = [patient_key(p) for p in ids]

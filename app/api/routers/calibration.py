@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Form
+from fastapi import APIRouter, Depends, Form, HTTPException
 
-from app.api.dependencies import AccessDep, ServiceDep, require_scope
+from app.api.dependencies import Access, AccessDep, ServiceDep, require_scope
 from app.api.schemas import CalibrationDetail, CalibrationOut, error_responses
 from app.service.clientargs import collection_arg
 from app.service.errors import InvalidInputError
@@ -27,6 +27,23 @@ def _detail(service: ReidService) -> CalibrationDetail:
         threshold_ci=calibration.provenance.get("threshold_ci") or {},
         provenance=calibration.provenance,
     )
+
+
+LIMITED_KEY = (
+    "the key's scope is below admin, or the key is limited to some collections (the calibration in "
+    "force decides for all of them)"
+)
+
+
+def _service_wide(access: Access) -> None:
+    """One calibration decides for every collection, so only a key that may touch every collection
+    may change it: a key limited to some must not move what the others see."""
+    if access.key is not None and access.key.collections is not None:
+        raise HTTPException(
+            status_code=403,
+            detail="the calibration in force decides for every collection: changing it needs an admin "
+            "key not limited to collections",
+        )
 
 
 def _fars(text: str) -> list[str]:
@@ -64,7 +81,13 @@ def get_calibration(service: ServiceDep) -> CalibrationDetail:
         "a FAR asked for (each FAR f needs 10/f different-patient pairs) or hold too few same-patient "
         "pairs; the message says how many more labelled images are needed."
     ),
-    responses=error_responses(409, 422, e422="malformed `far`, or the default FAR left out, or a bad field"),
+    responses=error_responses(
+        403,
+        409,
+        422,
+        e403=LIMITED_KEY,
+        e422="malformed `far`, or the default FAR left out, or a bad field",
+    ),
 )
 def fit_calibration(
     service: ServiceDep,
@@ -84,6 +107,7 @@ def fit_calibration(
         ),
     ] = True,
 ) -> CalibrationDetail:
+    _service_wide(access)
     service.calibrate(
         fars=_fars(far),
         collection=access.collection(collection_arg(collection)),
@@ -99,7 +123,9 @@ def fit_calibration(
     response_model=CalibrationDetail,
     summary="Stop using the site calibration (admin)",
     description="Back to the model's own thresholds; the site calibration stays in the gallery's history.",
+    responses=error_responses(403, e403=LIMITED_KEY),
 )
-def clear_calibration(service: ServiceDep) -> CalibrationDetail:
+def clear_calibration(service: ServiceDep, access: AccessDep) -> CalibrationDetail:
+    _service_wide(access)
     service.clear_calibration()
     return _detail(service)
