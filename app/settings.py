@@ -7,6 +7,7 @@ worker process (``--workers N``) reads the same configuration as the parent.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +52,14 @@ class Settings(BaseSettings):
     )
     auth_failures_per_minute: int = Field(
         default=20, ge=1, description="rejected API keys per client address per minute before 429s"
+    )
+    trusted_proxies: str | None = Field(
+        default=None,
+        description=(
+            "comma-separated addresses or networks (e.g. 10.0.0.5,172.16.0.0/12) of reverse proxies "
+            "whose X-Forwarded-For / X-Forwarded-Proto headers name the client; unset: none are "
+            "trusted and the peer address is the client (what the failed-key limit counts by)"
+        ),
     )
     max_upload_bytes: int = Field(
         default=50 * MIB, gt=0, description="largest request body (all files of one request together)"
@@ -120,6 +129,23 @@ class Settings(BaseSettings):
             raise ValueError("far: give one false-accept rate, e.g. 1e-3")
         return fars[0]
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_addresses(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        proxies = [item.strip() for item in value.split(",") if item.strip()]
+        for item in proxies:
+            if item == "*":
+                continue  # every peer: only where nothing but the proxy can reach the service
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"trusted_proxies: {item!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/8)"
+                ) from None
+        return ",".join(proxies) or None
+
     @field_validator("alert_webhook")
     @classmethod
     def _webhook_is_http(cls, value: str | None) -> str | None:
@@ -155,6 +181,11 @@ class Settings(BaseSettings):
         if self.api_keys is None:
             return []
         return [key.strip() for key in self.api_keys.get_secret_value().split(",") if key.strip()]
+
+    @property
+    def trusted_proxy_list(self) -> list[str]:
+        """The proxies whose forwarded headers are believed; empty: none (the peer is the client)."""
+        return self.trusted_proxies.split(",") if self.trusted_proxies else []
 
     @property
     def keys_path(self) -> Path:

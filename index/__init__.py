@@ -8,7 +8,9 @@ from .alerts import ALERT_STATES, AlertNotOpenError, AlertRecord, NewAlert
 from .clusters import UnionFind, cluster_pairs
 from .faiss_index import PairLimitError, faiss_build, pairs_above
 from .gallery import Gallery
+from .originals import OriginalsReport
 from .records import (
+    MAX_LABEL_CHARS,
     DuplicatePair,
     GalleryError,
     GalleryFullError,
@@ -20,11 +22,14 @@ from .records import (
     ImageRecord,
     Match,
     NewImage,
+    checked_patient_id,
+    clean_label,
 )
 from .snapshot import GallerySnapshot, is_gallery_dir
 
 __all__ = [
     "ALERT_STATES",
+    "MAX_LABEL_CHARS",
     "AlertNotOpenError",
     "AlertRecord",
     "NewAlert",
@@ -43,7 +48,10 @@ __all__ = [
     "ImageRecord",
     "Match",
     "NewImage",
+    "OriginalsReport",
     "UnionFind",
+    "checked_patient_id",
+    "clean_label",
     "cluster_pairs",
     "faiss_build",
     "is_gallery_dir",

@@ -56,6 +56,7 @@ from .clusters import cluster_pairs, duplicate_pairs
 from .faiss_index import AUTO, AUTO_FLAT_MAX, validate_factory
 from .live_index import INDEX_FILE, LiveIndex
 from .lock import acquire_process_lock, release_process_lock
+from .originals import MissingOriginals, OriginalsReport, check_originals
 from .records import (
     DuplicatePair,
     GalleryError,
@@ -145,6 +146,7 @@ class Gallery:
             with self._wlock:
                 self._store.remove_orphan_blobs()
                 self._live.open()
+                self._missing_originals = MissingOriginals(self._store)
         except BaseException:
             self._closed = True
             if self._store is not None:
@@ -304,6 +306,7 @@ class Gallery:
                 if isinstance(exc, Exception) and not isinstance(exc, GalleryError):
                     raise GalleryError(f"could not add {len(rows)} images: {exc}") from exc
                 raise
+            self._missing_originals.stored({row["blob_sha256"] for row in rows if row["blob_sha256"]})
             self._live.update(lambda idx: idx.add(x, np.asarray(ids, dtype=np.int64)))
             self._live.invalidate({row["collection"] for row in rows})
             self._live.after_write()
@@ -328,6 +331,7 @@ class Gallery:
             self._live.update(lambda idx: idx.remove(ids))
             self._live.invalidate(collections)
             store.remove_blobs_if_unreferenced(shas)
+            self._missing_originals.deleted(shas)
             self._live.after_write()
         return len(ids)
 
@@ -565,6 +569,21 @@ class Gallery:
         with self._wlock:
             self._check_open()
             return self._store.remove_orphan_blobs()
+
+    def check_originals(self, *, deep: bool = False) -> OriginalsReport:
+        """Every row's original (stored under ``images/`` or referenced by path) is there and
+        non-empty; with ``deep``, its bytes hash as recorded (index/originals.py). Reads only."""
+        self._check_open()
+        report = check_originals(self._store, deep=deep)
+        self._missing_originals.recount()
+        return report
+
+    def missing_originals(self) -> int:
+        """Stored originals missing now, cheaply enough for every readiness probe: counted at open,
+        kept current by this gallery's writes, and a random sample checked on each call
+        (:class:`index.originals.MissingOriginals`)."""
+        self._check_open()
+        return self._missing_originals.count()
 
     def looks_consistent(self) -> bool:
         """The cheap check a readiness probe can afford on every call: FAISS holds as many live

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -34,6 +35,42 @@ class GalleryFullError(GalleryError):
 class GalleryIntegrityError(GalleryError):
     """The data dir cannot be trusted as it is: its database is missing while stored data is there,
     or the database fails SQLite's integrity check. Nothing is created or changed over it."""
+
+
+#: The longest patient id, collection or other label the gallery stores.
+MAX_LABEL_CHARS = 256
+
+
+def clean_label(value: str | None) -> str | None:
+    """The one rule for a patient id, collection or other label, whatever its source (an API form
+    or query field, a DICOM PatientID, a manifest, PACS sync): stripped, and an empty value means
+    "not given" (None); refused (ValueError saying why, to follow the field's name) when only
+    whitespace, over 256 characters, holding control characters or undecodable bytes (U+FFFD), so
+    that what is stored is what was meant, and every stored id can be named again in a query or a
+    path (``DELETE /patients/{id}``)."""
+    if value is None:
+        return None
+    label = value.strip()
+    if not label:
+        if value:
+            raise ValueError("is only whitespace: give a value, or leave the field out")
+        return None
+    if len(label) > MAX_LABEL_CHARS:
+        raise ValueError(f"is {len(label):,} characters long; at most {MAX_LABEL_CHARS}")
+    if "\ufffd" in label:
+        raise ValueError("is not valid UTF-8")
+    if any(unicodedata.category(char) in ("Cc", "Cs") for char in label):
+        raise ValueError("contains control characters (e.g. NUL, tab, newline)")
+    return label
+
+
+def checked_patient_id(value: str | None, *, source: str = "patient_id") -> str | None:
+    """:func:`clean_label` for a patient id about to be stored: ``GalleryValidationError`` naming
+    ``source`` (e.g. "'x.dcm': the DICOM PatientID") and the reason when it fails; nothing is stored."""
+    try:
+        return clean_label(value)
+    except ValueError as exc:
+        raise GalleryValidationError(f"{source} {exc}; nothing was stored") from None
 
 
 @dataclass(kw_only=True)

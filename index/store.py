@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import sqlite3
 import threading
@@ -31,7 +32,14 @@ import numpy as np
 
 from . import alerts as alert_sql
 from ._fs import PRIVATE_FILE, atomic_write_bytes, fsync_dir, make_private_dir, restrict_file
-from .records import GalleryError, GalleryIntegrityError, GalleryValidationError, ImageRecord, now_iso
+from .records import (
+    GalleryError,
+    GalleryIntegrityError,
+    GalleryValidationError,
+    ImageRecord,
+    checked_patient_id,
+    now_iso,
+)
 
 log = logging.getLogger(__name__)
 
@@ -552,6 +560,7 @@ class Store:
         cached per generation (duplicates) must not outlive it."""
         if patient_id is not None and (not isinstance(patient_id, str) or not patient_id.strip()):
             raise GalleryValidationError("patient_id must be a non-empty string or None")
+        patient_id = checked_patient_id(patient_id)
         cur = conn.execute("UPDATE images SET patient_id = ? WHERE image_id = ?", (patient_id, int(image_id)))
         if cur.rowcount:
             self.bump_generation(conn)
@@ -619,6 +628,45 @@ class Store:
         return (
             c.execute("SELECT 1 FROM images WHERE blob_sha256 = ? LIMIT 1", (sha256,)).fetchone() is not None
         )
+
+    def original_rows(self) -> Iterator[tuple[int, str | None, str | None, str | None]]:
+        """(image_id, blob_sha256, source_path, sha256) of every row, by id: what each row's
+        original is (index/originals.py checks them)."""
+        yield from self.reader().execute(
+            "SELECT image_id, blob_sha256, source_path, sha256 FROM images ORDER BY image_id"
+        )
+
+    def referenced_blobs(self) -> set[str]:
+        """The distinct stored originals the rows reference (the ``images_blob`` index)."""
+        query = "SELECT DISTINCT blob_sha256 FROM images WHERE blob_sha256 IS NOT NULL"
+        return {str(r[0]) for r in self.reader().execute(query)}
+
+    def present_blobs(self) -> set[str]:
+        """The stored originals' files under ``images/`` (names only; one listing, no reads)."""
+        if not self.images_dir.is_dir():
+            return set()
+        present = set()
+        with contextlib.suppress(OSError):
+            for shard in os.scandir(self.images_dir):
+                if shard.is_dir(follow_symlinks=False):
+                    present.update(
+                        f.name for f in os.scandir(shard.path) if f.is_file() and _SHA256_RE.match(f.name)
+                    )
+        return present
+
+    def sample_blobs(self, rng: random.Random, k: int) -> set[str]:
+        """Up to ``k`` referenced stored originals picked at random: the first at or after a random
+        sha256 in the ``images_blob`` index, so each costs one index seek."""
+        conn, picked = self.reader(), set()
+        query = "SELECT blob_sha256 FROM images WHERE blob_sha256 >= ? ORDER BY blob_sha256 LIMIT 1"
+        for _ in range(k):
+            row = conn.execute(query, (f"{rng.getrandbits(256):064x}",)).fetchone()
+            if row is None:  # past the last one: wrap around
+                row = conn.execute(query, ("",)).fetchone()
+            if row is None:
+                break
+            picked.add(str(row[0]))
+        return picked
 
     def remove_blobs_if_unreferenced(self, shas: set[str] | list[str]) -> int:
         """Unlink blob files no row references any more; call with write_lock held, after the commit."""

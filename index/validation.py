@@ -21,6 +21,7 @@ from .records import (
     GalleryModelMismatchError,
     GalleryValidationError,
     NewImage,
+    checked_patient_id,
 )
 from .store import Store
 
@@ -114,6 +115,7 @@ def prepare_row(img: NewImage, i: int) -> dict[str, Any]:
     pid = img.patient_id
     if pid is not None and (not isinstance(pid, str) or not pid.strip()):
         raise GalleryValidationError(f"images[{i}].patient_id must be a non-empty string or None")
+    pid = checked_patient_id(pid, source=f"images[{i}].patient_id")
     if not isinstance(img.collection, str) or not img.collection.strip():
         raise GalleryValidationError(f"images[{i}].collection must be a non-empty string")
     row: dict[str, Any] = {"patient_id": pid, "collection": img.collection}

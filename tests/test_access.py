@@ -64,13 +64,114 @@ def test_rejected_keys_are_limited_per_address_and_summarised(
     make_client, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:  # noqa: ANN001
     client: TestClient = make_client(api_keys="right-key", auth_failures_per_minute=5)
+    now = [1000.0]
+    client.app.state.auth_limiter = FailedAuthLimiter(limit=5, window=60.0, clock=lambda: now[0])
     with caplog.at_level(logging.WARNING, logger="app"):
         answers = [client.get("/images", headers={"X-API-Key": f"guess-{i}"}).status_code for i in range(12)]
     assert answers == [401] * 5 + [429] * 7
-    limited = client.get("/images", headers={"X-API-Key": "right-key"})
-    assert limited.status_code == 429 and int(limited.headers["Retry-After"]) > 0  # even the right key waits
+    limited = client.get("/images", headers={"X-API-Key": "guess-13"})
+    assert limited.status_code == 429 and int(limited.headers["Retry-After"]) == 60
+    assert client.get("/images", headers={"X-API-Key": "right-key"}).status_code == 200  # never refused
     rejected = [r for r in caplog.records if "rejected API key" in r.getMessage()]
     assert len(rejected) == 1  # one line per address and window, not one per attempt
+    now[0] += 60.0
+    assert client.get("/images", headers={"X-API-Key": "guess-14"}).status_code == 401  # a new window
+
+
+def test_a_valid_key_is_never_refused_because_others_failed(make_client) -> None:  # noqa: ANN001
+    """Hardening issue, item 8: 23 wrong keys to the review login from one address (behind a proxy:
+    from everybody) do not lock the admin out; the wrong ones are still limited."""
+    client: TestClient = make_client(api_keys="admin-key")
+    now = [5000.0]
+    client.app.state.auth_limiter = FailedAuthLimiter(limit=20, window=60.0, clock=lambda: now[0])
+    wrong = [
+        client.post("/review/login", data={"api_key": f"guess-{i}"}, follow_redirects=False).status_code
+        for i in range(23)
+    ]
+    assert wrong == [401] * 20 + [429] * 3  # 401: the login page again, saying the key is not valid
+    login = client.post("/review/login", data={"api_key": "admin-key"}, follow_redirects=False)
+    assert login.status_code == 303 and "cxr_reid_review=" in login.headers["set-cookie"]
+    assert client.get("/images", headers={"X-API-Key": "admin-key"}).status_code == 200
+    still = client.get("/images", headers={"X-API-Key": "guess-x"})
+    assert still.status_code == 429 and still.headers["Retry-After"] == "60"
+    now[0] += 30.0
+    assert client.get("/images", headers={"X-API-Key": "guess-y"}).headers["Retry-After"] == "30"
+    now[0] += 30.0
+    assert client.get("/images", headers={"X-API-Key": "guess-z"}).status_code == 401
+
+
+def _serve_and_capture(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, model: Path, *flags: str) -> dict:
+    """``cxr-reid serve`` up to ``uvicorn.run``: the app and the options it would run with."""
+    import uvicorn
+
+    from app.cli import main
+
+    captured: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: captured.update(app=app, **options))
+    monkeypatch.setenv("CXR_REID_API_KEYS", "right-key")
+    monkeypatch.delenv("CXR_REID_TRUSTED_PROXIES", raising=False)
+    argv = ["serve", "--model", str(model), "--data-dir", str(tmp_path / "data"), *flags]
+    assert main(argv) == 0
+    return captured
+
+
+def _statuses_through_uvicorn(captured: dict, peer: str, forwarded: list[str]) -> list[int]:
+    """Wrong keys with the given X-Forwarded-For values, from ``peer``, through the ASGI app uvicorn
+    would serve with the captured options (its proxy-headers middleware included)."""
+    import asyncio
+
+    import uvicorn
+
+    config = uvicorn.Config(
+        captured["app"],
+        proxy_headers=captured.get("proxy_headers", True),  # uvicorn's defaults where serve set none
+        forwarded_allow_ips=captured.get("forwarded_allow_ips"),
+        log_config=None,
+    )
+    config.load()
+
+    async def run() -> list[int]:
+        transport = httpx.ASGITransport(app=config.loaded_app, client=(peer, 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            return [
+                (
+                    await http.get("/metrics", headers={"X-API-Key": f"guess-{i}", "X-Forwarded-For": value})
+                ).status_code
+                for i, value in enumerate(forwarded)
+            ]
+
+    return asyncio.run(run())
+
+
+def test_forwarded_headers_are_trusted_only_from_configured_proxies(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """Hardening issue, item 8: uvicorn believes X-Forwarded-For from 127.0.0.1 by default, so a
+    local client naming a new address each time was never limited. ``serve`` now trusts the
+    headers from ``--trusted-proxy`` (CXR_REID_TRUSTED_PROXIES) peers only."""
+    rotating = [f"203.0.113.{i}" for i in range(25)]
+    plain = _serve_and_capture(monkeypatch, tmp_path, tiny_checkpoint)
+    assert _statuses_through_uvicorn(plain, "127.0.0.1", rotating) == [401] * 20 + [429] * 5
+    assert plain["proxy_headers"] is False
+
+    proxied = _serve_and_capture(monkeypatch, tmp_path, tiny_checkpoint, "--trusted-proxy", "127.0.0.1")
+    assert proxied["proxy_headers"] is True and proxied["forwarded_allow_ips"] == "127.0.0.1"
+    # behind the configured proxy each client is counted on its own ...
+    assert _statuses_through_uvicorn(proxied, "127.0.0.1", rotating) == [401] * 25
+    # ... and any other peer's forwarded header is ignored
+    assert _statuses_through_uvicorn(proxied, "198.51.100.7", rotating) == [401] * 20 + [429] * 5
+
+
+def test_trusted_proxies_setting_is_checked() -> None:
+    from app.settings import Settings
+
+    assert Settings(trusted_proxies=" 10.0.0.5, 172.16.0.0/12 ").trusted_proxy_list == [
+        "10.0.0.5",
+        "172.16.0.0/12",
+    ]
+    assert Settings().trusted_proxy_list == []
+    with pytest.raises(ValueError, match="not an IP address or network"):
+        Settings(trusted_proxies="proxy.example")
 
 
 def test_limiter_window_closes_with_a_summary(caplog: pytest.LogCaptureFixture) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import unicodedata
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated
 
@@ -18,7 +17,12 @@ from app.service.errors import InvalidInputError, NotFoundError, PayloadTooLarge
 from app.service.keys import SCOPES, ApiKey, KeyFileError, KeyStore
 from app.service.reid import ReidService
 from app.settings import Settings, key_fingerprint
+
+# clean_label: the label rule is the gallery's own (index.records), one rule for a patient id from a
+# form field, a DICOM PatientID, a manifest or PACS sync; re-exported for the API's parameters
+from index import MAX_LABEL_CHARS as MAX_LABEL_CHARS
 from index import AlertRecord, ImageRecord
+from index import clean_label as clean_label
 
 if TYPE_CHECKING:  # schemas import this module (clean_label)
     from app.api.schemas import AlertResolution
@@ -55,8 +59,10 @@ def _client_address(request: Request) -> str:
 
 def authorise(request: Request, api_key: str | None, scope: str) -> None:
     """401 unless a key with at least ``scope`` is presented; 403 for a key of a lower scope; 429
-    for an address with too many rejected keys. No keys configured at all: the API is open (and
-    ``cxr-reid serve`` then binds loopback only)."""
+    instead of 401 for a wrong key from an address with too many rejected keys. The key is checked
+    first and only failures are limited, so a valid key is never refused because others failed
+    from the same address (behind a proxy: every client). No keys configured at all: the API is
+    open (and ``cxr-reid serve`` then binds loopback only)."""
     state = request.app.state
     legacy: list[str] = state.settings.api_key_list
     store: KeyStore = state.key_store
@@ -69,14 +75,6 @@ def authorise(request: Request, api_key: str | None, scope: str) -> None:
         ) from None
     if not legacy and not stored:
         return
-    address = _client_address(request)
-    wait = state.auth_limiter.retry_after(address)
-    if wait is not None:
-        raise HTTPException(
-            status_code=429,
-            detail=f"too many rejected API keys from this address; try again in {wait} s",
-            headers={"Retry-After": str(wait)},
-        )
     if not api_key:
         raise HTTPException(
             status_code=401, detail="missing X-API-Key header", headers={"WWW-Authenticate": "ApiKey"}
@@ -85,6 +83,14 @@ def authorise(request: Request, api_key: str | None, scope: str) -> None:
     if key is None and any(hmac.compare_digest(api_key.encode(), k.encode()) for k in legacy):
         key = LEGACY_KEY
     if key is None:
+        address = _client_address(request)
+        wait = state.auth_limiter.retry_after(address)
+        if wait is not None:
+            raise HTTPException(
+                status_code=429,
+                detail=f"too many rejected API keys from this address; try again in {wait} s",
+                headers={"Retry-After": str(wait)},
+            )
         what = f"sha256:{key_fingerprint(api_key)} for {request.method} {route_template(request.scope)}"
         state.auth_limiter.failed(address, what)
         raise HTTPException(status_code=401, detail="invalid API key", headers={"WWW-Authenticate": "ApiKey"})
@@ -147,28 +153,6 @@ def get_access(request: Request) -> Access:
 AccessDep = Annotated[Access, Depends(get_access)]
 ServiceDep = Annotated[ReidService, Depends(get_service)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-
-MAX_LABEL_CHARS = 256
-
-
-def clean_label(value: str | None) -> str | None:
-    """A patient id, collection or other label from a client: stripped, and an empty value means
-    "not given"; refused when only whitespace, over 256 characters, holding control characters or
-    undecodable bytes (U+FFFD), so that what is stored is what the client meant."""
-    if value is None:
-        return None
-    label = value.strip()
-    if not label:
-        if value:
-            raise ValueError("is only whitespace: give a value, or leave the field out")
-        return None
-    if len(label) > MAX_LABEL_CHARS:
-        raise ValueError(f"is {len(label):,} characters long; at most {MAX_LABEL_CHARS}")
-    if "\ufffd" in label:
-        raise ValueError("is not valid UTF-8")
-    if any(unicodedata.category(char) in ("Cc", "Cs") for char in label):
-        raise ValueError("contains control characters (e.g. NUL, tab, newline)")
-    return label
 
 
 def _digits_only(value: object) -> object:

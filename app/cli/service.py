@@ -19,7 +19,10 @@ LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    settings = settings_from(args, host=args.host, port=args.port, workers=args.workers)
+    proxies = ",".join(args.trusted_proxy) if args.trusted_proxy else None
+    settings = settings_from(
+        args, host=args.host, port=args.port, workers=args.workers, trusted_proxies=proxies
+    )
     if settings.workers > 1:
         log.error(
             "--workers %d: a gallery data dir can be open in one process only (the gallery holds a file "
@@ -59,8 +62,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         reload=False,
         access_log=False,  # it logs raw paths and query strings (patient ids); app.access logs templates
+        **forwarded_headers(settings),
     )
     return 0
+
+
+def forwarded_headers(settings: Settings) -> dict[str, object]:
+    """uvicorn's proxy options from ``CXR_REID_TRUSTED_PROXIES`` (``--trusted-proxy``): X-Forwarded-For
+    is believed from those peers only. uvicorn's own default believes it from 127.0.0.1, so any local
+    client (or a proxy on the same host) could name itself anyone and slip past the failed-key limit;
+    with no proxy configured the headers are ignored and the peer address is the client."""
+    proxies = settings.trusted_proxy_list
+    if not proxies:
+        return {"proxy_headers": False, "forwarded_allow_ips": ""}
+    return {"proxy_headers": True, "forwarded_allow_ips": ",".join(proxies)}
 
 
 def _keys_configured(settings: Settings) -> bool:
@@ -104,6 +119,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         sys.stderr.write(f"check failed: {exc}\n")
         return 1
     with gallery:
+        originals = gallery.check_originals(deep=args.deep)
         report = {
             "data_dir": str(gallery.data_dir),
             "images": len(gallery),
@@ -113,9 +129,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
             "index_matches_database": gallery.is_consistent(),
             "index": gallery.effective_index_factory,
             "index_rebuilding": gallery.index_rebuilding,
+            "originals": originals.as_dict(),
         }
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
-    return 0 if report["index_matches_database"] else 1
+    if not report["index_matches_database"]:
+        sys.stderr.write("check failed: the FAISS index does not match the database\n")
+    if not originals.ok:
+        sys.stderr.write(f"check failed: {originals.summary()}\n")
+    return 0 if report["index_matches_database"] and originals.ok else 1
 
 
 def _cmd_healthcheck(args: argparse.Namespace) -> int:
@@ -154,6 +175,15 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument(
         "--insecure", action="store_true", help="serve beyond loopback even with no API key configured"
     )
+    p.add_argument(
+        "--trusted-proxy",
+        action="append",
+        metavar="ADDRESS",
+        help="a reverse proxy (IP address or network, e.g. 10.0.0.5 or 10.0.0.0/8; repeat for several) "
+        "whose X-Forwarded-For header names the client: the failed-API-key limit then counts by the "
+        "real client, not the proxy (default: CXR_REID_TRUSTED_PROXIES, else none: forwarded headers "
+        "are ignored, even from 127.0.0.1)",
+    )
     p.set_defaults(func=_cmd_serve)
 
     p = subparsers.add_parser(
@@ -179,7 +209,14 @@ def register(subparsers: Subparsers) -> None:
         help="integrity check of a gallery data dir, offline: database, stored originals, FAISS index",
         description="Runs SQLite's quick_check, refuses a data dir whose database is missing next to "
         "stored data, removes stored originals no row references and rebuilds a stale FAISS index, as "
-        "the service does at start. Exit 0 when the gallery can be served, 1 with the reason if not.",
+        "the service does at start; then checks that every image's original (stored under images/, or "
+        "referenced by path after `enroll` without --copy) is there and not empty, which `reindex` "
+        "needs. Exit 0 when the gallery can be served and re-embedded, 1 with the reason if not.",
+    )
+    p.add_argument(
+        "--deep",
+        action="store_true",
+        help="also read every original and check its sha256 (slow: reads the whole gallery)",
     )
     add_settings_args(p)
     p.set_defaults(func=_cmd_check)

@@ -20,7 +20,8 @@ from tqdm import tqdm
 from app.service.decoding import decode_source, new_image, sha256_of
 from app.service.errors import InvalidInputError
 from app.service.phi import stored_original
-from index import Gallery, ImageMetadata, ImageRecord
+from app.service.reid import labelled_image
+from index import Gallery, GalleryValidationError, ImageMetadata, ImageRecord
 from models.data import read_manifest
 from models.imaging.preprocess import sniff_format
 from models.net.embedder import Embedder
@@ -150,8 +151,8 @@ def bulk_enrol(
         if not batch:
             return
         vectors = embedder.embed_prepared(np.stack([done.prepared for done in batch]))
-        images = []
-        for done in batch:
+        images, keep = [], []
+        for row, done in enumerate(batch):
             item = done.item
             meta = ImageMetadata(
                 patient_id=item.patient_id,
@@ -160,17 +161,22 @@ def bulk_enrol(
                 split=item.split,
                 tags=item.tags,
             )
-            images.append(
-                new_image(
-                    done.identifiers,
-                    meta,
-                    sha256=done.sha,
-                    blob=stored_original(done.data, done.source_format) if copy else None,
-                    source_path=None if copy else str(item.path),
-                )
+            image = new_image(
+                done.identifiers,
+                meta,
+                sha256=done.sha,
+                blob=stored_original(done.data, done.source_format) if copy else None,
+                source_path=None if copy else str(item.path),
             )
-        gallery.add(vectors, images)
-        summary.enrolled += len(batch)
+            try:  # a manifest's patient id or a DICOM PatientID the gallery cannot take: this file only
+                images.append(labelled_image(image, meta, name=f"'{item.path}'"))
+            except GalleryValidationError as exc:
+                summary.failed.append((str(item.path), str(exc)))
+                continue
+            keep.append(row)
+        if images:
+            gallery.add(vectors[keep], images)
+        summary.enrolled += len(images)
         batch.clear()
 
     def read(item: EnrolItem) -> _Decoded:

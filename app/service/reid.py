@@ -27,7 +27,7 @@ from app.service.results import (
     ScoredRecord,
 )
 from app.service.scoring import SCORE_SLACK, Scorer, record_key, resolve_operating_point
-from index import AlertRecord, Gallery, ImageMetadata, ImageRecord, NewAlert
+from index import AlertRecord, Gallery, ImageMetadata, ImageRecord, NewAlert, NewImage, checked_patient_id
 from models.net.embedder import Embedder
 from models.scoring.calibration import Calibration
 from models.scoring.decide import OperatingPoint, image_key, is_same_patient
@@ -36,6 +36,18 @@ log = logging.getLogger(__name__)
 
 #: Enrol-time matches reported per new image.
 ENROL_MATCHES = 5
+
+
+def labelled_image(image: NewImage, meta: ImageMetadata, *, name: str) -> NewImage:
+    """``image`` (a :func:`new_image` row) with its patient id held to the gallery's label rule
+    (:func:`index.clean_label`), whichever source it came from: the caller's ``meta`` (a form field,
+    a manifest) or the image's DICOM PatientID. ``GalleryValidationError`` naming the image, the
+    source and the reason when it fails: that image is refused (422 for ``POST /images``; STOW-RS
+    and PACS sync report the instance as not stored), nothing of it is kept."""
+    from_tag = meta.patient_id is None and image.patient_id is not None
+    source = f"{name}: its DICOM PatientID" if from_tag else f"{name}: patient_id"
+    image.patient_id = checked_patient_id(image.patient_id, source=source)
+    return image
 
 
 class ReidService(AlertReview, DuplicatesReport):
@@ -217,6 +229,13 @@ class ReidService(AlertReview, DuplicatesReport):
             return self.gallery_problem or "no gallery is open"
         if not self._gallery.looks_consistent():
             return "the gallery index does not match its database; restart the service to rebuild it"
+        missing = self._gallery.missing_originals()
+        if missing:
+            return (
+                f"{missing:,} stored original(s) are missing under {self._gallery.data_dir / 'images'}: "
+                "search still works, but `cxr-reid reindex` cannot re-embed those images; restore the "
+                "folder from a backup (`cxr-reid check` lists the images), or delete those images"
+            )
         return None
 
     def close(self) -> None:
@@ -433,11 +452,15 @@ class ReidService(AlertReview, DuplicatesReport):
         enrolment slips in between the check and the write.
         """
         images = [
-            new_image(
-                d.identifiers,
+            labelled_image(
+                new_image(
+                    d.identifiers,
+                    meta,
+                    sha256=d.sha256,
+                    blob=stored_original(d.data, d.source_format),
+                ),
                 meta,
-                sha256=d.sha256,
-                blob=stored_original(d.data, d.source_format),
+                name=f"'{d.filename}'",
             )
             for d in decoded
         ]

@@ -33,9 +33,12 @@ def healthz() -> Health:
     response_model_exclude_none=True,
     summary="Readiness: model loaded and gallery consistent",
     description=(
-        "200 when the model is loaded and the gallery is open, holds vectors of this model and its "
-        "FAISS index matches the database. 503 with the reason in `detail` otherwise (for example a "
-        "gallery embedded with another model: run `cxr-reid reindex`)."
+        "200 when the model is loaded and the gallery is open, holds vectors of this model, its "
+        "FAISS index matches the database and no stored original is missing (counted at start, kept "
+        "current by the service's own writes, and a random sample of 8 originals looked at on each "
+        "call). 503 with the reason in `detail` otherwise (for example a gallery embedded with "
+        "another model: run `cxr-reid reindex`; lost originals: restore the data dir's images/ "
+        "folder, `cxr-reid check` lists the images)."
     ),
     responses=error_responses(503, e503="not ready; `detail` says why and what to do"),
 )
