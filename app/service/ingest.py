@@ -3,7 +3,9 @@
 
 :func:`ingest_instance` reads the header (:func:`models.imaging.dicom.read_dicom`, no pixels),
 checks the SOP UIDs, the study and the Modality, skips an instance whose SOPInstanceUID is already
-in the collection, then decodes, embeds and enrols it through :meth:`ReidService.enrol` (the
+in the collection (``ALREADY_STORED``; ``OTHER_PATIENT`` when it is stored there under another
+PatientID: not enrolled again either, but a conflict to report, with a ``ConflictError`` that names
+no patient), then decodes, embeds and enrols it through :meth:`ReidService.enrol` (the
 wrong-patient check of ``POST /images``, the original stored without the patient's identity,
 :mod:`app.service.phi`). It files the instance under the PatientID, StudyInstanceUID,
 SOPInstanceUID and ViewPosition of its tags.
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.service.decoding import Upload
-from app.service.errors import ServiceError
+from app.service.errors import ConflictError, ServiceError
 from app.service.reid import ReidService
 from app.service.results import EnrolResult
 from index import GalleryError, ImageMetadata
@@ -48,6 +50,9 @@ class IngestStatus(enum.Enum):
     OTHER_STUDY = "other study"  # not of the study the rules name
     OTHER_MODALITY = "other modality"  # Modality not among the rules' modalities
     ALREADY_STORED = "already stored"  # its SOPInstanceUID is in the collection: nothing done
+    #: its SOPInstanceUID is in the collection under another PatientID: nothing done; ``error`` is a
+    #: ConflictError saying so (without either patient id)
+    OTHER_PATIENT = "stored under another patient"
     NOT_DECODED = "not decoded"  # decoding or embedding refused it; ``error`` is the ServiceError
     NOT_STORED = "not stored"  # the gallery refused it; ``error`` is the GalleryError
     FAILED = "failed"  # anything else while embedding or enrolling; ``error`` says what
@@ -81,6 +86,32 @@ def _uid(ds: Any, keyword: str) -> str | None:
     return value if _UID.fullmatch(value) else None
 
 
+def _patient(value: Any) -> str:
+    """A PatientID as compared here: stripped as the gallery stores it, DICOM's NUL padding too (None
+    and empty are one)."""
+    return str(value or "").strip().strip("\0").strip()
+
+
+def _already(
+    service: ReidService, outcome: IngestOutcome, sop: str, collection: str, patient_id: str
+) -> IngestOutcome | None:
+    """The outcome when ``outcome``'s SOPInstanceUID is stored in ``collection`` already (same patient:
+    ``ALREADY_STORED``; another: ``OTHER_PATIENT``), else None."""
+    record = service.find_by_sop_instance_uid(sop, collection=collection)
+    if record is None:
+        return None
+    if _patient(record.patient_id) == patient_id:
+        outcome.status = IngestStatus.ALREADY_STORED  # a PACS may send a study again
+        return outcome
+    outcome.status = IngestStatus.OTHER_PATIENT
+    outcome.error = ConflictError(
+        f"SOPInstanceUID already stored in collection {collection!r} as image {record.image_id} under "
+        "another PatientID (the UID sent again for another patient, or the stored image relabelled on "
+        "review); not enrolled again: check which patient it belongs to"
+    )
+    return outcome
+
+
 def ingest_instance(
     service: ReidService,
     data: bytes,
@@ -100,6 +131,7 @@ def ingest_instance(
             sop = str(ds.get("SOPInstanceUID", "") or "").strip() or None
         study = _uid(ds, "StudyInstanceUID")
         modality = str(ds.get("Modality", "") or "").strip().upper()
+        patient_id = _patient(ds.get("PatientID", ""))
     except Exception as exc:  # pydicom raises many kinds on what is not DICOM
         return IngestOutcome(IngestStatus.UNREADABLE, error=exc)
     del ds
@@ -112,9 +144,8 @@ def ingest_instance(
     if modality not in rules.modalities:
         outcome.status = IngestStatus.OTHER_MODALITY
         return outcome
-    if service.find_by_sop_instance_uid(sop, collection=collection) is not None:
-        outcome.status = IngestStatus.ALREADY_STORED  # a PACS may send a study again
-        return outcome
+    if (known := _already(service, outcome, sop, collection, patient_id)) is not None:
+        return known
     try:
         decoded, vectors = service.embed_uploads([Upload(f"instance {sop}", data)])
     except ServiceError as exc:  # undecodable pixels, the quality gate, the decode budget, size limits
@@ -125,9 +156,8 @@ def ingest_instance(
         return outcome
     try:
         with _store_lock:
-            if service.find_by_sop_instance_uid(sop, collection=collection) is not None:
-                outcome.status = IngestStatus.ALREADY_STORED  # stored meanwhile by another request
-                return outcome
+            if (known := _already(service, outcome, sop, collection, patient_id)) is not None:
+                return known  # stored meanwhile by another request
             [outcome.result] = service.enrol(
                 decoded, vectors, ImageMetadata(collection=collection), point=point
             )

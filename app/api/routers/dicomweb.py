@@ -18,7 +18,16 @@ that cannot be read at all gets the service's JSON error (400 broken multipart, 
 not DICOM). The body is read as it streams in, within the request body limit
 (``CXR_REID_MAX_UPLOAD_BYTES``, enforced by ``BodyLimitMiddleware``), by python-multipart's parser;
 at most ``CXR_REID_MAX_FILES`` instances are kept, the rest fail with 0xA700 (send them again in
-another request).
+another request). A body of more than :func:`part_limit` parts (``PART_LIMIT``, 1,024, or
+``CXR_REID_MAX_FILES`` if that is larger) is refused whole with 413 as soon as the part past the
+limit begins, before anything is stored or answered per part: a body of many tiny parts costs
+milliseconds, not a response item each (python-multipart bounds each header line itself: 400).
+Storing and building the answer run in the thread pool, never on the event loop.
+
+An instance whose SOPInstanceUID is already in the collection under another PatientID (the PACS
+re-used the UID or changed the patient, or a reviewer relabelled the stored image) is not enrolled
+again and fails with ``FAILURE_DUPLICATE_SOP_INSTANCE`` (0x0111, "duplicate SOP instance", PS3.7
+annex C) and the reason in words, instead of being reported as stored.
 """
 
 from __future__ import annotations
@@ -57,6 +66,12 @@ FAILURE_DATASET_MISMATCH = 0xA900  # an instance of another study than the reque
 FAILURE_CANNOT_UNDERSTAND = 0xC000  # not DICOM, no SOP ids, or pixel data that cannot be used
 FAILURE_PROCESSING = 0x0110  # the gallery could not store it (the error is in the server log)
 FAILURE_SOP_CLASS_NOT_SUPPORTED = 0x0122  # not a projection radiograph (Modality not CR / DX / DR / RG)
+FAILURE_DUPLICATE_SOP_INSTANCE = 0x0111  # its SOPInstanceUID is stored under another PatientID
+
+#: Parts one request may hold (stored, or failed with 0xA700 past ``CXR_REID_MAX_FILES``); a body
+#: with more is refused whole with 413 (:func:`part_limit`). Bounds the response and the work per
+#: request whatever the body limit: 400,000 empty parts fit in 4 MB.
+PART_LIMIT = 1024
 
 #: RFC 2046 allows 70 characters, but Orthanc's DICOMweb plugin sends 73 (two UUIDs): be lenient.
 MAX_BOUNDARY = 200
@@ -80,11 +95,23 @@ class Outcome:
     text: str | None = None
 
 
-class _Collector:
-    """python-multipart callbacks that gather parts, keeping at most ``max_parts`` parts' bytes."""
+def part_limit(settings: Settings) -> int:
+    """Parts one STOW-RS request may hold: ``PART_LIMIT``, or ``CXR_REID_MAX_FILES`` if larger."""
+    return max(PART_LIMIT, settings.max_files)
 
-    def __init__(self, max_parts: int) -> None:
+
+class TooManyPartsError(Exception):
+    """Raised from the parser's callbacks: the body passed a limit; nothing per part is built."""
+
+
+class _Collector:
+    """python-multipart callbacks that gather parts, keeping at most ``max_parts`` parts' bytes and
+    raising :class:`TooManyPartsError` when the part past ``part_limit`` begins."""
+
+    def __init__(self, max_parts: int, part_limit: int | None = None) -> None:
         self.max_parts = max_parts
+        self.part_limit = max(max_parts, part_limit or max_parts)
+        self.seen = 0
         self.parts: list[Part] = []
         self.dropped = 0
         self.ended = False
@@ -109,6 +136,13 @@ class _Collector:
         return len(self.parts) < self.max_parts
 
     def _begin(self) -> None:
+        self.seen += 1
+        if self.seen > self.part_limit:
+            raise TooManyPartsError(
+                f"the multipart/related body has more than {self.part_limit:,} parts: at most "
+                f"{self.max_parts:,} instances are stored per request (CXR_REID_MAX_FILES); send them "
+                "in several requests"
+            )
         self._data = bytearray()
         self._headers = {}
 
@@ -162,15 +196,18 @@ def _boundary(content_type: str | None) -> bytes:
     return boundary
 
 
-async def _read_parts(request: Request, boundary: bytes, max_parts: int) -> _Collector:
-    """Parse the body as it streams in; the body limit middleware stops it past the upload limit."""
-    collector = _Collector(max_parts)
+async def _read_parts(request: Request, boundary: bytes, max_parts: int, limit: int) -> _Collector:
+    """Parse the body as it streams in; the body limit middleware stops it past the upload limit, and
+    the part past ``limit`` stops it with 413 (the rest of the body is discarded unread by the server)."""
+    collector = _Collector(max_parts, limit)
     parser = MultipartParser(boundary, callbacks=collector.callbacks())
     try:
         async for chunk in request.stream():
             if chunk:
                 parser.write(chunk)
         parser.finalize()
+    except TooManyPartsError as exc:
+        raise HTTPException(status_code=413, detail=str(exc)) from None
     except MultipartParseError as exc:
         raise HTTPException(
             status_code=400, detail=f"the multipart/related body cannot be parsed: {exc}"
@@ -232,6 +269,9 @@ def _outcome(done: IngestOutcome, name: str, study: str | None) -> Outcome:
         )
     if status is IngestStatus.ALREADY_STORED:
         return Outcome(sop_class, sop)  # success, nothing to do (idempotent)
+    if status is IngestStatus.OTHER_PATIENT:
+        detail = error.detail if isinstance(error, ServiceError) else str(error)
+        return Outcome(sop_class, sop, FAILURE_DUPLICATE_SOP_INSTANCE, f"{name}: {detail}")
     if status is IngestStatus.NOT_DECODED and isinstance(error, ServiceError):
         # too large, or the decode budget is taken (BusyError: try again later)
         if isinstance(error, (PayloadTooLargeError, UnavailableError)):
@@ -312,6 +352,23 @@ def _status(outcomes: list[Outcome]) -> int:
     return 200 if not failed else 409 if failed == len(outcomes) else 202
 
 
+def _store_and_answer(
+    service: ReidService,
+    collector: _Collector,
+    settings: Settings,
+    *,
+    collection: str,
+    study: str | None,
+    point: OperatingPoint,
+) -> tuple[bytes, int]:
+    """Store every kept instance and build the answer's body and status (run in the thread pool:
+    neither may hold the event loop)."""
+    outcomes = _store_all(service, collector, settings, collection=collection, study=study, point=point)
+    stored = sum(o.failure is None for o in outcomes)
+    log.info("STOW-RS: %d instance(s) stored or already there, %d failed", stored, len(outcomes) - stored)
+    return json.dumps(response_dataset(outcomes)).encode(), _status(outcomes)
+
+
 _DATASET_SCHEMA = {
     "type": "object",
     "description": "the STOW-RS response dataset in DICOM JSON (PS3.18 F.2): "
@@ -337,6 +394,8 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
         413,
         415,
         e400="the body is not a readable multipart/related message (no boundary, truncated, no parts)",
+        e413="the body is over the upload limit (CXR_REID_MAX_UPLOAD_BYTES), or holds more than "
+        f"{PART_LIMIT:,} parts (or CXR_REID_MAX_FILES if larger); nothing was stored",
         e415='the body is not multipart/related; type="application/dicom"',
     ),
 }
@@ -354,13 +413,17 @@ DESCRIPTION = (
     "StudyInstanceUID, SOPInstanceUID and ViewPosition of its tags, in `collection`, with the "
     "wrong-patient check of `POST /images` (against the gallery as it stands, earlier instances of the "
     "same request included). An instance whose SOPInstanceUID is already in the collection is reported "
-    "as stored and not enrolled again. Instances that are not projection radiographs (Modality CR, DX, "
-    "DR, RG), cannot be decoded, or (on `/dicomweb/studies/{study}`) belong to another study fail on "
-    "their own.\n\nThe answer is the STOW-RS response dataset in DICOM JSON: ReferencedSOPSequence "
-    "(stored), FailedSOPSequence (with FailureReason 0xC000 cannot understand, 0x0122 not a "
-    "radiograph, 0xA900 another study, 0xA700 out of resources, 0x0110 processing failure); each item's "
-    "TextValue (0040A160) holds a failure's reason in words, or a stored instance's wrong-patient alert. "
-    "200: all stored; 202: some failed; 409: none stored."
+    "as stored and not enrolled again; under another PatientID it fails with 0x0111 (duplicate SOP "
+    "instance: not enrolled again, the reason in TextValue). Instances that are not projection "
+    "radiographs (Modality CR, DX, DR, RG), cannot be decoded, or (on `/dicomweb/studies/{study}`) "
+    "belong to another study fail on their own.\n\nThe answer is the STOW-RS response dataset in DICOM "
+    "JSON: ReferencedSOPSequence (stored), FailedSOPSequence (with FailureReason 0xC000 cannot "
+    "understand, 0x0122 not a radiograph, 0xA900 another study, 0xA700 out of resources, 0x0111 stored "
+    "under another PatientID, 0x0110 processing failure); each item's TextValue (0040A160) holds a "
+    "failure's reason in words, or a stored instance's wrong-patient alert. 200: all stored; 202: some "
+    "failed; 409: none stored. At most CXR_REID_MAX_FILES instances are stored per request (the rest "
+    f"fail with 0xA700); a body of more than {PART_LIMIT:,} parts (or CXR_REID_MAX_FILES if larger) is "
+    "refused whole with 413."
 )
 
 CollectionQuery = Annotated[str | None, Query(description="gallery collection to enrol into"), Label]
@@ -380,15 +443,11 @@ async def _stow(
     boundary = _boundary(request.headers.get("content-type"))
     service.ensure_gallery()  # 503 now, before the body is read, when there is no gallery to store in
     point = service.operating_point()
-    collector = await _read_parts(request, boundary, settings.max_files)
-    outcomes = await run_in_threadpool(
-        _store_all, service, collector, settings, collection=collection, study=study, point=point
+    collector = await _read_parts(request, boundary, settings.max_files, part_limit(settings))
+    content, status = await run_in_threadpool(
+        _store_and_answer, service, collector, settings, collection=collection, study=study, point=point
     )
-    stored = sum(o.failure is None for o in outcomes)
-    log.info("STOW-RS: %d instance(s) stored or already there, %d failed", stored, len(outcomes) - stored)
-    return Response(
-        content=json.dumps(response_dataset(outcomes)), status_code=_status(outcomes), media_type=DICOM_JSON
-    )
+    return Response(content=content, status_code=status, media_type=DICOM_JSON)
 
 
 @router.post(

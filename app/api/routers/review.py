@@ -2,7 +2,9 @@
 
 Plain server-rendered HTML (the report kit's Jinja2 templates, autoescaped), no script needed: each
 open alert shows its two radiographs side by side (PNG thumbnails drawn here from the stored
-originals, inline as data URIs), the score, calibrated probability, patient ids, study dates and
+originals, inline as data URIs: each decoded once, inside the service's decode budget like any
+upload, concurrent first loads of one original waiting for the one decode, and kept small in
+:data:`THUMBNAILS`), the score, calibrated probability, patient ids, study dates and
 views, and one form whose buttons confirm, dismiss or relabel it through the same
 ``ReidService.resolve_alert`` as ``POST /alerts/{id}`` (then 303 back to the page).
 
@@ -14,12 +16,15 @@ open as the rest of the API.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
 import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from datetime import UTC, datetime
-from functools import lru_cache
 from pathlib import Path as FilePath
 from typing import Annotated
 
@@ -34,11 +39,11 @@ from app.api.schemas import AlertResolution
 from app.api.status import status_of
 from app.reports import package_version, png_data_uri, render
 from app.service.clientargs import collection_arg
-from app.service.decoding import decode_source
-from app.service.errors import ServiceError
+from app.service.decoding import DecodeBudget, decode_source
+from app.service.errors import BusyError, ServiceError
 from app.service.reid import ReidService
 from index import ImageRecord
-from models.imaging.preprocess import PreprocessConfig
+from models.imaging.preprocess import DECODE_BYTES_PER_PIXEL, PreprocessConfig, header_pixels
 
 log = logging.getLogger(__name__)
 
@@ -67,33 +72,133 @@ def csrf_token(request: Request, credential: str | None) -> str:
     return hmac.new(_secret(request), (credential or "").encode(), hashlib.sha256).hexdigest()
 
 
-@lru_cache(maxsize=1024)
-def _thumbnail(path: str, max_pixels: int, config: PreprocessConfig, side: int = THUMB_SIDE) -> str:
-    """A stored original as a windowed, aspect-kept PNG data URI ("" when it cannot be read)."""
+class _Making:
+    """One thumbnail being drawn: the lock its other callers wait on, and the error it ended in."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.error: BaseException | None = None
+
+
+class ThumbnailCache:
+    """Drawn thumbnails (PNG data URIs, tens of kB each), at most ``size`` of them, least recently used
+    out first. Each is made once: a caller asking for one being made waits for it instead of decoding
+    the same original again, and gets its error if it failed (a busy budget is not waited for again by
+    each waiter in turn). A failed drawing ("" or an exception) is not kept, so a busy decode budget
+    does not leave a blank image for good."""
+
+    def __init__(self, size: int = 512) -> None:
+        self.size = size
+        self._done: OrderedDict[Hashable, str] = OrderedDict()
+        self._making: dict[Hashable, _Making] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, make: Callable[[], str]) -> str:
+        with self._lock:
+            if key in self._done:
+                self._done.move_to_end(key)
+                return self._done[key]
+            making = self._making.get(key)
+            mine = making is None
+            if making is None:
+                making = self._making[key] = _Making()
+                making.lock.acquire()
+        if not mine:
+            with making.lock:  # until the one drawing it is done
+                pass
+            if making.error is not None:
+                raise making.error
+            with self._lock:
+                return self._done.get(key, "")
+        value = ""
+        try:
+            value = make()
+        except BaseException as exc:
+            making.error = exc
+            raise
+        finally:
+            with self._lock:
+                if value:
+                    self._done[key] = value
+                    while len(self._done) > self.size:
+                        self._done.popitem(last=False)
+                del self._making[key]
+            making.lock.release()
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._done.clear()
+
+
+#: The thumbnails of this process (a stored original's path never changes content: blobs are
+#: content-addressed).
+THUMBNAILS = ThumbnailCache()
+
+
+def _draw(
+    path: str, max_pixels: int, config: PreprocessConfig, budget: DecodeBudget | None, side: int
+) -> str:
+    """A stored original as a windowed, aspect-kept PNG data URI ("" when it cannot be read). The
+    decode and the drawing hold a reservation of the budget, as ``decode_uploads`` does: ``header_pixels
+    x DECODE_BYTES_PER_PIXEL``; :class:`BusyError` when the budget had no room in time."""
+    name = "the stored original"
     try:
-        radiograph = decode_source(
-            FilePath(path).read_bytes(), max_pixels=max_pixels, name="the stored original", config=config
-        )
-    except (OSError, ServiceError, ValueError):
-        log.warning("review: a stored original could not be drawn")
+        data = FilePath(path).read_bytes()
+        need = (header_pixels(data) or 0) * DECODE_BYTES_PER_PIXEL
+        with budget.reserve(need, name) if budget is not None else contextlib.nullcontext():
+            radiograph = decode_source(data, max_pixels=max_pixels, name=name, config=config)
+            del data
+            pixels = np.asarray(radiograph.pixels, dtype=np.float32)
+            del radiograph
+            if not pixels.flags.writeable:  # windowed in place below
+                pixels = pixels.copy()
+            low, high = np.percentile(pixels, [config.low_percentile, config.high_percentile])
+            pixels -= low
+            pixels *= 1.0 / max(float(high - low), 1e-6)
+            np.clip(pixels, 0.0, 1.0, out=pixels)
+            pixels *= 255.0
+            pixels += 0.5
+            image = Image.fromarray(pixels.astype(np.uint8), mode="L")
+            del pixels
+            image.thumbnail((side, side), Image.Resampling.LANCZOS)
+            return png_data_uri(np.asarray(image))
+    except BusyError:
+        raise
+    except (OSError, ServiceError, ValueError) as exc:
+        log.warning("review: a stored original could not be drawn (%s)", type(exc).__name__)
         return ""
-    pixels = np.asarray(radiograph.pixels, dtype=np.float32)
-    low, high = np.percentile(pixels, [config.low_percentile, config.high_percentile])
-    scaled = np.clip((pixels - low) / max(float(high - low), 1e-6), 0.0, 1.0)
-    image = Image.fromarray((scaled * 255.0 + 0.5).astype(np.uint8), mode="L")
-    image.thumbnail((side, side), Image.Resampling.LANCZOS)
-    return png_data_uri(np.asarray(image))
 
 
-def thumbnail(service: ReidService, record: ImageRecord | None) -> str:
+def thumbnail(service: ReidService, record: ImageRecord | None, side: int = THUMB_SIDE) -> str:
+    """The thumbnail of a record's stored original, drawn once within the decode budget ("" if none;
+    :class:`BusyError` when the budget had no room in time)."""
     path = record and (record.stored_path or record.source_path)
     if not path:
         return ""
-    return _thumbnail(path, service.max_pixels, service.embedder.preprocess_config)
+    config = service.embedder.preprocess_config
+    key = (path, service.max_pixels, config, side)
+    budget = service.decode_budget
+    return THUMBNAILS.get(key, lambda: _draw(path, service.max_pixels, config, budget, side))
 
 
-def _side(service: ReidService, record: ImageRecord | None, role: str) -> dict:
-    return {"role": role, "record": record, "src": thumbnail(service, record)}
+class _Sides:
+    """The sides of one page: after the decode budget was busy once, the page's remaining thumbnails
+    are left out (drawn on a later load) rather than each waiting for room in turn."""
+
+    def __init__(self, service: ReidService) -> None:
+        self.service = service
+        self.busy = False
+
+    def __call__(self, record: ImageRecord | None, role: str) -> dict:
+        src = ""
+        if not self.busy:
+            try:
+                src = thumbnail(self.service, record)
+            except BusyError:
+                self.busy = True
+                log.warning("review: the decode budget is busy; thumbnails left out of this page")
+        return {"role": role, "record": record, "src": src}
 
 
 def _page(
@@ -112,10 +217,11 @@ def _page(
         collection = key.collections[0]  # a limited key must name a collection: its first
     where = access.collection(collection_arg(collection, None))
     views, total = service.list_alerts(state="open", collection=where, offset=offset, limit=PAGE_SIZE)
+    side = _Sides(service)
     alerts = [
         {
             "view": v,
-            "sides": [_side(service, v.image, "enrolled"), _side(service, v.other_image, "matched")],
+            "sides": [side(v.image, "enrolled"), side(v.other_image, "matched")],
             "probability": service.probability(v.alert.score),
         }
         for v in views
@@ -125,7 +231,7 @@ def _page(
     conflicts = [
         {
             "pair": p,
-            "sides": [_side(service, p.a, "a"), _side(service, p.b, "b")],
+            "sides": [side(p.a, "a"), side(p.b, "b")],
             "probability": service.probability(p.score),
         }
         for p in report.pairs[:MAX_CONFLICTS]
