@@ -253,6 +253,12 @@ def test_a_key_limited_to_collections_sees_and_touches_only_those(
     pair = {"image_id_a": mine, "image_id_b": other}
     assert client.post("/verify", data=pair, headers=as_ward).status_code == 404
     assert client.get("/duplicates", params={"collection": "ward-b"}, headers=as_ward).status_code == 403
+    # the totals of other collections stay theirs: /readyz counts the key's own, /metrics is refused
+    assert client.get("/readyz", headers=as_ward).json()["gallery_images"] == 1
+    assert client.get("/readyz", headers=as_admin).json()["gallery_images"] == 2
+    refused = client.get("/metrics", headers=as_ward)
+    assert refused.status_code == 403 and "every collection" in refused.json()["detail"]
+    assert client.get("/metrics", headers=as_admin).status_code == 200
     assert (
         client.delete("/patients/p1", params={"collection": "ward-a"}, headers=as_ward).json()["deleted"] == 1
     )

@@ -524,7 +524,8 @@ class Readiness(BaseModel):
     model_id: str | None = Field(default=None, description=f"the model served{KEY_HOLDERS}")
     embedding_dim: int | None = Field(default=None, description=f"length of its embeddings{KEY_HOLDERS}")
     gallery_images: int | None = Field(
-        default=None, description=f"images in the gallery, every collection{KEY_HOLDERS}"
+        default=None,
+        description=f"images in the gallery: every collection, or the key's own collections{KEY_HOLDERS}",
     )
     index: str | None = Field(
         default=None,

@@ -214,11 +214,17 @@ class ReidService(AlertReview, DuplicatesReport):
             return 0
         return len(self._gallery)
 
-    def gallery_status(self) -> GalleryStatus:
-        """Size and index of the gallery being served (UnavailableError when none is)."""
+    def gallery_status(self, collections: Sequence[str] | None = None) -> GalleryStatus:
+        """Size (of ``collections`` only, when given) and index of the gallery being served
+        (UnavailableError when none is)."""
         gallery = self.gallery
+        if collections is None:
+            images = self.gallery_size()
+        else:
+            counts = gallery.collections()
+            images = sum(counts.get(name, 0) for name in set(collections))
         return GalleryStatus(
-            images=self.gallery_size(),
+            images=images,
             index=gallery.effective_index_factory,
             index_rebuilding=gallery.index_rebuilding,
         )

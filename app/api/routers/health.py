@@ -2,16 +2,17 @@
 
 /healthz and the status of /readyz answer everyone (orchestrators and the container health check
 hold no key); with API keys configured, what /readyz says beyond ready / not ready, and /metrics,
-need a key with the read scope.
+need a key with the read scope. A key limited to collections sees its own collections' image count
+on /readyz and no /metrics (they count every collection).
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.api.dependencies import has_scope, require_scope
+from app.api.dependencies import get_access, has_scope, require_scope
 from app.api.schemas import AdaptationOut, Health, OperatingPointOut, Readiness, error_responses
 
 router = APIRouter(tags=["health"])
@@ -52,7 +53,8 @@ def readyz(request: Request) -> Readiness | JSONResponse:
         return JSONResponse({"detail": problem}, status_code=503)
     if not details:
         return Readiness()
-    gallery = service.gallery_status()
+    key = get_access(request).key
+    gallery = service.gallery_status(key.collections if key is not None else None)
     return Readiness(
         model_id=service.model_id,
         embedding_dim=service.embedder.dim,
@@ -71,7 +73,8 @@ def readyz(request: Request) -> Readiness | JSONResponse:
     description=(
         "Prometheus text format: `cxr_reid_requests_total` and `cxr_reid_request_duration_seconds` by "
         "route template, `cxr_reid_embeddings_total`, `cxr_reid_gallery_images`. Per process: with "
-        "several workers each reports its own counts."
+        "several workers each reports its own counts. They count every collection, so a key limited "
+        "to collections gets 403."
     ),
     response_class=Response,
     responses={
@@ -80,4 +83,10 @@ def readyz(request: Request) -> Readiness | JSONResponse:
     },
 )
 def metrics(request: Request) -> Response:
+    key = get_access(request).key
+    if key is not None and key.collections is not None:
+        raise HTTPException(
+            status_code=403,
+            detail="/metrics counts every collection: it needs a key not limited to collections",
+        )
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
