@@ -18,6 +18,7 @@ import pytest
 from browser import Browser, needs_chromium, render, screenshot
 from PIL import Image
 
+from app.api.routers.review import SESSION_SECONDS, ReviewSessions
 from app.server_process import ROOT, Server, free_port, server_env, uvicorn_command
 from app.service.keys import KeyStore
 
@@ -195,9 +196,42 @@ def test_login_scopes_and_csrf(server: tuple[Server, dict]) -> None:
         httpx.get(f"{srv.url}/alerts/{alert_id}", headers={"X-API-Key": ids["read"]}).json()["state"]
         == "open"
     )
-    # signing out forgets the cookie
+    # the cookie holds a session id, not the key; signing out ends the session on the server too
+    session = writer.cookies["cxr_reid_review"]
+    assert session and ids["write"] not in session
     out = writer.post("/review/logout")
     assert out.status_code == 303 and writer.get("/review").status_code == 401
+    replayed = httpx.get(f"{srv.url}/review", cookies={"cxr_reid_review": session})
+    assert replayed.status_code == 401  # a copied cookie is worth nothing after sign-out
+
+
+def test_pages_carry_a_content_security_policy(server: tuple[Server, dict]) -> None:
+    srv, ids = server
+    for page in (
+        httpx.get(f"{srv.url}/review"),  # the login form
+        httpx.get(f"{srv.url}/review", headers={"X-API-Key": ids["read"]}, params={"collection": "*"}),
+    ):
+        policy = page.headers["content-security-policy"]
+        assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
+        assert page.headers["x-frame-options"] == "DENY"
+        assert page.headers["x-content-type-options"] == "nosniff"
+        nonce = policy.split("'nonce-")[1].split("'")[0]
+        assert f'<script nonce="{nonce}">' in page.text  # the page's own script, and only it, may run
+        assert page.text.count("<script") == 1
+
+
+def test_review_sessions_end_and_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]
+    sessions = ReviewSessions(clock=lambda: now[0])
+    first = sessions.open("key-1")
+    assert sessions.key_of(first) == "key-1" and sessions.key_of("forged") is None
+    now[0] = SESSION_SECONDS + 1
+    assert sessions.key_of(first) is None  # expired
+    monkeypatch.setattr("app.api.routers.review.MAX_SESSIONS", 2)
+    a, b, c = (sessions.open(f"k{i}") for i in range(3))
+    assert sessions.key_of(a) is None and sessions.key_of(b) == "k1" and sessions.key_of(c) == "k2"
+    sessions.close(b)
+    assert sessions.key_of(b) is None
 
 
 def test_hostile_patient_id_is_escaped(server: tuple[Server, dict]) -> None:

@@ -8,10 +8,16 @@ upload, concurrent first loads of one original waiting for the one decode, and k
 views, and one form whose buttons confirm, dismiss or relabel it through the same
 ``ReidService.resolve_alert`` as ``POST /alerts/{id}`` (then 303 back to the page).
 
-Auth: the API key in ``X-API-Key`` as for the API, or, for a browser, in an HttpOnly, SameSite=Strict
-cookie set by the login form (``POST /review/login``). Every form carries an anti-CSRF token, an HMAC
-of the credential under a secret drawn when the app starts. Without keys configured the page is as
-open as the rest of the API.
+Auth: the API key in ``X-API-Key`` as for the API, or, for a browser, a session: the login form
+(``POST /review/login``) checks the key and sets an HttpOnly, SameSite=Strict cookie holding a random
+session id, never the key; the key stays in this process (:class:`ReviewSessions`) and is checked
+again on every request, so a revoked key ends its sessions, and signing out ends the session on the
+server, not only in the browser. Every form carries an anti-CSRF token, an HMAC of the credential
+under a secret drawn when the app starts. Without keys configured the page is as open as the rest
+of the API.
+
+Pages carry a Content-Security-Policy (nothing loads from elsewhere, only the page's own script runs,
+by a per-response nonce; no framing) and the headers that go with it (:data:`PAGE_HEADERS`).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import hmac
 import logging
 import secrets
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from datetime import UTC, datetime
@@ -50,6 +57,16 @@ log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
 
 COOKIE = "cxr_reid_review"
+#: How long a review session lasts without signing in again, and how many the process keeps.
+SESSION_SECONDS = 12 * 3600
+MAX_SESSIONS = 10_000
+#: Sent with every review page (the policy itself, with its nonce, is made per response).
+PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 #: Open alerts per page, and conflicting /duplicates pairs shown (best first).
 PAGE_SIZE = 20
 MAX_CONFLICTS = 50
@@ -63,8 +80,62 @@ def _secret(request: Request) -> bytes:
     return state.review_secret
 
 
+class ReviewSessions:
+    """Session id -> API key, in this process only: the browser holds an id that means nothing
+    elsewhere, sessions end after :data:`SESSION_SECONDS` or at sign-out, and at most
+    :data:`MAX_SESSIONS` are kept (the oldest ended first). A restart signs everyone out."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._sessions: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def open(self, api_key: str) -> str:
+        session = secrets.token_urlsafe(32)
+        with self._lock:
+            self._sessions[session] = (api_key, self._clock() + SESSION_SECONDS)
+            while len(self._sessions) > MAX_SESSIONS:
+                self._sessions.popitem(last=False)
+        return session
+
+    def key_of(self, session: str | None) -> str | None:
+        """The API key of a live session, else None (unknown, ended or expired)."""
+        if not session:
+            return None
+        with self._lock:
+            found = self._sessions.get(session)
+            if found is None:
+                return None
+            if found[1] <= self._clock():
+                del self._sessions[session]
+                return None
+            return found[0]
+
+    def close(self, session: str | None) -> None:
+        with self._lock:
+            self._sessions.pop(session or "", None)
+
+
+def _sessions(request: Request) -> ReviewSessions:
+    state = request.app.state
+    if getattr(state, "review_sessions", None) is None:
+        state.review_sessions = ReviewSessions()
+    return state.review_sessions
+
+
 def _credential(request: Request) -> str | None:
-    return request.headers.get("X-API-Key") or request.cookies.get(COOKIE) or None
+    return request.headers.get("X-API-Key") or _sessions(request).key_of(request.cookies.get(COOKIE))
+
+
+def _html(html_of: Callable[[str], str], status: int) -> HTMLResponse:
+    """A review page with its headers; ``html_of(nonce)`` renders it with the nonce its script needs."""
+    nonce = secrets.token_urlsafe(16)
+    policy = (
+        "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+        f"script-src 'nonce-{nonce}'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    )
+    headers = {**PAGE_HEADERS, "Content-Security-Policy": policy}
+    return HTMLResponse(html_of(nonce), status_code=status, headers=headers)
 
 
 def csrf_token(request: Request, credential: str | None) -> str:
@@ -236,39 +307,46 @@ def _page(
         }
         for p in report.pairs[:MAX_CONFLICTS]
     ]
-    html = render(
-        "review.html.j2",
-        version=package_version(),
-        model_id=service.model_id,
-        created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        alerts=alerts,
-        total=total,
-        offset=offset,
-        page_size=PAGE_SIZE,
-        collection=collection or "",
-        conflicts=conflicts,
-        total_conflicts=report.total_conflicts,
-        threshold=point.threshold,
-        csrf=csrf_token(request, _credential(request)),
-        key_id=key.key_id if key is not None else None,
-        notice=notice,
-        error=error,
-        base=request.url_for("review_page").path,
+    return _html(
+        lambda nonce: render(
+            "review.html.j2",
+            nonce=nonce,
+            version=package_version(),
+            model_id=service.model_id,
+            created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            alerts=alerts,
+            total=total,
+            offset=offset,
+            page_size=PAGE_SIZE,
+            collection=collection or "",
+            conflicts=conflicts,
+            total_conflicts=report.total_conflicts,
+            threshold=point.threshold,
+            csrf=csrf_token(request, _credential(request)),
+            key_id=key.key_id if key is not None else None,
+            notice=notice,
+            error=error,
+            base=request.url_for("review_page").path,
+        ),
+        status,
     )
-    return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
 
 
 def _login_page(request: Request, message: str = "", status: int = 401) -> HTMLResponse:
-    html = render(
-        "review_login.html.j2",
-        version=package_version(),
-        model_id="",
-        created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        message=message,
-        base=request.url_for("review_page").path,
+    response = _html(
+        lambda nonce: render(
+            "review_login.html.j2",
+            nonce=nonce,
+            version=package_version(),
+            model_id="",
+            created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            message=message,
+            base=request.url_for("review_page").path,
+        ),
+        status,
     )
-    response = HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
     if request.cookies.get(COOKIE):
+        _sessions(request).close(request.cookies.get(COOKIE))
         response.delete_cookie(COOKIE, path="/")
     return response
 
@@ -313,7 +391,7 @@ def review_login(request: Request, api_key: Annotated[str, Form(max_length=512)]
     if api_key.strip():
         response.set_cookie(
             COOKIE,
-            api_key.strip(),
+            _sessions(request).open(api_key.strip()),
             httponly=True,
             samesite="strict",
             secure=request.url.scheme == "https",
@@ -324,6 +402,7 @@ def review_login(request: Request, api_key: Annotated[str, Form(max_length=512)]
 
 @router.post("/review/logout", name="review_logout")
 def review_logout(request: Request) -> Response:
+    _sessions(request).close(request.cookies.get(COOKIE))
     response = RedirectResponse(request.url_for("review_page").path, status_code=303)
     response.delete_cookie(COOKIE, path="/")
     return response
