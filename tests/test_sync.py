@@ -202,7 +202,7 @@ class FakeOrthanc:
     def __init__(self, routes: dict[str, object]) -> None:
         self.routes, self.headers, self.asked = routes, {}, []
 
-    def get(self, url: str, timeout: float) -> object:
+    def get(self, url: str, **_: object) -> object:
         import requests
 
         path = url.removeprefix("http://pacs")
@@ -215,6 +215,7 @@ class FakeOrthanc:
         response = requests.Response()
         response.status_code = status
         response._content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        response._content_consumed = True  # streamed by the sync: iter_content gives _content
         response.url = url
         return response
 

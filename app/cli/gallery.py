@@ -75,10 +75,13 @@ def _pacs_headers(args: argparse.Namespace) -> dict[str, str]:
 
 def _cmd_sync(args: argparse.Namespace) -> int:
     """Pull radiographs from a PACS (DICOMweb, or Orthanc's change feed); exit 0 done, 1 some
-    instances failed, 2 could not run."""
+    instances failed, 2 could not run, 128 + the signal's number when SIGINT / SIGTERM stopped a
+    --dicomweb or --once run (the cursor saved)."""
     import threading
 
     from app.pacs.sync import (
+        MIB,
+        SyncLimits,
         SyncState,
         SyncUnavailableError,
         follow_orthanc_changes,
@@ -97,6 +100,13 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         if args.orthanc_changes and args.since:
             raise ValueError("--since applies to --dicomweb; the change feed resumes from its cursor")
         settings = settings_from(args)
+        limits = SyncLimits(
+            request_seconds=args.request_timeout,
+            max_query_bytes=int(args.max_query_mb * MIB),
+            max_instance_bytes=settings.max_upload_bytes,
+            max_pages=args.max_pages,
+            max_studies=args.max_studies,
+        )
         embedder, gallery = open_model_and_gallery(settings)
     except (GalleryError, ValueError) as exc:
         log.error("%s", exc)
@@ -111,11 +121,14 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         "stop": stop,
         "progress": not args.no_progress,
     }
+    caught: list[int] = []
     try:
         state = SyncState(settings.data_dir)
-        with stop_on_signals(stop):
+        with stop_on_signals(stop) as caught:
             if args.dicomweb:
-                summary = sync_dicomweb(service, args.dicomweb, state=state, since=since, **common)
+                summary = sync_dicomweb(
+                    service, args.dicomweb, state=state, since=since, limits=limits, **common
+                )
             else:
                 summary = follow_orthanc_changes(
                     service,
@@ -123,6 +136,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
                     state=state,
                     once=args.once,
                     poll_seconds=args.poll,
+                    limits=limits,
                     **common,
                 )
     except SyncUnavailableError as exc:
@@ -133,6 +147,9 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         if webhook is not None:
             webhook.close()
     log.info("sync %s: %s", args.dicomweb or args.orthanc_changes, summary.line())
+    if caught and summary.interrupted and (args.dicomweb or args.once):
+        log.warning("sync stopped by signal %d; the cursor is saved in %s", caught[0], state.path)
+        return 128 + caught[0]
     return 1 if summary.failed else 0
 
 
@@ -196,7 +213,9 @@ def register(subparsers: Subparsers) -> None:
         "studies fully done are kept in DATA_DIR/sync-state.json and not fetched again."
         " --orthanc-changes URL: follow "
         "Orthanc's /changes feed (its REST root), resuming from the stored sequence number, until stopped"
-        " (SIGINT/SIGTERM: after the current instance) or, with --once, until caught up. Each instance is"
+        " (SIGINT/SIGTERM) or, with --once, until caught up. SIGINT/SIGTERM stop a run within a second, the "
+        "cursor saved (exit 128 + the signal's number, but 0 for a follower without --once). The --since "
+        "last cursor never passes a study that failed: it is retried by the next run. Each instance is"
         " enrolled under its DICOM PatientID / StudyInstanceUID / SOPInstanceUID / ViewPosition with the "
         "wrong-patient check; instances already in the collection are skipped, non-radiographs refused. "
         "The gallery must not be open in a running server. Exit 0 done, 1 some instances failed, 2 could "
@@ -221,6 +240,34 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--once", action="store_true", help="--orthanc-changes: stop when caught up")
     p.add_argument(
         "--poll", type=float, default=5.0, help="--orthanc-changes: seconds between polls when caught up"
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="the most one PACS request may take, its whole answer included, however "
+        "slowly it comes (default: 300; a study whose request runs out fails and is retried next run)",
+    )
+    p.add_argument(
+        "--max-pages",
+        type=int,
+        default=500,
+        help="--dicomweb: QIDO-RS pages of 100 studies asked for per run (default: 500)",
+    )
+    p.add_argument(
+        "--max-studies",
+        type=int,
+        default=10_000,
+        help="--dicomweb: studies looked at per run; the rest are left for the next (default: 10000)",
+    )
+    p.add_argument(
+        "--max-query-mb",
+        type=float,
+        default=4.0,
+        metavar="MB",
+        help="largest QIDO-RS (or Orthanc JSON) answer, refused past it (default: 4); one retrieved instance "
+        "may be as large as the service's upload limit (CXR_REID_MAX_UPLOAD_BYTES)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device_arg(p)

@@ -10,7 +10,16 @@ the check-and-enrol path STOW-RS uses too, so each instance gets the wrong-patie
   when part of it is already there, one instance) at a time, streamed, so memory holds one instance.
   The cursor in ``<data dir>/sync-state.json`` lists the studies fully done (with their instance
   count): a rerun, or a run after an interruption, skips them without fetching anything, and looks
-  again at a done study only when the PACS reports more instances in it.
+  again at a done study only when the PACS reports more instances in it. It never passes a study
+  that failed: such a study is kept in ``retry_studies`` (asked for by its UID next run when the
+  query would not list it, given up after ``max_study_attempts`` runs) and ``--since last`` resumes
+  at the oldest StudyDate not done (a listing cut short by ``max_pages`` moves it no further than the
+  query's start).
+* Every PACS request goes through :class:`DicomwebReader` / :class:`_Answer` (``requests``, streamed):
+  a whole-answer deadline however slowly the bytes come, QIDO answers and retrieved instances refused
+  past their caps while they stream, at most ``max_pages`` QIDO pages per query and ``max_studies``
+  studies per run (:class:`SyncLimits`); a run waiting on the PACS sees its stop event (SIGINT /
+  SIGTERM, :func:`stop_on_signals`) within :data:`POLL` seconds and ends with the cursor saved.
 * :func:`follow_orthanc_changes`: Orthanc's ``GET /changes?since=N&limit=M`` feed; each
   ``NewInstance`` is read (``/instances/{id}/tags?simplify`` first, the file only when it is wanted)
   and enrolled; the last sequence number is kept in the same state file after each change, so the
@@ -29,10 +38,12 @@ stored is counted as failed and the run goes on. Patients' ids and alert message
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
+import queue
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +97,12 @@ class SyncSummary:
     alerts: list[SyncAlert] = field(default_factory=list)
     newest_study_date: str | None = None
     last_change: int | None = None  # orthanc-changes: the sequence number reached
-    interrupted: bool = False
+    interrupted: bool = False  # stopped by SIGINT / SIGTERM (the cursor is saved)
+    retried: int = 0  # dicomweb: studies looked at again because an earlier run failed them
+    to_retry: int = 0  # dicomweb: studies that failed this run, tried again by the next
+    given_up: int = 0  # dicomweb: studies that failed max_study_attempts runs in a row
+    left: int = 0  # dicomweb: studies left for the next run by --max-studies
+    held_back: bool = False  # dicomweb: the --since last cursor stays at a study not done
 
     def line(self) -> str:
         parts = []
@@ -103,10 +119,21 @@ class SyncSummary:
             for a in self.alerts
         )
         parts.append(f"alerts {len(self.alerts)}" + (f" ({alerts})" if alerts else ""))
+        if self.retried:
+            parts.append(f"retried {self.retried} stud(ies) that failed before")
+        if self.to_retry:
+            parts.append(f"{self.to_retry} failed stud(ies) to be retried next run")
+        if self.given_up:
+            parts.append(f"gave up on {self.given_up} stud(ies) failed run after run")
+        if self.left:
+            parts.append(f"{self.left} stud(ies) left for the next run (--max-studies)")
         if self.newest_study_date:
-            parts.append(f"newest StudyDate {self.newest_study_date}")
+            if self.held_back:
+                parts.append(f"--since last resumes at StudyDate {self.newest_study_date}")
+            else:
+                parts.append(f"newest StudyDate {self.newest_study_date}")
         if self.interrupted:
-            parts.append("interrupted")
+            parts.append("interrupted (cursor saved)")
         return "; ".join(parts)
 
 
@@ -164,6 +191,7 @@ class Enroller:
         self.collection, self.modalities = collection, modalities
         self.rules = InstanceRules(modalities=modalities)
         self.point = service.operating_point()
+        self.last_sop: str | None = None  # the SOPInstanceUID of the last file given to enrol
 
     def wanted(self, sop: str | None, modality: str | None) -> bool:
         """Count an instance seen from its tags alone; True when it should be fetched and enrolled."""
@@ -191,6 +219,7 @@ class Enroller:
             self.service, data, collection=self.collection, point=self.point, rules=self.rules
         )
         sop, status, error = done.sop_instance_uid, done.status, done.error
+        self.last_sop = sop
         if status is IngestStatus.UNREADABLE:
             self.fail(name, f"not a readable DICOM file ({error})")
             return False
@@ -238,42 +267,454 @@ def _count(item: dict[str, Any], tag: str) -> int | None:
         return None
 
 
-def _search_studies(client: Any, filters: dict[str, str]) -> list[dict[str, Any]]:
-    """Every study the filters match, page by page (limit/offset)."""
-    fields = ["StudyDate", "StudyTime", "ModalitiesInStudy", "NumberOfStudyRelatedInstances"]
-    studies: list[dict[str, Any]] = []
+# --------------------------------------------------------------------------------------------------
+# Bounded PACS requests: a whole-answer deadline, size caps, and a stop that is seen within 0.1 s
+
+MIB = 1024 * 1024
+#: bytes per read of an answer, and the most chunks waiting between the reading thread and the run
+CHUNK, QUEUED_CHUNKS = 64 * 1024, 4
+#: how often a run waiting on the PACS looks at its stop event and its deadline
+POLL = 0.1
+
+
+@dataclass(frozen=True)
+class SyncLimits:
+    """What one run may spend on a PACS: each request within ``request_seconds`` all told (headers and
+    the whole body, however slowly it drips; ``read_seconds`` bounds one read, ``connect_seconds`` the
+    connection), each QIDO answer within ``max_query_bytes``, each retrieved instance within
+    ``max_instance_bytes`` (the service's upload limit), at most ``max_pages`` QIDO pages per study
+    query and ``max_studies`` studies looked at per run."""
+
+    request_seconds: float = 300.0
+    connect_seconds: float = 10.0
+    read_seconds: float = 20.0
+    max_query_bytes: int = 8 * MIB
+    max_instance_bytes: int = 50 * MIB
+    max_pages: int = 500
+    max_studies: int = 10_000
+    #: runs in a row a study may fail before it stops holding the ``--since last`` cursor back
+    max_study_attempts: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("request_seconds", "connect_seconds", "read_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be above 0")
+        for name in (
+            "max_query_bytes",
+            "max_instance_bytes",
+            "max_pages",
+            "max_studies",
+            "max_study_attempts",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+class SyncStoppedError(Exception):
+    """The run's stop event was set (SIGINT / SIGTERM) while it waited on the PACS."""
+
+
+class PacsAnswerError(Exception):
+    """A PACS answer that was refused: an HTTP error status, past its deadline, over its size cap,
+    cut short or malformed. ``status`` is the HTTP status when there was one."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AnswerTooLargeError(PacsAnswerError):
+    """A PACS answer (or one part of it) over its size cap."""
+
+
+class _Answer:
+    """One GET whose answer is read by a daemon thread and handed over in chunks, so that the run
+    waits at most :data:`POLL` seconds at a time: it sees its stop event, and the deadline of the
+    whole answer, however the PACS drips its bytes. An abandoned answer's thread ends at its next
+    read (its socket is shut down) or at the read timeout."""
+
+    def __init__(
+        self,
+        session: Any,
+        url: str,
+        *,
+        params: Any,
+        headers: dict[str, str],
+        limits: SyncLimits,
+        stop: threading.Event,
+    ) -> None:
+        self.url, self.limits, self.stop = url, limits, stop
+        self.deadline = time.monotonic() + limits.request_seconds
+        self.chunks: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=QUEUED_CHUNKS)
+        self.cancelled = threading.Event()
+        self.response: Any = None
+        args = (session, url, params, headers)
+        self.thread = threading.Thread(target=self._read, args=args, name="pacs-answer", daemon=True)
+        self.thread.start()
+        kind, value = self._next()
+        if kind == "error":
+            self.close()
+            raise PacsAnswerError(f"{url}: {value}") from value
+        self.response = value
+        self.status: int = value.status_code
+        self.headers = value.headers
+
+    def _read(self, session: Any, url: str, params: Any, headers: dict[str, str]) -> None:
+        response = None
+        try:
+            response = session.get(
+                url,
+                params=params,
+                headers=headers,
+                stream=True,
+                timeout=(self.limits.connect_seconds, self.limits.read_seconds),
+            )
+            self.response = response
+            if not self._put(("head", response)):
+                return
+            for chunk in response.iter_content(CHUNK):
+                if not self._put(("data", chunk)):
+                    return
+            self._put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 (handed to the run, which raises it)
+            self._put(("error", exc))
+        finally:
+            if response is not None:
+                response.close()
+
+    def _put(self, item: tuple[str, Any]) -> bool:
+        while not self.cancelled.is_set():
+            try:
+                self.chunks.put(item, timeout=POLL)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _next(self) -> tuple[str, Any]:
+        while True:
+            if self.stop.is_set():
+                self.close()
+                raise SyncStoppedError(f"stopped while waiting on {self.url}")
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                self.close()
+                raise PacsAnswerError(
+                    f"{self.url}: no whole answer within {self.limits.request_seconds:g} s "
+                    "(--request-timeout)"
+                )
+            try:
+                return self.chunks.get(timeout=min(POLL, left))
+            except queue.Empty:
+                continue
+
+    def iter_bytes(self) -> Iterator[bytes]:
+        """The body, chunk by chunk, under the deadline; raises PacsAnswerError past it."""
+        try:
+            while True:
+                kind, value = self._next()
+                if kind == "data":
+                    yield value
+                elif kind == "end":
+                    return
+                else:
+                    raise PacsAnswerError(f"{self.url}: the answer broke off: {value}") from value
+        finally:
+            self.close()
+
+    def read(self, cap: int, what: str) -> bytes:
+        """The whole body, refused (PacsAnswerError) as soon as it passes ``cap`` bytes."""
+        declared = self.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > cap:
+            self.close()
+            raise AnswerTooLargeError(
+                f"{self.url}: {what} of {int(declared):,} bytes is over the cap of {cap:,}; refused"
+            )
+        body = bytearray()
+        for chunk in self.iter_bytes():
+            body += chunk
+            if len(body) > cap:
+                raise AnswerTooLargeError(f"{self.url}: {what} over the cap of {cap:,} bytes; refused")
+        return bytes(body)
+
+    def close(self) -> None:
+        """Stop reading: the thread lets go at its next chunk, and a blocked read is woken by shutting
+        its socket down (best effort: while the headers are still coming the socket is not reachable,
+        and the read timeout ends the thread)."""
+        if self.cancelled.is_set():
+            return
+        self.cancelled.set()
+        sock = _socket_of(self.response)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+def _socket_of(response: Any) -> Any:
+    raw = getattr(response, "raw", None)
+    connection = getattr(raw, "_connection", None) or getattr(raw, "connection", None)
+    sock = getattr(connection, "sock", None)
+    if sock is None:  # urllib3 hands the connection back to the pool once the body is read
+        fp = getattr(getattr(raw, "_fp", None), "fp", None)
+        sock = getattr(getattr(fp, "raw", None), "_sock", None)
+    return sock
+
+
+def _boundary(content_type: str) -> bytes | None:
+    from email.message import Message
+
+    message = Message()
+    message["Content-Type"] = content_type
+    value = message.get_param("boundary")
+    return str(value).encode() if isinstance(value, str) and value else None
+
+
+def multipart_parts(chunks: Iterable[bytes], boundary: bytes, cap: int) -> Iterator[bytes]:
+    """The bodies of a ``multipart/related`` stream one at a time, each refused (PacsAnswerError) as soon
+    as it passes ``cap`` bytes: memory holds one part. A stream cut short raises PacsAnswerError."""
+    delimiter = b"--" + boundary
+    separator = b"\r\n" + delimiter
+    source = iter(chunks)
+    buffer = bytearray()
+
+    def more(what: str) -> None:
+        chunk = next(source, None)
+        if chunk is None:
+            raise PacsAnswerError(f"the multipart answer ended inside {what}")
+        buffer.extend(chunk)
+
+    head_cap = 64 * 1024
+    while (start := buffer.find(delimiter)) < 0:
+        if len(buffer) > head_cap:
+            raise PacsAnswerError("no multipart boundary in the first 64 KiB of the answer")
+        more("its preamble")
+    del buffer[: start + len(delimiter)]
     while True:
-        page = client.search_for_studies(
-            offset=len(studies), limit=PAGE_SIZE, fields=fields, search_filters=dict(filters)
+        while len(buffer) < 2:
+            more("a boundary")
+        if buffer[:2] == b"--":
+            return
+        while (end := buffer.find(b"\r\n\r\n")) < 0:
+            if len(buffer) > head_cap:
+                raise PacsAnswerError("multipart part headers over 64 KiB")
+            more("part headers")
+        del buffer[: end + 4]
+        searched = 0
+        while (end := buffer.find(separator, searched)) < 0:
+            if len(buffer) > cap + len(separator):
+                raise AnswerTooLargeError(f"an instance over the cap of {cap:,} bytes; refused")
+            searched = max(0, len(buffer) - len(separator) + 1)
+            more("an instance")
+        if end > cap:
+            raise AnswerTooLargeError(f"an instance of {end:,} bytes is over the cap of {cap:,}; refused")
+        part = bytes(buffer[:end])
+        del buffer[: end + len(separator)]
+        yield part
+
+
+class DicomwebReader:
+    """QIDO-RS and WADO-RS over ``requests``, every answer streamed under :class:`SyncLimits` and the
+    run's stop event (no retries: a study that fails is tried again by the next run)."""
+
+    QIDO_ACCEPT = "application/dicom+json"
+    WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        limits: SyncLimits | None = None,
+        stop: threading.Event | None = None,
+        session: Any = None,
+    ) -> None:
+        import requests
+
+        self.base = url.rstrip("/")
+        self.limits = limits or SyncLimits()
+        self.stop = stop or threading.Event()
+        self.session = session or requests.Session()
+        self.session.headers.update(headers or {})
+
+    def close(self) -> None:
+        self.session.close()
+
+    def _get(self, path: str, params: Any, accept: str) -> _Answer:
+        answer = _Answer(
+            self.session,
+            self.base + path,
+            params=params,
+            headers={"Accept": accept},
+            limits=self.limits,
+            stop=self.stop,
         )
-        studies += page
-        if len(page) < PAGE_SIZE:
-            return studies
+        if answer.status >= 400:
+            answer.close()
+            raise PacsAnswerError(f"{answer.url} answered {answer.status}", status=answer.status)
+        return answer
+
+    def _search(self, path: str, fields: Iterable[str], filters: dict[str, Any]) -> list[dict[str, Any]]:
+        params = [*((k, str(v)) for k, v in filters.items()), *(("includefield", f) for f in fields)]
+        answer = self._get(path, params, self.QIDO_ACCEPT)
+        if answer.status == 204:
+            answer.close()
+            return []
+        body = answer.read(self.limits.max_query_bytes, "QIDO-RS answer")
+        if not body.strip():
+            return []
+        try:
+            items = json.loads(body)
+        except ValueError as exc:
+            raise PacsAnswerError(f"{answer.url}: not a DICOM JSON answer ({exc})") from exc
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise PacsAnswerError(f"{answer.url}: not a list of DICOM JSON objects")
+        return items
+
+    def search_for_studies(
+        self,
+        *,
+        offset: int | None = None,
+        limit: int | None = None,
+        fields: Iterable[str] = (),
+        search_filters: dict[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        filters = dict(search_filters or {})
+        if offset is not None:
+            filters["offset"] = offset
+        if limit is not None:
+            filters["limit"] = limit
+        return self._search("/studies", fields, filters)
+
+    def search_for_series(self, study: str, fields: Iterable[str] = ()) -> list[dict[str, Any]]:
+        return self._search(f"/studies/{study}/series", fields, {})
+
+    def search_for_instances(
+        self, study: str, series: str, fields: Iterable[str] = ()
+    ) -> list[dict[str, Any]]:
+        return self._search(f"/studies/{study}/series/{series}/instances", fields, {})
+
+    def _instances(self, path: str, most: int) -> Iterator[bytes]:
+        answer = self._get(path, None, self.WADO_ACCEPT)
+        content_type = answer.headers.get("Content-Type", "")
+        cap = self.limits.max_instance_bytes
+        if content_type.split(";")[0].strip().lower() == "application/dicom":
+            yield answer.read(cap, "an instance")
+            return
+        boundary = _boundary(content_type)
+        if boundary is None:
+            answer.close()
+            raise PacsAnswerError(
+                f"{answer.url}: not a multipart answer ({content_type or 'no Content-Type'})"
+            )
+        count = 0
+        chunks = answer.iter_bytes()
+        try:
+            for part in multipart_parts(chunks, boundary, cap):
+                count += 1
+                if count > most:
+                    raise PacsAnswerError(f"{answer.url}: more instances than the {most} listed; refused")
+                yield part
+        finally:
+            answer.close()
+
+    def iter_series(self, study: str, series: str, most: int) -> Iterator[bytes]:
+        """The series' instances as DICOM files, one at a time (at most ``most`` of them)."""
+        return self._instances(f"/studies/{study}/series/{series}", most)
+
+    def retrieve_instance(self, study: str, series: str, sop: str) -> bytes:
+        parts = list(self._instances(f"/studies/{study}/series/{series}/instances/{sop}", 1))
+        if not parts:
+            raise PacsAnswerError(f"instance {sop}: an empty answer")
+        return parts[0]
 
 
-def _list_studies(client: Any, modalities: frozenset[str], since: str | None) -> list[dict[str, Any]]:
-    """The studies to look at, oldest first. The ModalitiesInStudy filter is asked for; a PACS that
-    refuses it is asked without it (the series are filtered by their Modality in any case)."""
-    import requests
+@dataclass
+class _Study:
+    uid: str
+    date: str | None
+    time: str | None
+    count: int | None  # NumberOfStudyRelatedInstances, when the PACS gives it
 
-    base = {"StudyDate": f"{since}-"} if since else {}
-    try:
-        studies = _search_studies(client, {**base, "ModalitiesInStudy": ",".join(sorted(modalities))})
-    except requests.HTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
-        if status not in (400, 501):
-            raise
-        log.info("the PACS refused the ModalitiesInStudy filter (%s); filtering series instead", status)
-        studies = _search_studies(client, base)
-    studies = [s for s in studies if _first(s, STUDY_UID)]
-    return sorted(
-        studies,
-        key=lambda s: (_first(s, STUDY_DATE) or "", _first(s, STUDY_TIME) or "", _first(s, STUDY_UID)),
+
+STUDY_FIELDS = ["StudyDate", "StudyTime", "ModalitiesInStudy", "NumberOfStudyRelatedInstances"]
+
+
+def _study(item: dict[str, Any]) -> _Study | None:
+    uid = _first(item, STUDY_UID)
+    if not uid:
+        return None
+    date, hour = _first(item, STUDY_DATE), _first(item, STUDY_TIME)
+    return _Study(
+        str(uid), str(date) if date else None, str(hour) if hour else None, _count(item, STUDY_INSTANCES)
     )
 
 
+def _search_studies(client: Any, filters: dict[str, str], limits: SyncLimits) -> tuple[list[_Study], bool]:
+    """The studies the filters match, page by page (limit/offset), at most ``limits.max_pages`` pages;
+    True with them when the listing is whole. A failing first page raises; a later one ends the listing
+    (not whole), as do a page that brings no study not seen before (a PACS that ignores the offset) and
+    the page limit."""
+    found: dict[str, _Study] = {}
+    for number in range(limits.max_pages):
+        try:
+            page = client.search_for_studies(
+                offset=number * PAGE_SIZE, limit=PAGE_SIZE, fields=STUDY_FIELDS, search_filters=dict(filters)
+            )
+        except PacsAnswerError as exc:
+            if number == 0:
+                raise
+            log.warning(
+                "the study query stopped at page %d: %s; going on with the %d listed",
+                number + 1,
+                exc,
+                len(found),
+            )
+            return list(found.values()), False
+        new = 0
+        for item in page[:PAGE_SIZE]:  # a PACS that answers more than asked for gets no more room
+            study = _study(item)
+            if study is not None and study.uid not in found:
+                found[study.uid] = study
+                new += 1
+        if len(page) < PAGE_SIZE:
+            return list(found.values()), True
+        if not new:
+            log.warning(
+                "page %d of the study query brought no new study (the PACS ignores the offset?): "
+                "going on with the %d listed",
+                number + 1,
+                len(found),
+            )
+            return list(found.values()), False
+    log.warning(
+        "the study query stopped after %d pages (--max-pages): going on with the %d studies listed; the "
+        "--since last cursor does not move past the query's start",
+        limits.max_pages,
+        len(found),
+    )
+    return list(found.values()), False
+
+
+def _list_studies(
+    client: Any, modalities: frozenset[str], since: str | None, limits: SyncLimits
+) -> tuple[list[_Study], bool]:
+    """The studies to look at (and whether the listing is whole). The ModalitiesInStudy filter is asked
+    for; a PACS that refuses it is asked without it (the series are filtered by their Modality in any
+    case)."""
+    base = {"StudyDate": f"{since}-"} if since else {}
+    try:
+        return _search_studies(client, {**base, "ModalitiesInStudy": ",".join(sorted(modalities))}, limits)
+    except PacsAnswerError as exc:
+        if exc.status not in (400, 501):
+            raise
+        log.info("the PACS refused the ModalitiesInStudy filter (%s); filtering series instead", exc.status)
+        return _search_studies(client, base, limits)
+
+
 def _sync_study(client: Any, enroller: Enroller, study: str, stop: threading.Event, bar: Any) -> bool:
-    """Enrol one study's wanted instances; True when every instance was dealt with (none failed)."""
+    """Enrol one study's wanted instances; True when every instance was dealt with (none failed).
+    Raises SyncStoppedError when the run is stopped while waiting on the PACS, PacsAnswerError when a
+    QIDO-RS answer of the study is refused."""
     ok = True
     for series in client.search_for_series(study, fields=["Modality", "NumberOfSeriesRelatedInstances"]):
         if stop.is_set():
@@ -299,39 +740,26 @@ def _sync_study(client: Any, enroller: Enroller, study: str, stop: threading.Eve
         if not missing:
             continue
         if len(missing) == len(instances):  # none there yet: the series in one streamed request
-            fetched: Iterable[Any] = client.iter_series(study, series_uid)
+            fetched: Iterable[bytes] = client.iter_series(study, series_uid, len(missing))
         else:
             fetched = (client.retrieve_instance(study, series_uid, sop) for sop in missing)
-        done = set()
+        done: set[str | None] = set()
         try:
-            for ds in fetched:
-                done.add(str(ds.get("SOPInstanceUID", "")))
-                ok = enroller.enrol(_dataset_bytes(ds), str(ds.get("SOPInstanceUID", "?"))) and ok
+            for data in fetched:
+                ok = enroller.enrol(data, f"part {len(done) + 1} of series {series_uid}") and ok
+                done.add(enroller.last_sop)
                 bar.update(1)
                 if stop.is_set():
                     return False
-        except Exception as exc:  # a broken stream or an HTTP error: the rest of the series failed
+        except SyncStoppedError:
+            return False
+        except Exception as exc:  # a broken or refused answer: the rest of the series failed
             for sop in missing:
                 if sop not in done:
                     enroller.fail(sop, f"could not be retrieved: {exc}")
                     bar.update(1)
             ok = False
     return ok
-
-
-def _dataset_bytes(ds: Any) -> bytes:
-    """A retrieved instance as a DICOM file again (dicomweb-client hands out parsed datasets)."""
-    import pydicom
-
-    buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def dicomweb_client(url: str, headers: dict[str, str] | None = None) -> Any:
-    from dicomweb_client.api import DICOMwebClient
-
-    return DICOMwebClient(url.rstrip("/"), headers=headers or None)
 
 
 def sync_dicomweb(
@@ -345,68 +773,171 @@ def sync_dicomweb(
     headers: dict[str, str] | None = None,
     stop: threading.Event | None = None,
     progress: bool = True,
+    limits: SyncLimits | None = None,
     client: Any = None,
 ) -> SyncSummary:
     """One pass over a DICOMweb PACS (QIDO-RS + WADO-RS); see the module docstring.
 
-    ``since``: a StudyDate (YYYYMMDD) or ``"last"`` (the newest StudyDate a run has seen). Raises
-    :class:`SyncUnavailableError` when the first query fails.
+    ``since``: a StudyDate (YYYYMMDD) or ``"last"`` (where the last run left the cursor). Raises
+    :class:`SyncUnavailableError` when the first query fails. A run stopped (``stop``, set by SIGINT /
+    SIGTERM) ends within a fraction of a second, even in the middle of an answer, with the cursor saved
+    and ``summary.interrupted`` set.
     """
-    import requests
     from tqdm import tqdm
 
     stop = stop or threading.Event()
-    client = client or dicomweb_client(url, headers)
+    limits = limits or SyncLimits()
+    own = client is None
+    client = client or DicomwebReader(url, headers=headers, limits=limits, stop=stop)
+    try:
+        return _sync_dicomweb(
+            client, service, url, state, collection, modalities, since, stop, limits, progress, tqdm
+        )
+    finally:
+        if own:
+            client.close()
+
+
+def _sync_dicomweb(
+    client: Any,
+    service: ReidService,
+    url: str,
+    state: SyncState,
+    collection: str,
+    modalities: frozenset[str],
+    since: str | None,
+    stop: threading.Event,
+    limits: SyncLimits,
+    progress: bool,
+    tqdm: Any,
+) -> SyncSummary:
     cursor = state.source("dicomweb", url, collection)
     done: dict[str, int | None] = cursor.setdefault("done_studies", {})
+    retry: dict[str, dict[str, Any]] = cursor.setdefault("retry_studies", {})
     summary = SyncSummary(newest_study_date=cursor.get("newest_study_date"))
     if since == "last":
         since = cursor.get("newest_study_date")
-    # the first query is not retried (dicomweb-client's default: 5 tries, 30 s of back-off), so an
-    # unreachable PACS is reported at once; later requests get the retries
-    retries = hasattr(client, "set_http_retry_params")
-    if retries:
-        client.set_http_retry_params(retry=False)
     try:
-        studies = _list_studies(client, modalities, since)
-    except (requests.RequestException, ValueError) as exc:
+        studies, whole = _list_studies(client, modalities, since, limits)
+    except SyncStoppedError:
+        summary.interrupted = True
+        log.warning("stopped while listing the studies; nothing done, the cursor is as it was")
+        state.save()
+        return summary
+    except PacsAnswerError as exc:
         raise SyncUnavailableError(f"the PACS at {url} did not answer the study query: {exc}") from exc
-    if retries:
-        client.set_http_retry_params()
+    listed = {s.uid for s in studies}
+    # studies that failed in an earlier run and are not listed (outside --since, or without StudyDate)
+    for uid in [u for u in retry if u not in listed][: limits.max_studies]:
+        try:
+            found = client.search_for_studies(fields=STUDY_FIELDS, search_filters={"StudyInstanceUID": uid})
+        except SyncStoppedError:
+            break
+        except PacsAnswerError as exc:
+            log.warning("study %s, to be retried, could not be asked for: %s", uid, exc)
+            continue
+        again = [s for s in map(_study, found) if s is not None and s.uid == uid]
+        if not again:
+            log.info("study %s, to be retried, is no longer in the PACS", uid)
+            del retry[uid]
+            continue
+        studies.append(again[0])
+    studies.sort(key=lambda s: (s.date or "", s.time or "", s.uid))
     pending = []
     for study in studies:
-        uid, count = _first(study, STUDY_UID), _count(study, STUDY_INSTANCES)
-        if uid in done and (count is None or done[uid] is None or count <= done[uid]):
+        count = study.count
+        if study.uid in done and (count is None or done[study.uid] is None or count <= done[study.uid]):
             summary.studies_done_before += 1
+            retry.pop(study.uid, None)
         else:
-            pending.append((uid, count, _first(study, STUDY_DATE)))
+            pending.append(study)
+    summary.retried = sum(1 for s in pending if s.uid in retry)
     log.info(
-        "%d stud(ies) at %s, %d done in an earlier run, %d to look at",
+        "%d stud(ies) at %s, %d done in an earlier run, %d to look at (%d that failed before)",
         len(studies),
         url,
         summary.studies_done_before,
         len(pending),
+        summary.retried,
     )
     enroller = Enroller(service, summary, collection=collection, modalities=modalities)
-    total = sum(count or 0 for _, count, _ in pending) or None
+    held: list[str] = []  # StudyDates of the studies not done: the cursor stays at or before them
+    total = sum(s.count or 0 for s in pending[: limits.max_studies]) or None
     with tqdm(total=total, unit="instance", disable=not progress, desc="sync") as bar:
-        for uid, count, date in pending:
-            if stop.is_set():
-                summary.interrupted = True
+        for index, study in enumerate(pending):
+            if stop.is_set() or index >= limits.max_studies:
+                if stop.is_set():
+                    summary.interrupted = True
+                else:
+                    summary.left = len(pending) - index
+                    log.warning(
+                        "%d stud(ies) left for the next run (--max-studies %d)",
+                        summary.left,
+                        limits.max_studies,
+                    )
+                held += [s.date for s in pending[index:] if s.date]
                 break
             summary.studies += 1
             try:
-                complete = _sync_study(client, enroller, uid, stop, bar)
-            except Exception as exc:  # QIDO of this study failed: the next run tries it again
-                enroller.fail(f"study {uid}", f"could not be listed: {exc}")
+                complete = _sync_study(client, enroller, study.uid, stop, bar)
+            except SyncStoppedError:
                 complete = False
-            if stop.is_set():
-                summary.interrupted = True
+            except Exception as exc:  # QIDO of this study failed: the next run tries it again
+                enroller.fail(f"study {study.uid}", f"could not be listed: {exc}")
+                complete = False
             if complete:
-                done[uid] = count
-            if date and (summary.newest_study_date is None or date > summary.newest_study_date):
-                summary.newest_study_date = cursor["newest_study_date"] = date
+                done[study.uid] = study.count
+                retry.pop(study.uid, None)
+            elif stop.is_set():  # cut short, not failed: the next run goes on with it
+                if study.date:
+                    held.append(study.date)
+            else:
+                attempts = int(retry.get(study.uid, {}).get("attempts", 0)) + 1
+                if attempts >= limits.max_study_attempts:
+                    log.error(
+                        "study %s failed in %d runs in a row: no longer retried, nor holding the cursor back "
+                        "(sync it again with --since %s)",
+                        study.uid,
+                        attempts,
+                        study.date or "an earlier date",
+                    )
+                    retry.pop(study.uid, None)
+                    summary.given_up += 1
+                else:
+                    retry[study.uid] = {"date": study.date, "attempts": attempts}
+                    summary.to_retry += 1
+                    if study.date:
+                        held.append(study.date)
             state.save()
+    # --since last: from the oldest StudyDate not done, else the newest listed; after a listing cut
+    # short no later than the query's start (the studies beyond it were never seen), and with no start
+    # from no date at all
+    dates = [s.date for s in studies if s.date]
+    resume = min(held) if held else max(dates, default=None)
+    if not whole:
+        resume = min(resume or since, since) if since else None
+        if resume is None:
+            cursor.pop("newest_study_date", None)
+    summary.newest_study_date = resume or cursor.get("newest_study_date")
+    if resume is not None:
+        cursor["newest_study_date"] = resume
+    summary.held_back = bool(held)
+    if stop.is_set():
+        summary.interrupted = True
+        log.warning(
+            "stopped after %d of %d stud(ies) to look at; the cursor is saved in %s: the next run goes on "
+            "from there%s",
+            summary.studies,
+            len(pending),
+            state.path,
+            f" (--since last: from StudyDate {resume})" if resume else "",
+        )
+    if summary.to_retry:
+        log.warning(
+            "%d failed stud(ies) to be retried next run%s",
+            summary.to_retry,
+            f"; --since last resumes at StudyDate {resume}" if resume else "",
+        )
     state.save()
     return summary
 
@@ -433,16 +964,36 @@ class _TransientError(Exception):
     """Orthanc could not be reached, or answered 5xx: try the same change again later."""
 
 
-def _get(session: Any, url: str, *, timeout: float) -> Any:
-    import requests
+@dataclass
+class _Got:
+    """A whole (capped) answer of Orthanc's REST API."""
 
+    status_code: int
+    content: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+def _get(session: Any, url: str, *, limits: SyncLimits, stop: threading.Event, cap: int, what: str) -> _Got:
+    """GET under ``limits`` (the whole-answer deadline; the body refused past ``cap`` bytes: raises
+    AnswerTooLargeError). Raises _TransientError when Orthanc cannot be reached, answers 5xx or too
+    slowly, SyncStoppedError when the run is stopped; a 4xx answer comes back without its body."""
     try:
-        response = session.get(url, timeout=timeout)
-    except requests.RequestException as exc:
+        answer = _Answer(session, url, params=None, headers={}, limits=limits, stop=stop)
+    except PacsAnswerError as exc:
         raise _TransientError(str(exc)) from exc
-    if response.status_code >= 500:
-        raise _TransientError(f"{url} answered {response.status_code}")
-    return response
+    if answer.status >= 400:
+        answer.close()
+        if answer.status >= 500:
+            raise _TransientError(f"{url} answered {answer.status}")
+        return _Got(answer.status, b"")
+    try:
+        return _Got(answer.status, answer.read(cap, what))
+    except AnswerTooLargeError:
+        raise
+    except PacsAnswerError as exc:
+        raise _TransientError(str(exc)) from exc
 
 
 def follow_orthanc_changes(
@@ -461,16 +1012,21 @@ def follow_orthanc_changes(
     timeout: float = 60.0,
     sleep: Callable[[threading.Event, float], None] | None = None,
     session: Any = None,
+    limits: SyncLimits | None = None,
 ) -> SyncSummary:
     """Follow Orthanc's change log from the stored sequence number; see the module docstring.
 
     ``once``: stop when caught up (``Done``), or after ``max_retries_once`` failed tries in a row.
-    Raises :class:`SyncUnavailableError` when Orthanc does not answer the first request.
+    ``limits``: each request's whole-answer deadline and size caps (default: :class:`SyncLimits` with
+    ``timeout`` as its read timeout). Raises :class:`SyncUnavailableError` when Orthanc does not answer
+    the first request.
     """
     import requests
     from tqdm import tqdm
 
     stop = stop or threading.Event()
+    limits = limits or SyncLimits(read_seconds=timeout)
+    asks = {"limits": limits, "stop": stop, "cap": limits.max_query_bytes, "what": "an answer"}
     wait = sleep or (lambda event, seconds: event.wait(seconds))
     base = url.rstrip("/")
     cursor = state.source("orthanc-changes", base, collection)
@@ -478,17 +1034,22 @@ def follow_orthanc_changes(
     session = session or requests.Session()
     session.headers.update(headers or {})
     try:
-        _get(session, f"{base}/changes?last", timeout=timeout).raise_for_status()
-    except (_TransientError, requests.HTTPError) as exc:
+        first = _get(session, f"{base}/changes?last", **asks)
+        if first.status_code >= 400:
+            raise _TransientError(f"answered {first.status_code}")
+    except (_TransientError, PacsAnswerError) as exc:
         raise SyncUnavailableError(f"Orthanc at {base} did not answer GET /changes: {exc}") from exc
+    except SyncStoppedError:
+        stop.set()
     enroller = Enroller(service, summary, collection=collection, modalities=modalities)
     backoff = _Backoff()
     with contextlib.closing(session), tqdm(unit="instance", disable=not progress, desc="changes") as bar:
         while not stop.is_set():
             since = summary.last_change or 0
             try:
-                page = _get(session, f"{base}/changes?since={since}&limit={CHANGES_LIMIT}", timeout=timeout)
-                page.raise_for_status()
+                page = _get(session, f"{base}/changes?since={since}&limit={CHANGES_LIMIT}", **asks)
+                if page.status_code >= 400:
+                    raise PacsAnswerError(f"GET /changes answered {page.status_code}", page.status_code)
                 body = page.json()
                 last = int(body["Last"])
                 if last < since:
@@ -505,14 +1066,16 @@ def follow_orthanc_changes(
                     if stop.is_set():
                         break
                     if change.get("ChangeType") == "NewInstance":
-                        _enrol_orthanc_instance(session, base, change["ID"], enroller, timeout)
+                        _enrol_orthanc_instance(session, base, change["ID"], enroller, asks)
                         bar.update(1)
                     summary.last_change = cursor["since"] = int(change["Seq"])
                     state.save()
                 else:
                     summary.last_change = cursor["since"] = max(last, since)
                     state.save()
-            except (_TransientError, requests.HTTPError, ValueError, KeyError) as exc:
+            except SyncStoppedError:
+                break
+            except (_TransientError, PacsAnswerError, ValueError, KeyError, TypeError) as exc:
                 pause = backoff.failed()
                 if once and backoff.failures >= max_retries_once:
                     enroller.fail(
@@ -533,11 +1096,12 @@ def follow_orthanc_changes(
 
 
 def _enrol_orthanc_instance(
-    session: Any, base: str, orthanc_id: str, enroller: Enroller, timeout: float
+    session: Any, base: str, orthanc_id: str, enroller: Enroller, asks: dict[str, Any]
 ) -> None:
     """One NewInstance: its tags first (a refused or already-enrolled instance is not downloaded),
-    then its file. Raises _TransientError when Orthanc cannot be reached (the change is tried again)."""
-    tags = _get(session, f"{base}/instances/{orthanc_id}/tags?simplify", timeout=timeout)
+    then its file (one over the instance cap fails). Raises _TransientError when Orthanc cannot be
+    reached (the change is tried again)."""
+    tags = _get(session, f"{base}/instances/{orthanc_id}/tags?simplify", **asks)
     if tags.status_code == 404:
         log.info("Orthanc instance %s was deleted before it could be read", orthanc_id)
         return
@@ -546,10 +1110,19 @@ def _enrol_orthanc_instance(
         enroller.fail(orthanc_id, f"GET /instances/{orthanc_id}/tags answered {tags.status_code}")
         return
     header = tags.json()
+    if not isinstance(header, dict):
+        raise ValueError(f"GET /instances/{orthanc_id}/tags: not a JSON object")
     sop = header.get("SOPInstanceUID")
     if not enroller.wanted(sop, header.get("Modality") or None):
         return
-    data = _get(session, f"{base}/instances/{orthanc_id}/file", timeout=timeout)
+    cap = asks["limits"].max_instance_bytes
+    try:
+        data = _get(
+            session, f"{base}/instances/{orthanc_id}/file", **{**asks, "cap": cap, "what": "an instance"}
+        )
+    except AnswerTooLargeError as exc:
+        enroller.fail(sop or orthanc_id, str(exc))
+        return
     if data.status_code >= 400:
         enroller.fail(sop or orthanc_id, f"GET /instances/{orthanc_id}/file answered {data.status_code}")
         return
@@ -557,24 +1130,27 @@ def _enrol_orthanc_instance(
 
 
 @contextlib.contextmanager
-def stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGINT / SIGTERM set ``stop`` (the run ends after the current instance) while in the block;
-    the handlers before it are put back after. Only in the main thread, where Python allows it."""
+def stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
+    """SIGINT / SIGTERM set ``stop`` while in the block: a run waiting on the PACS stops within a
+    fraction of a second, one enrolling an instance after it. The block gets the list of the signals
+    caught; the handlers before it are put back after. Only in the main thread, where Python allows it."""
     import signal
 
+    caught: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield caught
         return
     previous = {}
 
     def handler(signum: int, _frame: Any) -> None:
-        log.warning("signal %d: stopping after the current instance", signum)
+        log.warning("signal %d: stopping (the cursor is saved)", signum)
+        caught.append(signum)
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, handler)
     try:
-        yield
+        yield caught
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
