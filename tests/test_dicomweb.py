@@ -26,8 +26,10 @@ from app.api.routers.dicomweb import (
     FAILURE_SOP_CLASS_NOT_SUPPORTED,
 )
 from app.main import create_app
+from app.pacs.sync import Enroller, SyncSummary
 from app.server_process import ROOT, Server, free_port, server_env, uvicorn_command
 from app.settings import Settings
+from models.imaging.preprocess import RADIOGRAPH_MODALITIES
 from models.net.embedder import Embedder
 from tests.orthanc import Orthanc, missing_reason
 
@@ -465,3 +467,9 @@ def test_ingest_instance_says_other_patient_with_a_conflict_error(
     assert isinstance(other.error, ConflictError) and "another PatientID" in other.error.detail
     elsewhere = ingest_instance(service, _as_patient(a1, "child-Z"), collection="other", point=point)
     assert elsewhere.status is IngestStatus.ENROLLED  # collections are apart, as before
+    # PACS sync counts it as a conflict: not a failure (the study is not retried run after run)
+    summary = SyncSummary()
+    enroller = Enroller(service, summary, collection="default", modalities=RADIOGRAPH_MODALITIES)
+    assert enroller.enrol(_as_patient(a1, "child-Z"), "a1 again") is True
+    assert summary.conflicts == 1 and summary.failed == [] and summary.enrolled == 0
+    assert "conflicting 1" in summary.line()

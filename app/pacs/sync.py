@@ -93,6 +93,7 @@ class SyncSummary:
     enrolled: int = 0
     already: int = 0  # already in the collection (same SOPInstanceUID)
     refused: int = 0  # not a radiograph / not among --modality
+    conflicts: int = 0  # SOPInstanceUID already in the collection under another PatientID
     failed: list[tuple[str, str]] = field(default_factory=list)  # (instance, reason)
     alerts: list[SyncAlert] = field(default_factory=list)
     newest_study_date: str | None = None
@@ -112,7 +113,7 @@ class SyncSummary:
             parts.append(f"changes up to {self.last_change}")
         parts.append(
             f"instances seen {self.seen}, enrolled {self.enrolled}, already there {self.already}, "
-            f"refused {self.refused}, failed {len(self.failed)}"
+            f"refused {self.refused}, conflicting {self.conflicts}, failed {len(self.failed)}"
         )
         alerts = ", ".join(
             f"image {a.image_id} {a.alert.kind}" + (f" alert {a.alert.alert_id}" if a.alert.alert_id else "")
@@ -233,6 +234,10 @@ class Enroller:
             return True
         if status is IngestStatus.ALREADY_STORED:
             summary.already += 1
+            return True
+        if status is IngestStatus.OTHER_PATIENT:  # not enrolled again, not retried: a person decides
+            summary.conflicts += 1
+            log.warning("instance %s conflicts: %s", sop, error.detail if error is not None else "")
             return True
         if isinstance(error, ServiceError):  # undecodable pixels, the quality gate, the decode budget
             self.fail(sop, error.detail)
