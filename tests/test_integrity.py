@@ -9,13 +9,16 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
 from app.server_process import ROOT
 from index import Gallery, GalleryIntegrityError, NewImage
+from models.net.embedder import Embedder
 
 DIM = 16
 
@@ -200,3 +203,31 @@ def test_check_command_fails_on_lost_originals(
     assert "3 image(s) whose stored original is missing" in err and "reindex" in err
     assert main([*argv, "--deep"]) == 1
     assert json.loads(capsys.readouterr().out)["originals"]["hashes_checked"] is True
+
+
+@pytest.fixture
+def read_only_data_dir(tmp_path: Path, embedder: Embedder) -> Iterator[Path]:
+    """A gallery data dir, then mounted read-only (a volume mounted the wrong way); needs root."""
+    data_dir = tmp_path / "data"
+    with Gallery(data_dir, dim=embedder.dim, model_id=embedder.model_id):
+        pass
+    bind = ["mount", "--bind", str(data_dir), str(data_dir)]
+    if os.geteuid() != 0 or shutil.which("mount") is None or subprocess.run(bind).returncode:
+        pytest.skip("needs root and mount to make a read-only volume")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(data_dir)], check=True)
+        yield data_dir
+    finally:
+        subprocess.run(["umount", "-l", str(data_dir)], check=False)
+
+
+def test_a_read_only_data_dir_leaves_the_service_unready_with_the_reason(
+    read_only_data_dir: Path, make_client: Callable[..., TestClient]
+) -> None:
+    """Not a traceback and a dead process: the service starts, /healthz answers, /readyz says 503
+    and what to do."""
+    client = make_client(read_only_data_dir)
+    assert client.get("/healthz").status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert "Read-only file system" in ready.json()["detail"] and "read-write" in ready.json()["detail"]

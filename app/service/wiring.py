@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import logging
 import os
 import threading
@@ -28,6 +29,9 @@ from index import (
 from models.net.embedder import Embedder
 
 log = logging.getLogger(__name__)
+
+#: errno values that mean the data dir cannot be written (a read-only volume, the wrong owner).
+UNWRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 
 #: glibc mallopt parameters: large blocks straight from (and back to) the OS, and few arenas.
 _M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
@@ -150,6 +154,13 @@ def open_or_explain(embedder: Embedder, settings: Settings) -> tuple[Gallery | N
         problem = f"{exc} (run `cxr-reid reindex` to re-embed the gallery with model {embedder.model_id})"
     except GalleryIntegrityError as exc:
         problem = str(exc)
+    except GalleryError as exc:  # anything else that keeps it closed, e.g. a read-only volume
+        problem = str(exc)
+        if isinstance(exc.__cause__, OSError) and exc.__cause__.errno in UNWRITABLE:
+            problem += (
+                f": the service writes its data dir (the gallery, its lock and index); mount "
+                f"{settings.data_dir} read-write and give the service user its ownership"
+            )
     log.error("gallery in %s will not be served: %s", settings.data_dir, problem)
     return None, problem, False
 
