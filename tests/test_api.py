@@ -258,7 +258,7 @@ def test_enrol_matches_are_top5_of_the_collection_without_itself(
     for i in range(7):
         enrol(client, images[i], patient_id=f"p{i // 3}")
     enrol(client, images[8], patient_id="elsewhere", collection="other")
-    item = enrol(client, images[0], patient_id="p0")
+    item = enrol(client, images[0], patient_id="p9")  # same bytes, another patient: a new image
     assert len(item["matches"]) == 5
     assert item["matches"][0]["image_id"] == 1 and item["matches"][0]["score"] == pytest.approx(1.0, abs=1e-6)
     assert all(m["collection"] == "default" and m["image_id"] != item["image_id"] for m in item["matches"])
@@ -277,6 +277,28 @@ def test_enrol_alert_matches_other_patient_and_duplicate_of(client: TestClient, 
     assert alert["score"] == pytest.approx(1.0, abs=1e-6)
     assert alert["own_images"] == 0 and alert["own_best_score"] is None
     assert "alice" in alert["message"]
+
+
+def test_enrol_is_idempotent_for_a_retried_request(client: TestClient, images: list[bytes]) -> None:
+    """A client that never saw its 201 (a crash, a timeout) sends the request again: the file is not
+    stored twice; the answer names the stored image. Other files of the request are enrolled."""
+    before = client.get("/images", params={"collection": "retry"}).json()["total"]
+    first = enrol(client, images[4], patient_id="dora", collection="retry")
+    assert first["already_enrolled"] is False
+    again = client.post(
+        "/images",
+        files=[("files", ("x.png", images[4])), ("files", ("y.png", images[5]))],
+        data={"patient_id": "dora", "collection": "retry"},
+    )
+    assert again.status_code == 201
+    retried, new = again.json()["images"]
+    assert retried["already_enrolled"] is True and retried["image_id"] == first["image_id"]
+    assert retried["alert"] is None and retried["matches"] == []
+    assert new["already_enrolled"] is False and new["image_id"] != first["image_id"]
+    assert client.get("/images", params={"collection": "retry"}).json()["total"] == before + 2
+    # the same file under another patient is a new claim: stored, and the wrong-patient check decides
+    other = enrol(client, images[4], patient_id="erin", collection="retry")
+    assert other["already_enrolled"] is False and other["duplicate_of"] == first["image_id"]
 
 
 def test_enrol_alert_no_match_with_own_images(client: TestClient, images: list[bytes]) -> None:
@@ -379,8 +401,9 @@ def test_search_filters_and_only_matches(client: TestClient, images: list[bytes]
 
 # ------------------------------------------------------------------------------------------ /duplicates
 def test_duplicates_pairs_clusters_conflicts(client: TestClient, images: list[bytes]) -> None:
-    enrol(client, images[0], patient_id="alice")  # 1
-    enrol(client, images[0], patient_id="alice")  # 2: same patient, no conflict
+    twice = [("files", ("a.png", images[0])), ("files", ("a2.png", images[0]))]
+    assert client.post("/images", files=twice, data={"patient_id": "alice"}).status_code == 201  # 1, 2:
+    # the same picture twice for one patient (a retry of a stored file would not be stored again)
     enrol(client, images[0], patient_id="bob")  # 3: conflicts with 1 and 2
     enrol(client, images[3], patient_id="carol")  # 4
     enrol(client, images[3])  # 5: unknown patient, never a conflict

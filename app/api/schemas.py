@@ -328,8 +328,14 @@ class EnrolledImage(BaseModel):
     filename: str = Field(description="the upload's file name")
     image: ImageOut = Field(description="the gallery record as stored")
     duplicate_of: int | None = Field(
-        description="an earlier image of this collection with byte-identical content, if any "
-        "(the upload is still enrolled)"
+        description="an earlier image of this collection with byte-identical content under another "
+        "patient id, or earlier in this request, if any (the upload is still enrolled)"
+    )
+    already_enrolled: bool = Field(
+        default=False,
+        description="true when this very file is already filed in the collection under the same patient "
+        "id (a retried request): nothing new is stored, `image_id` is the stored image, and matches "
+        "and alert are empty",
     )
     matches: list[MatchOut] = Field(description="best gallery matches at enrol time (same collection)")
     alert: AlertOut | None = Field(description="wrong-patient warning, or null")

@@ -50,6 +50,20 @@ def labelled_image(image: NewImage, meta: ImageMetadata, *, name: str) -> NewIma
     return image
 
 
+def _filed_as(gallery: Gallery, image: NewImage) -> ImageRecord | None:
+    """The stored image this upload already is: the same bytes in the same collection under the
+    same patient (or both unknown), else None."""
+    if not image.sha256:
+        return None
+    found = gallery.find_by_sha256(image.sha256, collection=image.collection)
+    if found is None or found.patient_id == image.patient_id:
+        return found
+    if image.patient_id is None:
+        return None
+    records, _ = gallery.patient_images(image.patient_id, collection=image.collection)
+    return next((r for r in records if r.sha256 == image.sha256), None)
+
+
 class ReidService(AlertReview, DuplicatesReport):
     """A loaded model and (when its vectors match the model) a gallery, safe to share across threads.
 
@@ -455,7 +469,9 @@ class ReidService(AlertReview, DuplicatesReport):
 
         Matches and alerts are computed against the gallery as it stood before this request (images of
         one request are not compared with each other), under the enrolment lock so that no other
-        enrolment slips in between the check and the write.
+        enrolment slips in between the check and the write. Idempotent: a file already filed in the
+        collection under the same patient (the same bytes: a retried request whose answer was lost)
+        is not stored again; its result is the stored image, ``already_enrolled``.
         """
         images = [
             labelled_image(
@@ -473,7 +489,12 @@ class ReidService(AlertReview, DuplicatesReport):
         with self._enrol_lock:
             gallery = self.gallery
             pending = []
-            for image, vector in zip(images, vectors, strict=True):
+            filed: dict[int, ImageRecord] = {}  # upload index -> the image it is already filed as
+            for i, (image, vector) in enumerate(zip(images, vectors, strict=True)):
+                earlier = _filed_as(gallery, image)
+                if earlier is not None:
+                    filed[i] = earlier
+                    continue
                 existing = gallery.find_by_sha256(image.sha256, collection=image.collection)
                 matches = self.search(
                     vector,
@@ -484,22 +505,37 @@ class ReidService(AlertReview, DuplicatesReport):
                 )
                 alert = self._alert(vector, image.patient_id, image.collection, point)
                 pending.append((matches, alert, existing.image_id if existing is not None else None))
-            records, stored = gallery.add_with_alerts(
-                np.asarray(vectors, dtype=np.float32), images, [alert for _, alert, _ in pending]
+            fresh = [i for i in range(len(images)) if i not in filed]
+            records, stored = (
+                gallery.add_with_alerts(
+                    np.asarray(vectors, dtype=np.float32)[fresh],
+                    [images[i] for i in fresh],
+                    [alert for _, alert, _ in pending],
+                )
+                if fresh
+                else ([], [])
             )
         first_by_sha: dict[str, int] = {}
-        results = []
+        new_results = []
         for record, (matches, _, duplicate_of), alert in zip(records, pending, stored, strict=True):
             if alert is not None:
                 self._alert_event("raised", alert)
             if duplicate_of is None and record.sha256 in first_by_sha:
                 duplicate_of = first_by_sha[record.sha256]  # same bytes twice in one request
             first_by_sha.setdefault(record.sha256 or "", record.image_id)
-            results.append(EnrolResult(record, matches, alert, duplicate_of))
+            new_results.append(EnrolResult(record, matches, alert, duplicate_of))
             if alert is not None and self._on_alert is not None:
                 self._on_alert(alert.kind)
         log.info("enrolled %d image(s): ids %s", len(records), [r.image_id for r in records])
-        return results
+        if filed:
+            log.info(
+                "%d image(s) were enrolled already: ids %s", len(filed), [r.image_id for r in filed.values()]
+            )
+        made = iter(new_results)
+        return [
+            EnrolResult(filed[i], [], None, None, already_enrolled=True) if i in filed else next(made)
+            for i in range(len(images))
+        ]
 
     def _alert(
         self, vector: np.ndarray, patient_id: str | None, collection: str, point: OperatingPoint

@@ -58,6 +58,7 @@ class EnrolResult:
     matches: list[ScoredRecord]
     alert: AlertRecord | None  # the wrong-patient alert as stored (index's record: one declaration)
     duplicate_of: int | None
+    already_enrolled: bool = False  # this very file was filed already (a retried request): not stored
 
 
 @dataclass

@@ -133,6 +133,7 @@ def enrol_images(
                 filename=image.filename,
                 image=ImageOut.of(result.record),
                 duplicate_of=result.duplicate_of,
+                already_enrolled=result.already_enrolled,
                 matches=[MatchOut.of(m) for m in result.matches],
                 alert=AlertOut.of(result.alert),
             )
