@@ -47,7 +47,9 @@ def decode_dicom(
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = read_dicom(data)
+        ds = read_dicom(data, max_pixels=max_pixels)
+    except ImageDecodeError as exc:  # refused by the reader (a deflate bomb): the reason, with the name
+        raise ImageDecodeError(f"{name}: {exc}") from exc
     except InvalidDicomError as exc:
         raise ImageDecodeError(f"{name} is not a valid DICOM file: {exc}") from exc
     except Exception as exc:  # pydicom raises many types on damaged streams
@@ -84,6 +86,7 @@ def decode_dicom(
 
     tsyntax = _transfer_syntax(ds)
     _check_decoder(tsyntax, name)
+    _check_frame_size(ds, tsyntax, rows, cols, name)
     factor = config.reduction(rows, cols) if config is not None and _linear_grey(ds) else 1
     arr = _decode_j2k_reduced(ds, tsyntax, factor, name) if factor > 1 else None
     try:
@@ -135,6 +138,138 @@ def _linear_grey(ds) -> bool:
 
 
 _J2K_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
+
+#: Encapsulated syntaxes whose frames say their own size, and in which marker segment: decoders
+#: allocate what the codestream says, not what the header says. (RLE frames are decoded to the
+#: header's size; the deflated syntax is bounded where it is read, in :mod:`models.imaging.dicom`.)
+_FRAME_CODECS = {
+    **dict.fromkeys(
+        [
+            "1.2.840.10008.1.2.4.50",
+            "1.2.840.10008.1.2.4.51",
+            "1.2.840.10008.1.2.4.57",
+            "1.2.840.10008.1.2.4.70",
+        ],
+        "JPEG",
+    ),
+    **dict.fromkeys(["1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"], "JPEG-LS"),
+    **dict.fromkeys(
+        [
+            "1.2.840.10008.1.2.4.90",
+            "1.2.840.10008.1.2.4.91",
+            "1.2.840.10008.1.2.4.92",
+            "1.2.840.10008.1.2.4.93",
+            "1.2.840.10008.1.2.4.201",
+            "1.2.840.10008.1.2.4.202",
+            "1.2.840.10008.1.2.4.203",
+        ],
+        "JPEG 2000",
+    ),
+}
+
+
+def _check_frame_size(ds, tsyntax: object, rows: int, cols: int, name: str) -> None:
+    """Refuse, before any decoder runs, a compressed frame whose codestream is larger than the header's
+    Rows x Columns (or holds more components than SamplesPerPixel): the decoders allocate what the
+    codestream declares, so a 2.5 KB file declaring 256 x 256 could carry a 16000 x 16000 frame and
+    take a gigabyte before the shape is checked. A frame whose size cannot be read is refused too:
+    no decoder could decode it."""
+    codec = _FRAME_CODECS.get(str(tsyntax))
+    if codec is None:
+        return
+    from pydicom.encaps import generate_frames
+
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except Exception as exc:
+        raise ImageDecodeError(f"{name} has damaged pixel data (no readable frame: {exc})") from exc
+    size = frame_size(frame, codec)
+    if size is None:
+        raise ImageDecodeError(
+            f"{name} has damaged pixel data: its {codec} frame does not declare a readable size"
+        )
+    height, width, components = size
+    samples = max(1, _int_or(ds.get("SamplesPerPixel", 1), 1))
+    if height > rows or width > cols or components > samples:
+        several = components > samples
+        raise ImageDecodeError(
+            f"{name} holds a {codec} frame of {height} x {width} pixels"
+            f"{f' with {components} components' if several else ''}, larger than the {rows} x {cols}"
+            f"{f' with {samples} per pixel' if several else ''} its header declares: refused before "
+            "decoding (a decompression bomb, or a damaged file)"
+        )
+
+
+#: JPEG start-of-frame markers (ITU T.81 B.1.1.3: SOF0-SOF15 less DHT, JPG and DAC) and JPEG-LS SOF55.
+_SOF_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7})
+
+
+def frame_size(frame: bytes, codec: str) -> tuple[int, int, int] | None:
+    """(height, width, components) a JPEG, JPEG-LS or JPEG 2000 frame declares in its own header
+    (SOF / SOF55 marker segment, or SIZ), read without decoding; None when it declares none (or a
+    JPEG height of 0, left to a DNL marker after the scan)."""
+    if codec == "JPEG 2000":
+        return _j2k_size(frame)
+    if not frame.startswith(b"\xff\xd8"):
+        return None
+    pos = 2
+    while pos + 4 <= len(frame):
+        if frame[pos] != 0xFF:
+            return None
+        marker = frame[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # TEM, RSTn, SOI: no length
+            pos += 2
+            continue
+        if marker in (0xDA, 0xD9):  # a scan, or the end, before any frame header
+            return None
+        length = int.from_bytes(frame[pos + 2 : pos + 4], "big")
+        if marker in _SOF_MARKERS:
+            body = frame[pos + 4 : pos + 2 + length]
+            if length < 8 or len(body) < 6:
+                return None
+            height, width = int.from_bytes(body[1:3], "big"), int.from_bytes(body[3:5], "big")
+            return (height, width, body[5]) if height > 0 else None
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None
+
+
+def _j2k_size(frame: bytes) -> tuple[int, int, int] | None:
+    """(height, width, components) of a JPEG 2000 codestream's SIZ segment, the codestream bare or in
+    a JP2 file's contiguous codestream box (the form decoders also accept)."""
+    codestream = frame if frame.startswith(b"\xff\x4f") else _jp2_codestream(frame)
+    if codestream is None or not codestream.startswith(b"\xff\x4f\xff\x51"):
+        return None
+    body = codestream[6:]  # SIZ after SOC, its marker and length: Rsiz, then the sizes
+    if len(body) < 36:
+        return None
+    x, y, x0, y0 = (int.from_bytes(body[i : i + 4], "big") for i in (2, 6, 10, 14))
+    components = int.from_bytes(body[34:36], "big")
+    if x <= x0 or y <= y0:
+        return None
+    return y - y0, x - x0, components
+
+
+def _jp2_codestream(data: bytes) -> bytes | None:
+    """The contents of a JP2 file's first top-level contiguous codestream box ("jp2c"), or None."""
+    pos = 0
+    while pos + 8 <= len(data):
+        length, kind = int.from_bytes(data[pos : pos + 4], "big"), data[pos + 4 : pos + 8]
+        header = 8
+        if length == 1 and pos + 16 <= len(data):  # 64-bit length follows
+            length, header = int.from_bytes(data[pos + 8 : pos + 16], "big"), 16
+        elif length == 0:  # to the end of the file
+            length = len(data) - pos
+        if kind == b"jp2c":
+            return data[pos + header : pos + length]
+        if length < header:
+            return None
+        pos += length
+    return None
 
 
 def _decode_j2k_reduced(ds, tsyntax: object, factor: int, name: str) -> np.ndarray | None:
