@@ -125,7 +125,7 @@ def test_sync_dicomweb_then_orthanc_changes(
     assert sync("--dicomweb", pacs.dicomweb, "--data-dir", str(data)) == 0, caplog.text
     line = summary(caplog)
     assert "studies 3 (+0 done before)" in line
-    assert "instances seen 5, enrolled 4, already there 0, refused 1, failed 0" in line
+    assert "instances seen 5, enrolled 4, already there 0, refused 1, conflicting 0, failed 0" in line
     # studies oldest first: A, then B, then the misfile, which matches child B's images
     got = rows(data)
     assert got == {
@@ -156,7 +156,8 @@ def test_sync_dicomweb_then_orthanc_changes(
     pacs.store(f["c1"][1])
     assert sync("--orthanc-changes", pacs.url, "--once", "--data-dir", str(data)) == 0, caplog.text
     line = summary(caplog)
-    assert "instances seen 6, enrolled 1, already there 4, refused 1, failed 0; alerts 0" in line
+    seen = "instances seen 6, enrolled 1, already there 4, refused 1, conflicting 0, failed 0; alerts 0"
+    assert seen in line
     assert rows(data)[f["c1"][0]] == ("child-C", STUDY_C, "PA")
     # ... and from its stored sequence number the next time
     assert sync("--orthanc-changes", pacs.url, "--once", "--data-dir", str(data)) == 0
