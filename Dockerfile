@@ -24,7 +24,11 @@ COPY app ./app
 COPY index ./index
 COPY models ./models
 # The same install as scripts/serve.sh: torch pinned to the CPU build of PyTorch's index, one pip call.
-RUN VENV=/opt/venv PACKAGE=".[serve]" TORCH_VARIANT="${TORCH_VARIANT}" TORCH_INDEX="${TORCH_INDEX}" sh -e scripts/_venv.sh \
+# An index that does not answer is left out (one line says so); when nothing serves the build, the
+# build stops with the command that fixes it.
+RUN VENV=/opt/venv PACKAGE=".[serve]" TORCH_VARIANT="${TORCH_VARIANT}" TORCH_INDEX="${TORCH_INDEX}" \
+    TORCH_FIX="docker build --build-arg TORCH_INDEX=<a wheel index URL holding torch 2.13.0+${TORCH_VARIANT}> ." \
+    sh -e scripts/_venv.sh \
     && rm -rf /opt/cxr-reid/build
 ENV PATH=/opt/venv/bin:$PATH
 
