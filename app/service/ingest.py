@@ -11,8 +11,12 @@ wrong-patient check of ``POST /images``, the original stored without the patient
 SOPInstanceUID and ViewPosition of its tags.
 
 It answers with an :class:`IngestOutcome`, never by raising for one instance's fault, and logs
-nothing: each caller reports in its own terms (STOW-RS failure codes in the response dataset, the
-sync run's counts) and keeps its own log lines, which name alert kinds and ids, never patients.
+nothing: each caller reports in its own terms (STOW-RS failure codes in the response dataset, a
+C-STORE response's status, the sync run's counts) and keeps its own log lines, which name alert
+kinds and ids, never patients. :func:`refusal` is the one table from an outcome to a DICOM failure
+code (:class:`Failure`) and its reason in words: STOW-RS puts them in FailureReason and TextValue,
+the C-STORE SCP (:mod:`app.pacs.dimse`) in the response's Status and ErrorComment, so a modality sees
+the same refusal whichever way it sends.
 """
 
 from __future__ import annotations
@@ -25,10 +29,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.service.decoding import Upload
-from app.service.errors import ConflictError, ServiceError
+from app.service.errors import ConflictError, PayloadTooLargeError, ServiceError, UnavailableError
 from app.service.reid import ReidService
 from app.service.results import EnrolResult
-from index import GalleryError, ImageMetadata
+from index import GalleryError, GalleryFullError, GalleryValidationError, ImageMetadata
 from models.imaging.dicom import read_dicom
 from models.imaging.preprocess import RADIOGRAPH_MODALITIES
 from models.scoring.decide import OperatingPoint
@@ -57,6 +61,27 @@ class IngestStatus(enum.Enum):
     NOT_STORED = "not stored"  # the gallery refused it; ``error`` is the GalleryError
     FAILED = "failed"  # anything else while embedding or enrolling; ``error`` says what
     ENROLLED = "enrolled"  # ``result`` is the enrolment (its image, matches, alert)
+
+
+class Failure(enum.IntEnum):
+    """Why an instance was refused, as a DICOM status: the C-STORE failure statuses of PS3.4 annex B
+    and the general ones of PS3.7 annex C, which STOW-RS's FailureReason reuses (PS3.18 10.5.3)."""
+
+    #: over a size or count limit, no room to decode or store, or the gallery not open yet: try later
+    OUT_OF_RESOURCES = 0xA700
+    DATASET_MISMATCH = 0xA900  # STOW-RS: an instance of another study than the request's target
+    CANNOT_UNDERSTAND = 0xC000  # not DICOM, no SOP UIDs, or pixel data that cannot be used
+    PROCESSING = 0x0110  # the gallery could not store it (the error is in the server log)
+    SOP_CLASS_NOT_SUPPORTED = 0x0122  # not a projection radiograph (Modality not CR / DX / DR / RG)
+    DUPLICATE_SOP_INSTANCE = 0x0111  # its SOPInstanceUID is stored under another PatientID
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A refused instance in DICOM terms: the failure code and the reason in words."""
+
+    code: Failure
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -169,3 +194,44 @@ def ingest_instance(
         return outcome
     outcome.status = IngestStatus.ENROLLED
     return outcome
+
+
+def refusal(outcome: IngestOutcome, name: str, study: str | None = None) -> Refusal | None:
+    """The failure code and reason of ``outcome``, or None when the instance is stored (or already
+    was). ``name`` names an instance whose SOPInstanceUID could not be read; ``study`` is the study the
+    rules asked for. ``FAILED`` (an unexpected error) raises that error: the caller decides what an
+    internal error is in its protocol. ``PROCESSING`` hides the gallery's error, which the caller logs."""
+    status, sop, error = outcome.status, outcome.sop_instance_uid, outcome.error
+    if status is IngestStatus.UNREADABLE:
+        return Refusal(Failure.CANNOT_UNDERSTAND, f"{name} is not a readable DICOM file ({error})")
+    if status is IngestStatus.NO_SOP_UIDS:
+        return Refusal(
+            Failure.CANNOT_UNDERSTAND,
+            f"{name} is not a DICOM instance (no valid SOPClassUID and SOPInstanceUID)",
+        )
+    name = f"instance {sop}"
+    if status is IngestStatus.OTHER_STUDY:
+        return Refusal(Failure.DATASET_MISMATCH, f"{name} belongs to another study than {study}")
+    if status is IngestStatus.OTHER_MODALITY:
+        return Refusal(
+            Failure.SOP_CLASS_NOT_SUPPORTED,
+            f"{name} has Modality {outcome.modality or '(missing)'}; only projection radiographs "
+            f"({', '.join(sorted(RADIOGRAPH_MODALITIES))}) are enrolled",
+        )
+    if status is IngestStatus.OTHER_PATIENT:
+        detail = error.detail if isinstance(error, ServiceError) else str(error)
+        return Refusal(Failure.DUPLICATE_SOP_INSTANCE, f"{name}: {detail}")
+    if status is IngestStatus.NOT_DECODED and isinstance(error, ServiceError):
+        # too large, or the decode budget is taken (BusyError: try again later)
+        if isinstance(error, (PayloadTooLargeError, UnavailableError)):
+            return Refusal(Failure.OUT_OF_RESOURCES, error.detail)
+        return Refusal(Failure.CANNOT_UNDERSTAND, error.detail)  # undecodable pixels, the quality gate
+    if status is IngestStatus.NOT_STORED:
+        if isinstance(error, GalleryFullError):
+            return Refusal(Failure.OUT_OF_RESOURCES, str(error))
+        if isinstance(error, GalleryValidationError):
+            return Refusal(Failure.CANNOT_UNDERSTAND, f"{name}: {error}")
+        return Refusal(Failure.PROCESSING, f"{name} could not be stored; see the server log")
+    if error is not None:  # IngestStatus.FAILED
+        raise error
+    return None  # ENROLLED or ALREADY_STORED

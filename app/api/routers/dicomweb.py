@@ -45,12 +45,10 @@ from starlette.concurrency import run_in_threadpool
 from app.api.dependencies import AccessDep, Label, ServiceDep, SettingsDep, require_scope
 from app.api.schemas import error_responses
 from app.service.clientargs import ALL_COLLECTIONS
-from app.service.errors import InvalidInputError, PayloadTooLargeError, ServiceError, UnavailableError
-from app.service.ingest import IngestOutcome, IngestStatus, InstanceRules, ingest_instance
+from app.service.errors import InvalidInputError
+from app.service.ingest import Failure, IngestOutcome, InstanceRules, ingest_instance, refusal
 from app.service.reid import ReidService
 from app.settings import Settings
-from index import GalleryFullError, GalleryValidationError
-from models.imaging.preprocess import RADIOGRAPH_MODALITIES
 from models.scoring.decide import OperatingPoint
 
 log = logging.getLogger(__name__)
@@ -60,13 +58,14 @@ router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
 DICOM_JSON = "application/dicom+json"
 DICOM = "application/dicom"
 
-#: FailureReason codes (PS3.18 table 10.5.3-2, PS3.4 annex B).
-FAILURE_OUT_OF_RESOURCES = 0xA700  # over the instance count of one request, or no room to decode / store
-FAILURE_DATASET_MISMATCH = 0xA900  # an instance of another study than the request's target
-FAILURE_CANNOT_UNDERSTAND = 0xC000  # not DICOM, no SOP ids, or pixel data that cannot be used
-FAILURE_PROCESSING = 0x0110  # the gallery could not store it (the error is in the server log)
-FAILURE_SOP_CLASS_NOT_SUPPORTED = 0x0122  # not a projection radiograph (Modality not CR / DX / DR / RG)
-FAILURE_DUPLICATE_SOP_INSTANCE = 0x0111  # its SOPInstanceUID is stored under another PatientID
+#: FailureReason codes (PS3.18 table 10.5.3-2): app.service.ingest.Failure, the table the C-STORE SCP
+#: answers from too; 0xA700 also for instances past the count of one request.
+FAILURE_OUT_OF_RESOURCES = int(Failure.OUT_OF_RESOURCES)
+FAILURE_DATASET_MISMATCH = int(Failure.DATASET_MISMATCH)
+FAILURE_CANNOT_UNDERSTAND = int(Failure.CANNOT_UNDERSTAND)
+FAILURE_PROCESSING = int(Failure.PROCESSING)
+FAILURE_SOP_CLASS_NOT_SUPPORTED = int(Failure.SOP_CLASS_NOT_SUPPORTED)
+FAILURE_DUPLICATE_SOP_INSTANCE = int(Failure.DUPLICATE_SOP_INSTANCE)
 
 #: Parts one request may hold (stored, or failed with 0xA700 past ``CXR_REID_MAX_FILES``); a body
 #: with more is refused whole with 413 (:func:`part_limit`). Bounds the response and the work per
@@ -240,60 +239,30 @@ def _store_one(
 
 
 def _outcome(done: IngestOutcome, name: str, study: str | None) -> Outcome:
-    """An ingest outcome in STOW-RS terms: a FailureReason code and the reason in words, or the
-    wrong-patient alert of a stored instance. An unexpected error is raised (the request's 500)."""
-    status, sop_class, sop, error = done.status, done.sop_class_uid, done.sop_instance_uid, done.error
-    if status is IngestStatus.UNREADABLE:
-        return Outcome(
-            None, None, FAILURE_CANNOT_UNDERSTAND, f"{name} is not a readable DICOM file ({error})"
-        )
-    if status is IngestStatus.NO_SOP_UIDS:
-        return Outcome(
-            sop_class,
-            sop,
-            FAILURE_CANNOT_UNDERSTAND,
-            f"{name} is not a DICOM instance (no valid SOPClassUID and SOPInstanceUID)",
-        )
-    name = f"instance {sop}"
-    if status is IngestStatus.OTHER_STUDY:
-        return Outcome(
-            sop_class, sop, FAILURE_DATASET_MISMATCH, f"{name} belongs to another study than {study}"
-        )
-    if status is IngestStatus.OTHER_MODALITY:
-        return Outcome(
-            sop_class,
-            sop,
-            FAILURE_SOP_CLASS_NOT_SUPPORTED,
-            f"{name} has Modality {done.modality or '(missing)'}; only projection radiographs "
-            f"({', '.join(sorted(RADIOGRAPH_MODALITIES))}) are enrolled",
-        )
-    if status is IngestStatus.ALREADY_STORED:
-        return Outcome(sop_class, sop)  # success, nothing to do (idempotent)
-    if status is IngestStatus.OTHER_PATIENT:
-        detail = error.detail if isinstance(error, ServiceError) else str(error)
-        return Outcome(sop_class, sop, FAILURE_DUPLICATE_SOP_INSTANCE, f"{name}: {detail}")
-    if status is IngestStatus.NOT_DECODED and isinstance(error, ServiceError):
-        # too large, or the decode budget is taken (BusyError: try again later)
-        if isinstance(error, (PayloadTooLargeError, UnavailableError)):
-            return Outcome(sop_class, sop, FAILURE_OUT_OF_RESOURCES, error.detail)
-        # undecodable pixels, the quality gate
-        return Outcome(sop_class, sop, FAILURE_CANNOT_UNDERSTAND, error.detail)
-    if status is IngestStatus.NOT_STORED:
-        if isinstance(error, GalleryFullError):
-            return Outcome(sop_class, sop, FAILURE_OUT_OF_RESOURCES, str(error))
-        if isinstance(error, GalleryValidationError):
-            return Outcome(sop_class, sop, FAILURE_CANNOT_UNDERSTAND, f"{name}: {error}")
-        log.error("STOW-RS: %s could not be stored: %s", name, error)
-        return Outcome(sop_class, sop, FAILURE_PROCESSING, f"{name} could not be stored; see the server log")
-    if error is not None:  # IngestStatus.FAILED: the app's error handlers answer (500, or a service error's)
-        raise error
+    """An ingest outcome in STOW-RS terms: the FailureReason code and reason of
+    :func:`app.service.ingest.refusal`, or the wrong-patient alert of a stored instance. An unexpected
+    error is raised (the request's 500)."""
+    refused = refusal(done, name, study)
+    if refused is not None:
+        if refused.code is Failure.PROCESSING:
+            log.error("STOW-RS: instance %s could not be stored: %s", done.sop_instance_uid, done.error)
+        return Outcome(done.sop_class_uid, done.sop_instance_uid, int(refused.code), refused.reason)
     result = done.result
     alert = result.alert if result is not None else None
     if result is None or alert is None:
-        return Outcome(sop_class, sop)
+        return Outcome(done.sop_class_uid, done.sop_instance_uid)
     # the kind and ids only: the message names patients, which stay out of logs
-    log.warning("STOW-RS: wrong-patient alert %s on image %d (%s)", alert.kind, result.record.image_id, name)
-    return Outcome(sop_class, sop, text=f"wrong-patient alert ({alert.kind}): {alert.message}")
+    log.warning(
+        "STOW-RS: wrong-patient alert %s on image %d (instance %s)",
+        alert.kind,
+        result.record.image_id,
+        done.sop_instance_uid,
+    )
+    return Outcome(
+        done.sop_class_uid,
+        done.sop_instance_uid,
+        text=f"wrong-patient alert ({alert.kind}): {alert.message}",
+    )
 
 
 def _store_all(
