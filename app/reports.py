@@ -9,11 +9,13 @@ are in ``_base.html.j2``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -256,3 +258,24 @@ def prepare_out_dir(out: str | os.PathLike) -> Path:
         raise NotADirectoryError(f"--out {folder} is a file; give a folder for the report")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+@contextlib.contextmanager
+def report_out_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """The report folder of one run (``prepare_out_dir``), taken back if the run fails: what this run
+    created (the folder, and any missing parents) is removed on any exception, Ctrl-C included, so a
+    failed run leaves no half-made report behind. A folder that was already there is kept as it is
+    (it may hold an earlier report and its embedding cache)."""
+    folder = Path(out)
+    first_new = None
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            break
+        first_new = candidate
+    prepared = prepare_out_dir(folder)
+    try:
+        yield prepared
+    except BaseException:
+        if first_new is not None:
+            shutil.rmtree(first_new, ignore_errors=True)
+        raise

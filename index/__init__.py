@@ -7,7 +7,7 @@
 from .alerts import ALERT_STATES, AlertNotOpenError, AlertRecord, NewAlert
 from .clusters import UnionFind, cluster_pairs
 from .faiss_index import PairLimitError, faiss_build, pairs_above
-from .gallery import Gallery
+from .gallery import Gallery, holds_gallery
 from .originals import OriginalsReport
 from .records import (
     MAX_LABEL_CHARS,
@@ -17,6 +17,7 @@ from .records import (
     GalleryIntegrityError,
     GalleryLockedError,
     GalleryModelMismatchError,
+    GalleryNotFoundError,
     GalleryValidationError,
     ImageMetadata,
     ImageRecord,
@@ -42,6 +43,7 @@ __all__ = [
     "GalleryIntegrityError",
     "GalleryLockedError",
     "GalleryModelMismatchError",
+    "GalleryNotFoundError",
     "GallerySnapshot",
     "GalleryValidationError",
     "ImageMetadata",
@@ -54,5 +56,6 @@ __all__ = [
     "clean_label",
     "cluster_pairs",
     "faiss_build",
+    "holds_gallery",
     "is_gallery_dir",
 ]

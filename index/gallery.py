@@ -62,6 +62,7 @@ from .records import (
     GalleryError,
     GalleryFullError,
     GalleryModelMismatchError,
+    GalleryNotFoundError,
     GalleryValidationError,
     ImageRecord,
     Match,
@@ -69,15 +70,23 @@ from .records import (
     now_iso,
 )
 from .reindex import ProgressLike, ReindexStaging, progress_reporter
-from .store import Store
+from .snapshot import is_gallery_dir
+from .store import DB_NAME, IMAGES_DIR, Store
 from .validation import check_model, prepare_row, query_row, unit_rows
 
 # The record and error types are imported above for this module's own use; the package
 # (index/__init__.py) is where they are exported, from .records. cluster_pairs lives in .clusters
 # and stays importable from here.
-__all__ = ["Gallery", "cluster_pairs"]
+__all__ = ["Gallery", "cluster_pairs", "holds_gallery"]
 
 log = logging.getLogger(__name__)
+
+
+def holds_gallery(data_dir: str | os.PathLike) -> bool:
+    """``data_dir`` holds a gallery's database, or stored data without one (which opening refuses as
+    a lost volume, ``GalleryIntegrityError``): what a job that must not start a gallery may open."""
+    path = Path(data_dir)
+    return is_gallery_dir(path) or (path / IMAGES_DIR).exists() or (path / INDEX_FILE).exists()
 
 
 class Gallery:
@@ -96,7 +105,11 @@ class Gallery:
         allow_model_mismatch: bool = False,
         autosave_seconds: float | None = 300.0,
         init: bool = False,
+        create: bool = True,
     ) -> None:
+        """``create=False``: open an existing gallery only; a data dir without one raises
+        ``GalleryNotFoundError`` before anything (folder, database, lock file) is made, so a command
+        that only reads or repairs a gallery never leaves an empty one behind (a typo'd --data-dir)."""
         if not isinstance(dim, int | np.integer) or int(dim) <= 0:
             raise GalleryValidationError(f"dim must be a positive integer, got {dim!r}")
         if not isinstance(model_id, str) or not model_id.strip():
@@ -117,6 +130,8 @@ class Gallery:
         self._closed = True
         self._mismatch = False
         self._live: LiveIndex | None = None
+        if not create and not holds_gallery(self.data_dir):
+            raise GalleryNotFoundError(f"no gallery in {self.data_dir} (no {DB_NAME}); nothing was created")
         try:
             make_private_dir(self.data_dir)
             self._lock_fd = acquire_process_lock(self.data_dir)

@@ -32,6 +32,11 @@ class GalleryFullError(GalleryError):
     """The data dir's disk is full: the write was rolled back, nothing of it was kept."""
 
 
+class GalleryNotFoundError(GalleryError):
+    """No gallery in the data dir, and the caller may not start one there (a command that only reads
+    or repairs a gallery): nothing was created."""
+
+
 class GalleryIntegrityError(GalleryError):
     """The data dir cannot be trusted as it is: its database is missing while stored data is there,
     or the database fails SQLite's integrity check. Nothing is created or changed over it."""

@@ -27,6 +27,7 @@ one computation over files that are only ever used together.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -45,6 +46,7 @@ from app.reports import (
     png_data_uri,
     prepare_out_dir,
     render,
+    report_out_dir,
     write_json,
     write_text,
 )
@@ -698,9 +700,15 @@ def write_report(report: dict[str, Any], embedder: Embedder, out: Path) -> None:
 
 
 def run(inputs: RiskInputs, embedder: Embedder) -> dict[str, Any]:
-    """Assess the release and write ``risk.json`` and ``report.html`` under ``inputs.out``."""
-    report = assess(inputs, embedder)
-    write_report(report, embedder, Path(inputs.out))
+    """Assess the release and write ``risk.json`` and ``report.html`` under ``inputs.out``; a run that
+    fails removes the folder it made (``report_out_dir``): no half-made report is left behind."""
+    with contextlib.ExitStack() as stack:
+        try:
+            out = stack.enter_context(report_out_dir(inputs.out))
+        except OSError as exc:  # --out is a file, or cannot be made
+            raise RiskError(str(exc)) from None
+        report = assess(inputs, embedder)
+        write_report(report, embedder, out)
     return report
 
 

@@ -16,25 +16,25 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from app.analysis.audit import run_audit
     from app.analysis.audit_report import format_summary, write_outputs
     from app.analysis.corpus import CorpusError
-    from app.reports import prepare_out_dir
+    from app.reports import report_out_dir
 
     settings = settings_from(args)
-    try:
-        out_dir = prepare_out_dir(args.out)
-        embedder = load_embedder(settings)
-        result = run_audit(
-            embedder,
-            args.sources,
-            out_dir,
-            far=args.far,
-            threshold=args.threshold,
-            default_far=settings.far,
-            split_level=args.split_level,
-            batch_size=args.batch_size,
-            max_pixels=settings.max_pixels,
-            progress=not (args.no_progress or args.json),
-        )
-        report = write_outputs(result, out_dir, embedder)
+    try:  # a run that fails takes back the --out folder it made: no half-made report is left
+        with report_out_dir(args.out) as out_dir:
+            embedder = load_embedder(settings)
+            result = run_audit(
+                embedder,
+                args.sources,
+                out_dir,
+                far=args.far,
+                threshold=args.threshold,
+                default_far=settings.far,
+                split_level=args.split_level,
+                batch_size=args.batch_size,
+                max_pixels=settings.max_pixels,
+                progress=not (args.no_progress or args.json),
+            )
+            report = write_outputs(result, out_dir, embedder)
     except (CorpusError, OSError) as exc:
         log.error("audit could not run: %s", exc)
         return 2

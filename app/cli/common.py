@@ -59,13 +59,31 @@ def load_embedder(settings: Settings) -> Embedder:
 
 
 def open_model_and_gallery(
-    settings: Settings, *, allow_model_mismatch: bool = False
+    settings: Settings, *, allow_model_mismatch: bool = False, create: bool = True
 ) -> tuple[Embedder, Gallery]:
-    """The model, then the gallery of ``settings.data_dir`` opened for it (``wiring.open_gallery``)."""
+    """The model, then the gallery of ``settings.data_dir`` opened for it (``wiring.open_gallery``).
+
+    ``create=False`` (every job but serve, enroll and sync, which exist to fill a gallery): a data
+    dir without a gallery is ``GalleryNotFoundError`` before the model loads, and nothing is made."""
     from app.service.wiring import open_gallery
 
+    if not create:
+        require_gallery(settings)
     embedder = load_embedder(settings)
-    return embedder, open_gallery(embedder, settings, allow_model_mismatch=allow_model_mismatch)
+    return embedder, open_gallery(
+        embedder, settings, allow_model_mismatch=allow_model_mismatch, create=create
+    )
+
+
+def require_gallery(settings: Settings) -> None:
+    """``GalleryNotFoundError``, saying which commands make one, when the data dir holds no gallery."""
+    from index import GalleryNotFoundError, holds_gallery
+
+    if not holds_gallery(settings.data_dir):
+        raise GalleryNotFoundError(
+            f"no gallery in {settings.data_dir} (--data-dir, CXR_REID_DATA_DIR); nothing was created. Give "
+            "the folder of an existing gallery; `cxr-reid serve`, `enroll` and `sync` start a new one"
+        )
 
 
 def add_device_arg(parser: argparse.ArgumentParser) -> None:

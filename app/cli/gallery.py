@@ -84,6 +84,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         SyncLimits,
         SyncState,
         SyncUnavailableError,
+        check_pacs,
         follow_orthanc_changes,
         parse_modalities,
         parse_since,
@@ -107,7 +108,12 @@ def _cmd_sync(args: argparse.Namespace) -> int:
             max_pages=args.max_pages,
             max_studies=args.max_studies,
         )
+        # the PACS first: a sync that cannot run starts no gallery
+        check_pacs(dicomweb=args.dicomweb, orthanc=args.orthanc_changes, headers=headers, limits=limits)
         embedder, gallery = open_model_and_gallery(settings)
+    except SyncUnavailableError as exc:
+        log.error("sync could not run: %s; nothing was created", exc)
+        return 2
     except (GalleryError, ValueError) as exc:
         log.error("%s", exc)
         return 2
@@ -159,8 +165,8 @@ def _cmd_reindex(args: argparse.Namespace) -> int:
     from index import GalleryError
 
     settings = settings_from(args)
-    try:
-        embedder, gallery = open_model_and_gallery(settings, allow_model_mismatch=True)
+    try:  # re-embeds a gallery that exists; a data dir without one fails, and nothing is made
+        embedder, gallery = open_model_and_gallery(settings, allow_model_mismatch=True, create=False)
     except (GalleryError, ValueError) as exc:
         log.error("%s", exc)
         return 2

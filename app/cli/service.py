@@ -113,8 +113,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from index import GalleryError
 
     settings = settings_from(args)
-    try:
-        _, gallery = open_model_and_gallery(settings, allow_model_mismatch=True)
+    try:  # a check never starts a gallery: a data dir without one fails, and nothing is made
+        _, gallery = open_model_and_gallery(settings, allow_model_mismatch=True, create=False)
     except GalleryError as exc:
         sys.stderr.write(f"check failed: {exc}\n")
         return 1
@@ -211,7 +211,8 @@ def register(subparsers: Subparsers) -> None:
         "stored data, removes stored originals no row references and rebuilds a stale FAISS index, as "
         "the service does at start; then checks that every image's original (stored under images/, or "
         "referenced by path after `enroll` without --copy) is there and not empty, which `reindex` "
-        "needs. Exit 0 when the gallery can be served and re-embedded, 1 with the reason if not.",
+        "needs. Exit 0 when the gallery can be served and re-embedded, 1 with the reason if not (a data dir "
+        "without a gallery included: check creates nothing).",
     )
     p.add_argument(
         "--deep",

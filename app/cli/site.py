@@ -64,10 +64,15 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         if args.out:
             log.error("--out is for --manifest; the gallery form keeps the calibration in the gallery")
             return 2
-        try:
-            embedder, gallery = open_model_and_gallery(settings)
+        try:  # fits on a gallery's labelled images: one must exist; nothing is made when it does not
+            embedder, gallery = open_model_and_gallery(settings, create=False)
         except GalleryError as exc:
             log.error("%s", exc)
+            if not args.data_dir:
+                log.error(
+                    "calibrate needs labelled images: --manifest SITE.csv --out SITE.pt (a copy of the "
+                    "checkpoint calibrated on them), or --data-dir GALLERY (calibrated in the gallery)"
+                )
             return 2
         try:
             service = service_for(settings, embedder, gallery)
@@ -124,10 +129,8 @@ def _site_data(args: argparse.Namespace, settings: Settings) -> SiteData:
     from models.data import Sample
 
     data_dir = Path(settings.data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"no gallery at {data_dir} (--data-dir); nothing was created")
-    try:
-        _, gallery = open_model_and_gallery(settings, allow_model_mismatch=True)
+    try:  # reads a gallery that exists; nothing is made when there is none
+        _, gallery = open_model_and_gallery(settings, allow_model_mismatch=True, create=False)
     except GalleryError as exc:
         raise ValueError(str(exc)) from None
     samples, unlabelled, offset = [], 0, 0

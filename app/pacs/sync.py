@@ -1001,6 +1001,49 @@ def _get(session: Any, url: str, *, limits: SyncLimits, stop: threading.Event, c
         raise _TransientError(str(exc)) from exc
 
 
+def check_pacs(
+    *,
+    dicomweb: str | None = None,
+    orthanc: str | None = None,
+    headers: dict[str, str] | None = None,
+    limits: SyncLimits | None = None,
+) -> None:
+    """Ask the PACS one small question (QIDO-RS for one study, or Orthanc's last change) before a run
+    opens the gallery, so an unreachable or refusing PACS costs nothing: no gallery is started for a
+    sync that cannot run. Raises :class:`SyncUnavailableError` with the reason."""
+    import requests
+
+    limits = limits or SyncLimits()
+    stop = threading.Event()
+    if dicomweb:
+        reader = DicomwebReader(dicomweb, headers=headers, limits=limits, stop=stop)
+        try:
+            reader.search_for_studies(limit=1)
+        except PacsAnswerError as exc:
+            raise SyncUnavailableError(
+                f"the PACS at {dicomweb} did not answer the study query: {exc}"
+            ) from exc
+        finally:
+            reader.close()
+        return
+    base = (orthanc or "").rstrip("/")
+    with requests.Session() as session:
+        session.headers.update(headers or {})
+        try:
+            first = _get(
+                session,
+                f"{base}/changes?last",
+                limits=limits,
+                stop=stop,
+                cap=limits.max_query_bytes,
+                what="an answer",
+            )
+            if first.status_code >= 400:
+                raise _TransientError(f"answered {first.status_code}")
+        except (_TransientError, PacsAnswerError) as exc:
+            raise SyncUnavailableError(f"Orthanc at {base} did not answer GET /changes: {exc}") from exc
+
+
 def follow_orthanc_changes(
     service: ReidService,
     url: str,

@@ -61,8 +61,11 @@ def configure_allocator() -> None:
     mallopt(_M_ARENA_MAX, 2)
 
 
-def open_gallery(embedder: Embedder, settings: Any, *, allow_model_mismatch: bool = False) -> Gallery:
-    """Open the gallery in ``settings.data_dir`` for this model (one place for the index options)."""
+def open_gallery(
+    embedder: Embedder, settings: Any, *, allow_model_mismatch: bool = False, create: bool = True
+) -> Gallery:
+    """Open the gallery in ``settings.data_dir`` for this model (one place for the index options);
+    ``create=False`` for a job that must find one there (``GalleryNotFoundError``, nothing made)."""
     return Gallery(
         settings.data_dir,
         dim=embedder.dim,
@@ -72,6 +75,7 @@ def open_gallery(embedder: Embedder, settings: Any, *, allow_model_mismatch: boo
         ef_search=settings.ef_search,
         allow_model_mismatch=allow_model_mismatch,
         init=settings.init,
+        create=create,
     )
 
 
