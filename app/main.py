@@ -37,6 +37,7 @@ from app.api.routers import (
 )
 from app.api.schemas import ErrorResponse, FieldError, error_responses
 from app.api.status import status_of
+from app.pacs.dimse import DicomReceiver
 from app.service.alerts import ALERT_ACTIONS
 from app.service.errors import (
     BusyError,
@@ -143,10 +144,17 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
                 daemon=True,
             )
             retry.start()
+        receiver = None
         try:
+            if settings.dicom_port is not None:  # C-STORE / C-ECHO beside HTTP, on the same service
+                receiver = DicomReceiver(service, settings)
+                await run_in_threadpool(receiver.start)
+                app.state.dicom_receiver = receiver
             yield
         finally:
             stop.set()
+            if receiver is not None:
+                await run_in_threadpool(receiver.stop)  # before the service it stores through closes
             if retry is not None:
                 retry.join()
             app.state.service = None

@@ -120,6 +120,37 @@ class Settings(BaseSettings):
     alert_webhook_backoff_seconds: float = Field(
         default=1.0, ge=0, description="wait before the first retry; doubled each time, at most 60 s"
     )
+    dicom_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="port of the DICOM C-STORE / C-ECHO receiver beside the HTTP service "
+        "(app/pacs/dimse.py); None = none",
+    )
+    dicom_host: str | None = Field(
+        default=None, description="address the DICOM receiver binds; None = the HTTP service's host"
+    )
+    ae_title: str = Field(default="CXRREID", description="the DICOM receiver's own AE title")
+    allowed_aes: str | None = Field(
+        default=None,
+        description="comma-separated calling AE titles whose associations the DICOM receiver accepts; "
+        "unset: any (then serve it on a network only trusted modalities and PACS reach)",
+    )
+    dicom_collection: str = Field(
+        default="default", description="gallery collection that instances received over DICOM go to"
+    )
+    dicom_max_associations: int = Field(
+        default=4,
+        ge=1,
+        description="DICOM associations served at once; each may hold one instance of up to "
+        "max_upload_bytes in memory while it arrives",
+    )
+    dicom_max_pdu: int = Field(
+        default=65536,
+        ge=4096,
+        le=1 << 24,
+        description="largest PDU, in bytes, the DICOM receiver asks its peers to send",
+    )
 
     @field_validator("far")
     @classmethod
@@ -156,6 +187,19 @@ class Settings(BaseSettings):
             raise ValueError("alert_webhook must be an http:// or https:// URL")
         return value
 
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title_is_valid(cls, value: str) -> str:
+        return _ae_title(value, "ae_title")
+
+    @field_validator("allowed_aes")
+    @classmethod
+    def _allowed_aes_are_valid(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        titles = [_ae_title(item, "allowed_aes") for item in value.split(",") if item.strip()]
+        return ",".join(titles) or None
+
     def far_for(self, calibration: Any) -> str:
         """The service's default FAR with ``calibration``: CXR_REID_FAR where it was set (a model that
         cannot serve it is then refused at start, with the reason); else 1e-3 where the calibration
@@ -188,6 +232,11 @@ class Settings(BaseSettings):
         return self.trusted_proxies.split(",") if self.trusted_proxies else []
 
     @property
+    def allowed_ae_list(self) -> list[str]:
+        """The calling AE titles the DICOM receiver accepts; empty: any."""
+        return self.allowed_aes.split(",") if self.allowed_aes else []
+
+    @property
     def keys_path(self) -> Path:
         return self.keys_file or self.data_dir / "keys.json"
 
@@ -195,6 +244,17 @@ class Settings(BaseSettings):
     def request_body_limit(self) -> int:
         """Bytes a request body may hold: the upload limit plus room for multipart headers and fields."""
         return self.max_upload_bytes + 64 * 1024
+
+
+def _ae_title(value: str, name: str) -> str:
+    """An AE title as DICOM allows it (PS3.5 table 6.2-1: 1 to 16 characters of printable ASCII but
+    backslash, not only spaces), stripped of its padding."""
+    title = value.strip()
+    if not title or len(title) > 16 or "\\" in title or not all(" " <= c <= "~" for c in title):
+        raise ValueError(
+            f"{name}: {value!r} is not a DICOM AE title (1 to 16 printable ASCII characters, no backslash)"
+        )
+    return title
 
 
 def key_fingerprint(key: str) -> str:

@@ -21,7 +21,16 @@ LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 def _cmd_serve(args: argparse.Namespace) -> int:
     proxies = ",".join(args.trusted_proxy) if args.trusted_proxy else None
     settings = settings_from(
-        args, host=args.host, port=args.port, workers=args.workers, trusted_proxies=proxies
+        args,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        trusted_proxies=proxies,
+        dicom_port=args.dicom_port,
+        dicom_host=args.dicom_host,
+        ae_title=args.ae_title,
+        allowed_aes=",".join(args.allowed_ae) if args.allowed_ae else None,
+        dicom_collection=args.dicom_collection,
     )
     if settings.workers > 1:
         log.error(
@@ -183,6 +192,40 @@ def register(subparsers: Subparsers) -> None:
         "whose X-Forwarded-For header names the client: the failed-API-key limit then counts by the "
         "real client, not the proxy (default: CXR_REID_TRUSTED_PROXIES, else none: forwarded headers "
         "are ignored, even from 127.0.0.1)",
+    )
+    dicom = p.add_argument_group(
+        "DICOM receiver",
+        "C-STORE and C-ECHO beside the HTTP service, for modalities and PACS that speak DIMSE only; each "
+        "instance is enrolled as over STOW-RS (same refusals, same wrong-patient alerts)",
+    )
+    dicom.add_argument(
+        "--dicom-port",
+        type=int,
+        metavar="PORT",
+        help="listen for DICOM associations on this port, e.g. 11112 (default: CXR_REID_DICOM_PORT, "
+        "else none)",
+    )
+    dicom.add_argument(
+        "--dicom-host",
+        metavar="ADDRESS",
+        help="address the receiver binds (default: CXR_REID_DICOM_HOST, else --host)",
+    )
+    dicom.add_argument(
+        "--ae-title",
+        help="the receiver's AE title, which senders must call (default: CXR_REID_AE_TITLE, else CXRREID)",
+    )
+    dicom.add_argument(
+        "--allowed-ae",
+        action="append",
+        metavar="AE_TITLE",
+        help="accept associations from this calling AE title only (repeat for several; default: "
+        "CXR_REID_ALLOWED_AES, else any)",
+    )
+    dicom.add_argument(
+        "--dicom-collection",
+        metavar="NAME",
+        help="collection received instances are enrolled into (default: CXR_REID_DICOM_COLLECTION, "
+        "else default)",
     )
     p.set_defaults(func=_cmd_serve)
 

@@ -1,0 +1,334 @@
+"""A DICOM C-STORE receiver (with C-ECHO) beside the HTTP service, for modalities and PACS that
+speak DIMSE only: ``cxr-reid serve --dicom-port 11112 --ae-title CXRREID``.
+
+:class:`DicomReceiver` is a pynetdicom storage SCP that runs in the serving process, in its own
+threads, on the same :class:`ReidService` as the HTTP routes. Each C-STORE goes through
+:func:`app.service.ingest.ingest_instance`, the check-and-enrol path of STOW-RS: the same refusals,
+the same wrong-patient check and alerts (stored, counted, sent to the webhook), filed under the
+instance's PatientID, StudyInstanceUID, SOPInstanceUID and ViewPosition, into
+``CXR_REID_DICOM_COLLECTION``. The response's Status is the failure code of
+:func:`app.service.ingest.refusal`, the table STOW-RS's FailureReason comes from:
+
+=========  =====================================================================================
+0x0000     enrolled, or already in the collection under the same PatientID (a PACS may re-send)
+0xA700     out of resources: over ``CXR_REID_MAX_UPLOAD_BYTES``, the decode budget taken, the
+           gallery full or not open yet (locked by another process): send it again later
+0xC000     cannot understand: no readable header or SOP UIDs, unusable pixels, a bad PatientID
+0x0122     not a projection radiograph (Modality not CR / DX / DR / RG)
+0x0111     its SOPInstanceUID is stored under another PatientID (PS3.7 annex C, duplicate SOP
+           instance): not enrolled again; check which patient it belongs to
+0x0110     processing failure (the error is in the server log)
+=========  =====================================================================================
+
+A refusal's reason goes in ErrorComment (at most 64 characters, DICOM's limit for it) and, whole,
+in the server log with the calling AE title. A wrong-patient alert does not fail the store (the
+image is stored, as over STOW-RS); it is logged by kind and image id, never by patient.
+
+Bounds: at most ``CXR_REID_DICOM_MAX_ASSOCIATIONS`` associations at once (more are rejected,
+transient), PDUs of at most ``CXR_REID_DICOM_MAX_PDU`` bytes asked for, and an instance whose data
+passes ``CXR_REID_MAX_UPLOAD_BYTES`` while it arrives aborts its association there (the whole
+instance is never held). Associations must call this receiver's AE title; with
+``CXR_REID_ALLOWED_AES`` set, only those calling AE titles are accepted (others are rejected with
+"calling AE title not recognised"). DIMSE has no API keys: without an allow-list, bind the receiver
+(``CXR_REID_DICOM_HOST``) where only trusted modalities and PACS reach it.
+
+Storage presentation contexts: CR, DX (for presentation and for processing) and Secondary Capture
+images, each in the transfer syntaxes the decoder reads (:func:`transfer_syntaxes`: implicit and
+explicit VR little endian, deflated, and each compressed syntax whose pydicom decoder is installed:
+JPEG baseline / extended / lossless, JPEG-LS, JPEG 2000, HTJ2K, RLE).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from app.service.errors import ServiceError, UnavailableError
+from app.service.ingest import Failure, IngestStatus, InstanceRules, ingest_instance, refusal
+from app.service.reid import ReidService
+from app.settings import Settings
+from index import clean_label
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+    from pynetdicom.events import Event
+    from pynetdicom.transport import ThreadedAssociationServer
+
+log = logging.getLogger(__name__)
+
+#: The storage SOP classes accepted: the projection radiographs, and secondary captures of them.
+STORAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1": "CR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+}
+#: Most characters of ErrorComment (VR LO, PS3.5 table 6.2-1).
+ERROR_COMMENT_CHARS = 64
+#: Seconds a stopping receiver lets associations in flight finish before it aborts them.
+STOP_GRACE_SECONDS = 10.0
+SUCCESS = 0x0000
+#: Addresses only this machine reaches: an open receiver there is not warned about.
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+#: Message control header bits of a presentation data value (PS3.8 annex E.2).
+_COMMAND_FRAGMENT, _LAST_FRAGMENT = 0x01, 0x02
+
+
+def transfer_syntaxes() -> list[str]:
+    """The transfer syntaxes accepted: those :mod:`models.imaging.dicom` reads natively (little endian,
+    implicit or explicit, and deflated) and each compressed one whose pydicom decoder is installed, so
+    an instance the SCU can send in a syntax the decoder lacks is sent in another, not refused."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import (
+        AllTransferSyntaxes,
+        DeflatedExplicitVRLittleEndian,
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+    )
+
+    syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
+    for uid in AllTransferSyntaxes:
+        if not uid.is_encapsulated:
+            continue
+        try:
+            if get_decoder(uid).is_available:
+                syntaxes.append(uid)
+        except NotImplementedError:  # video, audio, JPIP: no pixel decoder at all
+            continue
+    return [str(uid) for uid in syntaxes]
+
+
+#: ErrorComments of the refusals whose reason says what matters too late to survive the cut.
+SHORT_COMMENTS = {
+    Failure.DUPLICATE_SOP_INSTANCE: "SOPInstanceUID stored under another PatientID: not enrolled",
+}
+
+
+def error_comment(reason: str, sop_instance_uid: str | None, code: Failure | None = None) -> str:
+    """A refusal's reason as an ErrorComment: without the "instance <uid>" the response names
+    already, ASCII, cut to :data:`ERROR_COMMENT_CHARS` (the reason whole is in the server log)."""
+    if code in SHORT_COMMENTS:
+        return SHORT_COMMENTS[code]
+    if sop_instance_uid:
+        for named in (f"'instance {sop_instance_uid}'", f"instance {sop_instance_uid}"):
+            reason = reason.replace(named, "")
+        reason = reason.lstrip(":; ")
+    comment = reason.encode("ascii", "replace").decode("ascii").replace("\\", "/")
+    if len(comment) > ERROR_COMMENT_CHARS:
+        comment = comment[: ERROR_COMMENT_CHARS - 3].rstrip() + "..."
+    return comment
+
+
+class DicomReceiver:
+    """The C-STORE / C-ECHO SCP of one serving process: :meth:`start` binds it (OSError when the port
+    is taken), :meth:`stop` stops it; in between each association runs in its own thread."""
+
+    def __init__(self, service: ReidService, settings: Settings) -> None:
+        if settings.dicom_port is None:
+            raise ValueError("no DICOM port is configured (CXR_REID_DICOM_PORT, or serve --dicom-port)")
+        try:
+            collection = clean_label(settings.dicom_collection)
+        except ValueError as exc:
+            raise ValueError(f"CXR_REID_DICOM_COLLECTION {exc}") from None
+        if collection is None or collection == "*":
+            raise ValueError("CXR_REID_DICOM_COLLECTION must be a non-empty name other than '*'")
+        self.service = service
+        self.settings = settings
+        self.collection = collection
+        self.host = settings.dicom_host or settings.host
+        self.port = settings.dicom_port
+        self.max_instance_bytes = settings.max_upload_bytes
+        self._server: ThreadedAssociationServer | None = None
+        #: dataset bytes received so far of the message each association is receiving
+        self._receiving: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._aborted: weakref.WeakSet[Any] = weakref.WeakSet()  # associations aborted for size
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Listen on ``host:port``, in background threads."""
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import Verification
+
+        if logging.getLogger("pynetdicom").level == logging.NOTSET:
+            # pynetdicom logs every association and message at INFO; ours log one line per instance
+            logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.maximum_associations = self.settings.dicom_max_associations
+        ae.maximum_pdu_size = self.settings.dicom_max_pdu
+        ae.require_called_aet = True
+        ae.require_calling_aet = self.settings.allowed_ae_list
+        syntaxes = transfer_syntaxes()
+        for uid in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(uid, syntaxes)
+        ae.add_supported_context(Verification)
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_PDU_RECV, self._on_pdu),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        try:
+            self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"the DICOM receiver cannot listen on {self.host}:{self.port} ({exc.strerror or exc}): "
+                "choose another --dicom-port (CXR_REID_DICOM_PORT), or stop what uses it",
+            ) from exc
+        if not self.settings.allowed_ae_list and self.host not in LOOPBACK_HOSTS:
+            log.warning(
+                "the DICOM receiver on %s accepts associations from any calling AE title: set "
+                "--allowed-ae (CXR_REID_ALLOWED_AES) to the modalities and PACS that may store here",
+                self.host,
+            )
+        self.port = self._server.server_address[1]  # the port bound when 0 was asked for
+        allowed = ", ".join(self.settings.allowed_ae_list) or "any (no CXR_REID_ALLOWED_AES)"
+        log.info(
+            "DICOM receiver %s on %s:%d (C-STORE into collection %r, C-ECHO; calling AE titles: %s)",
+            self.settings.ae_title,
+            self.host,
+            self.port,
+            self.collection,
+            allowed,
+        )
+
+    def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Accept no more associations, let those in flight finish for up to ``grace`` seconds (an
+        instance being stored is stored), then abort the rest."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()  # no new associations; the listening socket is closed
+        deadline = time.monotonic() + grace
+        for assoc in server.active_associations:
+            assoc.join(max(0.0, deadline - time.monotonic()))
+            if assoc.is_alive():
+                log.warning(
+                    "DICOM receiver stopping: aborting the association from %s",
+                    assoc.requestor.ae_title,
+                )
+                assoc.abort()
+        log.info("DICOM receiver %s stopped", self.settings.ae_title)
+
+    # ------------------------------------------------------------------ handlers (pynetdicom threads)
+    def _on_echo(self, event: Event) -> int:
+        return SUCCESS
+
+    def _on_rejected(self, event: Event) -> None:
+        """Say in the log why an association was turned away (pynetdicom says it at DEBUG only)."""
+        requestor = event.assoc.requestor
+        primitive = getattr(requestor, "primitive", None)
+        called = str(getattr(primitive, "called_ae_title", "") or "").strip()
+        allowed = self.settings.allowed_ae_list
+        if allowed and requestor.ae_title not in allowed:
+            why = f"its calling AE title is not among CXR_REID_ALLOWED_AES ({', '.join(allowed)})"
+        elif called and called != self.settings.ae_title:
+            why = f"it called AE title {called!r}; this receiver is {self.settings.ae_title!r}"
+        else:
+            why = (
+                f"over {self.settings.dicom_max_associations} associations at once "
+                "(CXR_REID_DICOM_MAX_ASSOCIATIONS), or no usable presentation context"
+            )
+        log.warning(
+            "DICOM association from %s at %s rejected: %s", requestor.ae_title, requestor.address, why
+        )
+
+    def _on_pdu(self, event: Event) -> None:
+        """Count the data set bytes of the message arriving; past the upload limit, abort the
+        association there, so no instance larger than that is ever held."""
+        from pynetdicom.pdu import P_DATA_TF
+
+        pdu = event.pdu
+        if not isinstance(pdu, P_DATA_TF):
+            return
+        assoc = event.assoc
+        with self._lock:
+            received = self._receiving.get(assoc, 0)
+            for item in pdu.presentation_data_value_items:
+                value = item.presentation_data_value or b"\x00"
+                if value[0] & _COMMAND_FRAGMENT:
+                    received = 0  # a new message begins
+                else:
+                    received += len(value) - 1
+            self._receiving[assoc] = received
+            if received <= self.max_instance_bytes or assoc in self._aborted:
+                return
+            self._aborted.add(assoc)
+        log.warning(
+            "DICOM association from %s aborted: an instance passed %d bytes (CXR_REID_MAX_UPLOAD_BYTES)",
+            assoc.requestor.ae_title,
+            self.max_instance_bytes,
+        )
+        assoc.abort(block=False)
+
+    def _on_store(self, event: Event) -> Dataset:
+        """One C-STORE: ingest the instance as sent (header read, pixels decoded, never re-encoded)
+        and answer its status (see the module docstring)."""
+        from pydicom.dataset import Dataset
+
+        calling = event.assoc.requestor.ae_title
+        sop = str(event.request.AffectedSOPInstanceUID or "") or None
+        data = event.encoded_dataset(include_meta=True)
+        status, reason = self._store(data, sop, calling)
+        answer = Dataset()
+        answer.Status = status
+        if reason is not None:
+            answer.ErrorComment = error_comment(reason, sop, Failure(status))
+        return answer
+
+    def _store(self, data: bytes, sop: str | None, calling: str) -> tuple[int, str | None]:
+        """(status, reason) of one instance; the reason None on success."""
+        name = f"instance {sop or '(no SOPInstanceUID)'}"
+        if len(data) > self.max_instance_bytes:
+            return self._refused(
+                calling,
+                Failure.OUT_OF_RESOURCES,
+                f"{name} is {len(data):,} bytes; at most {self.max_instance_bytes:,} are taken "
+                "(CXR_REID_MAX_UPLOAD_BYTES)",
+            )
+        try:
+            point = self.service.operating_point()
+            done = ingest_instance(
+                self.service,
+                data,
+                collection=self.collection,
+                point=point,
+                rules=InstanceRules(strict_uids=True),
+            )
+            refused = refusal(done, name)
+        except UnavailableError as exc:  # no gallery open yet (locked by another process), busy
+            return self._refused(calling, Failure.OUT_OF_RESOURCES, exc.detail)
+        except ServiceError as exc:
+            return self._refused(calling, Failure.PROCESSING, exc.detail)
+        except Exception:
+            log.exception("DICOM C-STORE from %s: %s could not be stored", calling, name)
+            return self._refused(
+                calling, Failure.PROCESSING, f"{name} could not be stored; see the server log"
+            )
+        if refused is not None:
+            if refused.code is Failure.PROCESSING:
+                log.error("DICOM C-STORE from %s: %s could not be stored: %s", calling, name, done.error)
+            return self._refused(calling, refused.code, refused.reason)
+        result = done.result
+        if done.status is IngestStatus.ALREADY_STORED or result is None:
+            log.info("DICOM C-STORE from %s: %s already stored", calling, name)
+        elif result.alert is not None:
+            # the kind and ids only: the alert's message names patients, which stay out of logs
+            log.warning(
+                "DICOM C-STORE from %s: %s enrolled as image %d with wrong-patient alert %s",
+                calling,
+                name,
+                result.record.image_id,
+                result.alert.kind,
+            )
+        else:
+            log.info("DICOM C-STORE from %s: %s enrolled as image %d", calling, name, result.record.image_id)
+        return SUCCESS, None
+
+    @staticmethod
+    def _refused(calling: str, code: Failure, reason: str) -> tuple[int, str]:
+        log.warning("DICOM C-STORE from %s refused with 0x%04X (%s): %s", calling, code, code.name, reason)
+        return int(code), reason
