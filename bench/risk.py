@@ -12,10 +12,10 @@ images are split by patient, seeded:
 
 The two manifests are written under ``--out`` (a temporary folder by default) and
 ``app.analysis.risk.run`` makes the report there; this prints one markdown table of linkability at each FAR
-(95% patient-bootstrap intervals) and one of the defences at FAR 1e-3.
+(exact 95% binomial intervals) and one of the defences at FAR 1e-3.
 
     python bench/risk.py [--data-dir ../shared/data] [--set nih-cxr14-64px ...] [--manifest CSV ...]
-                         [--model CKPT] [--out DIR] [--defences all] [--bootstrap 500] [--seed 0]
+                         [--model CKPT] [--out DIR] [--defences all] [--seed 0]
 
 Without the data (it is not part of the project) it says so and exits 0.
 """
@@ -156,7 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="where the split manifests and reports go (default: a temp folder)")
     parser.add_argument("--far", default="1e-2,1e-3,1e-4")
     parser.add_argument("--defences", default="all")
-    parser.add_argument("--bootstrap", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -201,10 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out=str(folder / "report"),
             fars=args.far,
             defences=args.defences,
-            bootstrap=args.bootstrap,
             batch_size=args.batch_size,
             progress=sys.stderr.isatty(),
-            seed=args.seed,
         )
         try:
             report = run(inputs, embedder)
@@ -216,8 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         results.append({**report, "set": name, "split": counts})
     print(
-        f"model {embedder.model_id}, {dt.date.today().isoformat()}, seed {args.seed}, "
-        f"{args.bootstrap} bootstrap resamples; reports under {out_root}\n"
+        f"model {embedder.model_id}, {dt.date.today().isoformat()}, seed {args.seed}, exact 95% "
+        f"intervals; reports under {out_root}\n"
     )
     print(format_tables(results))
     return 0

@@ -15,14 +15,19 @@ from PIL import Image
 
 from app.analysis.defences import gaussian_blur, global_ssim, psnr
 from app.analysis.risk import (
+    BOUND_WIDTH,
     Links,
     RiskError,
     best_matches,
     choose_defences,
+    exact_interval,
     expected_links,
     far_thresholds,
+    headline_sentence,
     linkability,
+    min_patients,
     read_gallery,
+    too_small_reason,
 )
 from app.cli import main
 from app.service.scoring import Scorer
@@ -45,30 +50,73 @@ def test_linkability_counts_patients_links_and_wrong_links() -> None:
     release = ["a", "a", "b", "c", "d", "e"]
     reference = ["a", "b", "c", "x"]
     links = _links([0, 1, 3, 2, 0, -1], [0.95, 0.4, 0.9, 0.3, 0.8, math.nan])
-    out = linkability(release, reference, links, {"1e-3": 0.5, "1e-4": 0.85}, bootstrap=200)
+    out = linkability(release, reference, links, {"1e-3": 0.5, "1e-4": 0.85})
     at3, at4 = out["1e-3"], out["1e-4"]
     assert at3["patients"] == 3  # a, b, c have reference images; d does not; e is unusable
-    assert at3["linked"] == 1 and at3["share"] == pytest.approx(1 / 3)
+    assert at3["linked"] == 1
     assert at3["wrong_link_images"] == 2 and at3["wrong_link_patients"] == 2  # b -> x, d -> a
     assert at3["flagged_images"] == 3
     assert at4["linked"] == 1 and at4["wrong_link_images"] == 1 and at4["flagged_images"] == 2
+    # 3 patients cannot bound a share: no share, the exact interval and the reason instead
+    assert at3["too_small"] and at3["share"] is None
     lo, hi = at3["share_ci"]
-    assert 0.0 <= lo <= at3["share"] <= hi <= 1.0
+    assert 0.0 < lo < 1 / 3 < hi < 1.0
     assert at3["linked_ci"] == pytest.approx([lo * 3, hi * 3])
+    assert "3 released patient(s) with a reference image" in at3["too_small_reason"]
+    assert f"at least {min_patients()} patients" in at3["too_small_reason"]
+    wlo, whi = at3["wrong_link_patients_ci"]  # 2 of the 4 released patients a, b, c, d
+    assert 0 < wlo < 2 < whi < 4
 
 
-def test_bootstrap_interval_contains_the_share_and_narrows_with_more_patients() -> None:
+def test_the_exact_interval_matches_clopper_pearson_and_never_collapses() -> None:
+    """2 of 2 linked is not "[100%, 100%]": the exact interval's lower end is 0.025 ** (1 / 2)."""
+    lo, hi = exact_interval(2, 2)
+    assert lo == pytest.approx(0.025**0.5) and hi == 1.0
+    assert exact_interval(0, 10) == pytest.approx([0.0, 1 - 0.025 ** (1 / 10)])
+    # a textbook value (Clopper-Pearson 1934 / any table): 3 of 10 -> [0.0667, 0.6525]
+    assert exact_interval(3, 10) == pytest.approx([0.0667, 0.6525], abs=1e-4)
+    assert exact_interval(0, 0) == [None, None]
+
+
+def test_the_minimum_sample_is_the_first_whose_interval_can_be_narrow_enough() -> None:
+    least = min_patients()
+    assert exact_interval(0, least)[1] <= BOUND_WIDTH < exact_interval(0, least - 1)[1]
+    assert exact_interval(least, least)[0] >= 1 - BOUND_WIDTH
+    assert too_small_reason(least, exact_interval(least // 2, least)) is None
+    reason = too_small_reason(least - 1, exact_interval(0, least - 1))
+    assert reason is not None and f"which takes at least {least} patients" in reason
+
+
+def test_below_the_minimum_every_figure_says_the_sample_is_too_small() -> None:
+    two = ["a", "b"]
+    small = linkability(two, two, _links([0, 1], [0.9, 0.9]), {"1e-3": 0.5})
+    m = small["1e-3"]
+    assert m["linked"] == 2 and m["too_small"] and m["share"] is None
+    headline = headline_sentence({"measured": small}, "1e-3", True, 2)
+    assert headline.startswith("2 of 2 patients linkable at FAR 1e-3, too few to bound the risk")
+    assert f"at least {min_patients()} needed: any share from 15.8% to 100.0% fits" in headline
+    assert "100.0% [" not in headline and "CI 2" not in headline
+    n = min_patients()
+    patients = [f"p{i}" for i in range(n)]
+    big = linkability(patients, patients, _links(list(range(n)), [0.9] * n), {"1e-3": 0.5})
+    assert not big["1e-3"]["too_small"] and big["1e-3"]["share"] == 1.0
+    headline = headline_sentence({"measured": big}, "1e-3", True, n)
+    assert headline.startswith(f"{n} of {n} patients (100.0%) linkable at FAR 1e-3 [95% CI ")
+    assert big["1e-3"]["share_ci"][0] < 1.0  # even all linked is a bound, not a certainty
+
+
+def test_the_interval_narrows_with_more_patients() -> None:
     rng = np.random.default_rng(0)
 
     def width(n: int) -> float:
         patients = [f"p{i}" for i in range(n)]
         linked = rng.random(n) < 0.4
         links = _links(list(range(n)), [0.9 if hit else 0.1 for hit in linked])
-        m = linkability(patients, patients, links, {"1e-3": 0.5}, bootstrap=300, seed=1)["1e-3"]
+        m = linkability(patients, patients, links, {"1e-3": 0.5})["1e-3"]
         assert m["share_ci"][0] <= m["share"] <= m["share_ci"][1]
         return m["share_ci"][1] - m["share_ci"][0]
 
-    assert width(400) < width(25) / 2
+    assert width(400) < width(40) / 2
 
 
 def test_no_ground_truth_estimate_sums_calibrated_probabilities() -> None:
@@ -230,8 +278,6 @@ def risk_run(
             str(risk_checkpoint),
             "--far",
             "1e-3,1e-4",
-            "--bootstrap",
-            "200",
             "--no-progress",
         ]
     )
@@ -248,7 +294,9 @@ def test_risk_finds_the_planted_links_within_its_interval(risk_run: Path) -> Non
         lo, hi = m["linked_ci"]
         assert lo <= 3 <= hi
         assert m["wrong_link_images"] == 1 and m["wrong_link_patients"] == 1  # the stranger
-    assert report["headline"].startswith("3 of 6 patients (50.0%) linkable at FAR 1e-3 [95% CI")
+        assert m["too_small"] and m["share"] is None  # 6 patients cannot bound a share
+    assert report["interval"]["min_patients"] == min_patients()
+    assert report["headline"].startswith("3 of 6 patients linkable at FAR 1e-3, too few to bound the risk")
     rows = {Path(r["path"]).name: r for r in report["images"]}
     assert rows["stranger.png"]["link"] == "wrong" and rows["stranger.png"]["linkable"]["1e-3"]
     assert rows["stranger.png"]["best_reference_patient_id"] != "stranger"
@@ -267,7 +315,9 @@ def test_risk_finds_the_planted_links_within_its_interval(risk_run: Path) -> Non
 @needs_chromium
 def test_risk_report_renders_with_counts_rows_and_thumbnails(risk_run: Path) -> None:
     dom = render(risk_run / "report.html")
-    assert "3 of 6 patients (50.0%) linkable at FAR 1e-3" in dom
+    assert "3 of 6 patients linkable at FAR 1e-3, too few to bound the risk" in dom
+    assert 'id="too-small"' in dom and "6 released patient(s) with a reference image" in dom
+    assert 'id="no-curve"' in dom and "50.0%" not in dom
     assert len(re.findall(r'<tr data-defence="', dom)) == 9  # none + 8 defences
     assert len(re.findall(r'<tr class="pair" data-link="', dom)) == 7
     assert 'data-link="wrong"' in dom and "wrong link" in dom
@@ -431,3 +481,49 @@ def test_readme_example_manifests_load() -> None:
     reference = load_corpus([examples / "risk-reference.csv"])
     assert {i.patient_id for i in release} == {"A", "B", "C"}
     assert {i.patient_id for i in reference} == {"A", "B"}
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@needs_chromium
+def test_the_readme_example_says_two_patients_cannot_bound_the_risk(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The README's `cxr-reid risk` example (two children linked, the shipped model), as written: the
+    headline, the CLI line, risk.json and the report in Chromium say the sample is too small to bound
+    the risk. CXR_REID_RISK_SCREENSHOT=docs/risk-too-small.png keeps the README's picture of it."""
+    import logging
+    import os
+
+    from tests.browser import screenshot
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("cxr-reid risk examples/"))
+    said = readme.split(command, 1)[1].split("```", 1)[0]
+    said = " ".join(line.lstrip("#").strip() for line in said.strip().splitlines())
+    said = said.removeprefix("INFO cxr_reid: ").split("; report:", 1)[0]
+    argv = command.split()[1:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "risk-example")
+    monkeypatch.chdir(root)  # as written, from the repository root
+    caplog.set_level(logging.INFO)
+
+    assert main([*argv, "--json", "--no-progress"]) == 0
+
+    summary = json.loads(capsys.readouterr().out)
+    m = summary["linkability"]["measured"]["1e-3"]
+    assert m["patients"] == 2 and m["linked"] == 2 and m["too_small"] and m["share"] is None
+    assert m["share_ci"] == pytest.approx([0.025**0.5, 1.0])
+    assert summary["headline"] == said  # the README quotes what the command says
+    assert f"{said}; report:" in caplog.text
+    page = tmp_path / "risk-example" / "report.html"
+    dom = render(page)
+    assert 'id="too-small"' in dom and "too few to bound" in dom and "100.0% [" not in dom
+    shot = screenshot(page, tmp_path / "risk.png", size="1100,1000")
+    if os.environ.get("CXR_REID_RISK_SCREENSHOT"):
+        Image.open(shot).convert("RGB").quantize(colors=128).save(
+            os.environ["CXR_REID_RISK_SCREENSHOT"], optimize=True
+        )

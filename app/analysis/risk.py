@@ -11,9 +11,13 @@ decides; otherwise the raw cosine does.
 Ground truth (patient ids on both sides): a released patient with at least one reference image is
 *linked* at a FAR when one of their released images has its best match above the threshold and
 that match is the same patient; a best match above the threshold that is another patient is a
-*wrong link* (an attacker acting on it names the wrong person). Shares come with 95% intervals over
-patient bootstrap resamples of the released patients (the convention of ``models/evaluation/metrics.py``:
-patients drawn with replacement, percentile interval). Without ground truth the report gives the
+*wrong link* (an attacker acting on it names the wrong person). Each patient is linked or not, so a
+share of patients is a binomial proportion: it comes with its exact 95% interval (Clopper-Pearson,
+``scipy.stats.binomtest``), which holds at any sample size. A bootstrap interval does not: it collapses
+to a point when every (or no) patient is linked, and "2 of 2 linked [95% CI 2-2]" reads as certainty.
+Below :func:`min_patients` (36 at 95%: the fewest patients whose interval can be narrower than
+``BOUND_WIDTH``, 10 points, whatever is seen) the report says the sample is too small to bound the
+risk, and why, instead of a share. Without ground truth the report gives the
 *expected* number of true links, the sum of the calibrated P(same patient | best score) over the
 released images: an estimate under the calibration's 50/50 prior, stated as such.
 
@@ -37,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import binomtest
 
 from app.analysis.corpus import CorpusError, CorpusImage, embed_corpus, load_corpus, load_for_display
 from app.analysis.defences import DEFENCE_FAMILIES, Defence, defence_catalogue, embed_defended
@@ -64,8 +69,11 @@ HEADLINE_FAR = "1e-3"
 TOP_K = 20
 #: Pairs shown with thumbnails, best score first.
 CLOSEST_PAIRS = 24
-#: Bootstrap resamples of the released patients.
-DEFAULT_BOOTSTRAP = 500
+#: Confidence level of every interval in the report.
+CI_LEVEL = 0.95
+#: The widest interval (as a share of patients) that still bounds the risk: a sample whose interval
+#: cannot be narrower than this, even when none or all of its patients are linked, is too small.
+BOUND_WIDTH = 0.10
 #: Released images scored against the reference at a time (bounds the score matrix).
 _SCORE_ROWS = 1024
 
@@ -244,12 +252,37 @@ def best_matches(
     return Links(best, score, cosine)
 
 
-def _percentile_ci(draws: np.ndarray) -> list[float | None]:
-    finite = draws[np.isfinite(draws)]
-    if finite.size == 0:
+def exact_interval(k: int, n: int) -> list[float | None]:
+    """The exact (Clopper-Pearson) ``CI_LEVEL`` interval of a share of ``k`` in ``n``; [None, None]
+    when ``n`` is 0. Exact: it covers the true share at least ``CI_LEVEL`` of the time at any ``n``."""
+    if n <= 0:
         return [None, None]
-    lo, hi = np.percentile(finite, [2.5, 97.5])
-    return [float(lo), float(hi)]
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=CI_LEVEL, method="exact")
+    return [float(ci.low), float(ci.high)]
+
+
+def min_patients(width: float = BOUND_WIDTH, level: float = CI_LEVEL) -> int:
+    """The fewest patients whose exact interval can be narrower than ``width``: its narrowest case,
+    none (or all) linked, is [0, 1 - ((1 - level) / 2) ** (1 / n)]. Below it no outcome bounds the share
+    to ``width``, so the report calls the sample too small rather than print a share."""
+    return math.ceil(math.log((1 - level) / 2) / math.log(1 - width))
+
+
+def too_small_reason(patients: int, ci: Sequence[float | None]) -> str | None:
+    """Why ``patients`` cannot bound the risk (None when they can): the one sentence the report shows."""
+    least = min_patients()
+    if patients >= least:
+        return None
+    if patients == 0:
+        return "no released patient has a reference image, so nobody could be linked and nothing is measured"
+    narrowest = exact_interval(0, patients)[1] or 1.0
+    lo, hi = ci
+    return (
+        f"{patients} released patient(s) with a reference image: even if none or all of them were linked, "
+        f"the exact {CI_LEVEL:.0%} interval of the share would span {narrowest:.0%} of the range, and a "
+        f"bound needs it within {BOUND_WIDTH:.0%}, which takes at least {least} patients. Any share from "
+        f"{lo:.1%} to {hi:.1%} fits what was seen here"
+    )
 
 
 def linkability(
@@ -257,18 +290,16 @@ def linkability(
     reference_patients: Sequence[str | None],
     links: Links,
     thresholds: dict[str, float],
-    *,
-    bootstrap: int = DEFAULT_BOOTSTRAP,
-    seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Patient-level linkability per FAR, with ground truth on both sides (see the module docstring).
 
-    Per FAR: ``patients`` (released patients with a reference image), ``linked``, ``share`` and
-    their 95% bootstrap intervals (``linked_ci`` is ``share_ci`` times ``patients``: the question
-    is "what share of such patients", the count follows), ``wrong_link_images`` /
-    ``wrong_link_patients`` (best match above the threshold but another patient, any released
-    patient) with an interval, and ``flagged_images`` (best match above the threshold at all).
-    Bootstrap: the released patients are resampled with replacement, one resample for every FAR.
+    Per FAR: ``patients`` (released patients with a reference image), ``linked``, ``share`` and its
+    exact interval ``share_ci`` (``linked_ci`` is ``share_ci`` times ``patients``: the question is
+    "what share of such patients", the count follows), ``too_small`` / ``too_small_reason`` (fewer
+    than :func:`min_patients`: the share is not a bound, ``share`` is then None and the reason says
+    why), ``wrong_link_images`` / ``wrong_link_patients`` (best match above the threshold but another
+    patient, any released patient) with the exact interval of the latter over the released patients,
+    and ``flagged_images`` (best match above the threshold at all).
     """
     on_reference = {p for p in reference_patients if p}
     patients = sorted({p for p, b in zip(release_patients, links.best, strict=True) if p and b >= 0})
@@ -294,30 +325,26 @@ def linkability(
             else:
                 wrong_patient[index[patient], f] = True
                 wrong_images[index[patient], f] += 1
-    rng = np.random.default_rng(seed)
-    counts = (
-        np.stack([np.bincount(rng.integers(0, n_pat, n_pat), minlength=n_pat) for _ in range(bootstrap)])
-        if bootstrap > 0 and n_pat > 0
-        else np.zeros((0, n_pat), dtype=np.int64)
-    )
     m = int(eligible.sum())
     out: dict[str, dict[str, Any]] = {}
     for f, far in enumerate(fars):
-        hit = linked[:, f] & eligible
-        with np.errstate(invalid="ignore", divide="ignore"):
-            shares = (counts @ hit) / (counts @ eligible)
-        share_ci = _percentile_ci(shares)
-        wrong_draws = (counts @ wrong_patient[:, f]).astype(np.float64)
+        hits = int((linked[:, f] & eligible).sum())
+        share_ci = exact_interval(hits, m)
+        wrong = int(wrong_patient[:, f].sum())
+        wrong_ci = exact_interval(wrong, n_pat)
+        reason = too_small_reason(m, share_ci)
         out[far] = {
             "threshold": float(thresholds[far]),
             "patients": m,
-            "linked": int(hit.sum()),
-            "share": float(hit.sum() / m) if m else None,
+            "linked": hits,
+            "share": float(hits / m) if m and reason is None else None,
             "share_ci": share_ci,
             "linked_ci": [None if v is None else v * m for v in share_ci],
+            "too_small": reason is not None,
+            "too_small_reason": reason,
             "wrong_link_images": int(wrong_images[:, f].sum()),
-            "wrong_link_patients": int(wrong_patient[:, f].sum()),
-            "wrong_link_patients_ci": _percentile_ci(wrong_draws),
+            "wrong_link_patients": wrong,
+            "wrong_link_patients_ci": [None if v is None else v * n_pat for v in wrong_ci],
             "flagged_images": int(flagged[f]),
             "released_patients": n_pat,
         }
@@ -359,11 +386,9 @@ class RiskInputs:
     out: str
     fars: Sequence[str] = DEFAULT_FARS
     defences: str | None = "all"
-    bootstrap: int = DEFAULT_BOOTSTRAP
     batch_size: int = 32
     max_pixels: int = 50_000_000
     progress: bool = True
-    seed: int = 0
 
 
 def far_thresholds(text: str | Sequence[str] | None, calibration: Calibration) -> dict[str, float]:
@@ -449,14 +474,10 @@ def _measure(
     thresholds: dict[str, float],
     calibration: Calibration,
     ground_truth: bool,
-    bootstrap: int,
-    seed: int,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {"estimate": expected_links(links, calibration, thresholds)}
     if ground_truth:
-        result["measured"] = linkability(
-            release_patients, reference_patients, links, thresholds, bootstrap=bootstrap, seed=seed
-        )
+        result["measured"] = linkability(release_patients, reference_patients, links, thresholds)
     return result
 
 
@@ -501,12 +522,10 @@ def assess(inputs: RiskInputs, embedder: Embedder) -> dict[str, Any]:
         "reference_patients": reference_patients,
         "calibration": calibration,
         "ground_truth": ground_truth,
-        "bootstrap": inputs.bootstrap,
-        "seed": inputs.seed,
     }
     headline = _measure(links, thresholds=thresholds, **measure)
     curve_fars = _curve_fars(calibration, thresholds)
-    curve = _measure(links, thresholds=curve_fars, **{**measure, "bootstrap": min(inputs.bootstrap, 200)})
+    curve = _measure(links, thresholds=curve_fars, **measure)
 
     defended = embed_defended(
         embedder,
@@ -585,7 +604,13 @@ def assess(inputs: RiskInputs, embedder: Embedder) -> dict[str, Any]:
             reference.kind, reference.source, reference.images, reference.ok, reference.errors
         ),
         "ground_truth": ground_truth,
-        "bootstrap": inputs.bootstrap if ground_truth else 0,
+        # how every interval of the measured figures is made, and the sample a bound needs
+        "interval": {
+            "method": "Clopper-Pearson (exact binomial)",
+            "level": CI_LEVEL,
+            "min_patients": min_patients(),
+            "bound_width": BOUND_WIDTH,
+        },
         "thresholds": thresholds,
         # a FAR is per comparison: against R reference images, an image of someone the reference
         # does not hold still finds a false match above the threshold with about this chance
@@ -624,13 +649,18 @@ def headline_sentence(result: dict[str, Any], far: str, ground_truth: bool, usab
     """The report's first sentence."""
     if ground_truth:
         m = result["measured"][far]
+        wrong = f"{m['wrong_link_images']} released image(s) wrongly linked to another patient"
+        if m["too_small"]:
+            lo, hi = m["share_ci"]
+            bound = "" if lo is None else f": any share from {100 * lo:.1f}% to {100 * hi:.1f}% fits"
+            return (
+                f"{m['linked']} of {m['patients']} patients linkable at FAR {far}, too few to bound the "
+                f"risk (at least {min_patients()} needed{bound}); {wrong}"
+            )
         lo, hi = m["linked_ci"]
-        ci = "" if lo is None else f" [95% CI {lo:.0f}–{hi:.0f}]"
-        share = "" if m["share"] is None else f" ({100 * m['share']:.1f}%)"
-        wrong = m["wrong_link_images"]
         return (
-            f"{m['linked']} of {m['patients']} patients{share} linkable at FAR {far}{ci}; "
-            f"{wrong} released image(s) wrongly linked to another patient"
+            f"{m['linked']} of {m['patients']} patients ({100 * m['share']:.1f}%) linkable at FAR {far} "
+            f"[{CI_LEVEL:.0%} CI {lo:.0f}–{hi:.0f}]; {wrong}"
         )
     e = result["estimate"][far]
     expected = e["expected_true_links"]

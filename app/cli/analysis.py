@@ -54,7 +54,6 @@ def _cmd_risk(args: argparse.Namespace) -> int:
         out=args.out,
         fars=args.far,
         defences=args.defences,
-        bootstrap=args.bootstrap,
         batch_size=args.batch_size,
         max_pixels=settings.max_pixels,
         progress=not (args.no_progress or args.json),
@@ -110,8 +109,9 @@ def register(subparsers: Subparsers) -> None:
         description="RELEASE and --reference are manifests (CSV path,patient_id, paths relative to it) or "
         "folders of images; the reference may also be a gallery's data dir (read only). Each released "
         "image's best reference match is a link when it reaches the model's threshold at a FAR; with "
-        "patient ids on both sides the report measures the share of patients linked (patient bootstrap "
-        "95%% CIs) and the wrong links, without them it estimates the expected true links. Candidate "
+        "patient ids on both sides the report measures the share of patients linked (exact 95% intervals; "
+        "a sample too small to bound it is called so, with the reason) and the wrong links, without them "
+        "it estimates the expected true links. Candidate "
         "defences (blur, noise, lower resolution, lung-field crop) are measured on the same images with "
         "their fidelity cost. Writes OUT/report.html and OUT/risk.json. Exit 0 done, 2 could not run.",
     )
@@ -129,7 +129,6 @@ def register(subparsers: Subparsers) -> None:
         help="all (default), none, or comma-separated families (blur, noise, lowres, crop) or names "
         "(blur-1, noise-15, lowres-half, crop-75, ...)",
     )
-    p.add_argument("--bootstrap", type=int, default=500, help="patient bootstrap resamples (default 500)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the summary of risk.json (no per-image rows)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -152,9 +152,26 @@ def format_report(result: dict[str, Any]) -> str:
         f"{result['n_images']} images, {result['n_patients']} patients, "
         f"{result['n_genuine_pairs']} genuine / {result['n_impostor_pairs']} impostor pairs",
     ]
-    for key in (*HEADLINE_METRICS, "accuracy"):
+    for key in HEADLINE_METRICS:
         if key in result and result[key] is not None:
-            interval = ci.get(key)
-            suffix = f"  [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else ""
-            lines.append(f"  {key:<18} {result[key]:.4f}{suffix}")
+            lines.append(f"  {key:<18} {result[key]:.4f}{_interval(ci.get(key))}")
+    if result.get("threshold") is not None and "balanced_accuracy" in result:
+        lines.append(
+            f"at the default threshold {result['threshold']:.4f} (FAR {result.get('threshold_far')} on the "
+            f"calibration in force), on these pairs:"
+        )
+        lines.append(
+            f"  {'tar_at_threshold':<18} {result['tar_at_threshold']:.4f}  same-patient pairs accepted"
+        )
+        lines.append(
+            f"  {'far_at_threshold':<18} {result['far_at_threshold']:.4f}  different-patient pairs accepted"
+        )
+        lines.append(
+            f"  {'balanced_accuracy':<18} {result['balanced_accuracy']:.4f}"
+            f"{_interval(ci.get('balanced_accuracy'))}  (TAR + 1 - FAR) / 2, whatever the mix of pairs"
+        )
     return "\n".join(lines)
+
+
+def _interval(interval: list[float] | None) -> str:
+    return f"  [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else ""

@@ -237,9 +237,11 @@ def verification_metrics(
     FAR on these impostors is <= the target), threshold_at_far_* (that threshold; None when no
     genuine pair scores above every impostor), n_genuine_pairs, n_impostor_pairs, min_resolvable_far (1 / n
     impostors: TAR at a smaller FAR is measured on fewer than one impostor). With ``threshold``:
-    threshold, tar_at_threshold, far_at_threshold, accuracy (on the pairs as sampled, so dominated by
-    impostors) and balanced_accuracy ((TAR + 1 - FAR) / 2, prior-free; Packhaeuser et al. report
-    accuracy on balanced pair sets, which this matches).
+    threshold, tar_at_threshold, far_at_threshold and balanced_accuracy: (TAR + 1 - FAR) / 2 at that
+    threshold, the mean of the share of same-patient pairs accepted and the share of different-patient
+    pairs rejected, whatever the mix of pairs (Packhaeuser et al. report accuracy on balanced pair
+    sets, which this matches). Plain accuracy over the pairs is not given: with a thousand
+    different-patient pairs to each same-patient one it measures the mix, not the model.
     """
     from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -269,7 +271,6 @@ def verification_metrics(
             threshold=t,
             tar_at_threshold=tar,
             far_at_threshold=far,
-            accuracy=(tp + imp.size - fp) / (g.size + imp.size),
             balanced_accuracy=0.5 * (tar + 1.0 - far),
         )
     return out
@@ -285,7 +286,6 @@ class _SortedPairs:
     pb: np.ndarray
     ends: np.ndarray  # last index of each run of equal scores
     n_at_threshold: int | None  # number of scores >= threshold
-    impostor_scale: float = 1.0  # impostor pairs each stand for this many (a subsample): keeps accuracy's mix
 
     @classmethod
     def build(
@@ -296,7 +296,6 @@ class _SortedPairs:
         imp_pa: np.ndarray,
         imp_pb: np.ndarray,
         threshold: float | None,
-        impostor_scale: float = 1.0,
     ) -> _SortedPairs:
         s = np.r_[g, imp]
         order = np.argsort(-s, kind="stable")
@@ -306,13 +305,11 @@ class _SortedPairs:
         pb = np.r_[g_pat, imp_pb][order]
         ends = np.r_[np.flatnonzero(s[1:] != s[:-1]), s.size - 1]
         n_thr = None if threshold is None else int(np.sum(s >= threshold))
-        return cls(s, is_pos, pa, pb, ends, n_thr, float(impostor_scale))
+        return cls(s, is_pos, pa, pb, ends, n_thr)
 
     def metrics(self, counts: np.ndarray) -> dict[str, float]:
         """Metrics when patient p is drawn counts[p] times: genuine pairs weigh c_p, impostors c_a c_b."""
-        w = np.where(
-            self.is_pos, counts[self.pa], self.impostor_scale * counts[self.pa] * counts[self.pb]
-        ).astype(np.float64)
+        w = np.where(self.is_pos, counts[self.pa], counts[self.pa] * counts[self.pb]).astype(np.float64)
         wp = np.where(self.is_pos, w, 0.0)
         wn = w - wp
         cp, cn = np.cumsum(wp), np.cumsum(wn)
@@ -328,7 +325,6 @@ class _SortedPairs:
             m = self.n_at_threshold
             tp = cp[m - 1] if m else 0.0
             fp = cn[m - 1] if m else 0.0
-            out["accuracy"] = float((tp + N - fp) / (P + N))
             out["balanced_accuracy"] = float(0.5 * (tp / P + 1.0 - fp / N))
         return out
 
@@ -505,7 +501,7 @@ def _breakdown(
 
 # ---------------------------------------------------------------------------------------------- evaluate
 # The figures every evaluation reports (verification, then retrieval); the threshold figures
-# ("accuracy", "balanced_accuracy") come on top of them where a threshold is known.
+# ("balanced_accuracy") comes on top of them where a threshold is known.
 HEADLINE_METRICS: tuple[str, ...] = (
     "auc",
     "eer",
@@ -516,7 +512,7 @@ HEADLINE_METRICS: tuple[str, ...] = (
     "r_precision",
     "map_at_r",
 )
-CI_KEYS: tuple[str, ...] = (*HEADLINE_METRICS, "accuracy", "balanced_accuracy")
+CI_KEYS: tuple[str, ...] = (*HEADLINE_METRICS, "balanced_accuracy")
 
 
 def evaluate_embeddings(
@@ -585,7 +581,6 @@ def evaluate_embeddings(
             codes[ip[sub, 0]],
             codes[ip[sub, 1]],
             threshold,
-            impostor_scale=len(imp) / max(m, 1),
         )
         n_pat = int(codes.max()) + 1
         draws: dict[str, list[float]] = {k: [] for k in CI_KEYS}
