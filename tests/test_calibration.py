@@ -9,7 +9,13 @@ import math
 import numpy as np
 import pytest
 
-from models.scoring.calibration import FAR_KEYS, Calibration, _thin_monotone, far_curve_grid
+from models.scoring.calibration import (
+    FAR_KEYS,
+    Calibration,
+    _thin_monotone,
+    far_curve_grid,
+    likelihood_ratio_bounds,
+)
 
 
 def _scores(n_gen: int, n_imp: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -70,7 +76,14 @@ def test_probability_is_monotone_and_bounded(fitted):
     assert isinstance(p, np.ndarray) and p.shape == s.shape
     assert np.all((p >= 0) & (p <= 1))
     assert np.all(np.diff(p) >= 0)
-    assert cal.probability(-1.0) == 0.0 and cal.probability(1.0) == 1.0
+    # strictly increasing between the outer knots: no staircase ties a pair below a threshold with one above
+    inner = (s > cal.score_points[0]) & (s < cal.score_points[-1])
+    assert np.all(np.diff(p[inner]) > 0)
+    # never certain: the likelihood ratio is bounded by half a pair on the side that saw none
+    low, high = likelihood_ratio_bounds(cal.n_genuine, cal.n_impostor)
+    assert cal.probability(-1.0) == pytest.approx(low / (1 + low))
+    assert cal.probability(1.0) == pytest.approx(high / (1 + high))
+    assert 0.0 < cal.probability(-1.0) < 1e-3 and 0.999 < cal.probability(1.0) < 1.0
     assert isinstance(cal.probability(0.3), float)
     # class balanced: mean P over genuine high, over impostors low
     assert np.mean(cal.probability(g)) > 0.9 > 0.1 > np.mean(cal.probability(imp))

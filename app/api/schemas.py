@@ -387,7 +387,26 @@ THRESHOLD_DESCRIPTION = "the score at or above which the answer is the same pati
 FAR_DESCRIPTION = "the false-accept rate the threshold stands for under the calibration in force"
 CALIBRATION_DESCRIPTION = "the calibration the threshold comes from: the model's own or this site's"
 SAME_PATIENT_DESCRIPTION = "score >= threshold"
-PROBABILITY_DESCRIPTION = "calibrated P(same patient | score) at a 50/50 prior"
+PROBABILITY_DESCRIPTION = (
+    "calibrated P(same patient | score) at `prior`: a likelihood-ratio map fitted on the calibration's "
+    "same- and different-patient pairs, on the scale of `score`. At the default prior it is >= 0.5 "
+    "exactly when `same_patient` is true"
+)
+PRIOR_DESCRIPTION = (
+    "the prior P(same patient) `probability` is at: the request's `prior` (e.g. the site's misfile base "
+    "rate), else the prior at which this threshold is the Bayes decision (equal costs for a false "
+    "accept and a false reject; smaller for a stricter FAR). At a prior of your own the probability "
+    "and `same_patient` answer different questions: how likely the pair is one patient, and whether "
+    "its score reaches the line that admits a share `far` of different-patient pairs"
+)
+PRIOR_SOURCE_DESCRIPTION = (
+    "operating_point: the Bayes prior of `threshold` (the default); request: the `prior` sent"
+)
+#: the request field that sets the prior (multipart form or query)
+PRIOR_FIELD_DESCRIPTION = (
+    "prior P(same patient) for `probability`, in (0, 1), e.g. the site's misfile base rate; default: "
+    "the prior at which the threshold is the Bayes decision"
+)
 
 
 class PairVerification(BaseModel):
@@ -400,6 +419,8 @@ class PairVerification(BaseModel):
     score: float = Field(description=SCORE_DESCRIPTION)
     cosine: float = Field(description="cosine similarity of the two embeddings")
     probability: float = Field(description=PROBABILITY_DESCRIPTION)
+    prior: float = Field(description=PRIOR_DESCRIPTION)
+    prior_source: Literal["operating_point", "request"] = Field(description=PRIOR_SOURCE_DESCRIPTION)
     same_patient: bool = Field(description=SAME_PATIENT_DESCRIPTION)
     threshold: float = Field(description=THRESHOLD_DESCRIPTION)
     far: float = Field(description=FAR_DESCRIPTION)
@@ -423,6 +444,8 @@ class PatientVerification(BaseModel):
     best_image_id: int = Field(description="the patient's best-scoring gallery image")
     compared_with: int = Field(description="how many of the patient's images were scored")
     probability: float = Field(description=PROBABILITY_DESCRIPTION)
+    prior: float = Field(description=PRIOR_DESCRIPTION)
+    prior_source: Literal["operating_point", "request"] = Field(description=PRIOR_SOURCE_DESCRIPTION)
     same_patient: bool = Field(description=SAME_PATIENT_DESCRIPTION)
     threshold: float = Field(description=THRESHOLD_DESCRIPTION)
     far: float = Field(description=FAR_DESCRIPTION)
@@ -559,6 +582,10 @@ class CalibrationDetail(BaseModel):
     calibration: CalibrationOut = Field(description="which calibration is in force")
     default_far: str = Field(description="the FAR of the service's default operating point")
     thresholds: dict[str, float] = Field(description="cosine threshold per calibrated FAR")
+    default_prior: float = Field(
+        description="the prior P(same patient) at which the default threshold is the Bayes decision: "
+        "the prior of every probability given at the default operating point without a `prior`"
+    )
     threshold_ci: dict[str, list[float]] = Field(
         default_factory=dict,
         description="95% patient-bootstrap interval of each threshold (site calibrations)",

@@ -30,7 +30,7 @@ from app.service.scoring import SCORE_SLACK, Scorer, record_key, resolve_operati
 from index import AlertRecord, Gallery, ImageMetadata, ImageRecord, NewAlert, NewImage, checked_patient_id
 from models.net.embedder import Embedder
 from models.scoring.calibration import Calibration
-from models.scoring.decide import OperatingPoint, image_key, is_same_patient
+from models.scoring.decide import OperatingPoint, Posterior, image_key, is_same_patient, posterior
 
 log = logging.getLogger(__name__)
 
@@ -274,8 +274,13 @@ class ReidService(AlertReview, DuplicatesReport):
             default_threshold=self.default_threshold,
         )
 
-    def probability(self, score: float) -> float:
-        return float(self.calibration.probability(score))
+    def posterior(self, score: float, point: OperatingPoint, prior: float | None = None) -> Posterior:
+        """P(same patient | score) at ``prior``, or (None) at the prior under which ``point`` is the
+        Bayes decision, so the probability agrees with the decision; a bad prior is InvalidInputError."""
+        try:
+            return posterior(self.calibration, score, point, prior)
+        except ValueError as exc:
+            raise InvalidInputError(str(exc)) from None
 
     # ---------------------------------------------------------------- embedding
     def embed_uploads(self, uploads: Sequence[Upload]) -> tuple[list[DecodedImage], np.ndarray]:
@@ -347,8 +352,10 @@ class ReidService(AlertReview, DuplicatesReport):
         collection: str | None,
         point: OperatingPoint,
         exclude_image_id: int | None = None,
+        prior: float | None = None,
     ) -> PatientVerdict:
-        """Score an image against every gallery image of one patient; decide on the best score."""
+        """Score an image against every gallery image of one patient; decide on the best score
+        (``prior``: see :meth:`posterior`)."""
         records, vectors = self.gallery.patient_images(patient_id, collection=collection)
         keep = [i for i, r in enumerate(records) if r.image_id != exclude_image_id]
         if not keep:
@@ -363,6 +370,7 @@ class ReidService(AlertReview, DuplicatesReport):
         )
         best = int(np.argmax(scores))
         best_score = float(scores[best])
+        chance = self.posterior(best_score, point, prior)
         return PatientVerdict(
             patient_id=patient_id,
             collection=collection,
@@ -371,16 +379,34 @@ class ReidService(AlertReview, DuplicatesReport):
             best_image_id=records[best].image_id,
             compared_with=len(records),
             same_patient=is_same_patient(best_score, point),
-            probability=self.probability(best_score),
+            probability=chance.probability,
+            prior=chance.prior,
+            prior_source=chance.prior_source,
             best_cosine=float(raw[best]),
         )
 
     def verify_pair(
-        self, a: np.ndarray, key_a: str, b: np.ndarray, key_b: str, *, point: OperatingPoint
+        self,
+        a: np.ndarray,
+        key_a: str,
+        b: np.ndarray,
+        key_b: str,
+        *,
+        point: OperatingPoint,
+        prior: float | None = None,
     ) -> PairVerdict:
-        """Two images (keys: ``record_key`` of a gallery image, "" for an upload)."""
+        """Two images (keys: ``record_key`` of a gallery image, "" for an upload); ``prior``: see
+        :meth:`posterior`."""
         raw, score = self.scorer.pair(a, key_a, b, key_b)
-        return PairVerdict(score, raw, self.probability(score), is_same_patient(score, point))
+        chance = self.posterior(score, point, prior)
+        return PairVerdict(
+            score=score,
+            cosine=raw,
+            probability=chance.probability,
+            same_patient=is_same_patient(score, point),
+            prior=chance.prior,
+            prior_source=chance.prior_source,
+        )
 
     # ---------------------------------------------------------------- search
     def search(

@@ -26,8 +26,10 @@ class ScoredRecord:
 class PairVerdict:
     score: float
     cosine: float
-    probability: float
+    probability: float  # P(same patient | score) at ``prior``
     same_patient: bool
+    prior: float  # see models.scoring.decide.Posterior
+    prior_source: str  # "operating_point" | "request"
 
 
 @dataclass
@@ -39,7 +41,9 @@ class PatientVerdict:
     best_image_id: int
     compared_with: int
     same_patient: bool
-    probability: float
+    probability: float  # P(same patient | best_score) at ``prior``
+    prior: float
+    prior_source: str  # "operating_point" | "request"
     best_cosine: float = math.nan
 
 

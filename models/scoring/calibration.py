@@ -15,10 +15,30 @@ again with slightly different float rounding (numpy against FAISS). A FAR below
 lands just above the highest impostor score) and ``n_impostor`` is recorded so consumers can tell
 (see :attr:`Calibration.min_resolvable_far`).
 
-Probability. An isotonic regression of "same patient" on the score, fitted with class-balanced
-weights, gives ``P(same | score)`` under a 50/50 prior of same / different patient (``prior``). The
-prior matters: in a gallery search almost every candidate is a different patient, so pass the real
-prior to :meth:`Calibration.probability` where it is known.
+Probability. ``P(same patient | score)`` comes from a likelihood-ratio map LR(s) = p(s | same) /
+p(s | different), fitted on the same genuine and impostor scores, on the scale decisions are made
+on (raw cosines, or AS-norm when the calibration carries a cohort). The fit is a class-balanced
+isotonic regression of "same patient" on the score, centred (Oron & Flournoy 2017, centred isotonic
+regression): each pooled block becomes one knot at its weighted mean score, so the map is strictly
+increasing between knots instead of a staircase whose steps would tie a pair below a threshold with
+one above it. Its value at 50/50 is LR / (1 + LR); log LR is interpolated linearly between knots and
+held flat beyond the outer ones. LR is bounded by what the pairs can show: a stretch holding no
+impostor pair supports at most ``(G + 0.5) / (G + 1) / (0.5 / (I + 1))`` (half a pair, not zero;
+G genuine and I impostor pairs), and likewise below, so no score reads "certainly the same patient".
+
+Prior. The posterior at prior ``pi`` is ``LR * pi / (LR * pi + 1 - pi)``. A threshold ``t`` is the
+Bayes decision (equal costs for a false accept and a false reject) at exactly one prior,
+:meth:`Calibration.bayes_prior`: ``1 / (1 + LR(t))``. The service states the prior of every
+probability it gives and, unless the caller names one (a site's misfile base rate, say), uses the
+Bayes prior of the operating point in force, so the probability is at least 0.5 exactly where the
+score reaches the threshold. At another prior the probability and the FAR-based decision answer
+different questions (how likely is this pair, against: does the score reach a line that admits
+that share of different-patient pairs).
+
+Stored calibrations from before the centred fit (the shipped checkpoint's among them) keep the
+isotonic staircase in ``probability_points``; :meth:`Calibration.__post_init__` centres it the same
+way (each run of equal values becomes one knot at its midpoint) and applies the same bounds, so
+every calibration answers through one strictly increasing map, derived from what it stores.
 """
 
 from __future__ import annotations
@@ -46,6 +66,23 @@ def far_curve_grid() -> np.ndarray:
     """The FARs at which the compact FAR curve is stored (log-spaced, 1e-5 .. 0.5)."""
     decades = [10.0 ** (e / 10.0) for e in range(-50, -3)]
     return np.array([*decades, FAR_CURVE_MAX], dtype=np.float64)
+
+
+def check_prior(prior: float) -> float:
+    """``prior`` as a float in (0, 1), else ValueError saying so."""
+    try:
+        value = float(prior)
+    except (TypeError, ValueError):
+        raise ValueError(f"prior must be a probability in (0, 1), got {prior!r}") from None
+    if not (math.isfinite(value) and 0.0 < value < 1.0):
+        raise ValueError(f"prior must be a probability in (0, 1), got {prior!r}")
+    return value
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    from scipy.special import expit
+
+    return np.asarray(expit(z), dtype=np.float64)
 
 
 def _as_scores(x: Any, name: str) -> np.ndarray:
@@ -102,14 +139,66 @@ def _thin_monotone(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.nd
     return x[keep], y[keep]
 
 
+def likelihood_ratio_bounds(n_genuine: int, n_impostor: int) -> tuple[float, float]:
+    """The smallest and largest likelihood ratio ``G`` genuine and ``I`` impostor pairs can support.
+
+    A stretch of scores holding no impostor pair is counted as holding half of one (and likewise for
+    genuine pairs), so a finite sample never yields LR 0 or infinity: a probability of exactly 0 or 1
+    would claim more than any calibration set can show.
+    """
+    g, i = max(int(n_genuine), 1), max(int(n_impostor), 1)
+    high = (g + 0.5) / (g + 1) / (0.5 / (i + 1))
+    low = (0.5 / (g + 1)) / ((i + 0.5) / (i + 1))
+    return low, high
+
+
+def _collapse_runs(
+    x: np.ndarray, p: np.ndarray, weight: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One knot per run of equal ``p``: at the run's weighted mean ``x`` (its midpoint without
+    weights), so a staircase becomes a strictly increasing curve through the middle of each step."""
+    starts = np.r_[0, np.flatnonzero(np.diff(p) != 0) + 1]
+    if weight is None:
+        ends = np.r_[starts[1:], p.size] - 1
+        return 0.5 * (x[starts] + x[ends]), p[starts]
+    sums = np.add.reduceat(weight * x, starts)
+    return sums / np.add.reduceat(weight, starts), p[starts]
+
+
+def centred_isotonic(
+    genuine: np.ndarray, impostor: np.ndarray, *, bounds: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Knots (score, P(same) at 50/50) of the class-balanced centred isotonic fit, bounded so the
+    likelihood ratio stays within ``bounds`` (see the module docstring)."""
+    from sklearn.isotonic import IsotonicRegression
+
+    x = np.concatenate([genuine, impostor])
+    y = np.concatenate([np.ones(genuine.size), np.zeros(impostor.size)])
+    w = np.concatenate(
+        [np.full(genuine.size, 0.5 / genuine.size), np.full(impostor.size, 0.5 / impostor.size)]
+    )
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
+    iso.fit(x, y, sample_weight=w * x.size)
+    order = np.argsort(x, kind="stable")
+    fitted = _bounded(np.asarray(iso.predict(x[order]), dtype=np.float64), bounds)
+    return _collapse_runs(x[order], fitted, w[order])
+
+
+def _bounded(p: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
+    """P(same) at 50/50 held to the likelihood-ratio ``bounds`` (LR = p / (1 - p) at 50/50)."""
+    low, high = bounds
+    return np.clip(p, low / (1.0 + low), high / (1.0 + high))
+
+
 @dataclass
 class Calibration:
     """Thresholds at fixed FARs and the score -> probability map of one model.
 
     ``thresholds`` holds the headline operating points (keys "1e-2", "1e-3", "1e-4"); ``far_points``
     / ``far_thresholds`` a compact FAR curve so any FAR in [1e-5, 0.5] maps to a threshold (and any
-    threshold to the FAR it stands for). ``score_points`` / ``probability_points`` are the isotonic
-    score -> P(same patient) map, valid for ``prior`` (0.5: equal odds of same / different patient).
+    threshold to the FAR it stands for). ``score_points`` / ``probability_points`` are the knots of
+    the score -> P(same patient) map at ``prior`` (0.5: equal odds), from which the likelihood-ratio
+    map every probability goes through is derived (:meth:`log_likelihood_ratio`).
     """
 
     thresholds: dict[str, float]
@@ -130,6 +219,9 @@ class Calibration:
     #: when set, thresholds and the probability map are in AS-norm units: scores are normalised
     #: against this cohort first (``models.scoring.scorenorm.ScoreNorm.to_dict()``); None = raw cosines
     score_norm: dict[str, Any] | None = None
+    #: the likelihood-ratio map derived from the stored knots (scores, log LR): see the module docstring
+    _lr_scores: np.ndarray = field(init=False, repr=False, compare=False)
+    _lr_log: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.thresholds = {str(k): float(v) for k, v in self.thresholds.items()}
@@ -139,8 +231,7 @@ class Calibration:
             raise ValueError("score_points and probability_points differ in length")
         if len(self.far_points) != len(self.far_thresholds):
             raise ValueError("far_points and far_thresholds differ in length")
-        if not 0.0 < self.prior < 1.0:
-            raise ValueError("prior must be in (0, 1)")
+        self.prior = check_prior(self.prior)
         self.score_points = [float(v) for v in self.score_points]
         self.probability_points = [float(v) for v in self.probability_points]
         self.far_points = [float(v) for v in self.far_points]
@@ -154,6 +245,23 @@ class Calibration:
             raise ValueError("far_points must increase")
         if np.any(np.diff(self.far_thresholds) > 0):
             raise ValueError("far_thresholds must not increase with the FAR")
+        self._derive_likelihood_ratio()
+
+    def _derive_likelihood_ratio(self) -> None:
+        """The strictly increasing log-LR knots behind every probability (module docstring)."""
+        x = np.asarray(self.score_points, dtype=np.float64)
+        p = np.asarray(self.probability_points, dtype=np.float64)
+        if x.size and (np.any(np.diff(x) < 0) or np.any(np.diff(p) < 0)):
+            raise ValueError("score_points and probability_points must not decrease")
+        if x.size == 0:
+            self._lr_scores, self._lr_log = x, p
+            return
+        bounds = likelihood_ratio_bounds(self.n_genuine, self.n_impostor)
+        # the knots hold P(same) at ``prior``; at 50/50 they are LR / (1 + LR)
+        odds = self.prior / (1.0 - self.prior)
+        x, at_half = _collapse_runs(x, _bounded(p / (p + (1.0 - p) * odds), bounds))
+        self._lr_scores = x
+        self._lr_log = np.log(at_half) - np.log1p(-at_half)
 
     # ------------------------------------------------------------------ fitting
     @classmethod
@@ -177,8 +285,6 @@ class Calibration:
         answered with an unmeasured threshold (site calibration sets it; the shipped validation
         calibration keeps the whole curve and records ``n_impostor``).
         """
-        from sklearn.isotonic import IsotonicRegression
-
         g = _as_scores(genuine, "genuine")
         imp = _as_scores(impostor, "impostor")
         asc = np.sort(imp)
@@ -197,20 +303,14 @@ class Calibration:
                     imp.size,
                 )
 
-        # Class-balanced isotonic regression: P(same | score) under a 50/50 prior.
-        x = np.concatenate([g, imp])
-        y = np.concatenate([np.ones(g.size), np.zeros(imp.size)])
-        w = np.concatenate([np.full(g.size, 0.5 / g.size), np.full(imp.size, 0.5 / imp.size)]) * x.size
-        iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
-        iso.fit(x, y, sample_weight=w)
-        xs = np.asarray(iso.X_thresholds_, dtype=np.float64)
-        ys = np.asarray(iso.y_thresholds_, dtype=np.float64)
+        # centred, class-balanced isotonic fit: P(same | score) at 50/50, strictly increasing
+        xs, ys = centred_isotonic(g, imp, bounds=likelihood_ratio_bounds(g.size, imp.size))
         xs, ys = _thin_monotone(xs, ys, max_points)
         return cls(
             thresholds=thresholds,
             default_far=default_far,
             score_points=xs.tolist(),
-            probability_points=np.clip(ys, 0.0, 1.0).tolist(),
+            probability_points=ys.tolist(),
             far_points=grid.tolist(),
             far_thresholds=curve.tolist(),
             n_genuine=int(g.size),
@@ -275,27 +375,39 @@ class Calibration:
         a = (t0 - t) / (t0 - t1)
         return float(10.0 ** (lf[i - 1] + a * (lf[i] - lf[i - 1])))
 
-    def probability(self, score: float | np.ndarray, prior: float | None = None) -> float | np.ndarray:
-        """P(same patient | score), vectorised; under ``self.prior`` unless ``prior`` is given.
+    @property
+    def likelihood_ratio_knots(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, log LR) of the map's knots: strictly increasing in both; flat beyond the outer ones."""
+        return self._lr_scores.copy(), self._lr_log.copy()
 
-        A different prior rescales the odds: p' / (1 - p') = p / (1 - p) * (prior' / (1 - prior')) /
-        (prior / (1 - prior)).
-        """
+    def log_likelihood_ratio(self, score: float | np.ndarray) -> float | np.ndarray:
+        """log p(score | same patient) / p(score | different patients), vectorised: non-decreasing in
+        the score, strictly increasing between the outer knots, bounded by the calibration's pairs."""
         if not self.score_points:
             raise ValueError("this calibration has no score -> probability map")
-        s = np.asarray(score, dtype=np.float64)
-        p = np.interp(s, self.score_points, self.probability_points)
-        if prior is not None and not math.isclose(prior, self.prior):
-            if not 0.0 < prior < 1.0:
-                raise ValueError("prior must be in (0, 1)")
-            a = p * prior * (1.0 - self.prior)
-            b = (1.0 - p) * (1.0 - prior) * self.prior
-            with np.errstate(invalid="ignore", divide="ignore"):
-                p = np.where(a + b > 0, a / (a + b), 0.0)
-        p = np.clip(p, 0.0, 1.0)
-        if p.ndim == 0:
-            return float(p)
-        return p
+        out = np.interp(np.asarray(score, dtype=np.float64), self._lr_scores, self._lr_log)
+        return float(out) if out.ndim == 0 else out
+
+    def bayes_prior(self, threshold: float) -> float:
+        """The prior P(same patient) at which accepting pairs that score ``>= threshold`` is the Bayes
+        decision (equal costs): the posterior is exactly 0.5 at the threshold."""
+        return float(_sigmoid(-np.asarray(self.log_likelihood_ratio(threshold))))
+
+    def probability_at_bayes_prior(self, score: float | np.ndarray, threshold: float) -> float | np.ndarray:
+        """P(same patient | score) at :meth:`bayes_prior` of ``threshold``, computed as LR(score) /
+        (LR(score) + LR(threshold)) so that rounding never lifts a score below the threshold above 0.5
+        (nor drops one at or above it below 0.5)."""
+        z = np.asarray(self.log_likelihood_ratio(score)) - float(self.log_likelihood_ratio(threshold))
+        p = _sigmoid(z)
+        return float(p) if p.ndim == 0 else p
+
+    def probability(self, score: float | np.ndarray, prior: float | None = None) -> float | np.ndarray:
+        """P(same patient | score), vectorised, at ``prior`` (default ``self.prior``, 50/50):
+        the likelihood ratio times the prior odds, as a probability."""
+        prior = self.prior if prior is None else check_prior(prior)
+        z = np.asarray(self.log_likelihood_ratio(score)) + math.log(prior / (1.0 - prior))
+        p = _sigmoid(z)
+        return float(p) if p.ndim == 0 else p
 
     def summary(self) -> dict[str, Any]:
         """Which calibration this is, in a few fields (service responses, logs, reports)."""

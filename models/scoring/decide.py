@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from models.scoring.calibration import Calibration
+from models.scoring.calibration import Calibration, check_prior
 from models.scoring.scorenorm import ScoreNorm, patient_key
 
 #: Rows of vectors multiplied at once: bounds the float64 copies a long list of pairs makes.
@@ -162,3 +162,30 @@ def operating_point(
 def is_same_patient(score: float, point: OperatingPoint) -> bool:
     """The one decision rule: same patient when the score reaches the threshold."""
     return bool(score >= point.threshold)
+
+
+@dataclass(frozen=True)
+class Posterior:
+    """P(same patient | score) and the prior it is at.
+
+    ``prior_source`` "operating_point": the prior at which the operating point's threshold is the Bayes
+    decision (:meth:`Calibration.bayes_prior`), so ``probability >= 0.5`` exactly when the decision is
+    "same patient"; "request": the caller's own prior (a site's misfile base rate, say), at which the
+    probability may disagree with the FAR-based decision, since they answer different questions.
+    """
+
+    probability: float
+    prior: float
+    prior_source: str  # "operating_point" | "request"
+
+
+def posterior(
+    calibration: Calibration, score: float, point: OperatingPoint, prior: float | None = None
+) -> Posterior:
+    """The probability a decision at ``point`` comes with: at ``prior``, else at the point's Bayes prior.
+    ValueError when ``prior`` is not in (0, 1)."""
+    if prior is None:
+        chance = calibration.probability_at_bayes_prior(score, point.threshold)
+        return Posterior(float(chance), calibration.bayes_prior(point.threshold), "operating_point")
+    used = check_prior(prior)
+    return Posterior(float(calibration.probability(score, prior=used)), used, "request")

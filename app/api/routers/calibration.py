@@ -24,6 +24,7 @@ def _detail(service: ReidService) -> CalibrationDetail:
         calibration=CalibrationOut(**calibration.summary()),
         default_far=service.default_far,
         thresholds=calibration.thresholds,
+        default_prior=calibration.bayes_prior(service.operating_point().threshold),
         threshold_ci=calibration.provenance.get("threshold_ci") or {},
         provenance=calibration.provenance,
     )

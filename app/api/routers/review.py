@@ -4,8 +4,10 @@ Plain server-rendered HTML (the report kit's Jinja2 templates, autoescaped), no 
 open alert shows its two radiographs side by side (PNG thumbnails drawn here from the stored
 originals, inline as data URIs: each decoded once, inside the service's decode budget like any
 upload, concurrent first loads of one original waiting for the one decode, and kept small in
-:data:`THUMBNAILS`), the score, calibrated probability, patient ids, study dates and
-views, and one form whose buttons confirm, dismiss or relabel it through the same
+:data:`THUMBNAILS`), the decision and the FAR it was taken at first, the score and the calibrated
+probability with the prior it is at beside them (``?prior=`` for the site's own; by default the
+prior at which the threshold is the Bayes decision, so the two never contradict each other),
+patient ids, study dates and views, and one form whose buttons confirm, dismiss or relabel it through the same
 ``ReidService.resolve_alert`` as ``POST /alerts/{id}`` (then 303 back to the page).
 
 Auth: the API key in ``X-API-Key`` as for the API, or, for a browser, a session: the login form
@@ -42,15 +44,17 @@ from PIL import Image
 from pydantic import ValidationError
 
 from app.api.dependencies import AlertIdPath, ServiceDep, authorise, get_access, resolve_as
-from app.api.schemas import AlertResolution
+from app.api.schemas import PRIOR_FIELD_DESCRIPTION, AlertResolution
 from app.api.status import status_of
 from app.reports import package_version, png_data_uri, render
 from app.service.clientargs import collection_arg
 from app.service.decoding import DecodeBudget, decode_source
 from app.service.errors import BusyError, ServiceError
 from app.service.reid import ReidService
-from index import ImageRecord
+from index import AlertRecord, ImageRecord
 from models.imaging.preprocess import DECODE_BYTES_PER_PIXEL, PreprocessConfig, header_pixels
+from models.scoring.calibration import check_prior
+from models.scoring.decide import OperatingPoint
 
 log = logging.getLogger(__name__)
 
@@ -272,12 +276,48 @@ class _Sides:
         return {"role": role, "record": record, "src": src}
 
 
+def share(x: float | None) -> str:
+    """A probability or prior as a percentage that never rounds a doubt away: 99.98% stays 99.98%,
+    not 100.0%; 0.012% stays 0.012%, not 0.0%."""
+    if x is None:
+        return "n/a"
+    pct = 100.0 * x
+    for digits in range(1, 5):
+        text = f"{pct:.{digits}f}"
+        if 0.0 < float(text) < 100.0 or pct in (0.0, 100.0):
+            return f"{text}%"
+    return "< 0.0001%" if pct < 50 else "> 99.9999%"
+
+
+def _chance(
+    service: ReidService, score: float, point: OperatingPoint, prior: float | None
+) -> dict[str, str | None]:
+    """Probability and prior of one score, as the page prints them."""
+    found = service.posterior(score, point, prior)
+    return {
+        "probability": share(found.probability),
+        "prior": share(found.prior),
+        "prior_source": found.prior_source,
+    }
+
+
+def _alert_chance(service: ReidService, alert: AlertRecord, prior: float | None) -> dict[str, str | None]:
+    """The probability of an alert's score at the operating point it was raised at; n/a when the
+    calibration in force is not the one it was scored under (another scale: the number would lie)."""
+    decided = alert.operating_point or {}
+    if decided.get("calibration") != service.calibration.summary() or "threshold" not in decided:
+        return {"probability": None, "prior": None, "prior_source": None}
+    point = OperatingPoint(float(decided["threshold"]), float(decided.get("far") or 0.0), "alert")
+    return _chance(service, alert.score, point, prior)
+
+
 def _page(
     request: Request,
     service: ReidService,
     *,
     collection: str | None,
     offset: int,
+    prior: float | None = None,
     notice: str = "",
     error: str = "",
     status: int = 200,
@@ -293,7 +333,7 @@ def _page(
         {
             "view": v,
             "sides": [side(v.image, "enrolled"), side(v.other_image, "matched")],
-            "probability": service.probability(v.alert.score),
+            **_alert_chance(service, v.alert, prior),
         }
         for v in views
     ]
@@ -303,7 +343,7 @@ def _page(
         {
             "pair": p,
             "sides": [side(p.a, "a"), side(p.b, "b")],
-            "probability": service.probability(p.score),
+            **_chance(service, p.score, point, prior),
         }
         for p in report.pairs[:MAX_CONFLICTS]
     ]
@@ -322,6 +362,8 @@ def _page(
             conflicts=conflicts,
             total_conflicts=report.total_conflicts,
             threshold=point.threshold,
+            far=point.far,
+            prior="" if prior is None else f"{prior:g}",
             csrf=csrf_token(request, _credential(request)),
             key_id=key.key_id if key is not None else None,
             notice=notice,
@@ -370,13 +412,18 @@ def review_page(
     offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
     resolved: Annotated[int | None, Query(ge=1, le=2**62)] = None,
     state: Annotated[str | None, Query(max_length=20)] = None,
+    prior: Annotated[str | None, Query(max_length=40, description=PRIOR_FIELD_DESCRIPTION)] = None,
 ) -> Response:
     if not _signed_in(request, "read"):
         return _login_page(request)
     notice = ""
     if resolved is not None and state in ("confirmed", "dismissed", "relabelled"):
         notice = f"alert {resolved} {state}"
-    return _page(request, service, collection=collection, offset=offset, notice=notice)
+    try:  # the page's own form sends "" for "no prior of mine"
+        chosen = check_prior(prior) if prior and prior.strip() else None
+    except ValueError as exc:
+        return _page(request, service, collection=collection, offset=offset, error=str(exc), status=422)
+    return _page(request, service, collection=collection, offset=offset, prior=chosen, notice=notice)
 
 
 @router.post("/review/login", name="review_login")

@@ -7,7 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 
 from app.api.dependencies import MAX_IMAGE_ID, Access, AccessDep, Label, ServiceDep, SettingsDep, upload_or_id
-from app.api.schemas import CalibrationOut, ImageRef, PairVerification, PatientVerification, error_responses
+from app.api.schemas import (
+    PRIOR_FIELD_DESCRIPTION,
+    CalibrationOut,
+    ImageRef,
+    PairVerification,
+    PatientVerification,
+    error_responses,
+)
 from app.service.clientargs import collection_arg
 from app.service.decoding import QueryImage
 from app.service.errors import InvalidInputError
@@ -30,9 +37,12 @@ def _checked(access: Access, images: list[QueryImage]) -> list[QueryImage]:
     description=(
         "**Pair mode**: side A is `file_a` (an upload) or `image_id_a` (a gallery image), side B is "
         "`file_b` or `image_id_b`, in any mix. Returns the `score` the decision uses (the cosine, or "
-        "its AS-norm when a site calibration normalises scores), the `cosine`, the calibrated "
-        "`probability` (P(same patient | score) at a 50/50 prior), `same_patient` (score >= "
-        "threshold) and the `threshold` with the false-accept rate `far` it stands for.\n\n"
+        "its AS-norm when a site calibration normalises scores), the `cosine`, `same_patient` (score >= "
+        "threshold) and the `threshold` with the false-accept rate `far` it stands for, and the "
+        "calibrated `probability` (P(same patient | score)) with the `prior` it is at: by default the "
+        "prior at which the threshold is the Bayes decision, so the probability is >= 0.5 exactly when "
+        "`same_patient` is true; send `prior` (e.g. the site's misfile base rate) for the probability "
+        "at yours.\n\n"
         "**Patient mode**: `file` (or `image_id`) plus `patient_id` [+ `collection`, default "
         '"default", "*" = all]: the image is scored against every gallery image of that patient '
         "(itself excluded); the decision uses the best score, and the mean and the number of images "
@@ -40,7 +50,13 @@ def _checked(access: Access, images: list[QueryImage]) -> list[QueryImage]:
         "Pass `far` (e.g. 1e-4) or `threshold` (on `score`) for another operating point. "
         "/search and /images decide with the same rule, so they never disagree on a pair."
     ),
-    responses=error_responses(404, 413, e404="unknown image id, or a patient without images"),
+    responses=error_responses(
+        404,
+        413,
+        422,
+        e404="unknown image id, or a patient without images",
+        e422="a bad field: `prior` not in (0, 1), say",
+    ),
 )
 def verify(
     service: ServiceDep,
@@ -66,6 +82,7 @@ def verify(
         str | None, Form(description="false-accept rate of the operating point, e.g. 1e-4")
     ] = None,
     threshold: Annotated[float | None, Form(description="explicit threshold on `score`")] = None,
+    prior: Annotated[float | None, Form(gt=0.0, lt=1.0, description=PRIOR_FIELD_DESCRIPTION)] = None,
 ) -> PairVerification | PatientVerification:
     point = service.operating_point(far=far or None, threshold=threshold)
     pair_fields = [
@@ -88,7 +105,7 @@ def verify(
         )
         where = access.collection(collection_arg(collection))
         verdict = service.verify_patient(
-            query.vector, patient_id, collection=where, point=point, exclude_image_id=image_id
+            query.vector, patient_id, collection=where, point=point, exclude_image_id=image_id, prior=prior
         )
         return PatientVerification(
             model_id=service.model_id,
@@ -102,6 +119,8 @@ def verify(
             best_image_id=verdict.best_image_id,
             compared_with=verdict.compared_with,
             probability=verdict.probability,
+            prior=verdict.prior,
+            prior_source=verdict.prior_source,
             same_patient=verdict.same_patient,
             threshold=point.threshold,
             far=point.far,
@@ -121,7 +140,7 @@ def verify(
             ]
         ),
     )
-    verdict = service.verify_pair(a.vector, a.key, b.vector, b.key, point=point)
+    verdict = service.verify_pair(a.vector, a.key, b.vector, b.key, point=point, prior=prior)
     return PairVerification(
         model_id=service.model_id,
         a=ImageRef.of(a),
@@ -129,6 +148,8 @@ def verify(
         score=verdict.score,
         cosine=verdict.cosine,
         probability=verdict.probability,
+        prior=verdict.prior,
+        prior_source=verdict.prior_source,
         same_patient=verdict.same_patient,
         threshold=point.threshold,
         far=point.far,
