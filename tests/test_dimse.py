@@ -181,6 +181,34 @@ def test_compressed_and_deflated_instances_are_taken_as_sent(
     assert client.get("/images").json()["total"] == 2
 
 
+def test_a_locked_gallery_answers_out_of_resources_until_it_opens(
+    make_client: Any, tmp_path: Path, files: dict[str, tuple[str, bytes]]
+) -> None:
+    """While another process holds the gallery, C-STORE fails with 0xA700 (send it again later) and
+    the reason; once it is free the same instance is enrolled, into CXR_REID_DICOM_COLLECTION."""
+    import os
+
+    from index.lock import acquire_process_lock
+
+    data_dir = tmp_path / "locked"
+    data_dir.mkdir()
+    held = acquire_process_lock(data_dir)
+    assert held is not None
+    client = make_client(data_dir, dicom_port=free_port(), dicom_collection="ward-3", lock_retry_seconds=0.2)
+    port = client.app.state.dicom_receiver.port
+    [busy] = send(port, files["a1"][1])
+    assert busy.Status == 0xA700 and "lock" in str(busy.ErrorComment).lower()
+    os.close(held)
+    deadline = time.monotonic() + 20
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "the gallery did not open once free"
+        time.sleep(0.2)
+    [stored] = send(port, files["a1"][1])
+    assert stored.Status == 0x0000
+    [row] = client.get("/images", params={"collection": "ward-3"}).json()["items"]
+    assert row["sop_instance_uid"] == files["a1"][0] and row["collection"] == "ward-3"
+
+
 def test_unknown_calling_or_called_ae_titles_are_rejected(
     receiving: Any, files: dict[str, tuple[str, bytes]]
 ) -> None:
