@@ -273,3 +273,50 @@ def test_open_without_keys(tmp_path: Path) -> None:
         assert done.status_code == 303
         alert = client.get("/alerts/" + form["action"].rsplit("/", 1)[1]).json()
         assert alert["state"] == "dismissed" and alert["resolved_by"] == "anonymous"
+
+
+def test_review_shows_the_decision_and_far_then_the_probability_and_its_prior(
+    server: tuple[Server, dict],
+) -> None:
+    srv, ids = server
+    write, read = {"X-API-Key": ids["write"]}, {"X-API-Key": ids["read"]}
+
+    def enrol(patient: str, name: str) -> dict:
+        files = [("files", (name, (EXAMPLES / name).read_bytes(), "image/jpeg"))]
+        data = {"patient_id": patient, "collection": "odds"}
+        answer = httpx.post(f"{srv.url}/images", files=files, data=data, headers=write, timeout=60)
+        assert answer.status_code == 201, answer.text
+        return answer.json()["images"][0]
+
+    enrol("P-B", "child-b-1.jpeg")
+    misfile = enrol("P-A", "child-b-3.jpeg")["alert"]  # B's radiograph filed under A
+    enrol("P-C", "child-c-1.jpeg")
+    stranger = enrol("P-C", "child-a-1.jpeg")["alert"]  # A's radiograph filed under C: like none of C's
+    assert misfile["kind"] == "matches_other_patient" and stranger["kind"] == "no_match_with_own_images"
+
+    def card(html: str, alert: dict) -> str:
+        return html.split(f'id="alert-{alert["alert_id"]}"', 1)[1].split("</article>", 1)[0]
+
+    def percent(html: str) -> float:
+        return float(re.search(r'class="probability">([\d.]+)%', html).group(1))
+
+    page = httpx.get(f"{srv.url}/review", params={"collection": "odds"}, headers=read, timeout=60)
+    assert page.status_code == 200
+    same, other = card(page.text, misfile), card(page.text, stranger)
+    for html in (same, other):
+        where = [html.index(f'class="{name}"') for name in ("decision", "far", "score", "probability")]
+        assert where == sorted(where)  # the decision and its FAR first, the probability after them
+        assert "FAR 0.001 · threshold" in html
+        assert "at prior" in html and "the prior at which this threshold is the Bayes decision" in html
+    assert "same patient as P-B" in same and 50.0 <= percent(same) < 100.0
+    assert "not patient P-C" in other and percent(other) < 50.0
+    assert "100.0%" not in page.text and 'name="prior"' in page.text  # the prior can be set on the page
+
+    mine = httpx.get(
+        f"{srv.url}/review", params={"collection": "odds", "prior": "0.02"}, headers=read, timeout=60
+    )
+    assert mine.status_code == 200 and "at prior 2.0%, as asked" in card(mine.text, misfile)
+    empty = httpx.get(f"{srv.url}/review", params={"collection": "odds", "prior": ""}, headers=read)
+    assert empty.status_code == 200 and "Bayes decision" in empty.text  # the form's empty field
+    bad = httpx.get(f"{srv.url}/review", params={"collection": "odds", "prior": "1.5"}, headers=read)
+    assert bad.status_code == 422 and "prior must be a probability in (0, 1)" in bad.text
