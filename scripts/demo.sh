@@ -65,13 +65,13 @@ expect "$answer" '.total == 2' "the gallery lists child B's two images"
 
 step "Same patient? A's second radiograph against A's enrolled image: yes"
 answer=$(call POST /verify -F file_a=@$IMG/child-a-2.jpeg -F image_id_b="$A1")
-jq '{score, threshold, same_patient, probability}' <<<"$answer"
-expect "$answer" '.same_patient == true' "same patient verified"
+jq '{score, threshold, same_patient, probability, prior}' <<<"$answer"
+expect "$answer" '.same_patient == true and .probability >= 0.5' "same patient verified, probability >= 0.5 at its prior"
 
 step "Same patient? A's second radiograph against B's: no"
 answer=$(call POST /verify -F file_a=@$IMG/child-a-2.jpeg -F image_id_b="$B1")
-jq '{score, threshold, same_patient, probability}' <<<"$answer"
-expect "$answer" '.same_patient == false' "different patients rejected"
+jq '{score, threshold, same_patient, probability, prior}' <<<"$answer"
+expect "$answer" '.same_patient == false and .probability < 0.5' "different patients rejected, probability < 0.5 at its prior"
 
 step "Is this radiograph child B? B's third image against all of B's enrolled images: yes"
 answer=$(call POST /verify -F file=@$IMG/child-b-3.jpeg -F patient_id=child-B -F collection="$COLLECTION")

@@ -7,11 +7,13 @@ rescales the odds; ``evaluate`` prints no undefined accuracy."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
 from conftest import synthetic_site
 
+from app.server_process import ROOT
 from models.evaluation.evaluate import format_report
 from models.evaluation.metrics import evaluate_embeddings
 from models.net.checkpoint import load_checkpoint
@@ -143,3 +145,10 @@ def test_evaluate_prints_no_undefined_accuracy() -> None:
     assert f"{0.5 * (tar + 1 - far):.4f}" in lines["balanced_accuracy"]
     assert "(TAR + 1 - FAR) / 2" in lines["balanced_accuracy"]
     assert "default threshold 0.5000 (FAR 1e-3" in report
+
+
+def test_model_card_states_the_shipped_default_prior(shipped: Calibration) -> None:
+    card = (ROOT / "MODEL_CARD.md").read_text(encoding="utf-8")
+    stated = re.search(r"the Bayes decision: ([\d.]+)% at FAR 1e-3", card)
+    assert stated is not None
+    assert float(stated.group(1)) == round(100 * shipped.bayes_prior(shipped.threshold_for("1e-3")), 1)
