@@ -6,8 +6,10 @@ rescales the odds; ``evaluate`` prints no undefined accuracy."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from app.server_process import ROOT
 from models.evaluation.evaluate import format_report
 from models.evaluation.metrics import evaluate_embeddings
 from models.net.checkpoint import load_checkpoint
-from models.net.embedder import DEFAULT_CHECKPOINT
+from models.net.embedder import DEFAULT_CHECKPOINT, Embedder
 from models.scoring.calibration import Calibration, likelihood_ratio_bounds
 from models.scoring.decide import operating_point, posterior
 from models.training.site import fit_site_calibration
@@ -152,3 +154,28 @@ def test_model_card_states_the_shipped_default_prior(shipped: Calibration) -> No
     stated = re.search(r"the Bayes decision: ([\d.]+)% at FAR 1e-3", card)
     assert stated is not None
     assert float(stated.group(1)) == round(100 * shipped.bayes_prior(shipped.threshold_for("1e-3")), 1)
+
+
+def test_cli_calibrate_states_the_bayes_prior_of_each_threshold(
+    tmp_path: Path, tiny_checkpoint: Path, embedder: Embedder, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from app.cli import main
+    from index import Gallery, NewImage
+
+    data_dir = tmp_path / "data"
+    vectors, ids = synthetic_site(80, 2, noise=1.2, seed=3, dim=embedder.dim)  # 12,720 impostor pairs
+    with Gallery(data_dir, dim=embedder.dim, model_id=embedder.model_id) as gallery:
+        gallery.add(vectors, [NewImage(patient_id=p) for p in ids])
+    common = ["calibrate", "--data-dir", str(data_dir), "--model", str(tiny_checkpoint), "--bootstrap", "0"]
+    assert main([*common, "--far", "1e-2,1e-3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    with Gallery(data_dir, dim=embedder.dim, model_id=embedder.model_id) as gallery:
+        fitted = Calibration.from_dict(gallery.site_calibration())
+    for far, threshold in fitted.thresholds.items():
+        assert report["bayes_priors"][far] == pytest.approx(fitted.bayes_prior(threshold))
+    assert report["bayes_priors"]["1e-3"] < report["bayes_priors"]["1e-2"]
+    assert main([*common, "--far", "1e-2,1e-3"]) == 0
+    text = capsys.readouterr().out
+    prior = 100 * fitted.bayes_prior(fitted.thresholds["1e-3"])
+    assert re.search(rf"FAR 1e-3: threshold .*Bayes prior {prior:.3g}%", text) is not None
+    assert ">= 50% exactly when the pair is accepted" in text

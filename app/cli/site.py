@@ -88,7 +88,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         finally:
             gallery.close()
         where = f"kept in the gallery {settings.data_dir}; `cxr-reid serve` uses it from its next start"
-    report = {**calibration.summary(), "thresholds": calibration.thresholds, **calibration.provenance}
+    # the prior each threshold is the Bayes decision at: what a probability is given at by default
+    priors = {far: calibration.bayes_prior(t) for far, t in calibration.thresholds.items()}
+    report = {
+        **calibration.summary(),
+        "thresholds": calibration.thresholds,
+        "bayes_priors": priors,
+        **calibration.provenance,
+    }
     if args.json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
@@ -100,7 +107,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         ]
         for far, threshold in calibration.thresholds.items():
             low, high = report["threshold_ci"].get(far, (float("nan"), float("nan")))
-            lines.append(f"  FAR {far}: threshold {threshold:.4f}  [95% CI {low:.4f}, {high:.4f}]")
+            lines.append(
+                f"  FAR {far}: threshold {threshold:.4f}  [95% CI {low:.4f}, {high:.4f}]  "
+                f"Bayes prior {100 * priors[far]:.3g}%"
+            )
+        lines.append(
+            "P(same patient) is given at the Bayes prior of the threshold in force (so it is >= 50% exactly "
+            "when the pair is accepted) unless a request names its own prior"
+        )
         lines.append(where)
         sys.stdout.write("\n".join(lines) + "\n")
     return 0
