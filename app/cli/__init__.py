@@ -2,6 +2,7 @@
 
 Each command group lives in its own module and adds its subcommands with ``register(subparsers)``:
 
+- ``app.cli.data``: data (a manifest from a public set or a DICOM folder)
 - ``app.cli.model``: models, train, evaluate, checkpoint, phantoms
 - ``app.cli.service``: serve, keys, check, healthcheck
 - ``app.cli.gallery``: enroll, sync, reindex
@@ -19,11 +20,11 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from app.cli import analysis, gallery, model, service, site
+from app.cli import analysis, data, gallery, model, service, site
 from app.cli.common import configure_logging, log
 
 #: The groups in the order their subcommands are listed by ``cxr-reid --help``.
-GROUPS = (model, service, gallery, site, analysis)
+GROUPS = (data, model, service, gallery, site, analysis)
 
 
 def version_text() -> str:

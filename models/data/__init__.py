@@ -3,7 +3,9 @@
 - :mod:`~models.data.manifests`: the manifest CSV contract, :class:`Sample`,
   :class:`ManifestError`, reading one or several manifests or a DICOM folder, writing one, counts.
 - :mod:`~models.data.public_sets`: readers of the public CXR sets' own metadata
-  (ChestX-ray14, CheXpert, MIMIC-CXR-JPG).
+  (ChestX-ray14, CheXpert, MIMIC-CXR-JPG, PadChest).
+- :mod:`~models.data.sources`: a set as downloaded (or a DICOM folder) made a manifest's samples:
+  metadata found, images located, frontal views kept, every row left out counted by reason.
 - :mod:`~models.data.splits`: patient-disjoint train / val / test splits from a hash.
 - :mod:`~models.data.loading`: decoding and preparing a sample list once, cached on disk.
 - :mod:`~models.data.labels`: label cleaning (near-duplicate images under two patient ids).
@@ -36,20 +38,25 @@ from models.data.manifests import (
     read_manifests,
     samples_to_dicts,
     summarise,
+    walk_dicom_folder,
     write_manifest,
 )
-from models.data.public_sets import read_chestxray14, read_chexpert, read_mimic_cxr
+from models.data.public_sets import read_chestxray14, read_chexpert, read_mimic_cxr, read_padchest
 from models.data.sampler import PKSampler
+from models.data.sources import SOURCES, VIEW_CHOICES, SourceScan, scan_source
 from models.data.splits import assign_splits, split_of
 
 __all__ = [
     "FOLLOW_UP_NUMBER_SETS",
     "NEAR_DUPLICATE_CORRELATION",
+    "SOURCES",
     "SPLITS",
+    "VIEW_CHOICES",
     "AugmentConfig",
     "ManifestError",
     "PKSampler",
     "Sample",
+    "SourceScan",
     "assign_splits",
     "augment",
     "check_files_exist",
@@ -64,8 +71,11 @@ __all__ = [
     "read_manifest",
     "read_manifests",
     "read_mimic_cxr",
+    "read_padchest",
     "samples_to_dicts",
+    "scan_source",
     "split_of",
     "summarise",
+    "walk_dicom_folder",
     "write_manifest",
 ]

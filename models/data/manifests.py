@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import csv
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import date
 from pathlib import Path
 
 from models.imaging.dicom import read_dicom
@@ -54,6 +55,18 @@ def optional_float(value: str | None) -> float | None:
         return None
     try:
         return float(value)
+    except ValueError:
+        return None
+
+
+def study_day(value: str | None) -> int | None:
+    """A DICOM-style StudyDate (YYYYMMDD; MIMIC's are shifted) as a day number, for time gaps only;
+    None when blank or not a date."""
+    value = (value or "").strip().split(".")[0]
+    if len(value) != 8 or not value.isdigit():
+        return None
+    try:
+        return date(int(value[:4]), int(value[4:6]), int(value[6:])).toordinal()
     except ValueError:
         return None
 
@@ -139,32 +152,67 @@ def check_files_exist(samples: Sequence[Sample], manifest: str | os.PathLike) ->
 
 
 def read_dicom_folder(folder: str | os.PathLike) -> tuple[list[Sample], int]:
+    """Every DICOM file under ``folder`` as a sample filed under its PatientID (:func:`walk_dicom_folder`);
+    returns the samples and the number of files left out (not DICOM, or no PatientID)."""
+    samples, refused = walk_dicom_folder(folder)
+    return samples, sum(refused.values())
+
+
+#: Why a file of a DICOM folder is left out (the keys of :func:`walk_dicom_folder`'s counts).
+NOT_DICOM, NO_PATIENT_ID = "not a DICOM file", "no PatientID"
+
+
+def walk_dicom_folder(
+    folder: str | os.PathLike, *, progress: bool = False
+) -> tuple[list[Sample], Counter[str]]:
     """Every DICOM file under ``folder`` (recursively, hidden files skipped) as a sample filed under
-    its PatientID, namespaced by the folder's name like a manifest's set; returns the samples and
-    the number of files left out (not DICOM, or no PatientID). Only the header is read."""
+    its PatientID, namespaced by the folder's name like a manifest's set, with its ViewPosition,
+    PatientSex and days since the patient's first StudyDate; returns the samples and the files left
+    out, counted by reason. Only those header fields are read, so a large archive scans quickly."""
     from pydicom.errors import InvalidDicomError
+    from tqdm.auto import tqdm
 
     root = Path(folder)
     if not root.is_dir():
         raise ManifestError(f"no such folder: {root}")
     name = root.resolve().name
-    samples, skipped = [], 0
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    samples: list[Sample] = []
+    days: list[int | None] = []
+    refused: Counter[str] = Counter()
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    tags = ["PatientID", "ViewPosition", "PatientSex", "StudyDate"]
+    for path in tqdm(paths, desc=f"reading {name}", unit="file", disable=not progress):
         if any(part.startswith(".") for part in path.relative_to(root).parts):
             continue
         try:
-            ds = read_dicom(path, header_only=True, specific_tags=["PatientID"])
+            ds = read_dicom(path, header_only=True, specific_tags=tags)
         except (InvalidDicomError, OSError, ValueError, EOFError):
-            skipped += 1
+            refused[NOT_DICOM] += 1
             continue
         patient = str(ds.get("PatientID", "") or "").strip()
         if not patient:
-            skipped += 1
+            refused[NO_PATIENT_ID] += 1
             continue
-        samples.append(Sample(path=str(path.resolve()), patient_id=f"{name}:{patient}", dataset=name))
+        samples.append(
+            Sample(
+                path=str(path.resolve()),
+                patient_id=f"{name}:{patient}",
+                dataset=name,
+                view=str(ds.get("ViewPosition", "") or "").strip() or None,
+                sex=str(ds.get("PatientSex", "") or "").strip() or None,
+            )
+        )
+        days.append(study_day(str(ds.get("StudyDate", "") or "")))
     if not samples:
         raise ManifestError(f"{root}: no DICOM file with a PatientID under this folder")
-    return samples, skipped
+    first: dict[str, int] = {}
+    for sample, day in zip(samples, days, strict=True):
+        if day is not None:
+            first[sample.patient_id] = min(first.get(sample.patient_id, day), day)
+    for sample, day in zip(samples, days, strict=True):
+        if day is not None:
+            sample.offset_days = float(day - first[sample.patient_id])
+    return samples, refused
 
 
 def read_manifests(manifests: Sequence[str | os.PathLike]) -> list[Sample]:

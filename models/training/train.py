@@ -64,6 +64,15 @@ __all__ = ["TrainConfig", "load_config", "train"]
 
 log = logging.getLogger(__name__)
 
+#: What to do when a config's data is not there (a clean clone has none: the sets are not shipped).
+GET_DATA = (
+    "Build a manifest from a public set you downloaded, or from a folder of DICOM files, with "
+    "`cxr-reid data SOURCE ROOT --out sets/NAME/manifest.csv` (SOURCE: chestxray14, chexpert, "
+    "mimic-cxr-jpg, padchest or dicom; docs/train-your-own-data.md), then pass it: "
+    "`cxr-reid train --config CONFIG --manifest sets/NAME/manifest.csv` (repeat --manifest for "
+    "several sets; it replaces the config's data.manifests and keeps its other settings)"
+)
+
 
 # --- the training loop ------------------------------------------------------------------------------
 
@@ -278,6 +287,7 @@ def setup(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
     torch.manual_seed(config.optim.seed + ctx.rank)
     np.random.seed(config.optim.seed)
+    check_training_data(config)
     out_dir = Path(config.output_dir)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -589,9 +599,19 @@ def _agree(flag: bool, run: Run) -> bool:
     return bool(decision.item())
 
 
-def _read_samples(config: TrainConfig) -> list[Sample]:
+def check_training_data(config: TrainConfig) -> None:
+    """Fail before anything is written when the config names no data or data that is not here,
+    saying how to get some (a clean clone has none)."""
     if not config.data.manifests:
-        raise ValueError("no training data: set data.manifests in the config or pass --manifest")
+        raise ValueError(f"no training data: set data.manifests in the config or pass --manifest. {GET_DATA}")
+    missing = [m for m in config.data.manifests if not os.path.exists(m)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"training data not found: {missing[0]}{more}. {GET_DATA}")
+
+
+def _read_samples(config: TrainConfig) -> list[Sample]:
+    check_training_data(config)
     samples = read_manifests(config.data.manifests)
     known = {s.dataset for s in samples}
     unknown = sorted(set(config.data.holdout_sets) - known - set(config.data.sites))
