@@ -149,7 +149,8 @@ class Settings(BaseSettings):
         default=65536,
         ge=4096,
         le=1 << 24,
-        description="largest PDU, in bytes, the DICOM receiver asks its peers to send",
+        description="largest PDU, in bytes, the DICOM receiver asks its peers to send; a connection whose "
+        "PDU declares more (or more than app.pacs.dimse.MIN_PDU_LIMIT) is closed before it is read",
     )
 
     @field_validator("far")

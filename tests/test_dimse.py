@@ -261,6 +261,42 @@ def test_an_instance_over_the_upload_limit_aborts_its_association(
     small.release()
 
 
+def test_a_pdu_declaring_more_than_the_limit_closes_the_connection(receiving: Any) -> None:
+    """A peer that announces a huge PDU (here an A-ASSOCIATE-RQ of 1 GiB, before any AE title is
+    checked) and streams it is cut off at its header: the receiver never buffers it, and serves on."""
+    import socket
+
+    client = receiving()
+    port = client.app.state.dicom_receiver.port
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(bytes([0x01, 0x00]) + (1 << 30).to_bytes(4, "big"))
+        with pytest.raises(OSError):  # reset or broken pipe once the receiver has closed it
+            for _ in range(10_000):
+                sock.sendall(b"\0" * 65536)
+                sent += 65536
+            sock.recv(1)  # b"" would mean closed too; a reset raises
+            raise ConnectionResetError("closed")
+    assert sent < 64 * 1024 * 1024  # cut off long before the 1 GiB it announced
+    assoc = scu().associate("127.0.0.1", port, ae_title=AE_TITLE)
+    assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+
+
+def test_stopping_closes_idle_associations_at_once(receiving: Any) -> None:
+    """Shutdown does not wait on an association that stores nothing: it is aborted, the port closed."""
+    client = receiving()
+    receiver = client.app.state.dicom_receiver
+    idle = scu().associate("127.0.0.1", receiver.port, ae_title=AE_TITLE)
+    assert idle.is_established
+    started = time.monotonic()
+    receiver.stop()
+    assert time.monotonic() - started < 5
+    idle.join(10)
+    assert idle.is_aborted
+    assert not scu().associate("127.0.0.1", receiver.port, ae_title=AE_TITLE).is_established
+
+
 def test_error_comment_fits_dicom_and_receiver_settings_are_checked(tmp_path: Path) -> None:
     sop = "1.2.3.4"
     assert error_comment(f"instance {sop}: stored elsewhere", sop) == "stored elsewhere"
@@ -287,6 +323,7 @@ def test_a_port_in_use_is_named(tmp_path: Path) -> None:
             receiver.start()
 
 
+@pytest.mark.slow
 @pytest.mark.server
 def test_cli_serve_with_dicom_port_receives_from_storescu_and_echoscu(
     tmp_path: Path, servers: list[Server], server_env: dict[str, str]
@@ -330,6 +367,7 @@ def test_cli_serve_with_dicom_port_receives_from_storescu_and_echoscu(
     assert "from INTRUDER at 127.0.0.1 rejected: its calling AE title is not among" in text
 
 
+@pytest.mark.slow
 @pytest.mark.pacs
 @pytest.mark.skipif(missing_reason() is not None, reason=missing_reason() or "")
 def test_orthanc_sends_c_store_to_the_receiver(
@@ -363,9 +401,11 @@ def test_orthanc_sends_c_store_to_the_receiver(
         pacs.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.pacs
 @pytest.mark.skipif(missing_reason() is not None, reason=missing_reason() or "")
 def test_an_orthanc_not_on_the_allow_list_is_rejected(receiving: Any, tmp_path: Path) -> None:
+    """An Orthanc whose AE title (CXRREIDTEST) is not among CXR_REID_ALLOWED_AES: its C-ECHO fails."""
     client = receiving(allowed_aes="MODALITY")
     port = client.app.state.dicom_receiver.port
     pacs = Orthanc(tmp_path / "orthanc")

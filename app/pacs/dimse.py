@@ -25,9 +25,12 @@ in the server log with the calling AE title. A wrong-patient alert does not fail
 image is stored, as over STOW-RS); it is logged by kind and image id, never by patient.
 
 Bounds: at most ``CXR_REID_DICOM_MAX_ASSOCIATIONS`` associations at once (more are rejected,
-transient), PDUs of at most ``CXR_REID_DICOM_MAX_PDU`` bytes asked for, and an instance whose data
-passes ``CXR_REID_MAX_UPLOAD_BYTES`` while it arrives aborts its association there (the whole
-instance is never held). Associations must call this receiver's AE title; with
+transient); PDUs of at most ``CXR_REID_DICOM_MAX_PDU`` bytes asked for, and a connection whose PDU
+declares more (or more than :data:`MIN_PDU_LIMIT`) closed at its header, before pynetdicom would
+read it whole (:class:`_PduLimitedSocket`); an instance whose data passes
+``CXR_REID_MAX_UPLOAD_BYTES`` while it arrives aborts its association there (the whole instance is
+never held). :meth:`DicomReceiver.stop` lets the instances being stored finish, then aborts the
+associations still open. Associations must call this receiver's AE title; with
 ``CXR_REID_ALLOWED_AES`` set, only those calling AE titles are accepted (others are rejected with
 "calling AE title not recognised"). DIMSE has no API keys: without an allow-list, bind the receiver
 (``CXR_REID_DICOM_HOST``) where only trusted modalities and PACS reach it.
@@ -40,9 +43,11 @@ JPEG baseline / extended / lossless, JPEG-LS, JPEG 2000, HTJ2K, RLE).
 
 from __future__ import annotations
 
+import functools
 import logging
+import socket
+import socketserver
 import threading
-import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -68,11 +73,14 @@ STORAGE_SOP_CLASSES = {
 }
 #: Most characters of ErrorComment (VR LO, PS3.5 table 6.2-1).
 ERROR_COMMENT_CHARS = 64
-#: Seconds a stopping receiver lets associations in flight finish before it aborts them.
+#: Seconds a stopping receiver lets the instances being stored finish before it aborts associations.
 STOP_GRACE_SECONDS = 10.0
 SUCCESS = 0x0000
 #: Addresses only this machine reaches: an open receiver there is not warned about.
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+#: Smallest limit on the length a received PDU may declare, whatever CXR_REID_DICOM_MAX_PDU says: an
+#: A-ASSOCIATE-RQ proposing 128 presentation contexts of several transfer syntaxes each fits in it.
+MIN_PDU_LIMIT = 256 * 1024
 #: Message control header bits of a presentation data value (PS3.8 annex E.2).
 _COMMAND_FRAGMENT, _LAST_FRAGMENT = 0x01, 0x02
 
@@ -122,6 +130,77 @@ def error_comment(reason: str, sop_instance_uid: str | None, code: Failure | Non
     return comment
 
 
+class _PduLimitedSocket:
+    """A client socket whose reads end (as if the peer had closed it) when a PDU declares a length over
+    ``limit``: pynetdicom reads a whole PDU into memory before anything looks at it, so a peer, even
+    one that never gets an association, could otherwise make it hold gigabytes. The PDUs are followed
+    through the byte stream (6-byte headers, PS3.8 9.3), however the reads split it."""
+
+    def __init__(self, sock: socket.socket, limit: int) -> None:
+        self._sock = sock
+        self._limit = limit
+        self._header = bytearray()
+        self._left = 0  # bytes of the current PDU's body not read yet
+        self._closed = False
+
+    def recv(self, bufsize: int, *flags: int) -> bytes:
+        if self._closed:
+            return b""
+        data = self._sock.recv(bufsize, *flags)
+        at = 0
+        while at < len(data):
+            if self._left:
+                step = min(self._left, len(data) - at)
+                self._left -= step
+                at += step
+                continue
+            part = data[at : at + 6 - len(self._header)]
+            self._header += part
+            at += len(part)
+            if len(self._header) == 6:
+                length = int.from_bytes(self._header[2:6], "big")
+                self._header.clear()
+                if length > self._limit:
+                    self._closed = True
+                    log.warning(
+                        "DICOM connection from %s closed: a PDU declared %d bytes, over %d "
+                        "(CXR_REID_DICOM_MAX_PDU)",
+                        _peer(self._sock),
+                        length,
+                        self._limit,
+                    )
+                    return b""
+                self._left = length
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)  # send, fileno (select), shutdown, close, ...
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return "?"
+
+
+def _limited_handler_class() -> type:
+    """pynetdicom's request handler with each client socket wrapped in :class:`_PduLimitedSocket`
+    (imported late: pynetdicom loads only where a receiver starts)."""
+    from pynetdicom.transport import RequestHandler
+
+    class LimitedRequestHandler(RequestHandler):
+        def __init__(self, request: Any, client_address: Any, server: Any, *, pdu_limit: int) -> None:
+            self.pdu_limit = pdu_limit
+            super().__init__(request, client_address, server)
+
+        def setup(self) -> None:
+            super().setup()
+            self.request = _PduLimitedSocket(self.request, self.pdu_limit)
+
+    return LimitedRequestHandler
+
+
 class DicomReceiver:
     """The C-STORE / C-ECHO SCP of one serving process: :meth:`start` binds it (OSError when the port
     is taken), :meth:`stop` stops it; in between each association runs in its own thread."""
@@ -142,15 +221,20 @@ class DicomReceiver:
         self.port = settings.dicom_port
         self.max_instance_bytes = settings.max_upload_bytes
         self._server: ThreadedAssociationServer | None = None
+        self._thread: threading.Thread | None = None
         #: dataset bytes received so far of the message each association is receiving
         self._receiving: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self._aborted: weakref.WeakSet[Any] = weakref.WeakSet()  # associations aborted for size
+        self._idle = threading.Condition()  # guards the two below
+        self._storing = 0  # C-STOREs being handled
+        self._stopping = False
         self._lock = threading.Lock()
 
     def start(self) -> None:
         """Listen on ``host:port``, in background threads."""
         from pynetdicom import AE, evt
         from pynetdicom.sop_class import Verification
+        from pynetdicom.transport import ThreadedAssociationServer
 
         if logging.getLogger("pynetdicom").level == logging.NOTSET:
             # pynetdicom logs every association and message at INFO; ours log one line per instance
@@ -170,8 +254,14 @@ class DicomReceiver:
             (evt.EVT_PDU_RECV, self._on_pdu),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
+        limit = max(self.settings.dicom_max_pdu, MIN_PDU_LIMIT)
         try:
-            self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+            self._server = ae.make_server(
+                (self.host, self.port),
+                evt_handlers=handlers,
+                server_class=ThreadedAssociationServer,
+                request_handler=functools.partial(_limited_handler_class(), pdu_limit=limit),
+            )
         except OSError as exc:
             raise OSError(
                 exc.errno,
@@ -185,6 +275,10 @@ class DicomReceiver:
                 self.host,
             )
         self.port = self._server.server_address[1]  # the port bound when 0 was asked for
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name=f"dicom-receiver-{self.port}", daemon=True
+        )
+        self._thread.start()
         allowed = ", ".join(self.settings.allowed_ae_list) or "any (no CXR_REID_ALLOWED_AES)"
         log.info(
             "DICOM receiver %s on %s:%d (C-STORE into collection %r, C-ECHO; calling AE titles: %s)",
@@ -196,21 +290,24 @@ class DicomReceiver:
         )
 
     def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
-        """Accept no more associations, let those in flight finish for up to ``grace`` seconds (an
-        instance being stored is stored), then abort the rest."""
+        """Accept no more associations, let the instances being stored finish for up to ``grace``
+        seconds (a C-STORE arriving meanwhile gets 0xA700: send it again later), then abort the
+        associations still open."""
         server, self._server = self._server, None
         if server is None:
             return
-        server.shutdown()  # no new associations; the listening socket is closed
-        deadline = time.monotonic() + grace
+        # no new associations; the listening socket is closed (socketserver's own shutdown: the server
+        # was made with make_server, so the AE does not list it for its own shutdown)
+        socketserver.BaseServer.shutdown(server)
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+        with self._idle:
+            self._stopping = True
+            if not self._idle.wait_for(lambda: self._storing == 0, timeout=grace):
+                log.warning("DICOM receiver stopping: %d instance(s) still being stored", self._storing)
         for assoc in server.active_associations:
-            assoc.join(max(0.0, deadline - time.monotonic()))
-            if assoc.is_alive():
-                log.warning(
-                    "DICOM receiver stopping: aborting the association from %s",
-                    assoc.requestor.ae_title,
-                )
-                assoc.abort()
+            assoc.abort()
         log.info("DICOM receiver %s stopped", self.settings.ae_title)
 
     # ------------------------------------------------------------------ handlers (pynetdicom threads)
@@ -271,8 +368,20 @@ class DicomReceiver:
 
         calling = event.assoc.requestor.ae_title
         sop = str(event.request.AffectedSOPInstanceUID or "") or None
-        data = event.encoded_dataset(include_meta=True)
-        status, reason = self._store(data, sop, calling)
+        with self._idle:
+            stopping = self._stopping
+            self._storing += 0 if stopping else 1
+        if stopping:
+            status, reason = self._refused(
+                calling, Failure.OUT_OF_RESOURCES, "cxr-reid is shutting down: send it again later"
+            )
+        else:
+            try:
+                status, reason = self._store(event.encoded_dataset(include_meta=True), sop, calling)
+            finally:
+                with self._idle:
+                    self._storing -= 1
+                    self._idle.notify_all()
         answer = Dataset()
         answer.Status = status
         if reason is not None:
