@@ -9,7 +9,18 @@ import argparse
 import json
 import sys
 
-from app.cli.common import Subparsers, add_device_arg, add_settings_args, load_embedder, log, settings_from
+from app.cli.common import (
+    Subparsers,
+    add_batch_size_arg,
+    add_device_arg,
+    add_settings_args,
+    load_embedder,
+    log,
+    settings_from,
+)
+
+#: Where each report goes without --out: a folder named after the command, in the working directory.
+DEFAULT_OUT = {"audit": "cxr-reid-audit", "risk": "cxr-reid-risk"}
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
@@ -84,8 +95,17 @@ def register(subparsers: Subparsers) -> None:
         "manifests without a split column: each file name is its split) or folders of images (patient id "
         "from DICOM PatientID). Exit 0 clean, 1 findings, 2 could not run.",
     )
-    p.add_argument("sources", metavar="MANIFEST_OR_FOLDER", nargs="+")
-    p.add_argument("--out", default="cxr-reid-audit", help="report folder (default ./cxr-reid-audit)")
+    p.add_argument(
+        "sources",
+        metavar="MANIFEST_OR_FOLDER",
+        nargs="+",
+        help="the data set: manifests (CSV path,patient_id[,split]) or folders of images",
+    )
+    p.add_argument(
+        "--out",
+        default=DEFAULT_OUT["audit"],
+        help="folder for report.html, findings.csv/.json and the embedding cache (default ./%(default)s)",
+    )
     p.add_argument(
         "--far", help="false-accept rate of the same-patient decision (default: CXR_REID_FAR, 1e-3)"
     )
@@ -96,7 +116,7 @@ def register(subparsers: Subparsers) -> None:
         help="folders: the split is the name of the folder this many levels below the one given "
         "(0: its subfolders, e.g. data/train/..., data/test/...)",
     )
-    p.add_argument("--batch-size", type=int, default=32)
+    add_batch_size_arg(p)
     p.add_argument("--json", action="store_true", help="print findings.json to stdout instead of the summary")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device_arg(p)
@@ -121,7 +141,11 @@ def register(subparsers: Subparsers) -> None:
         required=True,
         help="identified images an attacker may hold: manifest CSV, folder, or a gallery data dir",
     )
-    p.add_argument("--out", required=True, help="folder for report.html, risk.json and the embedding cache")
+    p.add_argument(
+        "--out",
+        default=DEFAULT_OUT["risk"],
+        help="folder for report.html, risk.json and the embedding cache (default ./%(default)s)",
+    )
     p.add_argument("--far", default="1e-2,1e-3,1e-4", help="comma-separated FARs (default 1e-2,1e-3,1e-4)")
     p.add_argument(
         "--defences",
@@ -129,7 +153,7 @@ def register(subparsers: Subparsers) -> None:
         help="all (default), none, or comma-separated families (blur, noise, lowres, crop) or names "
         "(blur-1, noise-15, lowres-half, crop-75, ...)",
     )
-    p.add_argument("--batch-size", type=int, default=32)
+    add_batch_size_arg(p)
     p.add_argument("--json", action="store_true", help="print the summary of risk.json (no per-image rows)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_device_arg(p)

@@ -95,6 +95,20 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: Images per forward pass of the bulk jobs (enroll, reindex, audit, risk).
+DEFAULT_BATCH_SIZE = 32
+
+
+def add_batch_size_arg(parser: argparse.ArgumentParser) -> None:
+    """--batch-size for the bulk jobs: larger is faster on a GPU, smaller needs less memory."""
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help="images embedded per forward pass (default %(default)s; lower it if memory runs short)",
+    )
+
+
 def add_settings_args(parser: argparse.ArgumentParser, *, data_dir: bool = True, model: bool = True) -> None:
     """--model and --data-dir, which override CXR_REID_MODEL_PATH and CXR_REID_DATA_DIR."""
     if model:

@@ -11,6 +11,7 @@ import argparse
 
 from app.cli.common import (
     Subparsers,
+    add_batch_size_arg,
     add_device_arg,
     add_settings_args,
     log,
@@ -20,7 +21,7 @@ from app.cli.common import (
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
-    from app.service.enrollment import bulk_enrol, items_from_source
+    from app.service.enrollment import EnrolmentInterrupted, bulk_enrol, items_from_source
     from index import GalleryError
 
     settings = settings_from(args)
@@ -44,6 +45,17 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
             max_pixels=settings.max_pixels,
             progress=not args.no_progress,
         )
+    except EnrolmentInterrupted as stopped:
+        done = stopped.summary
+        log.warning(
+            "interrupted: %d image(s) enrolled and kept in collection '%s' (%d already there); the rest "
+            "were not: run the same command again to resume: %s",
+            done.enrolled,
+            args.collection,
+            done.skipped,
+            getattr(args, "command_line", "cxr-reid enroll ..."),
+        )
+        return 130
     finally:
         gallery.close()
     log.info(
@@ -200,13 +212,13 @@ def register(subparsers: Subparsers) -> None:
         "Folder: every DICOM/PNG/JPEG/TIFF under it, patient id from the DICOM PatientID or unknown. "
         "Files already in the collection (same sha256) are skipped, so a rerun resumes.",
     )
-    p.add_argument("source", metavar="MANIFEST_OR_FOLDER")
+    p.add_argument("source", metavar="MANIFEST_OR_FOLDER", help="a manifest CSV or a folder of images")
     p.add_argument("--collection", default="default", help="gallery collection (default: default)")
     p.add_argument("--copy", action="store_true", help="store copies of the originals instead of their paths")
     p.add_argument(
         "--init", action="store_true", help="allow a new gallery where stored data but no database is"
     )
-    p.add_argument("--batch-size", type=int, default=32)
+    add_batch_size_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device_arg(p)
     add_settings_args(p)
@@ -285,7 +297,7 @@ def register(subparsers: Subparsers) -> None:
         help="re-embed every gallery image with the current model (resumable)",
         description="Needed after changing the model: a gallery refuses to serve vectors of another model.",
     )
-    p.add_argument("--batch-size", type=int, default=32)
+    add_batch_size_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device_arg(p)
     add_settings_args(p)

@@ -13,10 +13,32 @@ from pathlib import Path
 from app.cli.common import Subparsers
 
 
+def shipped_shape() -> dict[str, int | str]:
+    """Input size, embedding size, width and stem of the shipped model, read from its checkpoint: the
+    defaults of ``cxr-reid models``, so its table starts from the network MODEL_CARD.md describes."""
+    from models.net.checkpoint import load_checkpoint
+    from models.net.embedder import DEFAULT_CHECKPOINT
+
+    payload = load_checkpoint(DEFAULT_CHECKPOINT)
+    backbone = payload["backbone"]
+    return {
+        "input_size": int(payload["preprocess"]["size"]),
+        "embedding_dim": int(backbone["embedding_dim"]),
+        "width": int(backbone["width"]),
+        "stem": str(backbone["stem"]),
+    }
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from models.net.backbones import describe_variants, format_variants_table
 
-    rows = describe_variants(input_size=args.input_size, embedding_dim=args.embedding_dim, width=args.width)
+    shape = shipped_shape()
+    rows = describe_variants(
+        input_size=args.input_size or int(shape["input_size"]),
+        embedding_dim=args.embedding_dim or int(shape["embedding_dim"]),
+        width=args.width or int(shape["width"]),
+        stem=str(shape["stem"]),
+    )
     sys.stdout.write((json.dumps(rows, indent=2) if args.json else format_variants_table(rows)) + "\n")
     return 0
 
@@ -86,10 +108,19 @@ def register(subparsers: Subparsers) -> None:
     """Add models, train, evaluate, checkpoint and phantoms to ``cxr-reid``."""
     from models.evaluation.evaluate import SPLIT_CHOICES
 
-    p = subparsers.add_parser("models", help="list backbone variants with parameters and GFLOPs")
-    p.add_argument("--input-size", type=int, default=224, help="input side in pixels (default 224)")
-    p.add_argument("--embedding-dim", type=int, default=512)
-    p.add_argument("--width", type=int, default=64, help="channels of the first stage")
+    p = subparsers.add_parser(
+        "models",
+        help="list backbone variants with parameters and GFLOPs",
+        description="Every backbone variant and depth at one input size, embedding size and width; the "
+        "defaults are the shipped model's (MODEL_CARD.md), so its row is the network served.",
+    )
+    p.add_argument("--input-size", type=int, help="input side in pixels (default: the shipped model's)")
+    p.add_argument("--embedding-dim", type=int, help="embedding dimensions (default: the shipped model's)")
+    p.add_argument(
+        "--width",
+        type=int,
+        help="channels of the first stage; stages are width x 1, 2, 4, 8 (default: the shipped model's)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON rows")
     p.set_defaults(func=_cmd_models)
 
@@ -97,7 +128,7 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--config", help="experiment config (TOML), e.g. configs/default.toml")
     p.add_argument("--manifest", action="append", help="training manifest(s); replaces data.manifests")
     p.add_argument("--output", help="run directory (default from the config)")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=int, help="passes over the training set (default from the config)")
     p.add_argument("--max-minutes", type=float, help="stop after this wall time, keeping the best epoch")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--name", help="model name (the model id is name + content hash)")
@@ -116,7 +147,12 @@ def register(subparsers: Subparsers) -> None:
         help="auto: held-out patients of sets seen in training, all images of unseen sets",
     )
     p.add_argument("--bootstrap", type=int, default=200, help="patient-level bootstrap resamples (0 = none)")
-    p.add_argument("--max-impostor-pairs", type=int, default=1_000_000)
+    p.add_argument(
+        "--max-impostor-pairs",
+        type=int,
+        default=1_000_000,
+        help="different-patient pairs scored at most (a uniform sample beyond; default %(default)s)",
+    )
     p.add_argument("--plots", help="write ROC and score-histogram PNGs here")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
     p.set_defaults(func=_cmd_evaluate)
@@ -125,7 +161,7 @@ def register(subparsers: Subparsers) -> None:
         "checkpoint",
         help="split a checkpoint into parts of bounded size, or join them back (checked by sha256)",
     )
-    p.add_argument("action", choices=("split", "join"))
+    p.add_argument("action", choices=("split", "join"), help="split a checkpoint, or join its parts")
     p.add_argument("path", help="split: the checkpoint; join: its <name>.parts.json")
     p.add_argument("--out", help="split: folder for the parts (default: beside it); join: the file to write")
     p.add_argument("--part-mib", type=float, default=15.0, help="largest part, MiB (default 15)")
@@ -135,9 +171,16 @@ def register(subparsers: Subparsers) -> None:
         "phantoms", help="write a synthetic identity-labelled phantom set (not radiographs)"
     )
     p.add_argument("output", help="output folder")
-    p.add_argument("--patients", type=int, default=20)
-    p.add_argument("--studies", type=int, default=3, help="studies per phantom patient")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--format", choices=("png", "dicom"), default="png")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patients", type=int, default=20, help="phantom patients (default %(default)s)")
+    p.add_argument("--studies", type=int, default=3, help="studies per phantom patient (default %(default)s)")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels (default %(default)s)")
+    p.add_argument(
+        "--format", choices=("png", "dicom"), default="png", help="file format (default %(default)s)"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed: the same seed writes the same set (default %(default)s)",
+    )
     p.set_defaults(func=_cmd_phantoms)

@@ -57,12 +57,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn  # only now: a refused start says so without loading torch first
 
     from app.main import create_app
+    from models.net.checkpoint import load_checkpoint
     from models.net.embedder import DEFAULT_CHECKPOINT
 
     checkpoint = settings.model_path or DEFAULT_CHECKPOINT
     if not checkpoint.is_file():  # fail here, with a plain message, not in uvicorn's start-up traceback
         what = "checkpoint" if settings.model_path else "the shipped default model (pass --model)"
         raise FileNotFoundError(f"{what} not found: {checkpoint}")
+    load_checkpoint(checkpoint)  # a damaged file: one line and exit 2 (CheckpointError), as a missing one
     log.info("serving on http://%s:%d (data dir %s)", settings.host, settings.port, settings.data_dir)
     uvicorn.run(
         create_app(settings),
@@ -235,7 +237,7 @@ def register(subparsers: Subparsers) -> None:
         description="add prints the new key once (stdout); list shows ids, scopes and notes; revoke "
         "removes one. A running service picks the change up at its next request.",
     )
-    p.add_argument("action", choices=["add", "list", "revoke"])
+    p.add_argument("action", choices=["add", "list", "revoke"], help="add a key, list them, or revoke one")
     p.add_argument("key_id", nargs="?", help="revoke: the key id (from list)")
     p.add_argument("--scope", choices=["read", "write", "admin"], default="read", help="add: default read")
     p.add_argument("--note", help="add: who or what the key is for")

@@ -307,7 +307,7 @@ def register(subparsers: Subparsers) -> None:
         help="fine-tune the network on a site's own labelled images, prove it on held-back patients, "
         "calibrate",
         description="Learns the site: fine-tunes the model (default: the shipped one) on the site's "
-        "labelled images, holding back about 30%% of its patients (by a hash of the id) that it never trains "
+        "labelled images, holding back about 30% of its patients (by a hash of the id) that it never trains "
         "on; the base and the adapted network are measured on them, and the adapted checkpoint, calibrated "
         "on them, is written to --out only when it beats the base (AUC difference above 0 by a paired "
         "patient bootstrap, TAR at the largest FAR they resolve not lower). Guards against forgetting the "

@@ -51,6 +51,15 @@ class BulkEnrolSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
+class EnrolmentInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`bulk_enrol`: ``summary`` counts what was committed before it (kept; a rerun
+    skips those files and resumes). Still a KeyboardInterrupt, so a caller that does not look stops."""
+
+    def __init__(self, summary: BulkEnrolSummary) -> None:
+        super().__init__(f"interrupted after {summary.enrolled} image(s) were enrolled")
+        self.summary = summary
+
+
 def items_from_manifest(manifest: str | os.PathLike) -> list[EnrolItem]:
     """Rows of a manifest (models.data.read_manifest: paths relative to the CSV's folder).
 
@@ -207,32 +216,36 @@ def bulk_enrol(
     # release the GIL), a batch at a time so memory stays bounded. The gallery is asked which files
     # it already holds on this thread, between reading and decoding, so a resumed run decodes only
     # what is new.
-    with (
-        tqdm(total=len(items), desc="enrol", unit="img", disable=not progress) as bar,
-        ThreadPoolExecutor(max_workers=decode_workers()) as pool,
-    ):
-        for start in range(0, len(items), batch_size):
-            new = []
-            for done in pool.map(read, items[start : start + batch_size]):
-                if done.error is not None:
-                    summary.failed.append((str(done.item.path), done.error))
-                elif skip_existing and (
-                    done.sha in seen or gallery.find_by_sha256(done.sha, collection=collection) is not None
-                ):
-                    summary.skipped += 1
-                else:
-                    seen.add(done.sha)
-                    new.append(done)
-            bar.update(min(batch_size, len(items) - start) - len(new))
-            for done in pool.map(decode, new):
-                bar.update(1)
-                if done.error is not None:
-                    summary.failed.append((str(done.item.path), done.error))
-                else:
-                    batch.append(done)
-            if len(batch) >= batch_size:
-                flush()
-        flush()
+    try:
+        with (
+            tqdm(total=len(items), desc="enrol", unit="img", disable=not progress) as bar,
+            ThreadPoolExecutor(max_workers=decode_workers()) as pool,
+        ):
+            for start in range(0, len(items), batch_size):
+                new = []
+                for done in pool.map(read, items[start : start + batch_size]):
+                    if done.error is not None:
+                        summary.failed.append((str(done.item.path), done.error))
+                    elif skip_existing and (
+                        done.sha in seen
+                        or gallery.find_by_sha256(done.sha, collection=collection) is not None
+                    ):
+                        summary.skipped += 1
+                    else:
+                        seen.add(done.sha)
+                        new.append(done)
+                bar.update(min(batch_size, len(items) - start) - len(new))
+                for done in pool.map(decode, new):
+                    bar.update(1)
+                    if done.error is not None:
+                        summary.failed.append((str(done.item.path), done.error))
+                    else:
+                        batch.append(done)
+                if len(batch) >= batch_size:
+                    flush()
+            flush()
+    except KeyboardInterrupt as exc:  # the batches committed so far are kept: say how many
+        raise EnrolmentInterrupted(summary) from exc
     for path, reason in summary.failed:
         log.warning("not enrolled: %s (%s)", path, reason)
     return summary

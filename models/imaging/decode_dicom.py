@@ -69,8 +69,8 @@ def decode_dicom(
     if check_modality and modality not in RADIOGRAPH_MODALITIES:
         raise ImageDecodeError(
             f"{name} has Modality {modality or '(missing)'}; only projection radiographs "
-            f"({', '.join(sorted(RADIOGRAPH_MODALITIES))}) are accepted (pass check_modality=False to "
-            "accept other modalities)"
+            f"({', '.join(sorted(RADIOGRAPH_MODALITIES))}) are accepted: send the radiograph itself, or, "
+            "if this file is one, correct its Modality attribute (0008,0060)"
         )
 
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)

@@ -119,7 +119,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         # torch's own message advises weights_only=False: unsafe for a file of unknown origin and never
         # what a cxr-reid user should do, so it is not passed on.
         text = str(exc).strip()
-        reason = type(exc).__name__ if not text or "weights_only" in text else text.splitlines()[0]
+        # One line: the error's kind and the first sentence of its text (torch's zip reader adds a
+        # paragraph of advice; a bare "101" from the unpickler says nothing without its kind).
+        first = text.splitlines()[0].split(". ")[0].rstrip(".") if text else ""
+        kind = type(exc).__name__
+        reason = kind if not first or "weights_only" in text else f"{kind}: {first}"
         raise CheckpointError(
             f"{source} is not a cxr-reid checkpoint (torch.load: {reason}); pass a .pt file written by "
             "`cxr-reid train` or `cxr-reid calibrate`, or leave --model out for the shipped model"
