@@ -30,6 +30,7 @@ from app.api.routers import (
     duplicates,
     embed,
     health,
+    home,
     images,
     review,
     search,
@@ -186,6 +187,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
             module.router, dependencies=secured, responses=error_responses(400, 401, 403, 422, 429, 500, 503)
         )
     app.include_router(review.router)  # HTML for people; it checks the key (header or cookie) itself
+    app.include_router(home.router)  # GET /: links to /docs and /review, for people and scripts
     app.openapi = _openapi_with_form_descriptions(app)
 
     _add_error_handlers(app)
