@@ -1,32 +1,44 @@
-"""Headless Chromium for the HTML reports: what a person opening the file would see.
+"""Headless Chromium for the HTML reports and pages: what a person opening them would see.
 
-``render(path)`` loads a local file with the network cut off (a self-contained report must need
-nothing else), runs its scripts and returns the resulting DOM; ``screenshot`` keeps a PNG of it.
-Tests skip when Debian's ``chromium`` is missing (scripts/test.sh installs it).
+Playwright drives Debian's ``chromium`` through its executable path (no browser download; the
+``playwright`` package is in the test extras). ``render(path)`` loads a local file with the network
+cut off (a self-contained report must need nothing else: a request that would leave the machine
+fails the render), runs its scripts and returns the resulting DOM; ``screenshot`` keeps a PNG of it;
+``Browser`` is a window on a live local server. Tests skip when Debian's ``chromium`` is missing
+(scripts/test.sh installs it).
 """
 
 from __future__ import annotations
 
 import shutil
-import subprocess
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import pytest
 
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser as PlaywrightBrowser
+    from playwright.sync_api import Page, Playwright, Route
+
+#: Debian's Chromium, which Playwright launches instead of a browser of its own.
+CHROMIUM = shutil.which("chromium")
+
+#: Flags for every launch (as root in a container: no sandbox; /dev/shm may be small). Requests are
+#: also sent to a proxy that does not exist and no host name resolves, so even a request Playwright's
+#: routing does not see (a service worker's, a prefetch) cannot leave the machine.
 OFFLINE = [
-    "--headless",
     "--no-sandbox",
     "--disable-gpu",
     "--disable-dev-shm-usage",
     "--allow-file-access-from-files",
     "--proxy-server=http://127.0.0.1:9",
     "--host-resolver-rules=MAP * ~NOTFOUND",
-    "--virtual-time-budget=10000",
 ]
 
-#: For a live local server: the loopback address only (a proxy that does not exist for the rest).
+#: For a live local server: the loopback address only.
 LOOPBACK_ONLY = [
-    "--headless",
     "--no-sandbox",
     "--disable-gpu",
     "--disable-dev-shm-usage",
@@ -34,8 +46,10 @@ LOOPBACK_ONLY = [
     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
 ]
 
+_LOOPBACK = {"127.0.0.1", "localhost", "[::1]", "::1"}
+
 needs_chromium = pytest.mark.skipif(
-    shutil.which("chromium") is None, reason="needs Debian's chromium (scripts/test.sh installs it)"
+    CHROMIUM is None, reason="needs Debian's chromium (scripts/test.sh installs it)"
 )
 
 # Appended to a copy of the page: records, in the DOM, how many <img> elements decoded to a real
@@ -52,12 +66,49 @@ window.addEventListener("load", function () {
 """
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        ["chromium", *OFFLINE, *args], capture_output=True, text=True, timeout=180, check=False
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done
+def _over_network(url: str) -> bool:
+    return urlsplit(url).scheme not in ("file", "data", "blob", "about")
+
+
+def _start() -> Playwright:
+    from playwright.sync_api import sync_playwright
+
+    if CHROMIUM is None:
+        raise RuntimeError("needs Debian's chromium (scripts/test.sh installs it)")
+    return sync_playwright().start()
+
+
+def _offline_page(browser: PlaywrightBrowser, viewport: dict[str, int] | None) -> tuple[Page, list[str]]:
+    """A page whose every network request is refused and recorded."""
+    page = browser.new_page(viewport=viewport)
+    refused: list[str] = []
+
+    def refuse(route: Route) -> None:
+        if _over_network(route.request.url):
+            refused.append(route.request.url)
+            route.abort("internetdisconnected")
+        else:  # the file itself, data: URIs
+            route.continue_()
+
+    page.route("**/*", refuse)
+    return page, refused
+
+
+def _load_offline(page: Path, viewport: dict[str, int] | None = None, png: Path | None = None) -> str:
+    """The DOM of ``page`` (a local file) once loaded, and its screenshot into ``png``."""
+    playwright = _start()
+    try:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=OFFLINE)
+        tab, refused = _offline_page(browser, viewport)
+        tab.goto(page.resolve().as_uri(), wait_until="load", timeout=120_000)
+        if png is not None:
+            tab.screenshot(path=png)
+        dom = tab.content()
+        browser.close()
+        assert not refused, f"{page.name} asked for {refused}: a report must need nothing but itself"
+        return dom
+    finally:
+        playwright.stop()
 
 
 def render(page: Path) -> str:
@@ -68,87 +119,85 @@ def render(page: Path) -> str:
         page.read_text(encoding="utf-8").replace("</body>", _PROBE + "</body>"), encoding="utf-8"
     )
     try:
-        return _run(["--dump-dom", probed.resolve().as_uri()]).stdout
+        return _load_offline(probed)
     finally:
         probed.unlink(missing_ok=True)
 
 
 def screenshot(page: Path, png: Path, size: str = "1280,2000") -> Path:
-    """A PNG of ``page`` as Chromium draws it."""
-    _run([f"--screenshot={png.resolve()}", f"--window-size={size}", page.resolve().as_uri()])
+    """A PNG of ``page`` as Chromium draws it in a window of ``size`` ("width,height" pixels)."""
+    width, height = (int(n) for n in size.split(","))
+    _load_offline(page, {"width": width, "height": height}, png)
     assert png.is_file() and png.stat().st_size > 0
     return png
 
 
 class Browser:
-    """A headless Chromium driven over the DevTools protocol (a websocket; no framework): what a
-    person does on a page (load it, type into fields, press buttons) and what they then see.
+    """A headless Chromium window on a local server: what a person does on a page (load it, type
+    into fields, press buttons) and what they then see. Requests to anything but the loopback
+    address are refused (and listed in ``refused``).
 
     Its own profile in ``profile_dir``; cookies live as long as the instance, like a browser window.
+    Usable as a context manager, or closed with ``close()``.
     """
 
     def __init__(self, profile_dir: Path) -> None:
-        import itertools
-        import json
-        import time
+        self._playwright: Playwright | None = _start()
+        try:
+            self.context = self._playwright.chromium.launch_persistent_context(
+                str(profile_dir), executable_path=CHROMIUM, args=LOOPBACK_ONLY
+            )
+        except Exception:
+            self.close()
+            raise
+        self.refused: list[str] = []
+        self.context.route("**/*", self._route)
+        self.page = self.context.pages[0] if self.context.pages else self.context.new_page()
 
-        from websockets.sync.client import connect
-
-        self._json, self._time, self._ids = json, time, itertools.count(1)
-        self.process = subprocess.Popen(
-            ["chromium", *LOOPBACK_ONLY, "--remote-debugging-port=0", f"--user-data-dir={profile_dir}",
-             "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        port_file = profile_dir / "DevToolsActivePort"
-        deadline = time.monotonic() + 60
-        while not (port_file.is_file() and port_file.read_text().strip()):
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                self.close()
-                raise RuntimeError("chromium did not open its DevTools port")
-            time.sleep(0.1)
-        port = int(port_file.read_text().split()[0])
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as answer:
-            page = next(t for t in json.load(answer) if t["type"] == "page")
-        self.socket = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
-
-    def _call(self, method: str, **params: object) -> dict:
-        number = next(self._ids)
-        self.socket.send(self._json.dumps({"id": number, "method": method, "params": params}))
-        while True:
-            message = self._json.loads(self.socket.recv(timeout=60))
-            if message.get("id") == number:
-                assert "error" not in message, message
-                return message.get("result", {})
+    def _route(self, route: Route) -> None:
+        url = route.request.url
+        if not _over_network(url) or urlsplit(url).hostname in _LOOPBACK:
+            route.continue_()
+        else:
+            self.refused.append(url)
+            route.abort("internetdisconnected")
 
     def evaluate(self, expression: str) -> object:
-        """The value of a JavaScript expression in the page (as the DevTools console would show)."""
-        result = self._call("Runtime.evaluate", expression=expression, returnByValue=True)
-        assert "exceptionDetails" not in result, result
-        return result["result"].get("value")
+        """The value of a JavaScript expression in the page (as the DevTools console would show);
+        an exception in the page is an ``AssertionError`` naming it."""
+        from playwright.sync_api import Error
+
+        try:
+            return self.page.evaluate(expression)
+        except Error as exc:
+            raise AssertionError(f"{expression}: {exc.message}") from exc
 
     def wait_for(self, expression: str, seconds: float = 60) -> None:
         """Until ``expression`` is true in the loaded page (after a navigation or a form post)."""
-        deadline = self._time.monotonic() + seconds
+        deadline = time.monotonic() + seconds
         while True:
             try:
                 if self.evaluate(f"document.readyState === 'complete' && Boolean({expression})"):
                     return
             except AssertionError:  # the page is being replaced
                 pass
-            assert self._time.monotonic() < deadline, f"timed out waiting for {expression}"
-            self._time.sleep(0.1)
+            assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+            self.page.wait_for_timeout(100)
 
     def open(self, url: str) -> None:
-        self._call("Page.navigate", url=url)
+        """Go to ``url`` (returns once it has loaded)."""
+        self.page.goto(url, wait_until="load", timeout=120_000)
 
     def close(self) -> None:
-        if getattr(self, "socket", None) is not None:
-            self.socket.close()
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        if getattr(self, "context", None) is not None:
+            self.context.close()
+            self.context = None
+        if self._playwright is not None:
+            self._playwright.stop()
+            self._playwright = None
+
+    def __enter__(self) -> Browser:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,7 +1,7 @@
 """The review page (issue 13, part 4): GET /review on a real uvicorn server with API keys, signed in
 through its login form, rendered in headless Chromium (two thumbnails per alert, drawn), an alert
 relabelled in Chromium by signing in and pressing the page's own button (tests/browser.py drives it
-over the DevTools protocol) and the gallery checked through the API; login, scopes, CSRF and
+with Playwright) and the gallery checked through the API; login, scopes, CSRF and
 escaping."""
 
 from __future__ import annotations
