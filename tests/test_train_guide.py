@@ -22,6 +22,8 @@ from PIL import Image
 from app.server_process import ROOT
 from models.data import read_manifest
 from models.imaging.phantom import write_phantom_set
+from models.net.checkpoint import load_checkpoint
+from models.training.config import load_config
 
 GUIDE = ROOT / "docs" / "train-your-own-data.md"
 #: what the guide says to add for a first short run, and the same for adapt (its own flag)
@@ -117,6 +119,10 @@ def test_the_guide_runs_on_a_miniature_set(tmp_path: Path) -> None:
     assert {s.patient_id for s in read_manifest(work / "sets" / "chestxray14" / "manifest.csv")} == {
         f"chestxray14:{n}" for n in range(1, 41)
     }
-    assert (work / "runs" / "chestxray14" / "model.pt").is_file()
+    # --manifest replaced the config's data and kept the rest of its recipe
+    payload = load_checkpoint(work / "runs" / "chestxray14" / "model.pt")
+    recipe = load_config(ROOT / "configs" / "default.toml")
+    assert payload["backbone"] == recipe.backbone.to_dict()
+    assert payload["preprocess"]["size"] == recipe.preprocess.size
     assert "test patients of the checkpoint's split" in outputs[2].stdout and "auc" in outputs[2].stdout
     assert "210 images of 70 patients" in outputs[3].stdout

@@ -126,7 +126,12 @@ def register(subparsers: Subparsers) -> None:
 
     p = subparsers.add_parser("train", help="train an identity model from a config (torchrun for DDP)")
     p.add_argument("--config", help="experiment config (TOML), e.g. configs/default.toml")
-    p.add_argument("--manifest", action="append", help="training manifest(s); replaces data.manifests")
+    p.add_argument(
+        "--manifest",
+        action="append",
+        help="a training manifest, e.g. from `cxr-reid data`; repeat for several sets. Replaces the config's "
+        "data.manifests and keeps its other settings",
+    )
     p.add_argument("--output", help="run directory (default from the config)")
     p.add_argument("--epochs", type=int, help="passes over the training set (default from the config)")
     p.add_argument("--max-minutes", type=float, help="stop after this wall time, keeping the best epoch")
