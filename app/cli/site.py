@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from app.cli.common import (
     Subparsers,
@@ -94,6 +94,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         **calibration.summary(),
         "thresholds": calibration.thresholds,
         "bayes_priors": priors,
+        "threshold_unit": threshold_unit(calibration.score_norm is not None),
         **calibration.provenance,
     }
     if args.json:
@@ -105,12 +106,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             f"({report['genuine_pairs']:,} same-patient / {report['impostor_pairs']:,} "
             "different-patient pairs)"
         ]
-        for far, threshold in calibration.thresholds.items():
-            low, high = report["threshold_ci"].get(far, (float("nan"), float("nan")))
-            lines.append(
-                f"  FAR {far}: threshold {threshold:.4f}  [95% CI {low:.4f}, {high:.4f}]  "
-                f"Bayes prior {100 * priors[far]:.3g}%"
-            )
+        described = threshold_lines(
+            calibration.thresholds,
+            unit=report["threshold_unit"],
+            intervals=report.get("threshold_ci", {}),
+            catch_rates=report.get("catch_rate", {}),
+        )
+        for far, line in zip(calibration.thresholds, described, strict=True):
+            lines.append(f"{line}; Bayes prior {100 * priors[far]:.3g}%")
         lines.append(
             "P(same patient) is given at the Bayes prior of the threshold in force (so it is >= 50% exactly "
             "when the pair is accepted) unless a request names its own prior"
@@ -118,6 +121,35 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         lines.append(where)
         sys.stdout.write("\n".join(lines) + "\n")
     return 0
+
+
+def threshold_unit(score_norm: bool) -> str:
+    """What a threshold is measured in: a site calibration with AS-norm compares normalised scores
+    (roughly standard deviations above the cohort's impostor scores), not cosines."""
+    return "AS-norm units" if score_norm else "cosine"
+
+
+def threshold_lines(
+    thresholds: dict[str, float],
+    *,
+    unit: str,
+    intervals: dict[str, Any] | None = None,
+    catch_rates: dict[str, float] | None = None,
+) -> list[str]:
+    """One line per FAR, in the words a PACS team reads: the threshold with its unit (and interval),
+    the catch rate where the fit measured it, and what the FAR means for correct filings."""
+    lines = []
+    for far, threshold in thresholds.items():
+        line = f"  FAR {far}: threshold {threshold:.4f} {unit}"
+        low, high = (intervals or {}).get(far, (None, None))
+        if low is not None and high is not None:
+            line += f" [95% CI {low:.4f}, {high:.4f}]"
+        rate = (catch_rates or {}).get(far)
+        if rate is not None:
+            line += f"; catch rate {rate:.0%}: of 100 misfiled images about {100 * rate:.0f} flagged"
+        line += f"; of 1,000 correct filings about {1000 * float(far):g} flagged wrongly"
+        lines.append(line)
+    return lines
 
 
 def _site_data(args: argparse.Namespace, settings: Settings) -> SiteData:
@@ -246,6 +278,13 @@ def _format_adaptation(result: AdaptResult) -> str:
         f"AUC difference {result.delta_auc:+.4f} [95% CI {low:+.4f}, {high:+.4f}] (paired patient bootstrap)"
     )
     if result.written:
+        calibration = result.calibration
+        lines += threshold_lines(
+            calibration.get("thresholds", {}),
+            unit=threshold_unit(bool(calibration.get("score_norm"))),
+            intervals=calibration.get("threshold_ci", {}),
+            catch_rates=calibration.get("catch_rate", {}),
+        )
         lines.append(
             f"wrote {result.out} ({result.model_id}), calibrated on the held-back patients "
             f"({'AS-norm' if result.calibration.get('score_norm') else 'raw cosines'}). A gallery holds the "

@@ -477,6 +477,8 @@ def adapt(
         "thresholds": calibration.thresholds,
         "default_far": calibration.default_far,
         "score_norm": calibration.provenance.get("score_norm"),
+        "threshold_ci": calibration.provenance.get("threshold_ci", {}),
+        "catch_rate": calibration.provenance.get("catch_rate", {}),
     }
     provenance = {
         "base_model_id": base["model_id"],

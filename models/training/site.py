@@ -232,7 +232,7 @@ def fit_site_calibration(
         "bootstrap": bootstrap,
         **(provenance or {}),
     }
-    return Calibration.fit(
+    calibration = Calibration.fit(
         genuine,
         impostor,
         default_far=default_far,
@@ -242,6 +242,12 @@ def fit_site_calibration(
         provenance=record,
         score_norm=None if norm is None else norm.to_dict(),
     )
+    # the catch rate a site reads beside each threshold: the share of these same-patient pairs at or
+    # above it (a misfile is flagged as its true patient when it scores so against an earlier image)
+    calibration.provenance["catch_rate"] = {
+        far: float(np.mean(genuine >= threshold)) for far, threshold in calibration.thresholds.items()
+    }
+    return calibration
 
 
 # --- measuring the promise --------------------------------------------------------------------------
