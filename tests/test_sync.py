@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from conftest import dicom_dataset
 from PIL import Image
@@ -28,7 +29,7 @@ from tests.orthanc import Orthanc, missing_reason
 
 EXAMPLES = ROOT / "examples" / "radiographs"
 CR_STORAGE, MR_STORAGE = "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.4"
-STUDY_A, STUDY_B, STUDY_A2, STUDY_C = (f"1.2.826.0.1.3680043.8.498.7{n}" for n in range(1, 5))
+STUDY_A, STUDY_B, STUDY_A2, STUDY_C = STUDIES = tuple(f"1.2.826.0.1.3680043.8.498.7{n}" for n in range(1, 5))
 
 needs_orthanc = pytest.mark.skipif(missing_reason() is not None, reason=missing_reason() or "")
 
@@ -134,6 +135,12 @@ def test_sync_dicomweb_then_orthanc_changes(
         f["b2"][0]: ("child-B", STUDY_B, "AP"),
         f["misfiled"][0]: ("child-A", STUDY_A2, "PA"),
     }
+    # the originals kept for reindex went through the basic profile; the UIDs the rows hold stayed
+    originals = [pydicom.dcmread(p) for p in (data / "images").rglob("*") if p.is_file()]
+    assert sorted(ds.SOPInstanceUID for ds in originals) == sorted(got)
+    for ds in originals:
+        assert ds.PatientIdentityRemoved == "YES" and not ds.PatientID.startswith("child-")
+        assert ds.StudyDate not in ("20240501", "20240502", "20240503") and ds.StudyInstanceUID in STUDIES
     alert = re.search(r"alerts 1 \(image (\d+) matches_other_patient alert (\d+)\)", line)
     assert alert, line
     misfile_image = int(alert.group(1))
