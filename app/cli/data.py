@@ -105,8 +105,12 @@ def register(subparsers: Subparsers) -> None:
         f"{sources}. Reports images, patients and patients with several images, and every row "
         "left out with the reason. Guide: docs/train-your-own-data.md.",
     )
-    p.add_argument("source", choices=list(SOURCES), help="the kind of set under ROOT")
-    p.add_argument("root", help="the folder the set was downloaded (and unpacked) to, or the DICOM folder")
+    p.add_argument(
+        "source", choices=list(SOURCES), metavar="SOURCE", help=f"the kind of set: {', '.join(SOURCES)}"
+    )
+    p.add_argument(
+        "root", metavar="ROOT", help="the folder the set was downloaded and unpacked to, or the DICOM folder"
+    )
     p.add_argument(
         "--out",
         required=True,
