@@ -412,3 +412,18 @@ def test_train_without_data_says_how_to_get_it(tmp_path: Path, caplog: pytest.Lo
     assert "cxr-reid data SOURCE ROOT --out sets/NAME/manifest.csv" in message
     assert "--manifest sets/NAME/manifest.csv" in message and "docs/train-your-own-data.md" in message
     assert not (tmp_path / "run").exists()
+
+
+def test_a_renamed_metadata_file_is_given_with_metadata(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "nih"
+    rows = [[f"0000000{n}_00{k}.png", "No Finding", k, n, 40, "F", "PA"] for n in (1, 2) for k in (0, 1)]
+    metadata = _csv(tmp_path / "elsewhere" / "nih-labels.csv", CHESTXRAY14_HEADER[:7], rows)
+    for row in rows:
+        _image(root / "images" / str(row[0]))  # the NIH download: every archive unpacks into images/
+    out = tmp_path / "sets" / "nih" / "manifest.csv"
+    assert _data("chestxray14", str(root), "--out", str(out)) == 2  # not under ROOT by its name
+    assert _data("chestxray14", str(root), "--out", str(out), "--metadata", str(metadata)) == 0
+    assert "4 images of 2 patients, 2 with 2 or more images" in capsys.readouterr().out
+    assert {s.patient_id for s in read_manifest(out)} == {"nih:1", "nih:2"}
