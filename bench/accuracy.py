@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from models.evaluation.benchkit import NOT_AVAILABLE, json_safe, markdown_table, num, with_ci
+from models.evaluation.benchkit import NO_DATA, NOT_AVAILABLE, json_safe, markdown_table, num, with_ci
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"  # "../shared/data" from the repo root
@@ -215,14 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_dir = Path(args.data_dir) if args.data_dir else DEFAULT_DATA_DIR
         shown = args.data_dir or "../shared/data"
         if not data_dir.is_dir():
-            print(f"{shown} not found: nothing to measure; this benchmark needs the real sets")
+            print(f"{shown} not found: {NO_DATA}")
             return 0
         manifests = find_manifests(data_dir)
         if not manifests:
-            print(
-                f"{shown} holds no set folder with a manifest.csv: nothing to measure; "
-                "this benchmark needs the real sets"
-            )
+            print(f"{shown} holds no set folder with a manifest.csv: {NO_DATA}")
             return 0
         source = f"data dir {shown_path(data_dir)}"
 

@@ -42,6 +42,7 @@ from PIL import Image, ImageOps
 
 from app.analysis.audit import FINDING_TYPES, run_audit
 from app.analysis.audit_report import write_outputs
+from models.evaluation.benchkit import NO_DATA
 from models.net.embedder import Embedder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     data_dir = args.data_dir or DEFAULT_DATA_DIR
     if not data_dir.is_dir():
-        print(f"no data at {args.data_dir or '../shared/data'}: nothing to measure")
+        print(f"no data at {args.data_dir or '../shared/data'}: {NO_DATA}")
         return 0
     embedder = Embedder.from_checkpoint(args.model, runtime="auto")
     results: dict[str, Any] = {"model_id": embedder.model_id, "date": dt.date.today().isoformat(), "sets": {}}

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from models.evaluation.benchkit import json_safe, markdown_table, num, with_ci
+from models.evaluation.benchkit import NO_DATA, json_safe, markdown_table, num, with_ci
 from models.scoring.scorenorm import DEFAULT_TOP_K
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -432,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     missing = [m for m in config.data.manifests if not Path(m).is_file()]
     if missing:
-        print(f"{', '.join(missing)} not found: nothing to measure; this benchmark needs the real sets")
+        print(f"{', '.join(missing)} not found: {NO_DATA}")
         return 0
     if len(config.data.manifests) < 2:
         print("error: leave-one-set-out needs a recipe with at least two sets", file=sys.stderr)

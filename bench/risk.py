@@ -176,10 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.set:
             manifests = [m for m in manifests if m.parent.name in args.set]
         if not manifests:
-            print(
-                f"no set with a manifest.csv under {shown}: nothing to measure; "
-                "this benchmark needs the real sets"
-            )
+            from models.evaluation.benchkit import NO_DATA
+
+            print(f"no set with a manifest.csv under {shown}: {NO_DATA}")
             return 0
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

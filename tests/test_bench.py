@@ -91,6 +91,7 @@ def test_accuracy_without_data_says_so_and_exits_0(tmp_path: Path, where: str) -
     proc = _run("accuracy.py", "--data-dir", str(data_dir))
     assert proc.returncode == 0, proc.stderr
     assert "nothing to measure; this benchmark needs the real sets" in proc.stdout
+    assert "`cxr-reid data SOURCE ROOT" in proc.stdout  # and how to make some
     assert "|" not in proc.stdout  # no table
 
 

@@ -17,6 +17,13 @@ import numpy as np
 #: How a table shows a metric that is undefined (no pairs, one class).
 NOT_AVAILABLE = "n/a"
 
+#: What a benchmark says when the real sets are not there: they are not shipped, and how to make some.
+NO_DATA = (
+    "nothing to measure; this benchmark needs the real sets (a folder of set folders, each with a "
+    "manifest.csv; `cxr-reid data SOURCE ROOT --out DIR/NAME/manifest.csv` makes one from a public set "
+    "or a DICOM folder: docs/train-your-own-data.md)"
+)
+
 
 def rate(run: Callable[[], object], items: int, seconds: float) -> float:
     """Items per second of ``run`` (one warm-up call, then repeated for about ``seconds``)."""
