@@ -325,6 +325,25 @@ def test_a_port_in_use_is_named(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.server
+def test_cli_serve_names_a_dicom_port_in_use_in_one_line(tmp_path: Path, server_env: dict[str, str]) -> None:
+    """Before the model loads: exit 2 and one line naming the address and what to do."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "app.cli", "serve", "--port", str(free_port())]
+        done = subprocess.run(
+            [*command, "--dicom-port", str(port)], env=server_env, capture_output=True, text=True, timeout=120
+        )
+    assert done.returncode == 2, done.stderr
+    assert f"the DICOM receiver cannot listen on 127.0.0.1:{port} (Address already in use)" in done.stderr
+    assert "--dicom-port" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.server
 def test_cli_serve_with_dicom_port_receives_from_storescu_and_echoscu(
     tmp_path: Path, servers: list[Server], server_env: dict[str, str]
 ) -> None:

@@ -54,6 +54,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             settings.host,
             settings.port,
         )
+    if settings.dicom_port is not None:
+        from app.pacs.dimse import listen_problem
+
+        if (problem := listen_problem(settings)) is not None:
+            log.error("%s", problem)
+            return 2
     import uvicorn  # only now: a refused start says so without loading torch first
 
     from app.main import create_app

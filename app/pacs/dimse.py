@@ -43,6 +43,7 @@ JPEG baseline / extended / lossless, JPEG-LS, JPEG 2000, HTJ2K, RLE).
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import socket
@@ -128,6 +129,31 @@ def error_comment(reason: str, sop_instance_uid: str | None, code: Failure | Non
     if len(comment) > ERROR_COMMENT_CHARS:
         comment = comment[: ERROR_COMMENT_CHARS - 3].rstrip() + "..."
     return comment
+
+
+def listen_problem(settings: Settings) -> str | None:
+    """Why the DICOM receiver of ``settings`` could not listen (its port taken, its address not this
+    machine's), or None: ``cxr-reid serve`` asks before the model loads, to say it in one line."""
+    host = settings.dicom_host or settings.host
+    if settings.dicom_port is None:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, settings.dicom_port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the receiver binds
+            probe.bind(address)
+    except OSError as exc:
+        return _listen_error(host, settings.dicom_port, exc)
+    return None
+
+
+def _listen_error(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        hint = "choose another --dicom-port (CXR_REID_DICOM_PORT), or stop what uses it"
+    else:
+        hint = "give --dicom-host (CXR_REID_DICOM_HOST) an address of this machine"
+    return f"the DICOM receiver cannot listen on {host}:{port} ({exc.strerror or exc}): {hint}"
 
 
 class _PduLimitedSocket:
@@ -263,11 +289,7 @@ class DicomReceiver:
                 request_handler=functools.partial(_limited_handler_class(), pdu_limit=limit),
             )
         except OSError as exc:
-            raise OSError(
-                exc.errno,
-                f"the DICOM receiver cannot listen on {self.host}:{self.port} ({exc.strerror or exc}): "
-                "choose another --dicom-port (CXR_REID_DICOM_PORT), or stop what uses it",
-            ) from exc
+            raise OSError(exc.errno, _listen_error(self.host, self.port, exc)) from exc
         if not self.settings.allowed_ae_list and self.host not in LOOPBACK_HOSTS:
             log.warning(
                 "the DICOM receiver on %s accepts associations from any calling AE title: set "
