@@ -148,7 +148,11 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         receiver = None
         try:
             if settings.dicom_port is not None:  # C-STORE / C-ECHO beside HTTP, on the same service
-                receiver = DicomReceiver(service, settings)
+                receiver = DicomReceiver(
+                    service,
+                    settings,
+                    on_answered=lambda status: metrics.dicom_stores.labels(f"0x{status:04X}").inc(),
+                )
                 await run_in_threadpool(receiver.start)
                 app.state.dicom_receiver = receiver
             yield

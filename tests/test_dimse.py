@@ -155,6 +155,10 @@ def test_c_echo_and_c_store_enrol_as_stow_does(receiving: Any, files: dict[str, 
     assert client.get("/images").json()["total"] == 4
 
     # the same instances over STOW-RS fail with the same codes: one table answers both
+    metrics = client.get("/metrics").text
+    for status, count in (("0x0000", 5), ("0x0122", 1), ("0xC000", 1), ("0x0111", 1)):
+        assert f'cxr_reid_dicom_stores_total{{status="{status}"}} {count}.0' in metrics
+
     answer = stow(client, [files[name][1] for name in ("ct", "bad_id", "moved")])
     assert [value(item, FAILURE_REASON) for item in items(answer.json(), FAILED)] == [0x0122, 0xC000, 0x0111]
 

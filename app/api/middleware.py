@@ -109,8 +109,15 @@ class ServiceMetrics:
         )
         self.alerts = Counter(
             "cxr_reid_alerts",
-            "wrong-patient alerts raised at enrolment (POST /images, STOW-RS), by kind",
+            "wrong-patient alerts raised at enrolment (POST /images, STOW-RS, C-STORE), by kind",
             ["kind"],
+            registry=self.registry,
+        )
+        self.dicom_stores = Counter(
+            "cxr_reid_dicom_stores",
+            "DICOM C-STORE requests the receiver answered (app/pacs/dimse.py), by status: 0x0000 stored "
+            "or already there, else the failure code (0xA700, 0xC000, 0x0122, 0x0111, 0x0110)",
+            ["status"],
             registry=self.registry,
         )
         self.alerts_resolved = Counter(

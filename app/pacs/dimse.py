@@ -50,6 +50,7 @@ import socket
 import socketserver
 import threading
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from app.service.errors import ServiceError, UnavailableError
@@ -231,7 +232,14 @@ class DicomReceiver:
     """The C-STORE / C-ECHO SCP of one serving process: :meth:`start` binds it (OSError when the port
     is taken), :meth:`stop` stops it; in between each association runs in its own thread."""
 
-    def __init__(self, service: ReidService, settings: Settings) -> None:
+    def __init__(
+        self,
+        service: ReidService,
+        settings: Settings,
+        *,
+        on_answered: Callable[[int], None] | None = None,
+    ) -> None:
+        """``on_answered`` is told each C-STORE's status (the service's metrics count them)."""
         if settings.dicom_port is None:
             raise ValueError("no DICOM port is configured (CXR_REID_DICOM_PORT, or serve --dicom-port)")
         try:
@@ -246,6 +254,7 @@ class DicomReceiver:
         self.host = settings.dicom_host or settings.host
         self.port = settings.dicom_port
         self.max_instance_bytes = settings.max_upload_bytes
+        self._on_answered = on_answered
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
         #: dataset bytes received so far of the message each association is receiving
@@ -404,6 +413,8 @@ class DicomReceiver:
                 with self._idle:
                     self._storing -= 1
                     self._idle.notify_all()
+        if self._on_answered is not None:
+            self._on_answered(status)
         answer = Dataset()
         answer.Status = status
         if reason is not None:
