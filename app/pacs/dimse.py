@@ -36,9 +36,10 @@ associations still open. Associations must call this receiver's AE title; with
 (``CXR_REID_DICOM_HOST``) where only trusted modalities and PACS reach it.
 
 Storage presentation contexts: CR, DX (for presentation and for processing) and Secondary Capture
-images (a secondary capture is enrolled only with one of those Modalities, as over STOW-RS), each in the transfer syntaxes the decoder reads (:func:`transfer_syntaxes`: implicit and
-explicit VR little endian, deflated, and each compressed syntax whose pydicom decoder is installed:
-JPEG baseline / extended / lossless, JPEG-LS, JPEG 2000, HTJ2K, RLE).
+images (a secondary capture is enrolled only with one of those Modalities, as over STOW-RS), each
+in the transfer syntaxes the decoder reads (:func:`transfer_syntaxes`: implicit and explicit VR
+little endian, deflated, and each compressed syntax whose pydicom decoder is installed: JPEG
+baseline / extended / lossless, JPEG-LS, JPEG 2000, HTJ2K, RLE).
 """
 
 from __future__ import annotations
