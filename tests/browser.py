@@ -10,6 +10,7 @@ fails the render), runs its scripts and returns the resulting DOM; ``screenshot`
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser as PlaywrightBrowser
-    from playwright.sync_api import Page, Playwright, Route
+    from playwright.sync_api import BrowserContext, Page, Playwright, Route
 
 #: Debian's Chromium, which Playwright launches instead of a browser of its own.
 CHROMIUM = shutil.which("chromium")
@@ -70,12 +71,29 @@ def _over_network(url: str) -> bool:
     return urlsplit(url).scheme not in ("file", "data", "blob", "about")
 
 
-def _start() -> Playwright:
-    from playwright.sync_api import sync_playwright
+_driver: Playwright | None = None
 
+
+def _start() -> Playwright:
+    """Playwright's driver, one per process (a second one in the same thread is refused), started on
+    first use and stopped when the process exits: ``render`` and ``screenshot`` work while a
+    ``Browser`` is open."""
+    global _driver
     if CHROMIUM is None:
         raise RuntimeError("needs Debian's chromium (scripts/test.sh installs it)")
-    return sync_playwright().start()
+    if _driver is None:
+        from playwright.sync_api import sync_playwright
+
+        _driver = sync_playwright().start()
+        atexit.register(_stop)
+    return _driver
+
+
+def _stop() -> None:
+    global _driver
+    if _driver is not None:
+        _driver.stop()
+        _driver = None
 
 
 def _offline_page(browser: PlaywrightBrowser, viewport: dict[str, int] | None) -> tuple[Page, list[str]]:
@@ -96,19 +114,17 @@ def _offline_page(browser: PlaywrightBrowser, viewport: dict[str, int] | None) -
 
 def _load_offline(page: Path, viewport: dict[str, int] | None = None, png: Path | None = None) -> str:
     """The DOM of ``page`` (a local file) once loaded, and its screenshot into ``png``."""
-    playwright = _start()
+    browser = _start().chromium.launch(executable_path=CHROMIUM, args=OFFLINE)
     try:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=OFFLINE)
         tab, refused = _offline_page(browser, viewport)
         tab.goto(page.resolve().as_uri(), wait_until="load", timeout=120_000)
         if png is not None:
             tab.screenshot(path=png)
         dom = tab.content()
-        browser.close()
-        assert not refused, f"{page.name} asked for {refused}: a report must need nothing but itself"
-        return dom
     finally:
-        playwright.stop()
+        browser.close()
+    assert not refused, f"{page.name} asked for {refused}: a report must need nothing but itself"
+    return dom
 
 
 def render(page: Path) -> str:
@@ -142,14 +158,9 @@ class Browser:
     """
 
     def __init__(self, profile_dir: Path) -> None:
-        self._playwright: Playwright | None = _start()
-        try:
-            self.context = self._playwright.chromium.launch_persistent_context(
-                str(profile_dir), executable_path=CHROMIUM, args=LOOPBACK_ONLY
-            )
-        except Exception:
-            self.close()
-            raise
+        self.context: BrowserContext | None = _start().chromium.launch_persistent_context(
+            str(profile_dir), executable_path=CHROMIUM, args=LOOPBACK_ONLY
+        )
         self.refused: list[str] = []
         self.context.route("**/*", self._route)
         self.page = self.context.pages[0] if self.context.pages else self.context.new_page()
@@ -189,12 +200,9 @@ class Browser:
         self.page.goto(url, wait_until="load", timeout=120_000)
 
     def close(self) -> None:
-        if getattr(self, "context", None) is not None:
+        if self.context is not None:
             self.context.close()
             self.context = None
-        if self._playwright is not None:
-            self._playwright.stop()
-            self._playwright = None
 
     def __enter__(self) -> Browser:
         return self

@@ -106,4 +106,7 @@ def test_browser_types_clicks_and_follows_a_form_post_on_loopback_only(site: str
             browser.evaluate("nothing.here")
         with pytest.raises(AssertionError, match="timed out"):
             browser.wait_for("false", seconds=0.5)
+        page = tmp_path / "meanwhile.html"  # a report rendered while the window is open
+        page.write_text("<html><body><p>meanwhile</p></body></html>", encoding="utf-8")
+        assert "<p>meanwhile</p>" in render(page)
     assert browser.context is None  # closed on leaving the block
