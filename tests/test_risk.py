@@ -492,16 +492,16 @@ def test_the_readme_example_says_two_patients_cannot_bound_the_risk(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The README's `cxr-reid risk` example (two children linked, the shipped model), as written: the
+    """The privacy guide's `cxr-reid risk` example (two children linked, the shipped model), as written: the
     headline, the CLI line, risk.json and the report in Chromium say the sample is too small to bound
-    the risk. CXR_REID_RISK_SCREENSHOT=docs/risk-too-small.png keeps the README's picture of it."""
+    the risk. CXR_REID_RISK_SCREENSHOT=docs/risk-too-small.png keeps the guide's picture of it."""
     import logging
     import os
 
     from tests.browser import screenshot
 
     root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text()
+    readme = (root / "docs" / "privacy.md").read_text()  # the guide that holds the example
     command = next(line for line in readme.splitlines() if line.startswith("cxr-reid risk examples/"))
     said = readme.split(command, 1)[1].split("```", 1)[0]
     said = " ".join(line.lstrip("#").strip() for line in said.strip().splitlines())
@@ -517,7 +517,7 @@ def test_the_readme_example_says_two_patients_cannot_bound_the_risk(
     m = summary["linkability"]["measured"]["1e-3"]
     assert m["patients"] == 2 and m["linked"] == 2 and m["too_small"] and m["share"] is None
     assert m["share_ci"] == pytest.approx([0.025**0.5, 1.0])
-    assert summary["headline"] == said  # the README quotes what the command says
+    assert summary["headline"] == said  # the guide quotes what the command says
     assert f"{said}; report:" in caplog.text
     page = tmp_path / "risk-example" / "report.html"
     dom = render(page)
