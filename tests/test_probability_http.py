@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -53,9 +55,17 @@ def logit(p: float) -> float:
 def test_every_answer_names_its_prior_and_agrees_with_its_decision(server: Server) -> None:
     detail = httpx.get(f"{server.url}/calibration", timeout=30).json()
     scale = detail["calibration"]["score_norm"]
+    image_ids = []  # filed once, then compared by id: no image is embedded twice
+    for i, name in enumerate(NAMES):
+        files = [("files", (name, (EXAMPLES / name).read_bytes(), "image/jpeg"))]
+        data = {"patient_id": f"grid-{i}", "collection": "grid"}
+        enrolled = httpx.post(f"{server.url}/images", files=files, data=data, timeout=60)
+        assert enrolled.status_code == 201, enrolled.text
+        image_ids.append(enrolled.json()["images"][0]["image_id"])
     decisions = set()
-    for (a, b), far in itertools.product(itertools.combinations(NAMES, 2), (None, "1e-2")):
-        answer = verify(server, a, b, **({"far": far} if far else {}))
+    for (a, b), far in itertools.product(itertools.combinations(image_ids, 2), (None, "1e-2")):
+        fields = {"image_id_a": str(a), "image_id_b": str(b), **({"far": far} if far else {})}
+        answer = httpx.post(f"{server.url}/verify", data=fields, timeout=60)
         assert answer.status_code == 200, answer.text
         body = answer.json()
         assert body["prior_source"] == "operating_point" and 0 < body["prior"] < 1
@@ -104,3 +114,47 @@ def test_patient_mode_names_its_prior(server: Server) -> None:
     for name in ("PairVerification", "PatientVerification"):
         assert {"prior", "prior_source", "probability"} <= set(schema[name]["properties"])
         assert "Bayes decision" in schema[name]["properties"]["prior"]["description"]
+
+
+def test_review_gives_no_probability_for_an_alert_scored_under_another_calibration(tmp_path: Path) -> None:
+    """An alert keeps the score it was raised with; once a site calibration (AS-norm, another scale) is
+    in force, a probability of that score would be a number on the wrong scale: the page says n/a."""
+    from index import Gallery, NewImage
+    from models.net.checkpoint import load_checkpoint
+
+    data = tmp_path / "data"
+    shipped = load_checkpoint(DEFAULT_CHECKPOINT)
+    dim = int(shipped["backbone"]["embedding_dim"])
+    vectors, ids = synthetic_site(80, 2, noise=0.9, dim=dim, shared=1.0)  # labelled site images
+    with Gallery(data, dim=dim, model_id=shipped["model_id"]) as gallery:
+        gallery.add(vectors, [NewImage(patient_id=p) for p in ids])
+    port = free_port()
+    server = Server(uvicorn_command(port), server_env(data), port, tmp_path / "server.log")
+    try:
+
+        def enrol(patient: str, name: str) -> dict:
+            files = [("files", (name, (EXAMPLES / name).read_bytes(), "image/jpeg"))]
+            answer = httpx.post(f"{server.url}/images", files=files, data={"patient_id": patient}, timeout=60)
+            assert answer.status_code == 201, answer.text
+            return answer.json()["images"][0]
+
+        enrol("child-B", "child-b-1.jpeg")
+        alert = enrol("child-A", "child-b-3.jpeg")["alert"]
+        assert alert["kind"] == "matches_other_patient"
+
+        def card() -> str:
+            page = httpx.get(f"{server.url}/review", timeout=60).text
+            return page.split(f'id="alert-{alert["alert_id"]}"', 1)[1].split("</article>", 1)[0]
+
+        assert re.search(r'class="probability">[\d.]+% ', card())  # the calibration it was raised under
+        fitted = httpx.post(
+            f"{server.url}/calibration", data={"far": "1e-2,1e-3", "bootstrap": "0"}, timeout=120
+        )
+        assert fitted.status_code == 200, fitted.text
+        assert fitted.json()["calibration"]["score_norm"].startswith("as-norm")
+        assert 0 < fitted.json()["default_prior"] < 1
+        after = card()
+        assert "n/a" in after and "scored under a calibration no longer in force" in after
+        assert "same patient as child-B" in after and "FAR 0.001" in after  # the decision as it was taken
+    finally:
+        server.stop()
