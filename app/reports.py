@@ -79,7 +79,10 @@ def histogram_svg(
     height: int = 220,
 ) -> str:
     """Overlaid histograms (each normalised to its own count, so sets of different sizes compare)
-    with labelled vertical markers (thresholds), as an inline SVG string."""
+    with labelled vertical markers (thresholds), as an inline SVG string.
+
+    The y axis is the share of each series per bin; a marker's label sits on the side of its line
+    with room for it, and labels of several markers are stacked, so none is clipped or overlaps."""
     data = {name: np.asarray(values, dtype=np.float64) for name, values in series.items()}
     data = {name: v[np.isfinite(v)] for name, v in data.items()}
     values = [v for v in data.values() if v.size]
@@ -99,7 +102,9 @@ def histogram_svg(
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
     edges = np.linspace(lo, hi, bins + 1)
-    left, right, top, bottom = 40, 10, 10, 36
+    legend_h = 14 * len(data)  # the legend above the plot, so no bar or marker label runs under it
+    left, right, top, bottom = 56, 10, 10 + legend_h, 36
+    height += legend_h
     plot_w, plot_h = width - left - right, height - top - bottom
     heights = {name: np.histogram(v, bins=edges)[0] / max(v.size, 1) for name, v in data.items()}
     peak = max(float(h.max()) for h in heights.values()) or 1.0
@@ -114,11 +119,22 @@ def histogram_svg(
         f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {width} {height}" '
         f'width="{width}" height="{height}" role="img">',
         f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#444"/>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#444" class="y-axis"/>',
+        f'<text x="12" y="{top + plot_h / 2}" font-size="11" text-anchor="middle" '
+        f'transform="rotate(-90 12 {top + plot_h / 2})">share per bin</text>',
     ]
+    for k in range(3):  # 0, half the peak, the peak: the share of its series one bin holds
+        share = peak * k / 2
+        parts.append(
+            f'<line x1="{left - 3}" y1="{y(share):.1f}" x2="{left}" y2="{y(share):.1f}" stroke="#444"/>'
+            f'<text x="{left - 5}" y="{y(share) + 3:.1f}" font-size="10" text-anchor="end" class="y-tick">'
+            f"{share:.0%}</text>"
+        )
     for k in range(6):
         tick = lo + (hi - lo) * k / 5
+        anchor = "start" if k == 0 else "end" if k == 5 else "middle"  # the outer two stay inside
         parts.append(
-            f'<text x="{x(tick):.1f}" y="{top + plot_h + 14}" font-size="10" text-anchor="middle">'
+            f'<text x="{x(tick):.1f}" y="{top + plot_h + 14}" font-size="10" text-anchor="{anchor}">'
             f"{tick:.2f}</text>"
         )
     parts.append(
@@ -133,18 +149,23 @@ def histogram_svg(
         parts.append(
             f'<polyline fill="{colour}" fill-opacity="0.25" stroke="{colour}" points="{" ".join(points)}"/>'
         )
-    legend_y = top + 12
+    legend_y = 12
     for (name, v), colour in zip(data.items(), PALETTE, strict=False):
         parts.append(
             f'<text x="{left + 8}" y="{legend_y}" font-size="11" fill="{colour}">'
             f"{_escape(name)} ({v.size:,})</text>"
         )
         legend_y += 14
-    for name, value in marks.items():
+    for k, (name, value) in enumerate(marks.items()):
+        at = x(value)
+        # the label on the side of the line with room for it (a threshold near the right edge would be
+        # cut off to its right), one line lower for each marker so two close ones do not overlap
+        side = f'x="{at - 3:.1f}" text-anchor="end"' if at > left + plot_w / 2 else f'x="{at + 3:.1f}"'
         parts.append(
-            f'<line x1="{x(value):.1f}" y1="{top}" x2="{x(value):.1f}" y2="{top + plot_h}" '
+            f'<line x1="{at:.1f}" y1="{top}" x2="{at:.1f}" y2="{top + plot_h}" '
             'stroke="#000" stroke-dasharray="4 3"/>'
-            f'<text x="{x(value) + 3:.1f}" y="{top + 10}" font-size="10">{_escape(name)} {value:.3f}</text>'
+            f'<text {side} y="{top + 10 + 12 * k}" font-size="10" class="marker">'
+            f"{_escape(name)} {value:.3f}</text>"
         )
     parts.append("</svg>")
     return "".join(parts)
@@ -161,7 +182,10 @@ def curve_svg(
     height: int = 260,
 ) -> str:
     """Line chart of (x, y) points per series, y in [0, 1], optional (x, low, high) bands, x on a log
-    scale by default (false-accept rates), as an inline SVG string."""
+    scale by default (false-accept rates), as an inline SVG string.
+
+    The legend sits above the plot (a line near 1.0 would run through it); the outermost tick labels
+    are anchored inwards so neither is cut off at the chart's edge."""
     points = [p for c in curves.values() for p in c]
     if not points:
         return '<p class="muted">nothing to plot</p>'
@@ -170,7 +194,9 @@ def curve_svg(
     lo, hi = float(tx(xs.min())), float(tx(xs.max()))
     if hi <= lo:
         lo, hi = lo - 1, hi + 1
-    left, right, top, bottom = 44, 10, 10, 36
+    legend_h = 14 * len(curves)
+    left, right, top, bottom = 44, 10, 10 + legend_h, 36
+    height += legend_h
     plot_w, plot_h = width - left - right, height - top - bottom
 
     def px(value: float) -> float:
@@ -191,11 +217,12 @@ def curve_svg(
             f"{share:.1f}</text>"
         )
     ticks = sorted({p[0] for p in points})
-    for tick in ticks:
-        label = f"{tick:.0e}" if log_x else f"{tick:g}"
+    for k, tick in enumerate(ticks):
+        label = far_label(tick) if log_x else f"{tick:g}"
+        anchor = "start" if k == 0 and len(ticks) > 1 else "end" if k == len(ticks) - 1 else "middle"
         parts.append(
-            f'<text x="{px(tick):.1f}" y="{top + plot_h + 14}" font-size="10" text-anchor="middle">'
-            f"{label}</text>"
+            f'<text x="{px(tick):.1f}" y="{top + plot_h + 14}" font-size="10" text-anchor="{anchor}" '
+            f'class="x-tick">{label}</text>'
         )
     parts.append(
         f'<text x="{left + plot_w / 2}" y="{height - 4}" font-size="11" text-anchor="middle">'
@@ -213,7 +240,7 @@ def curve_svg(
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{line}"/>')
         for x, y in curve:
             parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{colour}"/>')
-    legend_y = top + 14
+    legend_y = 12
     for name, colour in zip(curves, PALETTE, strict=False):
         parts.append(
             f'<text x="{left + 8}" y="{legend_y}" font-size="11" fill="{colour}">{_escape(name)}</text>'
@@ -221,6 +248,14 @@ def curve_svg(
         legend_y += 14
     parts.append("</svg>")
     return "".join(parts)
+
+
+def far_label(value: float) -> str:
+    """A rate as people write it: 1e-3, 3e-5, 0.1 (not 1e-03 or 1.0e-01)."""
+    if value >= 0.1:
+        return f"{value:g}"
+    mantissa, exponent = f"{value:.0e}".split("e")
+    return f"{mantissa}e-{int(exponent[1:])}" if exponent.startswith("-") else f"{mantissa}e{int(exponent)}"
 
 
 def _escape(text: str) -> str:

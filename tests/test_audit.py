@@ -130,9 +130,57 @@ def test_every_planted_error_is_found_once_as_a_cluster_and_nothing_else() -> No
         ("inverted", "solo-inverted"),
         ("unlike the set", "solo-other"),
     ]
-    # the histograms' statistics: every usable image has a typicality; labelled ones an own-best score
-    assert np.isfinite(stats["typicality"][corpus.ok]).all() and stats["impostors"].size > 1000
+    # the histograms' statistics: every usable image has a typicality; labelled ones an own-best score;
+    # a set this small has its every different-patient pair scored once (not 20,000 draws of them)
+    assert np.isfinite(stats["typicality"][corpus.ok]).all()
+    assert stats["impostors"].size == int(stats["impostor_pairs"]) > 900
     assert [f.id for f in by_type["leakage"]] == ["leakage-1", "leakage-2"]
+
+
+def test_a_misfiled_image_is_a_mislabel_not_two_ids_of_one_person() -> None:
+    """One image of p3 filed under p2, close enough to p2's look not to fall under the plain mislabel
+    bar: it matches p3's images and none of p2's, so it is misfiled, not "p2 and p3 are one person"."""
+    _, calibration = planted_corpus()
+    rng = np.random.default_rng(5)
+    dim = 48
+    yy, xx = np.mgrid[0:SIGNATURE_SIDE, 0:SIGNATURE_SIDE]
+    base = (128 + 90 * np.cos((xx - 16) / 6.0) * np.exp(-((yy - 16) ** 2) / 300)).reshape(-1)
+    centres = {f"p{p}": rng.normal(size=dim) for p in range(12)}
+
+    def unit(v: np.ndarray) -> np.ndarray:
+        return v / np.linalg.norm(v)
+
+    rows = [(p, unit(c + rng.normal(size=dim) * 0.25)) for p, c in centres.items() for _ in range(4)]
+    misfiled = 8  # p2's first image: p3's anatomy with a little of p2's look
+    rows[misfiled] = (
+        "p2",
+        unit(unit(centres["p3"]) + 0.3 * unit(centres["p2"]) + rng.normal(size=dim) * 0.02),
+    )
+    n = len(rows)
+    corpus = EmbeddedCorpus(
+        [
+            CorpusImage(
+                path=Path(f"/x/{i}.png"), shown=f"{i}.png", patient_id=p, split="train", key=f"set:{p}"
+            )
+            for i, (p, _) in enumerate(rows)
+        ],
+        np.stack([v for _, v in rows]).astype(np.float32),
+        np.stack([_signature(rng, base) for _ in rows]),
+        [f"sha{i}" for i in range(n)],
+        [f"px{i}" for i in range(n)],
+        [None] * n,
+        "synthetic",
+    )
+    threshold = calibration.threshold_for("1e-3")
+    findings, stats = find_issues(corpus, calibration, threshold)
+    assert float(stats["mislabel_below"]) < stats["own_best"][misfiled] < threshold  # not the plain bar
+    (finding,) = findings
+    assert (finding.type, finding.kind, finding.flagged) == (
+        "mislabel",
+        "filed under another patient",
+        [misfiled],
+    )
+    assert finding.summary.startswith("8.png is filed under p2 but looks like p3: it matches 4 of p3's 4")
 
 
 def test_a_clean_set_has_no_findings() -> None:
@@ -204,20 +252,25 @@ def test_audit_command_finds_the_planted_files_and_exits_1(
     summary = capsys.readouterr().out
     assert "FINDINGS:" in summary and "report.html" in summary
     report = json.loads((out / "findings.json").read_text())
+    # the copies of the train image are reported once, under the leakage they cause, not again as copies
     assert report["counts"] == {
         "leakage": 2,
         "mislabel": 0,
         "duplicate_identity": 0,
-        "exact_duplicate": 1,
+        "exact_duplicate": 0,
         "outlier": 2,
     }
     leaks = {tuple(f["patient_ids"]): f for f in report["findings"] if f["type"] == "leakage"}
     assert set(leaks) == {(planted["other"],), tuple(sorted([planted["train"], "renamed"]))}
     assert leaks[(planted["other"],)]["kind"] == "by id"
     assert leaks[tuple(sorted([planted["train"], "renamed"]))]["pairs"][0]["score"] == pytest.approx(1.0)
-    (copy,) = [f for f in report["findings"] if f["type"] == "exact_duplicate"]
-    assert copy["kind"] == "identical files" and "under 2 patient ids" in copy["summary"]
-    assert planted["copy"] in {image["path"] for image in copy["images"]}  # paths as the manifest gives them
+    copied = leaks[tuple(sorted([planted["train"], "renamed"]))]
+    assert "also identical files: 3 identical files under 2 patient ids" in copied["summary"]
+    assert planted["copy"] in {
+        image["path"] for image in copied["images"]
+    }  # paths as the manifest gives them
+    flagged = [(i["path"], i["patient_id"]) for f in report["findings"] for i in f["images"] if i["flagged"]]
+    assert len(flagged) == len(set(flagged))  # each file pointed at by one finding
     outliers = {f["kind"]: f["images"][0]["path"] for f in report["findings"] if f["type"] == "outlier"}
     assert outliers == {"unreadable": "images/broken.png", "blank": "images/blank.png"}
     rows = list(csv.DictReader((out / "findings.csv").open()))

@@ -120,8 +120,10 @@ def _pair_scorer(calibration: Calibration, corpus: EmbeddedCorpus) -> PairScorer
     return PairScorer(calibration, corpus.vectors, keys)
 
 
-def _impostor_sample(corpus: EmbeddedCorpus, scorer: PairScorer, seed: int = 0) -> np.ndarray:
-    """Decision scores of up to IMPOSTOR_SAMPLE random pairs of images under different patient ids."""
+def _impostor_sample(corpus: EmbeddedCorpus, scorer: PairScorer, seed: int = 0) -> tuple[np.ndarray, int]:
+    """Decision scores of pairs of images under different patient ids, and how many such pairs the set
+    holds: every pair when there are at most IMPOSTOR_SAMPLE (a small set's histogram and bar count
+    each pair once, not the same few pairs over and over), else IMPOSTOR_SAMPLE random ones."""
     labelled = np.asarray(
         [
             i
@@ -130,14 +132,22 @@ def _impostor_sample(corpus: EmbeddedCorpus, scorer: PairScorer, seed: int = 0) 
         ]
     )
     if labelled.size < 2:
-        return np.zeros(0)
+        return np.zeros(0), 0
+    ids = [image.patient_id for image in corpus.images]
+    _, sizes = np.unique(np.asarray([ids[i] for i in labelled], dtype=object), return_counts=True)
+    total = int(labelled.size * (labelled.size - 1) // 2 - np.sum(sizes * (sizes - 1) // 2))
+    if total <= IMPOSTOR_SAMPLE:
+        ia, ib = np.triu_indices(labelled.size, 1)
+        a, b = labelled[ia], labelled[ib]
+        keep = np.asarray([ids[x] != ids[y] for x, y in zip(a, b, strict=True)], dtype=bool)
+        a, b = a[keep], b[keep]
+        return (scorer.score(a, b) if a.size else np.zeros(0)), total
     rng = np.random.default_rng(seed)
     a = labelled[rng.integers(0, labelled.size, 2 * IMPOSTOR_SAMPLE)]
     b = labelled[rng.integers(0, labelled.size, 2 * IMPOSTOR_SAMPLE)]
-    ids = [image.patient_id for image in corpus.images]
     keep = np.asarray([ids[x] != ids[y] for x, y in zip(a, b, strict=True)], dtype=bool)
     a, b = a[keep][:IMPOSTOR_SAMPLE], b[keep][:IMPOSTOR_SAMPLE]
-    return scorer.score(a, b) if a.size else np.zeros(0)
+    return (scorer.score(a, b) if a.size else np.zeros(0)), total
 
 
 def _chance_bar(impostors: np.ndarray, images: int) -> float:
@@ -212,13 +222,15 @@ def find_issues(
     pairs = _pairs_above(corpus, scorer, rows, threshold)
     typicality, best_other = _neighbour_scores(corpus, scorer, rows)
     own_best, by_patient = _own_patient_scores(corpus, scorer, rows)
-    impostors = _impostor_sample(corpus, scorer)
+    impostors, impostor_pairs = _impostor_sample(corpus, scorer)
     outliers, strays, template_corr = _outliers(corpus, rows, typicality)
     copies, same_picture = _copies(corpus, rows, pairs)
     low = min(float(np.quantile(impostors, MISLABEL_QUANTILE)) if impostors.size else threshold, threshold)
     mislabels, mislabelled = _mislabels(corpus, pairs, by_patient, own_best, low, same_picture, strays)
     single_bar = _chance_bar(impostors, rows.size)
-    identities = _identities(corpus, pairs, mislabelled | strays, same_picture, single_bar)
+    explained = mislabelled | strays | set(same_picture)
+    misfiled, misfiled_rows = _misfiled(corpus, pairs, by_patient, own_best, threshold, explained)
+    identities = _identities(corpus, pairs, mislabelled | strays | misfiled_rows, same_picture, single_bar)
     stats = {
         "own_best": own_best,
         "best_other": best_other,
@@ -226,9 +238,10 @@ def find_issues(
         "template_corr": template_corr,
         "mislabel_below": np.asarray(low),
         "impostors": impostors,
+        "impostor_pairs": np.asarray(impostor_pairs),  # in the set; ``impostors`` holds all or a sample
         "single_pair_bar": np.asarray(single_bar),
     }
-    return _ranked(outliers + copies + mislabels + identities), stats
+    return _ranked(outliers + copies + mislabels + misfiled + identities), stats
 
 
 def _pairs_above(corpus: EmbeddedCorpus, scorer: PairScorer, rows: np.ndarray, threshold: float) -> _Pairs:
@@ -452,6 +465,55 @@ def _mislabels(
     return findings, mislabelled
 
 
+def _misfiled(
+    corpus: EmbeddedCorpus,
+    pairs: _Pairs,
+    by_patient: dict[str, list[int]],
+    own_best: np.ndarray,
+    threshold: float,
+    explained: set[int],
+) -> tuple[list[Finding], set[int]]:
+    """Misfiled images: one image of an id that matches several images of another patient but none of
+    its own id's other images, while those others do not match that patient. That is a mislabel (the
+    image belongs to the other patient), not two ids of one person, which the identity phase would
+    otherwise report; returns the findings and the rows they explain."""
+    images = corpus.images
+    matches: dict[int, dict[str, list[tuple[int, int, float]]]] = defaultdict(lambda: defaultdict(list))
+    for x, y, s in pairs:
+        px, py = images[x].patient_id, images[y].patient_id
+        if px is None or py is None or px == py:
+            continue
+        matches[int(x)][py].append((int(x), int(y), float(s)))
+        matches[int(y)][px].append((int(y), int(x), float(s)))
+    findings: list[Finding] = []
+    rows: set[int] = set()
+    for i, by_other in sorted(matches.items()):
+        own = images[i].patient_id
+        siblings = [j for j in by_patient.get(own or "", []) if j != i]
+        if i in explained or not siblings or not own_best[i] < threshold:
+            continue
+        for other, found in sorted(by_other.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            matched = sorted({y for _, y, _ in found})
+            if len(matched) < 2 or any(other in matches.get(j, {}) for j in siblings):
+                continue  # one chance match, or the id's other images match too: one person, two ids
+            total = len(by_patient.get(other, []))
+            findings.append(
+                Finding(
+                    "mislabel",
+                    "filed under another patient",
+                    f"{images[i].shown} is filed under {own} but looks like {other}: it matches "
+                    f"{len(matched)} of {other}'s {total} images and none of {own}'s other {len(siblings)}",
+                    [i, *sorted(siblings), *matched],
+                    flagged=[i],
+                    pairs=sorted(found, key=lambda p: -p[2]),
+                    confidence=min(1.0, 0.5 + 0.5 * min(1.0, len(matched) / STRONG_PAIRS)),
+                )
+            )
+            rows.add(i)
+            break
+    return findings, rows
+
+
 def _identities(
     corpus: EmbeddedCorpus,
     pairs: _Pairs,
@@ -560,14 +622,36 @@ def _identities(
 
 
 def _ranked(findings: list[Finding]) -> list[Finding]:
-    """Findings by type, strongest first within a type, each given its id ("mislabel-3")."""
+    """Findings by type, strongest first within a type, each file pointed at by one finding only
+    (:func:`_once_per_file`), each given its id ("mislabel-3")."""
     order = {kind: k for k, kind in enumerate(FINDING_TYPES)}
     findings.sort(key=lambda f: (order[f.type], -f.confidence, -len(f.images), f.images[0]))
+    findings = _once_per_file(findings)
     numbers: Counter[str] = Counter()
     for finding in findings:
         numbers[finding.type] += 1
         finding.id = f"{finding.type}-{numbers[finding.type]}"
     return findings
+
+
+def _once_per_file(ranked: list[Finding]) -> list[Finding]:
+    """Each file flagged by one finding: the first in rank order, so the most serious (FINDING_TYPES
+    order: a copy across splits is leakage before it is a duplicate file). A later finding keeps the
+    files no earlier one flagged; one with none left is folded into the finding that took its first
+    file, its summary added there ("also: ..."), so a reviewer reads each file once."""
+    claimed: dict[int, Finding] = {}
+    kept: list[Finding] = []
+    for finding in ranked:
+        rest = [i for i in finding.flagged if i not in claimed]
+        if finding.flagged and not rest:
+            owner = claimed[finding.flagged[0]]
+            owner.summary += f"; also {finding.kind}: {finding.summary}"
+            owner.images += [i for i in finding.images if i not in owner.images]
+            continue
+        finding.flagged = rest
+        claimed.update(dict.fromkeys(rest, finding))
+        kept.append(finding)
+    return kept
 
 
 # --------------------------------------------------------------------------------------------------

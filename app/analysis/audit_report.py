@@ -158,6 +158,12 @@ def render_html(result: AuditResult, report: dict[str, Any], embedder: Embedder)
     low = float(stats["mislabel_below"])
     if low < result.threshold:
         markers["mislabel below"] = low
+    sampled, total = int(stats["impostors"].size), int(stats["impostor_pairs"])
+    pairs_name = (
+        "every pair of images of different patients"
+        if sampled == total
+        else f"random pairs of images of different patients (of {total:,})"
+    )
     charts = [
         (
             "Scores: each image against its own patient's other images, and against the nearest "
@@ -166,7 +172,7 @@ def render_html(result: AuditResult, report: dict[str, Any], embedder: Embedder)
                 {
                     "best score to own patient": stats["own_best"],
                     "best score to another patient": stats["best_other"],
-                    "random pairs of different patients": stats["impostors"],
+                    pairs_name: stats["impostors"],
                 },
                 markers=markers,
                 x_label="decision score",
