@@ -481,6 +481,26 @@ class Gallery:
         self._check_open()
         return self._alerts.count(state)
 
+    def raise_alert(self, image_id: int, alert: NewAlert) -> AlertRecord | None:
+        """An open alert about a stored image, raised after its enrolment (a reviewer acting on a
+        duplicate conflict); None when there is no such image. Filed with the image's collection and
+        patient as they are now, like an enrolment's alert."""
+        self._check_open()
+        with self._wlock:
+            self._check_open()
+            record = self.get(image_id)
+            if record is None:
+                return None
+            with self._store.write_txn() as conn:
+                return alert_sql.insert(
+                    conn,
+                    alert,
+                    image_id=record.image_id,
+                    collection=record.collection,
+                    patient_id=record.patient_id,
+                    created_at=now_iso(),
+                )
+
     def resolve_alert(
         self,
         alert_id: int,

@@ -1,8 +1,9 @@
 """Alert review: read, list, count and resolve (confirm, dismiss, relabel) the wrong-patient alerts
 enrolments stored, and tell the hook (webhook, counters) of each event.
 
-Raising an alert is part of an enrolment (:meth:`app.service.reid.ReidService.enrol`); reviewing
-one is a job of its own, kept here so ``reid`` holds the model-facing work. :class:`AlertReview` is
+Raising an alert is part of an enrolment (:meth:`app.service.reid.ReidService.enrol`), or of a
+reviewer acting on a duplicate conflict (:meth:`AlertReview.alert_for_conflict`); reviewing one is a
+job of its own, kept here so ``reid`` holds the model-facing work. :class:`AlertReview` is
 mixed into ``ReidService`` (the API and the review pages see one service object); it uses the
 service's gallery, its enrolment lock (a relabel changes the labels an enrolment's check reads) and
 its ``on_alert_event`` hook.
@@ -16,7 +17,8 @@ from collections.abc import Callable
 
 from app.service.errors import ConflictError, InvalidInputError, NotFoundError
 from app.service.results import AlertView
-from index import AlertNotOpenError, AlertRecord, Gallery
+from app.service.scoring import record_key
+from index import AlertNotOpenError, AlertRecord, Gallery, NewAlert
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,72 @@ class AlertReview:
             return self._gallery.count_alerts("open")
         except Exception:  # a closing gallery: the scrape goes on
             return 0
+
+    def alert_for_conflict(self, image_id: int, other_image_id: int) -> AlertRecord:
+        """The alert a reviewer resolves for a duplicate conflict: ``image_id`` matches the patient of
+        ``other_image_id`` though filed under another. Raised now, scored at the operating point in
+        force, so a conflict is confirmed, dismissed or relabelled as an enrolment's alert is (and
+        its resolution kept with who and when); an open one for the same pair is reused."""
+        gallery = self.gallery
+        image, other = gallery.get(int(image_id)), gallery.get(int(other_image_id))
+        for wanted, record in ((image_id, image), (other_image_id, other)):
+            if record is None:
+                raise NotFoundError(f"image {wanted} not found")
+        assert image is not None and other is not None
+        if image.collection != other.collection:
+            raise InvalidInputError(
+                f"images {image_id} and {other_image_id} are in different collections ({image.collection}, "
+                f"{other.collection}): patient ids of two collections are not compared"
+            )
+        if image.patient_id is not None and image.patient_id == other.patient_id:
+            raise ConflictError(
+                f"images {image_id} and {other_image_id} are both filed under {image.patient_id} now; "
+                "nothing to resolve"
+            )
+        offset = 0
+        while True:  # an open alert about this pair already (a second click, a second reviewer)
+            alerts, total = gallery.list_alerts(
+                state="open", collection=image.collection, offset=offset, limit=500
+            )
+            for alert in alerts:
+                if alert.image_id == image.image_id and alert.other_image_id == other.image_id:
+                    return alert
+            offset += len(alerts)
+            if not alerts or offset >= total:
+                break
+        point = self.operating_point()  # type: ignore[attr-defined]
+        _, a = self.stored_vector(image.image_id)  # type: ignore[attr-defined]
+        _, b = self.stored_vector(other.image_id)  # type: ignore[attr-defined]
+        _, score = self.scorer.pair(a, record_key(image), b, record_key(other))  # type: ignore[attr-defined]
+        alert = NewAlert(
+            kind="matches_other_patient",
+            message=(
+                f"duplicate conflict: filed under patient '{image.patient_id}' but matches image "
+                f"{other.image_id} of patient '{other.patient_id}' (score {score:.3f}, threshold "
+                f"{point.threshold:.3f})"
+            ),
+            score=float(score),
+            other_patient_id=other.patient_id,
+            other_image_id=other.image_id,
+            operating_point={
+                "threshold": point.threshold,
+                "far": point.far,
+                "source": point.source,
+                "calibration": dict(point.calibration),
+            },
+        )
+        with self._enrol_lock:
+            raised = gallery.raise_alert(image.image_id, alert)
+        if raised is None:
+            raise NotFoundError(f"image {image_id} not found")
+        log.info(
+            "alert %d raised from a duplicate conflict (images %d, %d)",
+            raised.alert_id,
+            image_id,
+            other_image_id,
+        )
+        self._alert_event("raised", raised)
+        return raised
 
     def resolve_alert(
         self,

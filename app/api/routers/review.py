@@ -49,7 +49,7 @@ from app.api.status import status_of
 from app.reports import package_version, png_data_uri, render
 from app.service.clientargs import collection_arg
 from app.service.decoding import DecodeBudget, decode_source
-from app.service.errors import BusyError, ServiceError
+from app.service.errors import BusyError, InvalidInputError, ServiceError
 from app.service.reid import ReidService
 from index import AlertRecord, ImageRecord
 from models.imaging.preprocess import DECODE_BYTES_PER_PIXEL, PreprocessConfig, header_pixels
@@ -339,14 +339,21 @@ def _page(
     ]
     point = service.operating_point()
     report = service.duplicates(point=point, collection=where, conflicts_only=True)
-    conflicts = [
-        {
-            "pair": p,
-            "sides": [side(p.a, "a"), side(p.b, "b")],
-            **_chance(service, p.score, point, prior),
-        }
-        for p in report.pairs[:MAX_CONFLICTS]
-    ]
+    settled = _settled_pairs(service, where)
+    pairs = [p for p in report.pairs if frozenset((p.a.image_id, p.b.image_id)) not in settled]
+    groups: dict[str, list[dict]] = {}
+    for p in pairs[:MAX_CONFLICTS]:
+        same = p.a.collection == p.b.collection
+        groups.setdefault(p.a.collection if same else "", []).append(
+            {
+                "pair": p,
+                "sides": [side(p.a, "a"), side(p.b, "b")],
+                "actionable": same,
+                **_chance(service, p.score, point, prior),
+            }
+        )
+    # one section per collection (patient ids are per collection), pairs across collections last
+    conflict_groups = sorted(groups.items(), key=lambda item: (item[0] == "", item[0]))
     return _html(
         lambda nonce: render(
             "review.html.j2",
@@ -359,8 +366,10 @@ def _page(
             offset=offset,
             page_size=PAGE_SIZE,
             collection=collection or "",
-            conflicts=conflicts,
-            total_conflicts=report.total_conflicts,
+            conflict_groups=conflict_groups,
+            shown_conflicts=min(len(pairs), MAX_CONFLICTS),
+            total_conflicts=max(report.total_conflicts - (len(report.pairs) - len(pairs)), 0),
+            settled_conflicts=len(report.pairs) - len(pairs),
             threshold=point.threshold,
             far=point.far,
             prior="" if prior is None else f"{prior:g}",
@@ -372,6 +381,24 @@ def _page(
         ),
         status,
     )
+
+
+def _settled_pairs(service: ReidService, collection: str | None) -> set[frozenset[int]]:
+    """Image pairs a reviewer already judged different patients: a dismissed alert raised from a
+    conflict (or an enrolment) about them. They stay out of the conflicts (a relabel needs no
+    filter: the two images share a patient after it)."""
+    settled: set[frozenset[int]] = set()
+    offset = 0
+    while True:
+        views, total = service.list_alerts(state="dismissed", collection=collection, offset=offset, limit=500)
+        settled.update(
+            frozenset((v.alert.image_id, v.alert.other_image_id))
+            for v in views
+            if v.alert.other_image_id is not None
+        )
+        offset += len(views)
+        if not views or offset >= total:
+            return settled
 
 
 def _login_page(request: Request, message: str = "", status: int = 401) -> HTMLResponse:
@@ -502,5 +529,60 @@ def review_resolve(
         )
     target = request.url_for("review_page").include_query_params(
         resolved=alert_id, state=resolved.state, **({"collection": collection} if collection else {})
+    )
+    return RedirectResponse(f"{target.path}?{target.query}", status_code=303)
+
+
+#: The buttons of a duplicate conflict, and the alert action each becomes.
+CONFLICT_ACTIONS = {"relabel_a": "relabel", "relabel_b": "relabel", "dismiss": "dismiss"}
+
+
+@router.post("/review/conflicts", name="review_conflict")
+def review_conflict(
+    request: Request,
+    service: ServiceDep,
+    a: Annotated[int, Form(ge=1, le=2**62)],
+    b: Annotated[int, Form(ge=1, le=2**62)],
+    action: Annotated[str, Form(max_length=20)] = "",
+    note: Annotated[str, Form(max_length=4000)] = "",
+    csrf: Annotated[str, Form(max_length=128)] = "",
+    collection: Annotated[str, Form(max_length=300)] = "",
+) -> Response:
+    """A conflict's buttons: file image a under b's patient (relabel_a) or b under a's (relabel_b),
+    or dismiss the pair as two patients. Each raises the alert the pair deserves
+    (``alert_for_conflict``) and resolves it through the path of the alert forms, so the decision is
+    kept with who made it and when, and a dismissed pair is not shown again."""
+    credential = _credential(request)
+    authorise(request, credential, "write")
+    if not hmac.compare_digest(csrf.encode(), csrf_token(request, credential).encode()):
+        raise HTTPException(
+            status_code=403, detail="missing or wrong anti-CSRF token: reload the review page"
+        )
+    access = get_access(request)
+    chosen = CONFLICT_ACTIONS.get(action)
+    try:
+        if chosen is None:
+            raise InvalidInputError(f"action must be one of {', '.join(CONFLICT_ACTIONS)}")
+        moved, keep = (a, b) if action == "relabel_a" else (b, a)  # dismiss: about b, as relabel_b
+        for image_id in (moved, keep):
+            access.record(service.record(image_id))  # another collection's image is "not found"
+        alert = service.alert_for_conflict(moved, keep)
+        body = AlertResolution(
+            action=chosen,
+            patient_id=alert.other_patient_id if chosen == "relabel" else None,
+            note=note.strip() or None,
+        )
+        resolved = resolve_as(service, access, alert.alert_id, body)
+    except ServiceError as exc:
+        return _page(
+            request,
+            service,
+            collection=collection or None,
+            offset=0,
+            error=f"conflict of images {a} and {b}: {exc.detail}",
+            status=status_of(exc),
+        )
+    target = request.url_for("review_page").include_query_params(
+        resolved=resolved.alert_id, state=resolved.state, **({"collection": collection} if collection else {})
     )
     return RedirectResponse(f"{target.path}?{target.query}", status_code=303)
