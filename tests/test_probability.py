@@ -179,3 +179,11 @@ def test_cli_calibrate_states_the_bayes_prior_of_each_threshold(
     prior = 100 * fitted.bayes_prior(fitted.thresholds["1e-3"])
     assert re.search(rf"FAR 1e-3: threshold .*Bayes prior {prior:.3g}%", text) is not None
     assert ">= 50% exactly when the pair is accepted" in text
+
+
+def test_the_review_page_never_rounds_a_doubt_away() -> None:
+    from app.api.routers.review import share
+
+    assert share(0.99998) == "99.998%" and share(0.00012) == "0.01%" and share(0.000012) == "0.001%"
+    assert share(0.5) == "50.0%" and share(0.013405) == "1.3%" and share(None) == "n/a"
+    assert share(1 - 1e-9) == "> 99.9999%" and share(1e-9) == "< 0.0001%"
