@@ -148,7 +148,8 @@ def _rules() -> dict[tuple[int, ...], Action]:
 
 def deidentification_method() -> str:
     """What DeidentificationMethod says (LO: at most 64 characters)."""
-    text = f"PS3.15 basic profile ({profile_table()}), instance UIDs kept"
+    edition = profile_table().removeprefix(_TABLE_PREFIX)
+    text = f"PS3.15 basic profile, Table E.1-1 of {edition}; instance UIDs kept"
     return text[:64]
 
 
