@@ -168,3 +168,25 @@ def test_commands_run_as_written(page: str, server: Service, workdir: Path, tmp_
     finally:
         if orthanc is not None:
             orthanc.stop()
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_links_between_the_pages_lead_somewhere() -> None:
+    broken = []
+    for page in PAGES:
+        path = ROOT / page
+        for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            file, _, anchor = target.partition("#")
+            linked = (path.parent / file).resolve()
+            if not linked.exists():
+                broken.append(f"{page}: {target}")
+            elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+                broken.append(f"{page}: {target} (no such heading)")
+    assert not broken, broken
