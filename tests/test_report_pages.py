@@ -4,7 +4,9 @@ Chromium: chart labels inside their charts, a y axis, the pair count the set rea
 and duplicate conflicts grouped per collection with buttons that work.
 
 With ``CXR_REID_SCREENSHOTS=docs/img`` the tests also write the screenshots the README shows
-(``bash scripts/report-screenshots.sh``), so the pictures always come from the code as it is.
+(``bash scripts/report-screenshots.sh``), so the pictures always come from the code as it is (the risk
+report's from the random-weight test model, which links some patients wrongly: its layout is what
+the picture shows, not a model's figures).
 """
 
 from __future__ import annotations
@@ -59,9 +61,11 @@ def window(tmp_path: Path) -> Browser:
 
 @pytest.mark.browser
 @needs_chromium
-def test_audit_report_reads_right_in_chromium(tmp_path: Path) -> None:
+def test_audit_report_reads_right_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "audit"
-    assert main(["audit", str(EXAMPLES / "audit-example.csv"), "--out", str(out), "--no-progress"]) == 1
+    monkeypatch.chdir(ROOT)  # the report names its source as given: a relative path, as a user types it
+    example = "examples/radiographs/audit-example.csv"
+    assert main(["audit", example, "--out", str(out), "--no-progress"]) == 1
     report = json.loads((out / "findings.json").read_text())
     # each file under one finding: child-c-1 (C in train, D in test) is leakage, not also a duplicate
     flagged = [(i["path"], i["patient_id"]) for f in report["findings"] for i in f["images"] if i["flagged"]]
@@ -110,15 +114,18 @@ def _split_for_risk(manifest: Path) -> tuple[Path, Path]:
 
 @pytest.mark.browser
 @needs_chromium
-def test_risk_report_reads_right_in_chromium(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_risk_report_reads_right_in_chromium(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from models.imaging.phantom import write_phantom_set
 
     # 40 patients: enough for the report to bound the share (and draw its curve); the random-weight
     # test model links some of them to the wrong patient, which the orange border marks
     release, reference = _split_for_risk(write_phantom_set(tmp_path / "set", 40, 2, size=64, seed=2))
     out = tmp_path / "risk"
-    model = [] if SHOTS else ["--model", str(tiny_checkpoint)]  # the pictures: the shipped model
-    argv = ["risk", str(release), "--reference", str(reference), "--out", str(out), "--defences", "blur-1"]
+    model = ["--model", str(tiny_checkpoint)]
+    monkeypatch.chdir(release.parent)  # the report names its inputs as given
+    argv = ["risk", release.name, "--reference", reference.name, "--out", str(out), "--defences", "blur-1"]
     assert main([*argv, "--no-progress", *model]) == 0
     risk = json.loads((out / "risk.json").read_text())
 
