@@ -64,7 +64,7 @@ def test_version_names_the_package_and_the_shipped_model(capsys: pytest.CaptureF
     assert capsys.readouterr().out.strip() == f"cxr-reid {version('cxr-reid')}, shipped model {shipped}"
 
 
-def test_audit_and_risk_share_one_out_rule() -> None:
+def test_audit_and_risk_share_one_out_rule(capsys: pytest.CaptureFixture[str]) -> None:
     """Both reports: --out optional, default ./cxr-reid-<command>, and the help says so."""
     parser = build_parser()
     audit = parser.parse_args(["audit", "set.csv"])
@@ -75,10 +75,12 @@ def test_audit_and_risk_share_one_out_rule() -> None:
         == ("cxr-reid-audit", "cxr-reid-risk")
     )
     for command in ("audit", "risk"):
-        done = subprocess.run([*CLI, command, "--help"], capture_output=True, text=True, check=True)
-        assert f"(default ./cxr-reid-{command})" in " ".join(done.stdout.split())
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert f"(default ./cxr-reid-{command})" in " ".join(capsys.readouterr().out.split())
 
 
+@pytest.mark.slow  # builds every variant on the meta device: about 6 s on two cores
 def test_models_starts_from_the_shipped_network(capsys: pytest.CaptureFixture[str]) -> None:
     """No flags: the width, input and embedding size of the shipped checkpoint, which MODEL_CARD.md
     describes (the card's network line names the same width)."""
@@ -92,6 +94,7 @@ def test_models_starts_from_the_shipped_network(capsys: pytest.CaptureFixture[st
     assert f"width {shipped['backbone']['width']}:" in card
 
 
+@pytest.mark.server  # the CLI in a subprocess
 @pytest.mark.parametrize("command", ["serve", "enroll", "audit"])
 def test_a_damaged_model_is_one_line_and_exit_2_like_a_missing_one(tmp_path: Path, command: str) -> None:
     shipped = DEFAULT_CHECKPOINT.read_bytes()
@@ -141,6 +144,7 @@ def _rows(data_dir: Path) -> int:
         return 0
 
 
+@pytest.mark.server  # the CLI in a subprocess, stopped by SIGINT
 def test_ctrl_c_during_enroll_says_what_was_kept_and_how_to_resume(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
