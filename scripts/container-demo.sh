@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the Docker image with buildah (no Docker daemon needed), run it, check its health check and
-# run the README's demo against it; prints the image size. Needs root, buildah and, unless BASE is
+# run the demo of docs/pacs.md against it; prints the image size. Needs root, buildah and, unless BASE is
 # given, debootstrap (Debian packages). See docs/docker.md.
 #   BASE=python:3.11-slim bash scripts/container-demo.sh     # a registry is reachable
 #   bash scripts/container-demo.sh                           # no registry: a Debian bookworm base

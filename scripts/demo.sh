@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The README's walk-through on the real radiographs in examples/radiographs, against a running server:
+# The walk-through of docs/pacs.md on the real radiographs in examples/radiographs, against a running server:
 #   bash scripts/demo.sh [BASE_URL]        (default http://127.0.0.1:8000; needs curl and jq)
 # Each run enrols into a collection of its own (demo-<time>-<random>), takes every id from the
-# answers, and exits non-zero at the first answer that is not what the README says.
+# answers, and exits non-zero at the first answer that is not what docs/pacs.md says.
 # With CXR_REID_API_KEY set, it sends that key as X-API-Key.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -108,5 +108,5 @@ expect "$answer" ".images[0].alert == null and .images[0].matches[0].image_id ==
 answer=$(call GET "/duplicates?collection=$COLLECTION&conflicts_only=true")
 expect "$answer" '.total_conflicts == 0' "no conflicting labels left"
 
-printf '\ndemo: every answer was as the README says (collection %s; remove it with\n' "$COLLECTION"
+printf '\ndemo: every answer was as docs/pacs.md says (collection %s; remove it with\n' "$COLLECTION"
 printf '  curl -X DELETE "%s/patients/child-A?collection=%s", and child-B, child-C)\n' "$URL" "$COLLECTION"

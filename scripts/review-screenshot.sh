@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# docs/review-page.png, the README's picture of GET /review: tests/test_review.py's Chromium test
+# docs/review-page.png, the picture of GET /review in docs/pacs.md: tests/test_review.py's Chromium test
 # (a real server, the example children, B's radiograph misfiled under A) keeps its screenshot there.
 #   bash scripts/review-screenshot.sh [OUT.png]        (needs Debian's chromium)
 set -euo pipefail

@@ -1,4 +1,4 @@
-"""`scripts/demo.sh`, the README's walk-through on real radiographs, against the served shipped model."""
+"""`scripts/demo.sh`, the walk-through of docs/pacs.md on real radiographs, against the served shipped model."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_demo_passes_against_the_shipped_model_any_number_of_times(
         done = _demo(server.url, env)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "wrong-patient alert: it matches child A" in done.stdout
-        assert "every answer was as the README says" in done.stdout
+        assert "every answer was as docs/pacs.md says" in done.stdout
 
 
 def test_demo_fails_loudly_when_an_answer_is_not_what_the_readme_says(
