@@ -581,7 +581,10 @@ class CalibrationDetail(BaseModel):
 
     calibration: CalibrationOut = Field(description="which calibration is in force")
     default_far: str = Field(description="the FAR of the service's default operating point")
-    thresholds: dict[str, float] = Field(description="cosine threshold per calibrated FAR")
+    thresholds: dict[str, float] = Field(
+        description="threshold per calibrated FAR, in the calibration's units: cosine, or AS-norm units "
+        "(normalised scores) when `calibration.score_norm` is set"
+    )
     default_prior: float = Field(
         description="the prior P(same patient) at which the default threshold is the Bayes decision: "
         "the prior of every probability given at the default operating point without a `prior`"
