@@ -1,4 +1,4 @@
-"""`scripts/demo.sh`, the walk-through of docs/pacs.md on real radiographs, against the served shipped model."""
+"""`scripts/demo.sh`, the walk-through of docs/pacs.md on real radiographs, against the shipped model."""
 
 from __future__ import annotations
 
