@@ -221,6 +221,27 @@ def test_nested_identity_overlays_and_private_tags_go_and_the_file_says_how() ->
     np.testing.assert_array_equal(decode_image(stripped).pixels, pixels)
 
 
+def test_table_attributes_in_odd_vrs_are_removed_and_the_image_still_enrols(
+    make_client,  # noqa: ANN001
+    tmp_path: Path,
+) -> None:
+    pixels = np.random.default_rng(2).integers(0, 4096, (64, 64)).astype("<u2")
+    ds = dicom_dataset(pixels, Modality="CR", PatientID="MRN-0099")
+    odd = {0x0040A123: ("OW", b"Jane"), 0x00100010: ("AT", 0x00100010), 0x00080090: ("OF", b"Hous")}
+    for tag, (vr, value) in odd.items():  # Person Name (D), Patient's Name (Z), Referring Physician (Z)
+        ds.add_new(tag, vr, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    upload = buffer.getvalue()
+    after = pydicom.dcmread(io.BytesIO(deidentified_dicom(upload)))
+    assert not [tag for tag in odd if tag in after]
+    np.testing.assert_array_equal(decode_image(deidentified_dicom(upload)).pixels, pixels)
+    client = make_client(tmp_path / "data")
+    response = client.post("/images", files={"file": ("odd.dcm", upload)})
+    assert response.status_code == 201, response.text
+    client.__exit__(None, None, None)
+
+
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 

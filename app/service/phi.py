@@ -12,8 +12,9 @@ gallery needs on top:
   tie the file to its row and to the PACS); every other UID the profile replaces gets a new UID
   derived from the old one, so the same UID maps to the same replacement in every file, across
   restarts, without a growing mapping in memory;
-- the profile is applied inside sequence items too (the library applies it to the top level), and an
-  X attribute is removed whatever its VR (the library writes a dummy date into X dates);
+- the profile is applied inside sequence items too (the library applies it to the top level), an
+  X attribute is removed whatever its VR (the library writes a dummy date into X dates), and so is
+  an attribute written with a VR the library has no empty or dummy value for (a name as OW);
 - private tags are removed, and so are whole overlay (60xx) and curve (50xx) groups: burnt-in
   annotations can hold names, and an overlay without its data is left dangling otherwise;
 - the file is marked ``PatientIdentityRemoved = YES`` with the profile's code (113100).
@@ -131,10 +132,25 @@ def _remove(dataset: Dataset, tag: tuple[int, ...]) -> None:
         del dataset[tag]
 
 
+def _or_removed(action: Action) -> Action:
+    """``action``, or the attribute removed where the library has no value for its VR (a table
+    attribute written with an unusual VR, say a name as OW): never stored as it came."""
+
+    def apply(dataset: Dataset, tag: tuple[int, ...]) -> None:
+        try:
+            action(dataset, tag)
+        except NotImplementedError as exc:
+            log.info("removed %s from a stored original: %s", tag, exc)
+            _remove(dataset, tag)
+
+    return apply
+
+
 @cache
 def _rules() -> dict[tuple[int, ...], Action]:
     """The library's actions for the table, with the gallery's UIDs kept, UIDs replaced
-    consistently (see the module docstring) and X attributes removed whatever their VR."""
+    consistently (see the module docstring), X attributes removed whatever their VR, and any
+    attribute the library cannot empty or replace removed."""
     rules: dict[tuple[int, ...], Action] = profile.initialize_actions(profile_table())
     for tag, action in rules.items():
         if tag in KEPT_UIDS:
@@ -142,7 +158,9 @@ def _rules() -> dict[tuple[int, ...], Action]:
         elif action is profile.delete:
             rules[tag] = _remove
         elif action in _REPLACING:
-            rules[tag] = _consistent_uids(action)
+            rules[tag] = _or_removed(_consistent_uids(action))
+        else:
+            rules[tag] = _or_removed(action)
     return rules
 
 
