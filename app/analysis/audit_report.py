@@ -18,7 +18,15 @@ from typing import Any
 
 from app.analysis.audit import FINDING_TYPES, AuditResult
 from app.analysis.corpus import load_for_display
-from app.reports import histogram_svg, package_version, png_data_uri, render, write_json, write_text
+from app.reports import (
+    far_label,
+    histogram_svg,
+    package_version,
+    png_data_uri,
+    render,
+    write_json,
+    write_text,
+)
 from models.net.embedder import Embedder
 
 HTML_FINDINGS = 300
@@ -189,6 +197,7 @@ def render_html(result: AuditResult, report: dict[str, Any], embedder: Embedder)
         model_id=report["model_id"],
         created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         report=report,
+        far_text=far_label(report["far"]) if report["far"] else "",
         titles=TITLES,
         types=FINDING_TYPES,
         findings=shown,
@@ -199,7 +208,7 @@ def render_html(result: AuditResult, report: dict[str, Any], embedder: Embedder)
 
 def format_summary(report: dict[str, Any], out_dir: Path, limit: int = 5) -> str:
     """The terminal summary: inputs, counts per type, the top findings, the verdict."""
-    far = f"FAR {report['far']:.0e}" if report["far"] else "explicit threshold"
+    far = f"FAR {far_label(report['far'])}" if report["far"] else "explicit threshold"
     lines = [
         f"audit of {', '.join(report['sources'])} with model {report['model_id']}",
         f"  {report['images']} images of {report['patients']} patients; splits {report['splits']}",
