@@ -1,11 +1,12 @@
 """The README's and the guides' commands run as written.
 
-A fenced ```bash block preceded by ``<!-- runs-as-written -->`` is run, in the order of its page, in
-one bash (``set -euo pipefail``: every command must succeed, and variables such as ``$CXR`` carry
-from block to block) against a real uvicorn server of the shipped model on a free port, from a
-folder holding a copy of the repository's examples/ and scripts/. The page defines where the
-service is once (``CXR=...``, and ``PACS=...`` / ``DICOM_HOST=... DICOM_PORT=...`` where it talks to
-a PACS); the test puts its own addresses there and nowhere else, so a command that names port 8000
+A fenced ```bash block preceded by ``<!-- runs-as-written -->`` is run, in the order of its page,
+in one bash (``set -euo pipefail``: every command must succeed, and variables such as ``$CXR``
+carry from block to block) against a real uvicorn server of the shipped model on a free port, from
+a folder holding a copy of the repository's examples/ and scripts/; a marked ```python block runs
+there too, through the environment's python with ``$CXR`` set. The page defines where the service
+is once (``CXR=...``, and ``PACS=...`` / ``DICOM_HOST=... DICOM_PORT=...`` where it talks to a
+PACS); the test puts its own addresses there and nowhere else, so a command that names port 8000
 itself fails. ``<!-- runs-as-written: pacs -->`` blocks need a real Orthanc (skipped, with the rest
 of the page still run, where Debian's orthanc is missing); ``<!-- runs-as-written: exit N -->``
 blocks stand alone and must exit N (``cxr-reid audit`` exits 1 on findings).
@@ -28,7 +29,8 @@ from app.server_process import ROOT, Server, free_port, server_env, uvicorn_comm
 from tests.orthanc import Orthanc, missing_reason
 
 MARK = re.compile(
-    r"<!-- runs-as-written(?::\s*(?P<tags>[^>]*?))?\s*-->\s*\n```bash\n(?P<body>.*?)\n```", re.S
+    r"<!-- runs-as-written(?::\s*(?P<tags>[^>]*?))?\s*-->\s*\n```(?P<lang>bash|python)\n(?P<body>.*?)\n```",
+    re.S,
 )
 #: the lines that say where the service (and the PACS) is: the only place an address may be written
 ADDRESS_LINES = {
@@ -55,7 +57,10 @@ def blocks(page: str) -> list[Block]:
         tags = [t.strip() for t in (match.group("tags") or "").split(",") if t.strip()]
         code = next((int(t.split()[1]) for t in tags if t.startswith("exit")), 0)
         line = text.count("\n", 0, match.start()) + 1
-        found.append(Block(page, line, match.group("body"), "pacs" in tags, code))
+        body = match.group("body")
+        if match.group("lang") == "python":  # run by the environment's python, with $CXR in its environment
+            body = f"CXR=\"$CXR\" python - <<'PYTHON'\n{body}\nPYTHON"
+        found.append(Block(page, line, body, "pacs" in tags, code))
     return found
 
 
