@@ -15,6 +15,8 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import dicom_dataset
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 from pydicom.datadict import dictionary_has_tag, dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
@@ -227,8 +229,14 @@ def test_table_attributes_in_odd_vrs_are_removed_and_the_image_still_enrols(
 ) -> None:
     pixels = np.random.default_rng(2).integers(0, 4096, (64, 64)).astype("<u2")
     ds = dicom_dataset(pixels, Modality="CR", PatientID="MRN-0099")
-    odd = {0x0040A123: ("OW", b"Jane"), 0x00100010: ("AT", 0x00100010), 0x00080090: ("OF", b"Hous")}
-    for tag, (vr, value) in odd.items():  # Person Name (D), Patient's Name (Z), Referring Physician (Z)
+    odd = {
+        0x0040A123: ("OW", b"Jane"),  # Person Name (D)
+        0x00100010: ("AT", 0x00100010),  # Patient's Name (Z)
+        0x00080090: ("OF", b"Hous"),  # Referring Physician's Name (Z)
+        0x00200052: ("SS", 7),  # Frame of Reference UID (U)
+        0x00081155: ("DS", "1.5"),  # Referenced SOP Instance UID (U)
+    }
+    for tag, (vr, value) in odd.items():
         ds.add_new(tag, vr, value)
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
@@ -240,6 +248,41 @@ def test_table_attributes_in_odd_vrs_are_removed_and_the_image_still_enrols(
     response = client.post("/images", files={"file": ("odd.dcm", upload)})
     assert response.status_code == 201, response.text
     client.__exit__(None, None, None)
+
+
+# One value of each VR: any table attribute may come written with any of them.
+_ANY_VR: dict[str, object] = {
+    **_SAMPLES,
+    **{vr: "x" for vr in ("AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT")},
+    **{vr: 1 for vr in ("SV", "UV")},
+    **{vr: b"abcdefgh" for vr in ("OB", "OD", "OF", "OL", "OV", "OW", "UN")},
+    "AT": 0x00100010,
+    "UI": "1.2.3",
+}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(sorted(set(_profile_tags()) - KEPT_UIDS)), st.sampled_from(list(_ANY_VR))),
+        min_size=1,
+        max_size=12,
+        unique_by=lambda pair: pair[0],
+    )
+)
+def test_any_table_attribute_in_any_vr_is_never_stored_as_it_came(attributes: list) -> None:
+    ds = dicom_dataset(np.zeros((8, 8), dtype="<u2"), Modality="CR")
+    buffer = io.BytesIO()
+    try:
+        for tag, vr in attributes:
+            ds.add_new(tag, vr, _ANY_VR[vr])
+        ds.save_as(buffer, enforce_file_format=True)
+    except (TypeError, ValueError, OSError):  # pydicom cannot write that value in that VR
+        assume(False)
+    before = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    after = pydicom.dcmread(io.BytesIO(deidentified_dicom(buffer.getvalue())))
+    for tag, vr in attributes:
+        assert tag not in after or after[tag].value != before[tag].value, (tag, vr)
 
 
 def _mode(path: Path) -> int:

@@ -13,8 +13,10 @@ gallery needs on top:
   derived from the old one, so the same UID maps to the same replacement in every file, across
   restarts, without a growing mapping in memory;
 - the profile is applied inside sequence items too (the library applies it to the top level), an
-  X attribute is removed whatever its VR (the library writes a dummy date into X dates), and so is
-  an attribute written with a VR the library has no empty or dummy value for (a name as OW);
+  X attribute is removed whatever its VR (the library writes a dummy date into X dates), and so are
+  an attribute written with a VR the library has no empty or dummy value for (a name as OW) and a
+  U attribute not written as a UID (the library would write a UID into it, and the file would not
+  save);
 - private tags are removed, and so are whole overlay (60xx) and curve (50xx) groups: burnt-in
   annotations can hold names, and an overlay without its data is left dangling otherwise;
 - the file is marked ``PatientIdentityRemoved = YES`` with the profile's code (113100).
@@ -112,7 +114,8 @@ def _new_uid(uid: str) -> str:
 
 
 def _consistent_uids(action: Action) -> Action:
-    """``action``, except that a UI element gets ``_new_uid`` of each of its values."""
+    """``action``, except that a UI element gets ``_new_uid`` of each of its values, and a U attribute
+    written with another VR is removed (the library would write a UID into it whatever its VR)."""
 
     def apply(dataset: Dataset, tag: tuple[int, ...]) -> None:
         element = dataset.get(tag)
@@ -120,6 +123,8 @@ def _consistent_uids(action: Action) -> Action:
             values = element.value if element.VM > 1 else [element.value]
             new = [_new_uid(str(v)) for v in values]
             element.value = new if element.VM > 1 else new[0]
+        elif element is not None and action is profile.replace_UID:
+            _remove(dataset, tag)
         else:
             action(dataset, tag)
 
