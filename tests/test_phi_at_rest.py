@@ -223,6 +223,7 @@ def test_nested_identity_overlays_and_private_tags_go_and_the_file_says_how() ->
     np.testing.assert_array_equal(decode_image(stripped).pixels, pixels)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on values odd for their VR, on purpose
 def test_table_attributes_in_odd_vrs_are_removed_and_the_image_still_enrols(
     make_client,  # noqa: ANN001
     tmp_path: Path,
@@ -261,6 +262,7 @@ _ANY_VR: dict[str, object] = {
 }
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on values odd for their VR, on purpose
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(
