@@ -82,8 +82,31 @@ def _more_images_for_impostors(counts: PairCounts, needed_pairs: int) -> int:
     return max(1, math.ceil(x))
 
 
+def resolvable_fars(counts: PairCounts, fars: Sequence[str]) -> list[str]:
+    """The FARs of ``fars`` these pairs can calibrate by the rule of :func:`calibration_problems`
+    (none when the patients or same-patient pairs are too few), largest first."""
+    if counts.patients < MIN_PATIENTS or counts.genuine < MIN_GENUINE_PAIRS:
+        return []
+    return [
+        far
+        for far in sorted(fars, key=float, reverse=True)
+        if counts.impostor >= required_impostor_pairs(float(far))
+    ]
+
+
 def check_resolvable(counts: PairCounts, fars: Sequence[str]) -> None:
     """Raise :class:`CalibrationRefusedError` when the data cannot support every FAR in ``fars``."""
+    problems = calibration_problems(counts, fars)
+    if problems:
+        raise CalibrationRefusedError(
+            f"cannot calibrate on {counts.images} images of {counts.patients} patients: "
+            + "; ".join(problems)
+        )
+
+
+def calibration_problems(counts: PairCounts, fars: Sequence[str]) -> list[str]:
+    """What these pairs lack to calibrate ``fars``, each with how much more would do: the one rule
+    of ``cxr-reid calibrate``, ``adapt`` and training's own calibration (empty: nothing lacks)."""
     problems = []
     if counts.patients < MIN_PATIENTS:
         problems.append(
@@ -106,11 +129,7 @@ def check_resolvable(counts: PairCounts, fars: Sequence[str]) -> None:
                 f"accepts), there are {counts.impostor:,}: about {more:,} more labelled images of new "
                 f"patients are needed, or calibrate fewer FARs (--far)"
             )
-    if problems:
-        raise CalibrationRefusedError(
-            f"cannot calibrate on {counts.images} images of {counts.patients} patients: "
-            + "; ".join(problems)
-        )
+    return problems
 
 
 def _weighted_thresholds(sorted_desc: np.ndarray, weights: np.ndarray, fars: Sequence[float]) -> np.ndarray:

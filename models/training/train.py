@@ -57,7 +57,7 @@ from models.net.checkpoint import load_checkpoint, save_checkpoint
 from models.net.embedder import embed_views
 from models.net.heads import build_head
 from models.net.runtime import bf16_autocast
-from models.scoring.calibration import Calibration
+from models.scoring.calibration import DEFAULT_FAR, FAR_KEYS, Calibration
 from models.training.config import TrainConfig, load_config, to_toml
 
 __all__ = ["TrainConfig", "load_config", "train"]
@@ -518,6 +518,45 @@ def validate_epoch(run: Run, epoch: int, stats: dict[str, float]) -> None:
     _save_training_state(run, epoch)
 
 
+def calibrate_on_validation(
+    genuine: np.ndarray, impostor: np.ndarray, labels: np.ndarray, final: Path
+) -> Calibration:
+    """The checkpoint's calibration, by the rule ``cxr-reid calibrate`` refuses by
+    (:func:`models.training.site.calibration_problems`): every FAR the validation pairs resolve, and
+    no threshold for one they do not (a request at it is refused, as at a site calibration). When
+    they resolve none, a checkpoint still needs thresholds to load: they are fitted as before but
+    marked ``provisional`` in the calibration with the reason, and a warning names the command that
+    calibrates the model on enough labelled images."""
+    from models.training.site import MIN_FALSE_ACCEPTS, calibration_problems, pair_counts, resolvable_fars
+
+    counts = pair_counts(labels)
+    problems = calibration_problems(counts, FAR_KEYS)
+    if not problems:
+        return Calibration.fit(genuine, impostor)
+    fars = resolvable_fars(counts, FAR_KEYS)
+    reason = (
+        f"the validation split ({counts.images} images of {counts.patients} patients, "
+        f"{counts.impostor:,} different-patient pairs) cannot calibrate "
+        f"{', '.join(f for f in FAR_KEYS if f not in fars)}: " + "; ".join(problems)
+    )
+    fix = (
+        f"calibrate it on labelled images: `cxr-reid calibrate --model {final} --manifest SITE.csv "
+        "--out SITE.pt`, or train with more validation patients (data.val_fraction)"
+    )
+    if not fars:
+        log.warning("%s; the thresholds in %s are provisional: %s", reason, final.name, fix)
+        return Calibration.fit(genuine, impostor, provenance={"provisional": reason})
+    log.warning("%s; calibrated %s only: %s", reason, ", ".join(fars), fix)
+    return Calibration.fit(
+        genuine,
+        impostor,
+        fars=tuple(fars),
+        default_far=DEFAULT_FAR if DEFAULT_FAR in fars else fars[-1],
+        min_far=MIN_FALSE_ACCEPTS / impostor.size,
+        provenance={"uncalibrated_fars": [f for f in FAR_KEYS if f not in fars], "reason": reason},
+    )
+
+
 def finalise(run: Run) -> Path:
     """Best epoch's weights, calibrated on the validation pairs, saved as a cxr-reid checkpoint."""
     config, ctx = run.config, run.ctx
@@ -534,7 +573,7 @@ def finalise(run: Run) -> Path:
             config.optim.eval_max_impostor_pairs,
             views=config.preprocess.tta,  # calibrate the embeddings the checkpoint will serve
         )
-        calibration = Calibration.fit(genuine, impostor)
+        calibration = calibrate_on_validation(genuine, impostor, run.data.val_labels, final)
         summary = summarise(run.data.samples)
         summary.update(
             {
