@@ -11,7 +11,10 @@ fails the render), runs its scripts and returns the resulting DOM; ``screenshot`
 from __future__ import annotations
 
 import atexit
+import contextlib
+import importlib
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,6 +75,13 @@ def _over_network(url: str) -> bool:
 
 
 _driver: Playwright | None = None
+
+# Tests import this module as ``browser`` (tests/ is on sys.path) and as ``tests.browser``: one module
+# under both names, so that there is one driver per process whichever name a test used.
+sys.modules.setdefault("browser", sys.modules[__name__])
+sys.modules.setdefault("tests.browser", sys.modules[__name__])
+with contextlib.suppress(ImportError):  # and `import tests.browser` finds it as the package's attribute
+    importlib.import_module("tests").browser = sys.modules[__name__]
 
 
 def _start() -> Playwright:

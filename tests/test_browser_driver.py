@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import importlib
 import io
 import threading
 from collections.abc import Iterator
@@ -110,3 +111,9 @@ def test_browser_types_clicks_and_follows_a_form_post_on_loopback_only(site: str
         page.write_text("<html><body><p>meanwhile</p></body></html>", encoding="utf-8")
         assert "<p>meanwhile</p>" in render(page)
     assert browser.context is None  # closed on leaving the block
+
+
+def test_one_driver_whichever_name_a_test_imports_it_by() -> None:
+    """Tests import ``browser`` and ``tests.browser``: a second Playwright driver in the same thread
+    is refused, so both names must be one module."""
+    assert importlib.import_module("browser") is importlib.import_module("tests.browser")
