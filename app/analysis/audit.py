@@ -89,6 +89,7 @@ class Finding:
     pairs: list[tuple[int, int, float]] = field(default_factory=list)  # (row, row, decision score)
     confidence: float = 1.0  # ranking: higher first within a type
     id: str = ""
+    across_splits: bool = False  # a copy filed in several splits: the leak it causes reports it
 
 
 @dataclass
@@ -403,6 +404,7 @@ def _copies(corpus: EmbeddedCorpus, rows: np.ndarray, pairs: _Pairs) -> tuple[li
                 group,
                 flagged=group[1:],
                 confidence=1.0 if kind != "near-identical pictures" else 0.99,
+                across_splits=len(splits) > 1,
             )
         )
     same_picture = {i: copies.find(i) for i in copies.parent}
@@ -634,24 +636,41 @@ def _ranked(findings: list[Finding]) -> list[Finding]:
     return findings
 
 
+#: Confidence from which a finding is certain (a leak by id, a shared file or picture, an unreadable
+#: file): certain findings take their files before any finding that rests on the model's scores.
+CERTAIN = 0.99
+
+
 def _once_per_file(ranked: list[Finding]) -> list[Finding]:
-    """Each file flagged by one finding: the first in rank order, so the most serious (FINDING_TYPES
-    order: a copy across splits is leakage before it is a duplicate file). A later finding keeps the
-    files no earlier one flagged; one with none left is folded into the finding that took its first
-    file, its summary added there ("also: ..."), so a reviewer reads each file once."""
+    """Each file flagged by one finding, its strongest. A copy filed in several splits is the leak it
+    causes: folded into that leakage finding. Then certain findings take their files first, those
+    resting on the model's scores after, each group in FINDING_TYPES order (a byte copy within a split
+    stays a duplicate, whatever look-alike the model sees in it). A finding keeps the files no
+    stronger one flagged; one with none left is folded into the finding that took its first file, its
+    summary added there ("also ..."), so a reviewer reads each file once. ``ranked`` keeps its order."""
+    order = {kind: k for k, kind in enumerate(FINDING_TYPES)}
+    folded: set[int] = set()
+
+    def fold(finding: Finding, owner: Finding) -> None:
+        owner.summary += f"; also {finding.kind}: {finding.summary}"
+        owner.images += [i for i in finding.images if i not in owner.images]
+        folded.add(id(finding))
+
+    leaks = [f for f in ranked if f.type == "leakage"]
+    for copy in (f for f in ranked if f.type == "exact_duplicate" and f.across_splits):
+        owner = next((leak for leak in leaks if set(copy.flagged) <= set(leak.flagged)), None)
+        if owner is not None:  # the copy is the leak: one finding, the leakage
+            fold(copy, owner)
     claimed: dict[int, Finding] = {}
-    kept: list[Finding] = []
-    for finding in ranked:
+    rest_of = [f for f in ranked if id(f) not in folded]
+    for finding in sorted(rest_of, key=lambda f: (f.confidence < CERTAIN, order[f.type])):
         rest = [i for i in finding.flagged if i not in claimed]
         if finding.flagged and not rest:
-            owner = claimed[finding.flagged[0]]
-            owner.summary += f"; also {finding.kind}: {finding.summary}"
-            owner.images += [i for i in finding.images if i not in owner.images]
+            fold(finding, claimed[finding.flagged[0]])
             continue
         finding.flagged = rest
         claimed.update(dict.fromkeys(rest, finding))
-        kept.append(finding)
-    return kept
+    return [finding for finding in ranked if id(finding) not in folded]
 
 
 # --------------------------------------------------------------------------------------------------
