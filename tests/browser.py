@@ -10,7 +10,6 @@ fails the render), runs its scripts and returns the resulting DOM; ``screenshot`
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import importlib
 import shutil
@@ -75,6 +74,7 @@ def _over_network(url: str) -> bool:
 
 
 _driver: Playwright | None = None
+_users = 0  # render/screenshot calls and open Browser windows using _driver
 
 # Tests import this module as ``browser`` (tests/ is on sys.path) and as ``tests.browser``: one module
 # under both names, so that there is one driver per process whichever name a test used.
@@ -85,23 +85,26 @@ with contextlib.suppress(ImportError):  # and `import tests.browser` finds it as
 
 
 def _start() -> Playwright:
-    """Playwright's driver, one per process (a second one in the same thread is refused), started on
-    first use and stopped when the process exits: ``render`` and ``screenshot`` work while a
-    ``Browser`` is open."""
-    global _driver
+    """Playwright's driver, one per process (a second one in the same thread is refused), shared by
+    whoever uses it at the moment (``render`` and ``screenshot`` work while a ``Browser`` is open) and
+    stopped by the last user's ``_release``: a running driver makes the thread look like it runs an
+    asyncio loop, which would break a later ``asyncio.run`` in the same test process."""
+    global _driver, _users
     if CHROMIUM is None:
         raise RuntimeError("needs Debian's chromium (scripts/test.sh installs it)")
     if _driver is None:
         from playwright.sync_api import sync_playwright
 
         _driver = sync_playwright().start()
-        atexit.register(_stop)
+    _users += 1
     return _driver
 
 
-def _stop() -> None:
-    global _driver
-    if _driver is not None:
+def _release() -> None:
+    """One user of the driver is done; the last one stops it."""
+    global _driver, _users
+    _users = max(0, _users - 1)
+    if _users == 0 and _driver is not None:
         _driver.stop()
         _driver = None
 
@@ -124,15 +127,18 @@ def _offline_page(browser: PlaywrightBrowser, viewport: dict[str, int] | None) -
 
 def _load_offline(page: Path, viewport: dict[str, int] | None = None, png: Path | None = None) -> str:
     """The DOM of ``page`` (a local file) once loaded, and its screenshot into ``png``."""
-    browser = _start().chromium.launch(executable_path=CHROMIUM, args=OFFLINE)
     try:
-        tab, refused = _offline_page(browser, viewport)
-        tab.goto(page.resolve().as_uri(), wait_until="load", timeout=120_000)
-        if png is not None:
-            tab.screenshot(path=png)
-        dom = tab.content()
+        browser = _start().chromium.launch(executable_path=CHROMIUM, args=OFFLINE)
+        try:
+            tab, refused = _offline_page(browser, viewport)
+            tab.goto(page.resolve().as_uri(), wait_until="load", timeout=120_000)
+            if png is not None:
+                tab.screenshot(path=png)
+            dom = tab.content()
+        finally:
+            browser.close()
     finally:
-        browser.close()
+        _release()
     assert not refused, f"{page.name} asked for {refused}: a report must need nothing but itself"
     return dom
 
@@ -168,9 +174,14 @@ class Browser:
     """
 
     def __init__(self, profile_dir: Path) -> None:
-        self.context: BrowserContext | None = _start().chromium.launch_persistent_context(
-            str(profile_dir), executable_path=CHROMIUM, args=LOOPBACK_ONLY
-        )
+        driver = _start()
+        try:
+            self.context: BrowserContext | None = driver.chromium.launch_persistent_context(
+                str(profile_dir), executable_path=CHROMIUM, args=LOOPBACK_ONLY
+            )
+        except BaseException:
+            _release()
+            raise
         self.refused: list[str] = []
         self.context.route("**/*", self._route)
         self.page = self.context.pages[0] if self.context.pages else self.context.new_page()
@@ -211,8 +222,11 @@ class Browser:
 
     def close(self) -> None:
         if self.context is not None:
-            self.context.close()
-            self.context = None
+            try:
+                self.context.close()
+            finally:
+                self.context = None
+                _release()
 
     def __enter__(self) -> Browser:
         return self
