@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from models.data import SPLIT_CHOICES
 from models.evaluation.benchkit import NO_DATA, NOT_AVAILABLE, json_safe, markdown_table, num, with_ci
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -192,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--split",
         default="auto",
-        choices=("auto", "all", "train", "val", "test"),
+        choices=SPLIT_CHOICES,
         help="which images (default auto: test patients of trained sets, all images of unseen sets)",
     )
     parser.add_argument("--plots", help="write DIR/<set>/roc.png and score_histogram.png")

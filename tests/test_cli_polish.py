@@ -178,3 +178,20 @@ def test_ctrl_c_during_enroll_says_what_was_kept_and_how_to_resume(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"skipped {kept} already in collection" in done.stderr and _rows(data) == 60
+
+
+def test_help_does_not_import_torch() -> None:
+    """``cxr-reid --help`` (and every subcommand's parser) answers without importing torch: reading the
+    options should not cost a second of imports."""
+    code = (
+        "import sys\n"
+        "from app.cli import main\n"
+        "for argv in (['--help'], ['evaluate', '--help'], ['data', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('torch' in sys.modules, file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stderr.strip().splitlines()[-1] == "False", done.stderr

@@ -106,7 +106,7 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
 
 def register(subparsers: Subparsers) -> None:
     """Add models, train, evaluate, checkpoint and phantoms to ``cxr-reid``."""
-    from models.evaluation.evaluate import SPLIT_CHOICES
+    from models.data import SPLIT_CHOICES
 
     p = subparsers.add_parser(
         "models",

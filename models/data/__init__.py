@@ -19,13 +19,9 @@ once, in its room.
 
 from __future__ import annotations
 
-from models.data.augmentation import AugmentConfig, augment, equalize_batch
-from models.data.labels import (
-    NEAR_DUPLICATE_CORRELATION,
-    merge_duplicate_identities,
-    near_duplicate_pairs,
-)
-from models.data.loading import load_images
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from models.data.manifests import (
     FOLLOW_UP_NUMBER_SETS,
     SPLITS,
@@ -44,13 +40,42 @@ from models.data.manifests import (
 from models.data.public_sets import read_chestxray14, read_chexpert, read_mimic_cxr, read_padchest
 from models.data.sampler import PKSampler
 from models.data.sources import SOURCES, VIEW_CHOICES, SourceScan, scan_source
-from models.data.splits import assign_splits, split_of
+from models.data.splits import SPLIT_CHOICES, assign_splits, split_of
+
+if TYPE_CHECKING:
+    from models.data.augmentation import AugmentConfig, augment, equalize_batch
+    from models.data.labels import (
+        NEAR_DUPLICATE_CORRELATION,
+        merge_duplicate_identities,
+        near_duplicate_pairs,
+    )
+    from models.data.loading import load_images
+
+# The rooms that need torch are imported on first use, so that reading manifests (and building the
+# CLI's parser: ``cxr-reid --help``) does not pay torch's import.
+_NEEDS_TORCH = {
+    "AugmentConfig": "augmentation",
+    "augment": "augmentation",
+    "equalize_batch": "augmentation",
+    "NEAR_DUPLICATE_CORRELATION": "labels",
+    "merge_duplicate_identities": "labels",
+    "near_duplicate_pairs": "labels",
+    "load_images": "loading",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NEEDS_TORCH:
+        return getattr(import_module(f"models.data.{_NEEDS_TORCH[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FOLLOW_UP_NUMBER_SETS",
     "NEAR_DUPLICATE_CORRELATION",
     "SOURCES",
     "SPLITS",
+    "SPLIT_CHOICES",
     "VIEW_CHOICES",
     "AugmentConfig",
     "ManifestError",

@@ -10,6 +10,10 @@ from collections.abc import Sequence
 
 from models.data.manifests import ManifestError, Sample
 
+# Which images an evaluation reads: "auto" is the test patients of a set the model trained on and every
+# image of a set it never saw; "all" every image; the others one split of the hash.
+SPLIT_CHOICES = ("auto", "all", "train", "val", "test")
+
 
 def split_of(patient_id: str, *, val_fraction: float, test_fraction: float, seed: int = 0) -> str:
     """The split a patient belongs to, from a hash: stable across runs, machines and set sizes."""

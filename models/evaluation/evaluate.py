@@ -23,9 +23,6 @@ from models.scoring.scorenorm import ScoreNorm, patient_key
 
 log = logging.getLogger(__name__)
 
-SPLIT_CHOICES = ("auto", "all", "train", "val", "test")
-
-
 def select_split(samples: Sequence[Sample], embedder: Embedder, split: str) -> tuple[list[Sample], str]:
     """Pick the images to evaluate; returns them and a description of the choice."""
     if split == "all":
