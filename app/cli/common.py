@@ -32,6 +32,8 @@ def configure_logging(verbose: bool) -> None:
     # faiss's loader logs each instruction-set build it tries and fails to find (a ModuleNotFoundError
     # that reads like a failure); the service says once which build it runs instead (index.faiss_build).
     logging.getLogger("faiss.loader").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # httpx logs every request at INFO: a line per file for `enroll --to`; -v shows them
+    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:

@@ -1,13 +1,16 @@
 """Filling a gallery and keeping it current: ``enroll`` (a manifest or a folder), ``sync`` (from a PACS,
 over DICOMweb or Orthanc's change feed) and ``reindex`` (re-embed every image with the current model).
 
-Each job opens the gallery itself, so the data dir must not be open in a running server. ``sync``
-builds its service and alert webhook through ``app.service.wiring``, as the server does.
+Each job opens the gallery itself, so the data dir must not be open in a running server; with
+``--to URL`` ``enroll`` and ``sync`` send to that running server instead (``app.pacs.push``: POST
+/images, STOW-RS) and open no gallery. ``sync`` builds its service and alert webhook through
+``app.service.wiring``, as the server does.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING, Any
 
 from app.cli.common import (
     Subparsers,
@@ -19,18 +22,143 @@ from app.cli.common import (
     settings_from,
 )
 
+if TYPE_CHECKING:
+    from app.pacs.push import ServiceClient
+    from app.service.enrollment import BulkEnrolSummary, EnrolItem
+    from app.service.reid import ReidService
+
+
+#: Said after the lock error of enroll and sync: the way to feed a running server without stopping it.
+USE_TO = (
+    "; or leave it running and send to it: add --to URL (the server's address, e.g. "
+    "http://127.0.0.1:8000) and, with API keys, a write key in CXR_REID_API_KEY"
+)
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else CXR_REID_API_KEY (which stays out of the process list)."""
+    import os
+
+    return args.api_key or os.environ.get("CXR_REID_API_KEY") or None
+
+
+def _enroll_summary(args: argparse.Namespace, summary: BulkEnrolSummary) -> int:
+    """The one summary line of both paths, and their exit code: 1 when a file failed."""
+    log.info(
+        "enrolled %d, skipped %d already in collection '%s', failed %d (of %d files)",
+        summary.enrolled,
+        summary.skipped,
+        args.collection,
+        len(summary.failed),
+        summary.total,
+    )
+    return 1 if summary.failed else 0
+
+
+def _interrupted(args: argparse.Namespace, enrolled: int, skipped: int, extra: str = "") -> int:
+    log.warning(
+        "interrupted: %d image(s) enrolled and kept in collection '%s' (%d already there)%s; the rest "
+        "were not: run the same command again to resume: %s",
+        enrolled,
+        args.collection,
+        skipped,
+        extra,
+        getattr(args, "command_line", "cxr-reid enroll ..."),
+    )
+    return 130
+
+
+def _enroll_to(args: argparse.Namespace, items: list[EnrolItem]) -> int:
+    """``enroll --to URL``: each file to the running service's POST /images, ``--concurrency`` at a time.
+
+    The service keeps what it answered for; a file it already holds under the same patient comes back
+    ``already_enrolled`` (skipped), so a rerun after Ctrl-C or a failure resumes."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from tqdm import tqdm
+
+    from app.pacs.push import ServiceClient, ServiceUnreachableError
+    from app.service.enrollment import BulkEnrolSummary
+
+    stop = threading.Event()
+    target = ServiceClient(args.to, _api_key(args), concurrency=args.concurrency, stop=stop)
+    summary = BulkEnrolSummary(total=len(items))
+    try:
+        target.check()
+    except ServiceUnreachableError as exc:
+        log.error("%s; nothing was sent", exc)
+        target.close()
+        return 2
+    pool = ThreadPoolExecutor(max_workers=args.concurrency)
+    try:
+        with tqdm(total=len(items), desc="enrol", unit="img", disable=args.no_progress) as bar:
+            futures = {
+                pool.submit(
+                    target.enrol_file,
+                    item.path,
+                    collection=args.collection,
+                    patient_id=item.patient_id,
+                    view=item.view,
+                    split=item.split,
+                    tags=item.tags,
+                ): item
+                for item in items
+            }
+            for future in as_completed(futures):
+                pushed = future.result()
+                bar.update(1)
+                if pushed.status == "enrolled":
+                    summary.enrolled += 1
+                elif pushed.status == "already":
+                    summary.skipped += 1
+                else:
+                    summary.failed.append((str(futures[future].path), pushed.reason))
+    except KeyboardInterrupt:
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        return _interrupted(
+            args,
+            summary.enrolled,
+            summary.skipped,
+            f" (up to {args.concurrency} more in flight may be in too: a rerun skips them)",
+        )
+    except ServiceUnreachableError as exc:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        log.error(
+            "%s; %d image(s) enrolled before it stopped are kept: run the same command again to resume",
+            exc,
+            summary.enrolled,
+        )
+        return 2
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        target.close()
+    for path, reason in summary.failed:
+        log.warning("not enrolled: %s (%s)", path, reason)
+    return _enroll_summary(args, summary)
+
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
     from app.service.enrollment import EnrolmentInterrupted, bulk_enrol, items_from_source
-    from index import GalleryError
+    from index import GalleryError, GalleryLockedError
 
     settings = settings_from(args)
     items = items_from_source(args.source)
     if not items:
         log.error("no images found in %s", args.source)
         return 1
+    if args.to:
+        if args.concurrency < 1:
+            log.error("--concurrency %d: give at least 1", args.concurrency)
+            return 2
+        return _enroll_to(args, items)
     try:
         embedder, gallery = open_model_and_gallery(settings)
+    except GalleryLockedError as exc:
+        log.error("%s%s", exc, USE_TO)
+        return 2
     except (GalleryError, ValueError) as exc:  # ValueError: no such device
         log.error("%s", exc)
         return 2
@@ -46,27 +174,10 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     except EnrolmentInterrupted as stopped:
-        done = stopped.summary
-        log.warning(
-            "interrupted: %d image(s) enrolled and kept in collection '%s' (%d already there); the rest "
-            "were not: run the same command again to resume: %s",
-            done.enrolled,
-            args.collection,
-            done.skipped,
-            getattr(args, "command_line", "cxr-reid enroll ..."),
-        )
-        return 130
+        return _interrupted(args, stopped.summary.enrolled, stopped.summary.skipped)
     finally:
         gallery.close()
-    log.info(
-        "enrolled %d, skipped %d already in collection '%s', failed %d (of %d files)",
-        summary.enrolled,
-        summary.skipped,
-        args.collection,
-        len(summary.failed),
-        summary.total,
-    )
-    return 1 if summary.failed else 0
+    return _enroll_summary(args, summary)
 
 
 def _pacs_headers(args: argparse.Namespace) -> dict[str, str]:
@@ -85,90 +196,146 @@ def _pacs_headers(args: argparse.Namespace) -> dict[str, str]:
     return headers
 
 
+def _sync_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What both sync paths read from the flags (ValueError, SyncUnavailableError when they cannot run)."""
+    from app.pacs.sync import MIB, SyncLimits, check_pacs, parse_modalities, parse_since
+
+    modalities = parse_modalities(args.modality)
+    since = "last" if args.since == "last" else parse_since(args.since)
+    headers = _pacs_headers(args)
+    if args.orthanc_changes and args.since:
+        raise ValueError("--since applies to --dicomweb; the change feed resumes from its cursor")
+    settings = settings_from(args)
+    limits = SyncLimits(
+        request_seconds=args.request_timeout,
+        max_query_bytes=int(args.max_query_mb * MIB),
+        max_instance_bytes=settings.max_upload_bytes,
+        max_pages=args.max_pages,
+        max_studies=args.max_studies,
+    )
+    check_pacs(dicomweb=args.dicomweb, orthanc=args.orthanc_changes, headers=headers, limits=limits)
+    return {
+        "modalities": modalities,
+        "since": since,
+        "headers": headers,
+        "settings": settings,
+        "limits": limits,
+    }
+
+
+def _run_sync(args: argparse.Namespace, target: ReidService | ServiceClient, options: dict[str, Any]) -> int:
+    """One sync run into ``target`` (this process's service, or a ServiceClient), signals handled; the
+    summary line and the exit code of both paths."""
+    import threading
+
+    from app.pacs.push import ServiceClient
+    from app.pacs.sync import (
+        SyncState,
+        SyncUnavailableError,
+        follow_orthanc_changes,
+        stop_on_signals,
+        sync_dicomweb,
+    )
+
+    stop = target.stop if isinstance(target, ServiceClient) else threading.Event()
+    common = {
+        "collection": args.collection,
+        "modalities": options["modalities"],
+        "headers": options["headers"],
+        "stop": stop,
+        "progress": not args.no_progress,
+    }
+    caught: list[int] = []
+    try:
+        state = SyncState(options["settings"].data_dir)
+        with stop_on_signals(stop) as caught:
+            if args.dicomweb:
+                summary = sync_dicomweb(
+                    target,
+                    args.dicomweb,
+                    state=state,
+                    since=options["since"],
+                    limits=options["limits"],
+                    **common,
+                )
+            else:
+                summary = follow_orthanc_changes(
+                    target,
+                    args.orthanc_changes,
+                    state=state,
+                    once=args.once,
+                    poll_seconds=args.poll,
+                    limits=options["limits"],
+                    **common,
+                )
+    except SyncUnavailableError as exc:
+        log.error("sync could not run: %s", exc)
+        return 2
+    log.info("sync %s: %s", args.dicomweb or args.orthanc_changes, summary.line())
+    if caught and summary.interrupted and (args.dicomweb or args.once):
+        log.warning("sync stopped by signal %d; the cursor is saved in %s", caught[0], state.path)
+        return 128 + caught[0]
+    return 1 if summary.failed else 0
+
+
+def _sync_to(args: argparse.Namespace) -> int:
+    """``sync --to URL``: fetch from the PACS as the local path does, store each instance in the running
+    service by STOW-RS; the cursor stays in the data dir's sync-state.json, and no gallery is opened."""
+    import threading
+
+    from app.pacs.push import ServiceClient, ServiceUnreachableError
+    from app.pacs.sync import SyncUnavailableError
+
+    try:
+        options = _sync_options(args)
+    except SyncUnavailableError as exc:
+        log.error("sync could not run: %s; nothing was sent", exc)
+        return 2
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    target = ServiceClient(args.to, _api_key(args), concurrency=1, stop=threading.Event())
+    try:
+        target.check()
+        return _run_sync(args, target, options)
+    except ServiceUnreachableError as exc:
+        log.error("sync stopped: %s; the cursor keeps what was done, run it again to resume", exc)
+        return 2
+    finally:
+        target.close()
+
+
 def _cmd_sync(args: argparse.Namespace) -> int:
     """Pull radiographs from a PACS (DICOMweb, or Orthanc's change feed); exit 0 done, 1 some
     instances failed, 2 could not run, 128 + the signal's number when SIGINT / SIGTERM stopped a
     --dicomweb or --once run (the cursor saved)."""
-    import threading
-
-    from app.pacs.sync import (
-        MIB,
-        SyncLimits,
-        SyncState,
-        SyncUnavailableError,
-        check_pacs,
-        follow_orthanc_changes,
-        parse_modalities,
-        parse_since,
-        stop_on_signals,
-        sync_dicomweb,
-    )
+    from app.pacs.sync import SyncUnavailableError
     from app.service.wiring import build_webhook, service_for
-    from index import GalleryError
+    from index import GalleryError, GalleryLockedError
 
+    if args.to:
+        return _sync_to(args)
     try:
-        modalities = parse_modalities(args.modality)
-        since = "last" if args.since == "last" else parse_since(args.since)
-        headers = _pacs_headers(args)
-        if args.orthanc_changes and args.since:
-            raise ValueError("--since applies to --dicomweb; the change feed resumes from its cursor")
-        settings = settings_from(args)
-        limits = SyncLimits(
-            request_seconds=args.request_timeout,
-            max_query_bytes=int(args.max_query_mb * MIB),
-            max_instance_bytes=settings.max_upload_bytes,
-            max_pages=args.max_pages,
-            max_studies=args.max_studies,
-        )
-        # the PACS first: a sync that cannot run starts no gallery
-        check_pacs(dicomweb=args.dicomweb, orthanc=args.orthanc_changes, headers=headers, limits=limits)
+        options = _sync_options(args)  # the PACS first: a sync that cannot run starts no gallery
+        settings = options["settings"]
         embedder, gallery = open_model_and_gallery(settings)
     except SyncUnavailableError as exc:
         log.error("sync could not run: %s; nothing was created", exc)
+        return 2
+    except GalleryLockedError as exc:
+        log.error("%s%s", exc, USE_TO)
         return 2
     except (GalleryError, ValueError) as exc:
         log.error("%s", exc)
         return 2
     webhook = build_webhook(settings)  # the alerts a sync raises reach the service's webhook too
     service = service_for(settings, embedder, gallery, on_alert_event=webhook.send if webhook else None)
-    stop = threading.Event()
-    common = {
-        "collection": args.collection,
-        "modalities": modalities,
-        "headers": headers,
-        "stop": stop,
-        "progress": not args.no_progress,
-    }
-    caught: list[int] = []
     try:
-        state = SyncState(settings.data_dir)
-        with stop_on_signals(stop) as caught:
-            if args.dicomweb:
-                summary = sync_dicomweb(
-                    service, args.dicomweb, state=state, since=since, limits=limits, **common
-                )
-            else:
-                summary = follow_orthanc_changes(
-                    service,
-                    args.orthanc_changes,
-                    state=state,
-                    once=args.once,
-                    poll_seconds=args.poll,
-                    limits=limits,
-                    **common,
-                )
-    except SyncUnavailableError as exc:
-        log.error("sync could not run: %s", exc)
-        return 2
+        return _run_sync(args, service, options)
     finally:
         service.close()
         if webhook is not None:
             webhook.close()
-    log.info("sync %s: %s", args.dicomweb or args.orthanc_changes, summary.line())
-    if caught and summary.interrupted and (args.dicomweb or args.once):
-        log.warning("sync stopped by signal %d; the cursor is saved in %s", caught[0], state.path)
-        return 128 + caught[0]
-    return 1 if summary.failed else 0
 
 
 def _cmd_reindex(args: argparse.Namespace) -> int:
@@ -203,6 +370,21 @@ def _cmd_reindex(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_to_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """--to and --api-key: feed a running server instead of opening its gallery (locked while it runs)."""
+    parser.add_argument(
+        "--to",
+        metavar="URL",
+        help=f"send to the running cxr-reid service at URL ({what}) instead of opening the gallery, so "
+        "the server keeps running; no model is loaded here",
+    )
+    parser.add_argument(
+        "--api-key",
+        help="--to: a key with the write scope (default: CXR_REID_API_KEY, which stays out of the "
+        "process list)",
+    )
+
+
 def register(subparsers: Subparsers) -> None:
     """Add enroll, sync and reindex to ``cxr-reid``."""
     p = subparsers.add_parser(
@@ -220,6 +402,13 @@ def register(subparsers: Subparsers) -> None:
     )
     add_batch_size_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_to_args(p, "each file to its POST /images")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        help="--to: files sent at once (default: %(default)s)",
+    )
     add_device_arg(p)
     add_settings_args(p)
     p.set_defaults(func=_cmd_enroll)
@@ -236,7 +425,8 @@ def register(subparsers: Subparsers) -> None:
         "last cursor never passes a study that failed: it is retried by the next run. Each instance is"
         " enrolled under its DICOM PatientID / StudyInstanceUID / SOPInstanceUID / ViewPosition with the "
         "wrong-patient check; instances already in the collection are skipped, non-radiographs refused. "
-        "The gallery must not be open in a running server. Exit 0 done, 1 some instances failed, 2 could "
+        "The gallery must not be open in a running server, except with --to URL: then each instance goes "
+        "to that server by STOW-RS. Exit 0 done, 1 some instances failed, 2 could "
         "not run.",
     )
     source = p.add_mutually_exclusive_group(required=True)
@@ -288,6 +478,7 @@ def register(subparsers: Subparsers) -> None:
         "may be as large as the service's upload limit (CXR_REID_MAX_UPLOAD_BYTES)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_to_args(p, "each instance by STOW-RS; the cursor stays in DATA_DIR")
     add_device_arg(p)
     add_settings_args(p)
     p.set_defaults(func=_cmd_sync)

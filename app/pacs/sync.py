@@ -28,6 +28,11 @@ the check-and-enrol path STOW-RS uses too, so each instance gets the wrong-patie
   Orthanc database) is followed from 0 (instances already in the gallery are skipped by
   SOPInstanceUID).
 
+With ``--to URL`` (:class:`StowEnroller`, :mod:`app.pacs.push`) each instance goes by STOW-RS to a
+running service, which holds the gallery, instead; the PACS side and the cursor are the same, and a
+service that cannot be reached stops the run (:class:`~app.pacs.push.ServiceUnreachableError`) with
+the studies done so far saved.
+
 Every instance is filed under its DICOM PatientID, StudyInstanceUID, SOPInstanceUID and ViewPosition;
 one already in the collection (same SOPInstanceUID) is not enrolled again; one whose Modality is not a
 projection radiograph (or not among ``--modality``) is refused; one that cannot be fetched, decoded or
@@ -49,8 +54,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.pacs.push import ServiceClient, ServiceUnreachableError
 from app.service.errors import ServiceError
-from app.service.ingest import IngestStatus, InstanceRules, ingest_instance
+from app.service.ingest import Failure, IngestStatus, InstanceRules, ingest_instance
 from app.service.reid import ReidService
 from index import AlertRecord, GalleryError
 from index._fs import atomic_write_bytes
@@ -104,6 +110,7 @@ class SyncSummary:
     given_up: int = 0  # dicomweb: studies that failed max_study_attempts runs in a row
     left: int = 0  # dicomweb: studies left for the next run by --max-studies
     held_back: bool = False  # dicomweb: the --since last cursor stays at a study not done
+    remote_alerts: int = 0  # --to URL: wrong-patient alerts the service raised (stored there, for review)
 
     def line(self) -> str:
         parts = []
@@ -119,7 +126,7 @@ class SyncSummary:
             f"image {a.image_id} {a.alert.kind}" + (f" alert {a.alert.alert_id}" if a.alert.alert_id else "")
             for a in self.alerts
         )
-        parts.append(f"alerts {len(self.alerts)}" + (f" ({alerts})" if alerts else ""))
+        parts.append(f"alerts {len(self.alerts) + self.remote_alerts}" + (f" ({alerts})" if alerts else ""))
         if self.retried:
             parts.append(f"retried {self.retried} stud(ies) that failed before")
         if self.to_retry:
@@ -257,6 +264,65 @@ class Enroller:
             log.warning("wrong-patient alert %s on image %d (instance %s)", result.alert.kind, image_id, sop)
             summary.alerts.append(SyncAlert(image_id, sop, result.alert))
         return True
+
+
+class StowEnroller(Enroller):
+    """The same counting, each instance stored by STOW-RS in a running service (``sync --to URL``):
+    the server holds the gallery, so nothing here opens it; the service's answer says whether the
+    instance was stored, already there, or refused."""
+
+    def __init__(
+        self, target: ServiceClient, summary: SyncSummary, *, collection: str, modalities: frozenset[str]
+    ) -> None:
+        self.target, self.summary = target, summary
+        self.collection, self.modalities = collection, modalities
+        self.last_sop = None
+
+    def wanted(self, sop: str | None, modality: str | None) -> bool:
+        """Count an instance from its tags; the service tells whether it is already there."""
+        self.summary.seen += 1
+        if modality is not None and modality.upper() not in self.modalities:
+            self.summary.refused += 1
+            log.info(
+                "instance %s refused: Modality %s is not among %s", sop, modality, sorted(self.modalities)
+            )
+            return False
+        return True
+
+    def enrol(self, data: bytes, name: str) -> bool:
+        """Store one instance through the service; False when it failed there (refused and
+        already-there instances are not failures, as on the local path)."""
+        pushed = self.target.stow(data, collection=self.collection)
+        self.last_sop = pushed.sop_instance_uid
+        sop = pushed.sop_instance_uid or name
+        if pushed.status == "already":
+            self.summary.already += 1
+            return True
+        if pushed.failure == Failure.SOP_CLASS_NOT_SUPPORTED:  # not a radiograph
+            self.summary.refused += 1
+            log.info("instance %s refused: %s", sop, pushed.reason)
+            return True
+        if pushed.failure == Failure.DUPLICATE_SOP_INSTANCE:  # stored under another patient: a person decides
+            self.summary.conflicts += 1
+            log.warning("instance %s conflicts: %s", sop, pushed.reason)
+            return True
+        if pushed.status == "failed":
+            self.fail(sop, pushed.reason)
+            return False
+        self.summary.enrolled += 1
+        if pushed.alert is not None:  # the kind only: the message names patients
+            log.warning("wrong-patient alert on instance %s (%s)", sop, pushed.alert.split(":")[0])
+            self.summary.remote_alerts += 1
+        return True
+
+
+def make_enroller(
+    service: ReidService | ServiceClient, summary: SyncSummary, *, collection: str, modalities: frozenset[str]
+) -> Enroller:
+    """An :class:`Enroller` into this process's gallery, or a :class:`StowEnroller` into a running service."""
+    if isinstance(service, ServiceClient):
+        return StowEnroller(service, summary, collection=collection, modalities=modalities)
+    return Enroller(service, summary, collection=collection, modalities=modalities)
 
 
 def _first(item: dict[str, Any], tag: str) -> Any:
@@ -758,6 +824,8 @@ def _sync_study(client: Any, enroller: Enroller, study: str, stop: threading.Eve
                     return False
         except SyncStoppedError:
             return False
+        except ServiceUnreachableError:  # --to: the service is gone, not this series: the run stops
+            raise
         except Exception as exc:  # a broken or refused answer: the rest of the series failed
             for sop in missing:
                 if sop not in done:
@@ -768,7 +836,7 @@ def _sync_study(client: Any, enroller: Enroller, study: str, stop: threading.Eve
 
 
 def sync_dicomweb(
-    service: ReidService,
+    service: ReidService | ServiceClient,
     url: str,
     *,
     state: SyncState,
@@ -805,7 +873,7 @@ def sync_dicomweb(
 
 def _sync_dicomweb(
     client: Any,
-    service: ReidService,
+    service: ReidService | ServiceClient,
     url: str,
     state: SyncState,
     collection: str,
@@ -865,7 +933,7 @@ def _sync_dicomweb(
         len(pending),
         summary.retried,
     )
-    enroller = Enroller(service, summary, collection=collection, modalities=modalities)
+    enroller = make_enroller(service, summary, collection=collection, modalities=modalities)
     held: list[str] = []  # StudyDates of the studies not done: the cursor stays at or before them
     total = sum(s.count or 0 for s in pending[: limits.max_studies]) or None
     with tqdm(total=total, unit="instance", disable=not progress, desc="sync") as bar:
@@ -887,6 +955,8 @@ def _sync_dicomweb(
                 complete = _sync_study(client, enroller, study.uid, stop, bar)
             except SyncStoppedError:
                 complete = False
+            except ServiceUnreachableError:  # --to: the studies done so far are saved; the run stops
+                raise
             except Exception as exc:  # QIDO of this study failed: the next run tries it again
                 enroller.fail(f"study {study.uid}", f"could not be listed: {exc}")
                 complete = False
@@ -1045,7 +1115,7 @@ def check_pacs(
 
 
 def follow_orthanc_changes(
-    service: ReidService,
+    service: ReidService | ServiceClient,
     url: str,
     *,
     state: SyncState,
@@ -1089,7 +1159,7 @@ def follow_orthanc_changes(
         raise SyncUnavailableError(f"Orthanc at {base} did not answer GET /changes: {exc}") from exc
     except SyncStoppedError:
         stop.set()
-    enroller = Enroller(service, summary, collection=collection, modalities=modalities)
+    enroller = make_enroller(service, summary, collection=collection, modalities=modalities)
     backoff = _Backoff()
     with contextlib.closing(session), tqdm(unit="instance", disable=not progress, desc="changes") as bar:
         while not stop.is_set():

@@ -63,6 +63,11 @@ class IngestStatus(enum.Enum):
     ENROLLED = "enrolled"  # ``result`` is the enrolment (its image, matches, alert)
 
 
+#: The TextValue a STOW-RS answer gives an instance already in the collection (same SOPInstanceUID), so a
+#: sender (``cxr-reid sync --to``) can tell it from one stored now; both are in ReferencedSOPSequence.
+ALREADY_STORED_TEXT = "already in the collection"
+
+
 class Failure(enum.IntEnum):
     """Why an instance was refused, as a DICOM status: the C-STORE failure statuses of PS3.4 annex B
     and the general ones of PS3.7 annex C, which STOW-RS's FailureReason reuses (PS3.18 10.5.3)."""

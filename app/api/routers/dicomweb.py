@@ -6,7 +6,8 @@ filed under the PatientID, StudyInstanceUID, SOPInstanceUID and ViewPosition of 
 answer is the STOW-RS response dataset (PS3.18 10.5.3) as DICOM JSON:
 
 * ``ReferencedSOPSequence``: the instances stored, and those already in the collection (same
-  SOPInstanceUID: not enrolled again, so a PACS may re-send a study). A wrong-patient alert raised
+  SOPInstanceUID: not enrolled again, so a PACS may re-send a study; such an item's ``TextValue`` is
+  ``already in the collection``). A wrong-patient alert raised
   by an instance's enrolment is put in the item's ``TextValue`` (0040,A160), prefixed
   ``wrong-patient alert (<kind>):``; PS3.18 defines no attribute for it, TextValue is the plain
   text attribute a DICOM reader shows as such, and a STOW client that does not know it ignores it.
@@ -46,7 +47,15 @@ from app.api.dependencies import AccessDep, Label, ServiceDep, SettingsDep, requ
 from app.api.schemas import error_responses
 from app.service.clientargs import ALL_COLLECTIONS
 from app.service.errors import InvalidInputError
-from app.service.ingest import Failure, IngestOutcome, InstanceRules, ingest_instance, refusal
+from app.service.ingest import (
+    ALREADY_STORED_TEXT,
+    Failure,
+    IngestOutcome,
+    IngestStatus,
+    InstanceRules,
+    ingest_instance,
+    refusal,
+)
 from app.service.reid import ReidService
 from app.settings import Settings
 from models.scoring.decide import OperatingPoint
@@ -247,6 +256,8 @@ def _outcome(done: IngestOutcome, name: str, study: str | None) -> Outcome:
         if refused.code is Failure.PROCESSING:
             log.error("STOW-RS: instance %s could not be stored: %s", done.sop_instance_uid, done.error)
         return Outcome(done.sop_class_uid, done.sop_instance_uid, int(refused.code), refused.reason)
+    if done.status is IngestStatus.ALREADY_STORED:
+        return Outcome(done.sop_class_uid, done.sop_instance_uid, text=ALREADY_STORED_TEXT)
     result = done.result
     alert = result.alert if result is not None else None
     if result is None or alert is None:
