@@ -23,6 +23,7 @@ from models.scoring.scorenorm import ScoreNorm, patient_key
 
 log = logging.getLogger(__name__)
 
+
 def select_split(samples: Sequence[Sample], embedder: Embedder, split: str) -> tuple[list[Sample], str]:
     """Pick the images to evaluate; returns them and a description of the choice."""
     if split == "all":
