@@ -239,7 +239,7 @@ def sync_in_process(service: Any, url: str, data_dir: Path, **options: Any) -> A
 
     extra = {}
     if "limits" in options:  # (imported only then: the cursor tests run on code without limits too)
-        from app.pacs.sync import SyncLimits
+        from app.pacs.bounded import SyncLimits
 
         extra["limits"] = SyncLimits(**options.pop("limits"))
     return sync_dicomweb(service, url, state=SyncState(data_dir), progress=False, **extra, **options)
@@ -324,7 +324,7 @@ def test_huge_wado_part_is_refused_and_the_run_goes_on(
 def test_multipart_parts_split_anywhere() -> None:
     """The streamed multipart reader: parts come out whole however the chunks fall, one over the cap
     is refused, a stream cut short is an error."""
-    from app.pacs.sync import AnswerTooLargeError, PacsAnswerError, multipart_parts
+    from app.pacs.bounded import AnswerTooLargeError, PacsAnswerError, multipart_parts
 
     body = (
         b"preamble\r\n--b0\r\nContent-Type: application/dicom\r\n\r\nfirst\r\n--b0 \r\n"

@@ -198,7 +198,8 @@ def _pacs_headers(args: argparse.Namespace) -> dict[str, str]:
 
 def _sync_options(args: argparse.Namespace) -> dict[str, Any]:
     """What both sync paths read from the flags (ValueError, SyncUnavailableError when they cannot run)."""
-    from app.pacs.sync import MIB, SyncLimits, check_pacs, parse_modalities, parse_since
+    from app.pacs.bounded import MIB, SyncLimits
+    from app.pacs.sync import check_pacs, parse_modalities, parse_since
 
     modalities = parse_modalities(args.modality)
     since = "last" if args.since == "last" else parse_since(args.since)
@@ -228,14 +229,9 @@ def _run_sync(args: argparse.Namespace, target: ReidService | ServiceClient, opt
     summary line and the exit code of both paths."""
     import threading
 
+    from app.pacs.bounded import stop_on_signals
     from app.pacs.push import ServiceClient
-    from app.pacs.sync import (
-        SyncState,
-        SyncUnavailableError,
-        follow_orthanc_changes,
-        stop_on_signals,
-        sync_dicomweb,
-    )
+    from app.pacs.sync import SyncState, SyncUnavailableError, follow_orthanc_changes, sync_dicomweb
 
     stop = target.stop if isinstance(target, ServiceClient) else threading.Event()
     common = {
