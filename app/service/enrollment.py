@@ -7,9 +7,12 @@ the same gallery rows (:func:`app.service.decoding.new_image`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Iterable
+import signal
+import threading
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +61,24 @@ class EnrolmentInterrupted(KeyboardInterrupt):
     def __init__(self, summary: BulkEnrolSummary) -> None:
         super().__init__(f"interrupted after {summary.enrolled} image(s) were enrolled")
         self.summary = summary
+
+
+@contextlib.contextmanager
+def _ctrl_c_after_block() -> Iterator[None]:
+    """Ctrl-C (SIGINT) during the block is held until it ends, then raised: a batch committed to the
+    gallery is also counted, so "N image(s) enrolled and kept" is what the gallery holds. Only in the
+    main thread, where Python lets a handler be set; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
 
 
 def items_from_manifest(manifest: str | os.PathLike) -> list[EnrolItem]:
@@ -183,9 +204,10 @@ def bulk_enrol(
                 summary.failed.append((str(item.path), str(exc)))
                 continue
             keep.append(row)
-        if images:
-            gallery.add(vectors[keep], images)
-        summary.enrolled += len(images)
+        with _ctrl_c_after_block():  # committed and counted together: the count Ctrl-C reports is exact
+            if images:
+                gallery.add(vectors[keep], images)
+            summary.enrolled += len(images)
         batch.clear()
 
     def read(item: EnrolItem) -> _Decoded:
