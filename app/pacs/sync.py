@@ -214,10 +214,14 @@ class Enroller:
                 "instance %s refused: Modality %s is not among %s", sop, modality, sorted(self.modalities)
             )
             return False
+        return not self._already_there(sop)
+
+    def _already_there(self, sop: str | None) -> bool:
+        """An instance the collection holds (by SOPInstanceUID) is counted and not fetched again."""
         if sop and self.service.find_by_sop_instance_uid(sop, collection=self.collection):
             self.summary.already += 1
-            return False
-        return True
+            return True
+        return False
 
     def fail(self, name: str, reason: str) -> None:
         log.error("instance %s failed: %s", name, reason)
@@ -282,16 +286,9 @@ class StowEnroller(Enroller):
         self.collection, self.modalities = collection, modalities
         self.last_sop = None
 
-    def wanted(self, sop: str | None, modality: str | None) -> bool:
-        """Count an instance from its tags; the service tells whether it is already there."""
-        self.summary.seen += 1
-        if modality is not None and modality.upper() not in self.modalities:
-            self.summary.refused += 1
-            log.info(
-                "instance %s refused: Modality %s is not among %s", sop, modality, sorted(self.modalities)
-            )
-            return False
-        return True
+    def _already_there(self, sop: str | None) -> bool:
+        """Not asked here: the service's STOW-RS answer tells whether it is already there."""
+        return False
 
     def enrol(self, data: bytes, name: str) -> bool:
         """Store one instance through the service; False when it failed there (refused and
