@@ -49,9 +49,11 @@ from app.service.webhook import AlertWebhook
 from app.service.wiring import build_service, build_webhook, open_when_unlocked
 from app.settings import Settings
 from index import (
+    GalleryDuplicateError,
     GalleryError,
     GalleryFullError,
     GalleryModelMismatchError,
+    GalleryUnavailableError,
     GalleryValidationError,
 )
 from models.net.embedder import Embedder
@@ -267,6 +269,17 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _gallery_full(request: Request, exc: GalleryFullError) -> JSONResponse:
         log.error("gallery write refused on %s %s: %s", request.method, route_template(request.scope), exc)
         return JSONResponse({"detail": str(exc)}, status_code=507)
+
+    @app.exception_handler(GalleryUnavailableError)
+    async def _gallery_unavailable(request: Request, exc: GalleryUnavailableError) -> JSONResponse:
+        log.warning(
+            "gallery database unavailable on %s %s: %s", request.method, route_template(request.scope), exc
+        )
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+
+    @app.exception_handler(GalleryDuplicateError)
+    async def _gallery_duplicate(request: Request, exc: GalleryDuplicateError) -> JSONResponse:
+        return JSONResponse({"detail": f"{exc}; send it again to get the stored image"}, status_code=409)
 
     @app.exception_handler(GalleryError)
     async def _gallery_error(request: Request, exc: GalleryError) -> JSONResponse:

@@ -101,7 +101,7 @@ def insert(
     cur = conn.execute(
         "INSERT INTO alerts (image_id, collection, patient_id, kind, message, score, other_patient_id,"
         " other_image_id, own_best_score, own_images, operating_point, state, created_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?)",
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?) RETURNING alert_id",
         (
             int(image_id),
             collection,
@@ -117,7 +117,7 @@ def insert(
             created_at,
         ),
     )
-    return get(conn, int(cur.lastrowid))  # type: ignore[return-value]
+    return get(conn, int(cur.fetchone()[0]))  # type: ignore[return-value]
 
 
 def get(conn: sqlite3.Connection, alert_id: int) -> AlertRecord | None:

@@ -21,10 +21,11 @@ def save(conn: sqlite3.Connection, model_id: str, body: dict[str, Any], created_
     call inside a write transaction. Returns its id."""
     conn.execute("UPDATE calibrations SET active = 0 WHERE model_id = ?", (model_id,))
     cur = conn.execute(
-        "INSERT INTO calibrations (model_id, created_at, body, active) VALUES (?, ?, ?, 1)",
+        "INSERT INTO calibrations (model_id, created_at, body, active) VALUES (?, ?, ?, 1)"
+        " RETURNING calibration_id",
         (model_id, created_at, json.dumps(body, allow_nan=False)),
     )
-    return int(cur.lastrowid)
+    return int(cur.fetchone()[0])
 
 
 def active(conn: sqlite3.Connection, model_id: str) -> tuple[int, str, dict[str, Any]] | None:

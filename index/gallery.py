@@ -54,9 +54,12 @@ from ._fs import is_disk_full, make_private_dir
 from .alerts import AlertRecord, AlertStore, NewAlert
 from .clusters import cluster_pairs, duplicate_pairs
 from .faiss_index import AUTO, AUTO_FLAT_MAX, validate_factory
+from .follow import ChangeFollower
 from .live_index import INDEX_FILE, LiveIndex
 from .lock import acquire_process_lock, release_process_lock
 from .originals import MissingOriginals, OriginalsReport, check_originals
+from .pg_store import PgStore, is_database_url, redacted
+from .pg_store import holds_gallery as pg_holds_gallery
 from .records import (
     DuplicatePair,
     GalleryError,
@@ -106,10 +109,18 @@ class Gallery:
         autosave_seconds: float | None = 300.0,
         init: bool = False,
         create: bool = True,
+        database_url: str | None = None,
+        blob_dir: str | os.PathLike | None = None,
+        follow_poll_seconds: float = 1.0,
     ) -> None:
         """``create=False``: open an existing gallery only; a data dir without one raises
         ``GalleryNotFoundError`` before anything (folder, database, lock file) is made, so a command
-        that only reads or repairs a gallery never leaves an empty one behind (a typo'd --data-dir)."""
+        that only reads or repairs a gallery never leaves an empty one behind (a typo'd --data-dir).
+
+        ``database_url`` (``postgresql://...``): the truth is that PostgreSQL database, shared by
+        any number of processes (index/pg_store.py); ``data_dir`` then holds only this process's
+        lock and index cache, ``blob_dir`` the originals every replica shares, and the index follows
+        the database's change log (index/follow.py, checked every ``follow_poll_seconds`` at most)."""
         if not isinstance(dim, int | np.integer) or int(dim) <= 0:
             raise GalleryValidationError(f"dim must be a positive integer, got {dim!r}")
         if not isinstance(model_id, str) or not model_id.strip():
@@ -130,8 +141,21 @@ class Gallery:
         self._closed = True
         self._mismatch = False
         self._live: LiveIndex | None = None
-        if not create and not holds_gallery(self.data_dir):
-            raise GalleryNotFoundError(f"no gallery in {self.data_dir} (no {DB_NAME}); nothing was created")
+        self._follower: ChangeFollower | None = None
+        self._listeners: list[Callable[[str], None]] = []
+        self.database_url = database_url
+        if database_url is not None and not is_database_url(database_url):
+            raise GalleryValidationError("database_url must be a postgresql:// URL")
+        if not create:
+            if database_url is not None:
+                if not pg_holds_gallery(database_url):
+                    raise GalleryNotFoundError(
+                        f"no gallery in the database {redacted(database_url)}; nothing was created"
+                    )
+            elif not holds_gallery(self.data_dir):
+                raise GalleryNotFoundError(
+                    f"no gallery in {self.data_dir} (no {DB_NAME}); nothing was created"
+                )
         try:
             make_private_dir(self.data_dir)
             self._lock_fd = acquire_process_lock(self.data_dir)
@@ -139,7 +163,12 @@ class Gallery:
             raise GalleryError(f"cannot open gallery data dir {self.data_dir}: {exc}") from exc
         self._store: Store | None = None
         try:
-            self._store = Store(self.data_dir, init=init, other_data=[self._index_path])
+            if database_url is not None:
+                self._store = PgStore(
+                    database_url, self.data_dir, blob_dir=Path(blob_dir) if blob_dir is not None else None
+                )
+            else:
+                self._store = Store(self.data_dir, init=init, other_data=[self._index_path])
             self._wlock = self._store.write_lock
             self._alerts = AlertStore(self._store, self._check_open)
             stored_dim, self._mismatch = check_model(
@@ -160,10 +189,25 @@ class Gallery:
             self._closed = False
             with self._wlock:
                 self._store.remove_orphan_blobs()
-                self._live.open()
+                with self._store.read_txn() as conn:  # the index and the change it is at: one snapshot
+                    applied = self._store.last_change(conn)
+                    generation = int(self._store.meta_get("generation", conn) or 0)
+                    self._live.open()
                 self._missing_originals = MissingOriginals(self._store)
+            if isinstance(self._store, PgStore):
+                self._follower = ChangeFollower(
+                    self._store,
+                    self._live,
+                    applied=applied,
+                    generation=generation,
+                    poll_seconds=follow_poll_seconds,
+                    on_change=self._changed_elsewhere,
+                )
+                self._follower.start()
         except BaseException:
             self._closed = True
+            if self._follower is not None:
+                self._follower.stop()
             if self._store is not None:
                 self._store.close()
             release_process_lock(self._lock_fd)
@@ -188,6 +232,8 @@ class Gallery:
 
         A background rebuild is cancelled first (it stops between chunks; a k-means already
         training finishes), and waited for: it reads SQLite through the store closed here."""
+        if self._follower is not None:
+            self._follower.stop()
         if self._live is not None:
             self._live.stop_rebuild()
         with self._wlock:
@@ -310,6 +356,7 @@ class Gallery:
                         for iid, row, alert in zip(ids, rows, new_alerts, strict=True)
                     ]
                     store.bump_generation(conn)
+                    store.log_change(conn, "add", ids, {row["collection"] for row in rows})
             except BaseException as exc:
                 # rolled back: drop the files this call wrote (unless a committed row uses them)
                 store.remove_blobs_if_unreferenced(set(created))
@@ -322,13 +369,60 @@ class Gallery:
                     raise GalleryError(f"could not add {len(rows)} images: {exc}") from exc
                 raise
             self._missing_originals.stored({row["blob_sha256"] for row in rows if row["blob_sha256"]})
-            self._live.update(lambda idx: idx.add(x, np.asarray(ids, dtype=np.int64)))
-            self._live.invalidate({row["collection"] for row in rows})
-            self._live.after_write()
+            self._apply_committed(
+                lambda idx: idx.add(x, np.asarray(ids, dtype=np.int64)), {row["collection"] for row in rows}
+            )
         records = [
             store.inserted_record(i, row, self.model_id, created_at) for i, row in zip(ids, rows, strict=True)
         ]
         return records, stored_alerts
+
+    def _apply_committed(self, change: Callable[[Any], None], collections: Iterable[str]) -> None:
+        """Bring the index up to a write just committed (write lock held). Alone on SQLite, apply
+        it; on PostgreSQL, catch up with the change log, which holds it and every other writer's
+        before it (a failure there is only logged: the commit stands, the follower retries)."""
+        if self._follower is None:
+            self._live.update(change)
+            self._live.invalidate(collections)
+        else:
+            try:
+                self._follower.catch_up()
+            except Exception as exc:
+                log.warning(
+                    "could not catch up with the change log after a write (%s); the follower retries", exc
+                )
+        self._live.after_write()
+
+    def _changed_elsewhere(self, kind: str) -> None:
+        """A ``calibration`` or ``reindex`` change from the change log (index/follow.py)."""
+        if kind == "reindex":
+            self._reload_after_reindex()
+        for listener in list(self._listeners):
+            listener(kind)
+
+    def _reload_after_reindex(self) -> None:
+        """Another process reindexed (or this one did): rebuild the index from the new vectors; a
+        process whose model is not the new one refuses searches until it runs the new model."""
+        with self._wlock:
+            stored = self._store.meta_get("model_id")
+            self._mismatch = stored is not None and stored != self.model_id
+            self._live.reset(int(self._store.meta_get("dim") or self._live.dim))
+
+    def on_change(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(kind)`` when another process changes the site calibration
+        (``"calibration"``) or reindexes (``"reindex"``); PostgreSQL galleries only."""
+        self._listeners.append(listener)
+
+    def replication(self) -> dict[str, Any] | None:
+        """This replica's place in the change log (applied / latest change, lag in seconds,
+        generation), or None for a SQLite gallery (one process, nothing to follow)."""
+        self._check_open()
+        return None if self._follower is None else self._follower.status()
+
+    def catch_up(self) -> int:
+        """Apply the changes other processes committed (PostgreSQL) now; returns how many."""
+        self._check_open()
+        return 0 if self._follower is None else self._follower.catch_up()
 
     def _insert_row(self, conn: Any, row: dict, vector: np.ndarray, created_at: str) -> int:
         return self._store.insert_image(conn, row, vector, self.model_id, created_at)
@@ -341,13 +435,12 @@ class Gallery:
                 ids, collections, shas = store.delete_rows(conn, where, args)
                 if ids:
                     store.bump_generation(conn)
+                    store.log_change(conn, "delete", ids, collections)
             if not ids:
                 return 0
-            self._live.update(lambda idx: idx.remove(ids))
-            self._live.invalidate(collections)
             store.remove_blobs_if_unreferenced(shas)
             self._missing_originals.deleted(shas)
-            self._live.after_write()
+            self._apply_committed(lambda idx: idx.remove(ids), collections)
         return len(ids)
 
     def delete_image(self, image_id: int) -> bool:
@@ -447,7 +540,10 @@ class Gallery:
         self._check_open()
         created_at = now_iso()
         with self._store.write_txn() as conn:
-            return calibrations.save(conn, self.model_id, calibration, created_at)
+            calibration_id = calibrations.save(conn, self.model_id, calibration, created_at)
+            self._store.bump_generation(conn)
+            self._store.log_change(conn, "calibration")
+        return calibration_id
 
     def site_calibration(self) -> dict[str, Any] | None:
         """The site calibration in force for this gallery's model, with ``calibration_id`` and
@@ -463,7 +559,11 @@ class Gallery:
         """Stop using the site calibration (kept as history); True when one was in force."""
         self._check_open()
         with self._store.write_txn() as conn:
-            return calibrations.deactivate(conn, self.model_id) > 0
+            cleared = calibrations.deactivate(conn, self.model_id) > 0
+            if cleared:
+                self._store.bump_generation(conn)
+                self._store.log_change(conn, "calibration")
+        return cleared
 
     # ---------------------------------------------------------------- wrong-patient alerts
     def get_alert(self, alert_id: int) -> AlertRecord | None:
@@ -685,7 +785,10 @@ class Gallery:
             staging.swap()
             self.model_id = model_id
             self._mismatch = False
-            self._live.reset(self.dim)
+            if self._follower is None:
+                self._live.reset(self.dim)
+            else:
+                self._follower.catch_up()  # its "reindex" change rebuilds the index
             n = len(self)
         report(n, n)
         log.info("reindexed %d images with model %s", n, model_id)

@@ -92,7 +92,7 @@ class LiveIndex:
         self._allowed_cache: dict[str, AllowedIds] = {}
         # background rebuild ("auto"): the thread, and the FAISS changes made while it builds
         self._rebuild_thread: threading.Thread | None = None
-        self._rebuild_changes: list[Callable[[VectorIndex], None]] | None = None
+        self._rebuild_changes: list[tuple[int | None, Callable[[VectorIndex], None]]] | None = None
         self._rebuild_cancel = threading.Event()
 
     # ---------------------------------------------------------------- load, build, save
@@ -201,16 +201,17 @@ class LiveIndex:
         return int(self._store.meta_get("generation") or 0) != self._saved_generation
 
     # ---------------------------------------------------------------- after a commit
-    def update(self, change: Callable[[VectorIndex], None]) -> None:
+    def update(self, change: Callable[[VectorIndex], None], *, seq: int | None = None) -> None:
         """Apply a committed change to FAISS; if that fails, rebuild it from SQLite (the truth).
-        During a background rebuild the change is also kept, to be replayed on the new index."""
+        During a background rebuild the change is also kept, to be replayed on the new index.
+        ``seq``: its place in a PostgreSQL change log (index/follow.py), None for SQLite."""
         try:
             change(self.current)
         except Exception:
             log.exception("FAISS update failed after the SQLite commit; rebuilding the index from SQLite")
             self.current = self.build()
         if self._rebuild_changes is not None:
-            self._rebuild_changes.append(change)
+            self._rebuild_changes.append((seq, change))
 
     def after_write(self) -> None:
         """Compact tombstones when they pile up; autosave now and then (write lock held)."""
@@ -313,6 +314,9 @@ class LiveIndex:
                         return
                     conn = stack.enter_context(store.read_txn())
                     count = int(conn.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+                    # with PostgreSQL, other processes commit outside this lock: the snapshot may
+                    # hold changes this replica applies only later; those are not replayed
+                    in_snapshot = store.last_change(conn)
                     self._rebuild_changes = []
                 log.info(
                     "rebuilding the FAISS index as %s over %d vectors in the background",
@@ -329,8 +333,9 @@ class LiveIndex:
                 if self._is_closed() or self._rebuild_cancel.is_set() or self.current is not current:
                     log.info("background rebuild dropped: the gallery closed or its index was replaced")
                     return
-                for change in changes:
-                    change(idx)
+                for seq, change in changes:
+                    if seq is None or seq > in_snapshot:
+                        change(idx)
                 self.current = idx
                 self._save_index(idx)
             log.info(

@@ -37,6 +37,16 @@ class GalleryNotFoundError(GalleryError):
     or repairs a gallery): nothing was created."""
 
 
+class GalleryUnavailableError(GalleryError):
+    """The gallery's database cannot be reached right now (restarting, network): nothing of the
+    request was kept, and the same request may simply be sent again."""
+
+
+class GalleryDuplicateError(GalleryError):
+    """Another writer stored the same DICOM instance in the collection first (the database's unique
+    key decided): nothing of this write was kept; look the stored one up instead."""
+
+
 class GalleryIntegrityError(GalleryError):
     """The data dir cannot be trusted as it is: its database is missing while stored data is there,
     or the database fails SQLite's integrity check. Nothing is created or changed over it."""

@@ -102,8 +102,9 @@ class ReindexStaging:
             raise GalleryValidationError(f"embed() returned {x.shape[0]} vectors for {len(records)} images")
         with store.write_txn() as conn:
             conn.executemany(
-                "INSERT OR REPLACE INTO reindex_staging (image_id, vector) "
-                "SELECT image_id, ? FROM images WHERE image_id = ?",
+                "INSERT INTO reindex_staging (image_id, vector) "
+                "SELECT image_id, ? FROM images WHERE image_id = ? "
+                "ON CONFLICT (image_id) DO UPDATE SET vector = excluded.vector",
                 [(xi.astype("<f4").tobytes(), r.image_id) for xi, r in zip(x, records, strict=True)],
             )
         return len(records)
@@ -123,3 +124,4 @@ class ReindexStaging:
             store.meta_set(conn, "model_id", self.model_id)
             store.meta_set(conn, "dim", str(self.dim))
             store.bump_generation(conn)
+            store.log_change(conn, "reindex")

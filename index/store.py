@@ -25,7 +25,7 @@ import random
 import re
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -344,6 +344,17 @@ class Store:
         self.meta_set(conn, "generation", str(gen))
         return gen
 
+    def log_change(
+        self, conn: sqlite3.Connection, kind: str, ids: Iterable[int] = (), collections: Iterable[str] = ()
+    ) -> int:
+        """Record a change for replicas that follow the gallery (index/pg_store.py). One SQLite
+        gallery has one process, which applies its own changes: nothing to record."""
+        return 0
+
+    def last_change(self, conn: sqlite3.Connection | None = None) -> int:
+        """The newest change recorded by ``log_change`` (always 0 here)."""
+        return 0
+
     def id_stats(self, conn: sqlite3.Connection | None = None) -> dict:
         """count / max id / id sum: with the generation they tag a saved FAISS file."""
         c = conn or self.reader()
@@ -359,7 +370,7 @@ class Store:
         cur = conn.execute(
             "INSERT INTO images (patient_id, collection, source_path, blob_sha256, sha256, sop_instance_uid,"
             " study_instance_uid, view, study_date, split, tags, model_id, created_at, vector)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING image_id",
             (
                 row["patient_id"],
                 row["collection"],
@@ -377,7 +388,7 @@ class Store:
                 vector_to_blob(vector),
             ),
         )
-        return int(cur.lastrowid)
+        return int(cur.fetchone()[0])
 
     def inserted_record(self, image_id: int, row: dict, model_id: str, created_at: str) -> ImageRecord:
         """The record of a row ``insert_image`` wrote (without reading it back)."""
@@ -561,10 +572,15 @@ class Store:
         if patient_id is not None and (not isinstance(patient_id, str) or not patient_id.strip()):
             raise GalleryValidationError("patient_id must be a non-empty string or None")
         patient_id = checked_patient_id(patient_id)
-        cur = conn.execute("UPDATE images SET patient_id = ? WHERE image_id = ?", (patient_id, int(image_id)))
-        if cur.rowcount:
+        cur = conn.execute(
+            "UPDATE images SET patient_id = ? WHERE image_id = ? RETURNING collection",
+            (patient_id, int(image_id)),
+        )
+        row = cur.fetchone()
+        if row is not None:
             self.bump_generation(conn)
-        return bool(cur.rowcount)
+            self.log_change(conn, "relabel", [int(image_id)], [str(row[0])])
+        return row is not None
 
     def find_by_sha256(self, sha256: str, collection: str | None) -> ImageRecord | None:
         return self._find_first("sha256", sha256, collection)

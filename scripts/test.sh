@@ -16,13 +16,15 @@ EXTRAS=test
 . scripts/_venv.sh
 
 # Debian packages some tests need when missing: jq (scripts/demo.sh), chromium (/docs rendered offline),
-# orthanc and orthanc-dicomweb (a real PACS for the DICOMweb tests, tests/orthanc.py). Not for --fast:
+# orthanc and orthanc-dicomweb (a real PACS for the DICOMweb tests, tests/orthanc.py), postgresql (a
+# private cluster for the PostgreSQL gallery, scripts/local_postgres.py). Not for --fast:
 # none of its tests uses them.
 missing=()
 command -v jq >/dev/null || missing+=(jq)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v Orthanc >/dev/null || [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 if [ "$FAST" = 0 ] && [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         apt-get update -qq

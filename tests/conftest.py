@@ -11,6 +11,8 @@ model that knows identity train one (tests/test_train_e2e.py).
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +23,7 @@ import torch
 
 from app.server_process import Server
 from app.server_process import server_env as server_environment
+from scripts.local_postgres import LocalPostgres, PostgresUnavailableError, bindir
 
 # The tiny test network cannot be exported or fused (it pools unevenly), so runtime "auto" would try
 # and fall back at every app the tests create: they run it in PyTorch directly. The runtime choice
@@ -158,6 +161,31 @@ def servers() -> Iterator[list[Server]]:
     yield started
     for server in started:
         server.kill()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPostgres]:
+    """A private PostgreSQL cluster (scripts/local_postgres.py) for this test process; skipped where
+    PostgreSQL is not installed (scripts/test.sh installs it)."""
+    try:
+        bindir()
+    except PostgresUnavailableError as exc:
+        pytest.skip(str(exc))
+    # not under pytest's 0700 temp root: the server runs as the unprivileged postgres user
+    pg = LocalPostgres(Path(tempfile.mkdtemp(prefix="cxr-reid-pg-")))
+    pg.start()
+    try:
+        yield pg
+    finally:
+        pg.stop("immediate")
+        shutil.rmtree(pg.root, ignore_errors=True)
+
+
+@pytest.fixture
+def database_url(postgres: LocalPostgres, request: pytest.FixtureRequest) -> str:
+    """A new empty database on the test cluster, one per test."""
+    database_url.count = getattr(database_url, "count", 0) + 1  # type: ignore[attr-defined]
+    return postgres.fresh_database(f"t{os.getpid()}_{database_url.count}")  # type: ignore[attr-defined]
 
 
 @pytest.fixture
