@@ -86,6 +86,23 @@ class Settings(BaseSettings):
         description="IVF lists searched; None = 16, or with index_factory auto max(64, lists / 32)",
     )
     ef_search: int = Field(default=64, ge=1)
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="postgresql://user:password@host:5432/db: the gallery's truth in PostgreSQL, shared by "
+        "any number of replicas and jobs (each keeps its own data dir for its lock and index cache); unset: "
+        "SQLite in the data dir, one process",
+    )
+    blob_dir: Path | None = Field(
+        default=None,
+        description="the stored originals' folder; with database_url, one every replica mounts (shared "
+        "storage); None = images/ in the data dir",
+    )
+    follow_poll_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="with database_url: the longest a replica waits between looks at the change log when "
+        "no notification comes (notifications make it immediate)",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="where the model runs; auto = the GPU when torch sees one, else the CPU"
     )

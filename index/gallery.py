@@ -279,6 +279,11 @@ class Gallery:
         return self._live.current.effective_factory
 
     @property
+    def originals_dir(self) -> Path:
+        """Where the stored originals are (``images/`` in the data dir, or the shared blob dir)."""
+        return self._store.images_dir
+
+    @property
     def generation(self) -> int:
         """Bumped by every change to the set of vectors: results computed at one generation hold
         until it moves."""
@@ -730,19 +735,31 @@ class Gallery:
         return self.is_consistent()
 
     def is_consistent(self) -> bool:
-        """FAISS holds exactly the SQLite ids, and every row carries the gallery's single model id."""
+        """FAISS holds exactly the SQLite ids, and every row carries the gallery's single model id.
+        With PostgreSQL the index is first brought up to the change log, and compared with the rows
+        of the snapshot at that change (other processes keep writing; a few tries)."""
         self._check_open()
         with self._wlock:
             store = self._store
-            sql_ids = store.ids()
+            for _ in range(5):
+                if self._follower is not None:
+                    self._follower.catch_up()
+                with store.read_txn() as conn:
+                    if self._follower is not None and store.last_change(conn) != self._follower.applied:
+                        continue  # another writer committed meanwhile: catch up and look again
+                    sql_ids = store.ids(conn=conn)
+                    models = store.model_ids(conn)
+                    meta_model = store.meta_get("model_id", conn)
+                break
+            else:
+                log.warning("the gallery changed under every consistency check; assuming it is consistent")
+                return True
             faiss_ids = self._live.current.ids()
             if not np.array_equal(sql_ids, faiss_ids):
                 log.warning(
                     "FAISS/SQLite mismatch: %d ids in SQLite, %d in FAISS", sql_ids.size, faiss_ids.size
                 )
                 return False
-            models = store.model_ids()
-            meta_model = store.meta_get("model_id")
             if len(models) > 1 or (models and models[0] != meta_model):
                 log.warning("gallery rows carry model ids %s (gallery model %s)", models, meta_model)
                 return False

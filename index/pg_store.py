@@ -108,16 +108,16 @@ class PgConnection:
         return converted
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> psycopg.Cursor:
-        cur = self.raw.cursor()
         try:
+            cur = self.raw.cursor()
             cur.execute(self._sql(sql), [_plain(a) for a in args])
         except psycopg.OperationalError as exc:  # restarted, unreachable: the caller may try again
             raise unavailable(self.url, exc) from exc
         return cur
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> psycopg.Cursor:
-        cur = self.raw.cursor()
         try:
+            cur = self.raw.cursor()
             cur.executemany(self._sql(sql), [[_plain(a) for a in row] for row in rows])
         except psycopg.OperationalError as exc:
             raise unavailable(self.url, exc) from exc
@@ -219,6 +219,7 @@ class PgStore(Store):
         self._readers: list[PgConnection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
+        self._txn_ids: set[int] = set()  # images inserted by the open write transaction
         make_private_dir(self.images_dir)
         self._writer = connect(url)
         try:
@@ -277,12 +278,15 @@ class PgStore(Store):
                 raise GalleryError("gallery is closed")
             conn = self._writer_conn()
             conn.execute("BEGIN")
+            self._txn_ids.clear()
             try:
                 yield conn
                 conn.execute("COMMIT")
             except BaseException as exc:
                 with contextlib.suppress(psycopg.Error):
                     conn.execute("ROLLBACK")
+                if isinstance(exc, GalleryDuplicateError):
+                    raise
                 if isinstance(exc, pg_errors.UniqueViolation):
                     raise GalleryDuplicateError(
                         "another writer stored one of these DICOM instances (SOPInstanceUID) in this "
@@ -300,6 +304,31 @@ class PgStore(Store):
                 for conn in self._readers:
                     conn.close()
                 self._readers.clear()
+
+    # ---------------------------------------------------------------- rows
+    def insert_image(
+        self, conn: PgConnection, row: dict, vector: np.ndarray, model_id: str, created_at: str
+    ) -> int:
+        """``Store.insert_image``, refusing an original already filed in the collection under the
+        same patient by another transaction (``GalleryDuplicateError``): the service looks before it
+        writes, but two replicas can look at once. An advisory lock on (collection, sha256) orders
+        them; the same bytes twice in one request stay allowed, as with SQLite."""
+        if row["sha256"]:
+            key = f"{row['collection']}\n{row['sha256']}"
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (key,))
+            found = conn.execute(
+                "SELECT image_id FROM images WHERE collection = ? AND sha256 = ? "
+                "AND patient_id IS NOT DISTINCT FROM ?",
+                (row["collection"], row["sha256"], row["patient_id"]),
+            ).fetchall()
+            if any(int(i) not in self._txn_ids for (i,) in found):
+                raise GalleryDuplicateError(
+                    "another writer filed this image under the same patient in this collection a moment "
+                    "ago; nothing of this request was kept"
+                )
+        image_id = super().insert_image(conn, row, vector, model_id, created_at)
+        self._txn_ids.add(image_id)
+        return image_id
 
     # ---------------------------------------------------------------- change log
     def log_change(

@@ -249,6 +249,10 @@ class Store:
             raise GalleryError(f"cannot open gallery database {self.path}: {exc}") from exc
         return conn
 
+    def _writer_conn(self) -> sqlite3.Connection:
+        """The writer connection (a database server's subclass reconnects a broken one here)."""
+        return self._writer
+
     def reader(self) -> sqlite3.Connection:
         """This thread's read-only connection."""
         if self._closed:
@@ -689,7 +693,7 @@ class Store:
         removed = 0
         with self.write_lock:
             for sha in shas:
-                if self.blob_referenced(sha, self._writer):
+                if self.blob_referenced(sha, self._writer_conn()):
                     continue
                 path = self.blob_path(sha)
                 try:

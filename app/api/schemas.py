@@ -546,6 +546,22 @@ class AdaptationOut(BaseModel):
         )
 
 
+class ReplicationOut(BaseModel):
+    """Where this replica is in the gallery database's change log (PostgreSQL galleries only)."""
+
+    database: str = Field(description="the database followed (without its password)")
+    listening: bool = Field(description="connected and listening for the database's change notifications")
+    applied_change: int = Field(description="the last change applied to this replica's index")
+    latest_change: int = Field(description="the newest change committed in the database")
+    behind: int = Field(description="changes committed but not applied here yet")
+    lag_seconds: float = Field(description="age of the oldest change not applied here (0: up to date)")
+    generation: int = Field(description="the gallery generation this replica's index is at")
+    apply_lag_p50_ms: float | None = Field(
+        default=None, description="median time from a change's commit to its apply here (recent changes)"
+    )
+    apply_lag_p99_ms: float | None = Field(default=None, description="99th percentile of the same")
+
+
 class Readiness(BaseModel):
     """The model is loaded and the gallery can be served."""
 
@@ -568,6 +584,10 @@ class Readiness(BaseModel):
     )
     operating_point: OperatingPointOut | None = Field(
         default=None, description=f"the default threshold and its calibration{KEY_HOLDERS}"
+    )
+    replication: ReplicationOut | None = Field(
+        default=None,
+        description=f"with a PostgreSQL gallery: this replica's place in the change log{KEY_HOLDERS}",
     )
     adaptation: AdaptationOut | None = Field(
         default=None,

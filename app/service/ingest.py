@@ -32,7 +32,13 @@ from app.service.decoding import Upload
 from app.service.errors import ConflictError, PayloadTooLargeError, ServiceError, UnavailableError
 from app.service.reid import ReidService
 from app.service.results import EnrolResult
-from index import GalleryError, GalleryFullError, GalleryValidationError, ImageMetadata
+from index import (
+    GalleryDuplicateError,
+    GalleryError,
+    GalleryFullError,
+    GalleryValidationError,
+    ImageMetadata,
+)
 from models.imaging.dicom import read_dicom
 from models.imaging.preprocess import RADIOGRAPH_MODALITIES
 from models.scoring.decide import OperatingPoint
@@ -191,6 +197,12 @@ def ingest_instance(
             [outcome.result] = service.enrol(
                 decoded, vectors, ImageMetadata(collection=collection), point=point
             )
+    except GalleryDuplicateError as exc:  # another replica stored it first (PostgreSQL's unique key)
+        known = _already(service, outcome, sop, collection, patient_id)
+        if known is not None:
+            return known
+        outcome.status, outcome.error = IngestStatus.NOT_STORED, exc
+        return outcome
     except GalleryError as exc:
         outcome.status, outcome.error = IngestStatus.NOT_STORED, exc
         return outcome

@@ -27,7 +27,16 @@ from app.service.results import (
     ScoredRecord,
 )
 from app.service.scoring import SCORE_SLACK, Scorer, record_key, resolve_operating_point
-from index import AlertRecord, Gallery, ImageMetadata, ImageRecord, NewAlert, NewImage, checked_patient_id
+from index import (
+    AlertRecord,
+    Gallery,
+    GalleryDuplicateError,
+    ImageMetadata,
+    ImageRecord,
+    NewAlert,
+    NewImage,
+    checked_patient_id,
+)
 from models.net.embedder import Embedder
 from models.scoring.calibration import Calibration
 from models.scoring.decide import OperatingPoint, Posterior, image_key, is_same_patient, posterior
@@ -36,6 +45,9 @@ log = logging.getLogger(__name__)
 
 #: Enrol-time matches reported per new image.
 ENROL_MATCHES = 5
+#: A replica further behind the gallery database than this (seconds) is not ready: it would answer
+#: from an index missing what other replicas stored.
+REPLICA_LAG_LIMIT_SECONDS = 30.0
 
 
 def labelled_image(image: NewImage, meta: ImageMetadata, *, name: str) -> NewImage:
@@ -105,6 +117,8 @@ class ReidService(AlertReview, DuplicatesReport):
         self._enrol_lock = threading.Lock()
         self._calibration_lock = threading.Lock()
         self._use(self._stored_site_calibration() or embedder.calibration)
+        if gallery is not None:
+            gallery.on_change(self._changed_elsewhere)
         # fail at start-up, not on the first request, when the default operating point is unusable
         self.operating_point()
 
@@ -195,6 +209,13 @@ class ReidService(AlertReview, DuplicatesReport):
         log.info("site calibration %d fitted and in force: %s", calibration_id, calibration.summary())
         return calibration
 
+    def _changed_elsewhere(self, kind: str) -> None:
+        """Another replica fitted or cleared the site calibration: use what the gallery holds now."""
+        if kind == "calibration":
+            with self._calibration_lock:
+                self._use(self._stored_site_calibration() or self.embedder.calibration)
+            log.info("the site calibration changed in the gallery: %s", self.calibration.summary())
+
     def clear_calibration(self) -> bool:
         """Go back to the model's own calibration; True when a site calibration was in force."""
         with self._calibration_lock:
@@ -222,6 +243,7 @@ class ReidService(AlertReview, DuplicatesReport):
             self.gallery_problem = None
             self.gallery_locked = False
             self._use(self._stored_site_calibration() or self.embedder.calibration)
+            gallery.on_change(self._changed_elsewhere)
 
     def gallery_size(self) -> int:
         if self._gallery is None:
@@ -241,18 +263,26 @@ class ReidService(AlertReview, DuplicatesReport):
             images=images,
             index=gallery.effective_index_factory,
             index_rebuilding=gallery.index_rebuilding,
+            replication=gallery.replication(),
         )
 
     def readiness_problem(self) -> str | None:
         """None when ready; otherwise what is wrong, in words."""
         if self._gallery is None:
             return self.gallery_problem or "no gallery is open"
+        replication = self._gallery.replication()
+        if replication is not None and replication["lag_seconds"] > REPLICA_LAG_LIMIT_SECONDS:
+            return (
+                f"this replica is {replication['lag_seconds']:.0f} s behind the gallery database "
+                f"({replication['behind']} change(s); listening: {replication['listening']}): check its "
+                "connection to the database"
+            )
         if not self._gallery.looks_consistent():
             return "the gallery index does not match its database; restart the service to rebuild it"
         missing = self._gallery.missing_originals()
         if missing:
             return (
-                f"{missing:,} stored original(s) are missing under {self._gallery.data_dir / 'images'}: "
+                f"{missing:,} stored original(s) are missing under {self._gallery.originals_dir}: "
                 "search still works, but `cxr-reid reindex` cannot re-embed those images; restore the "
                 "folder from a backup (`cxr-reid check` lists the images), or delete those images"
             )
@@ -483,35 +513,11 @@ class ReidService(AlertReview, DuplicatesReport):
         return results[:k]
 
     # ---------------------------------------------------------------- enrol
-    def enrol(
-        self,
-        decoded: Sequence[DecodedImage],
-        vectors: np.ndarray,
-        meta: ImageMetadata,
-        *,
-        point: OperatingPoint,
-    ) -> list[EnrolResult]:
-        """File images in the gallery, all or none, with their matches and a wrong-patient alert each.
-
-        Matches and alerts are computed against the gallery as it stood before this request (images of
-        one request are not compared with each other), under the enrolment lock so that no other
-        enrolment slips in between the check and the write. Idempotent: a file already filed in the
-        collection under the same patient (the same bytes: a retried request whose answer was lost)
-        is not stored again; its result is the stored image, ``already_enrolled``.
-        """
-        images = [
-            labelled_image(
-                new_image(
-                    d.identifiers,
-                    meta,
-                    sha256=d.sha256,
-                    blob=stored_original(d.data, d.source_format),
-                ),
-                meta,
-                name=f"'{d.filename}'",
-            )
-            for d in decoded
-        ]
+    def _store_new(
+        self, images: list[NewImage], vectors: np.ndarray, point: OperatingPoint
+    ) -> tuple[list[ImageRecord], list, list[AlertRecord | None], dict[int, ImageRecord]]:
+        """``enrol``'s check-then-write under the enrolment lock: (records stored, (matches, alert,
+        duplicate of) of each, the stored alerts, upload index -> the image it is already filed as)."""
         with self._enrol_lock:
             gallery = self.gallery
             pending = []
@@ -541,6 +547,41 @@ class ReidService(AlertReview, DuplicatesReport):
                 if fresh
                 else ([], [])
             )
+        return records, pending, stored, filed
+
+    def enrol(
+        self,
+        decoded: Sequence[DecodedImage],
+        vectors: np.ndarray,
+        meta: ImageMetadata,
+        *,
+        point: OperatingPoint,
+    ) -> list[EnrolResult]:
+        """File images in the gallery, all or none, with their matches and a wrong-patient alert each.
+
+        Matches and alerts are computed against the gallery as it stood before this request (images of
+        one request are not compared with each other), under the enrolment lock so that no other
+        enrolment slips in between the check and the write. Idempotent: a file already filed in the
+        collection under the same patient (the same bytes: a retried request whose answer was lost)
+        is not stored again; its result is the stored image, ``already_enrolled``.
+        """
+        images = [
+            labelled_image(
+                new_image(
+                    d.identifiers,
+                    meta,
+                    sha256=d.sha256,
+                    blob=stored_original(d.data, d.source_format),
+                ),
+                meta,
+                name=f"'{d.filename}'",
+            )
+            for d in decoded
+        ]
+        try:
+            records, pending, stored, filed = self._store_new(images, vectors, point)
+        except GalleryDuplicateError:  # another replica stored some of them first: found as filed now
+            records, pending, stored, filed = self._store_new(images, vectors, point)
         first_by_sha: dict[str, int] = {}
         new_results = []
         for record, (matches, _, duplicate_of), alert in zip(records, pending, stored, strict=True):

@@ -81,6 +81,7 @@ class GalleryStatus:
     images: int
     index: str  # the FAISS index factory in effect
     index_rebuilding: bool
+    replication: dict | None = None  # a PostgreSQL gallery: this replica's place in the change log
 
 
 @dataclass

@@ -76,6 +76,9 @@ def open_gallery(
         allow_model_mismatch=allow_model_mismatch,
         init=settings.init,
         create=create,
+        database_url=settings.database_url.get_secret_value() if settings.database_url else None,
+        blob_dir=settings.blob_dir,
+        follow_poll_seconds=settings.follow_poll_seconds,
     )
 
 

@@ -13,7 +13,14 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.dependencies import get_access, has_scope, require_scope
-from app.api.schemas import AdaptationOut, Health, OperatingPointOut, Readiness, error_responses
+from app.api.schemas import (
+    AdaptationOut,
+    Health,
+    OperatingPointOut,
+    Readiness,
+    ReplicationOut,
+    error_responses,
+)
 
 router = APIRouter(tags=["health"])
 
@@ -61,6 +68,7 @@ def readyz(request: Request) -> Readiness | JSONResponse:
         gallery_images=gallery.images,
         index=gallery.index,
         index_rebuilding=gallery.index_rebuilding,
+        replication=ReplicationOut(**gallery.replication) if gallery.replication else None,
         operating_point=OperatingPointOut.of(service.operating_point()),
         adaptation=AdaptationOut.of(service.embedder.training),
     )
