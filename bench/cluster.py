@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -32,10 +31,7 @@ from pathlib import Path
 
 import httpx
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from scripts.cluster_demo import (  # noqa: E402
+from app.cluster_process import (
     Cluster,
     all_images,
     enrol,

@@ -17,7 +17,7 @@ EXTRAS=test
 
 # Debian packages some tests need when missing: jq (scripts/demo.sh), chromium (/docs rendered offline),
 # orthanc and orthanc-dicomweb (a real PACS for the DICOMweb tests, tests/orthanc.py), postgresql (a
-# private cluster for the PostgreSQL gallery, scripts/local_postgres.py). Not for --fast:
+# private cluster for the PostgreSQL gallery, app/local_postgres.py). Not for --fast:
 # none of its tests uses them.
 missing=()
 command -v jq >/dev/null || missing+=(jq)

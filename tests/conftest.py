@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import torch
 
+from app.local_postgres import LocalPostgres, PostgresUnavailableError, bindir
 from app.server_process import Server
 from app.server_process import server_env as server_environment
-from scripts.local_postgres import LocalPostgres, PostgresUnavailableError, bindir
 
 # The tiny test network cannot be exported or fused (it pools unevenly), so runtime "auto" would try
 # and fall back at every app the tests create: they run it in PyTorch directly. The runtime choice
@@ -165,7 +165,7 @@ def servers() -> Iterator[list[Server]]:
 
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPostgres]:
-    """A private PostgreSQL cluster (scripts/local_postgres.py) for this test process; skipped where
+    """A private PostgreSQL cluster (app/local_postgres.py) for this test process; skipped where
     PostgreSQL is not installed (scripts/test.sh installs it)."""
     try:
         bindir()

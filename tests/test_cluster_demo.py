@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.local_postgres import PostgresUnavailableError, bindir
+from app.local_postgres import PostgresUnavailableError, bindir
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,5 +1,5 @@
 """The gallery on PostgreSQL (index/pg_store.py, index/follow.py): a real private cluster
-(scripts/local_postgres.py), several Gallery objects on one database as several replicas would be."""
+(app/local_postgres.py), several Gallery objects on one database as several replicas would be."""
 
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 (PostgreSQL refuses to run as root: as root it runs as the ``postgres`` system user the Debian
 package creates). Nothing is installed or registered system-wide; ``stop`` and the folder go.
 
-    python scripts/local_postgres.py start DIR     # prints the database URL
-    python scripts/local_postgres.py stop DIR
+    python -m app.local_postgres start DIR     # prints the database URL
+    python -m app.local_postgres stop DIR
 """
 
 from __future__ import annotations
