@@ -5,7 +5,7 @@ Each command group lives in its own module and adds its subcommands with ``regis
 - ``app.cli.data``: data (a manifest from a public set or a DICOM folder)
 - ``app.cli.model``: models, train, evaluate, checkpoint, phantoms
 - ``app.cli.service``: serve, keys, check, healthcheck
-- ``app.cli.gallery``: enroll, sync, reindex
+- ``app.cli.gallery``: enroll, sync, reindex, migrate
 - ``app.cli.site``: calibrate, adapt
 - ``app.cli.analysis``: audit, risk
 

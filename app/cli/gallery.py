@@ -1,5 +1,6 @@
 """Filling a gallery and keeping it current: ``enroll`` (a manifest or a folder), ``sync`` (from a PACS,
-over DICOMweb or Orthanc's change feed) and ``reindex`` (re-embed every image with the current model).
+over DICOMweb or Orthanc's change feed), ``reindex`` (re-embed every image with the current model) and
+``migrate`` (move a SQLite gallery into PostgreSQL, ``index.migrate_sqlite``; no model is loaded).
 
 Each job opens the gallery itself, so the data dir must not be open in a running server; with
 ``--to URL`` ``enroll`` and ``sync`` send to that running server instead (``app.pacs.push``: POST
@@ -366,6 +367,44 @@ def _cmd_reindex(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    """Copy a SQLite gallery into PostgreSQL; exit 0 verified, 1 differences found, 2 could not run
+    (the target refused: nothing written), 130 interrupted (a rerun resumes)."""
+    import os
+
+    from index.migrate_sqlite import migrate_sqlite
+    from index.records import GalleryError
+
+    url = args.target or os.environ.get("CXR_REID_DATABASE_URL")
+    if not url:
+        log.error(
+            "give the target database: --to postgresql://... or CXR_REID_DATABASE_URL; nothing was written"
+        )
+        return 2
+    try:
+        summary = migrate_sqlite(
+            args.source,
+            url,
+            blob_dir=args.blob_dir,
+            batch_size=args.batch_rows,
+            progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        log.warning(
+            "interrupted: the batches committed so far are kept; run the same command again to resume: %s",
+            getattr(args, "command_line", "cxr-reid migrate ..."),
+        )
+        return 130
+    except GalleryError as exc:
+        log.error("%s", exc)
+        return 2
+    if not summary.verified:
+        log.error("migrate: %s; differs: %s", summary.line(), "; ".join(summary.differences))
+        return 1
+    log.info("migrated %s", summary.line())
+    return 0
+
+
 def _add_to_args(parser: argparse.ArgumentParser, what: str) -> None:
     """--to and --api-key: feed a running server instead of opening its gallery (locked while it runs)."""
     parser.add_argument(
@@ -382,7 +421,7 @@ def _add_to_args(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def register(subparsers: Subparsers) -> None:
-    """Add enroll, sync and reindex to ``cxr-reid``."""
+    """Add enroll, sync, reindex and migrate to ``cxr-reid``."""
     p = subparsers.add_parser(
         "enroll",
         help="bulk-enrol a manifest or a folder of images into a gallery (resumable)",
@@ -489,3 +528,39 @@ def register(subparsers: Subparsers) -> None:
     add_device_arg(p)
     add_settings_args(p)
     p.set_defaults(func=_cmd_reindex)
+
+    p = subparsers.add_parser(
+        "migrate",
+        help="move a SQLite gallery and its stored originals into PostgreSQL (resumable, verified)",
+        description="Copies every row of the gallery in --from (ids kept) into the PostgreSQL database "
+        "--to, created there if new, and each stored original into --blob-dir; then compares both sides "
+        "(row counts, a digest of every row, the originals' sha256). The source is only read: a server "
+        "may keep running on it, but what it adds after the start is copied by the next run only. Run "
+        "again after an interruption: it resumes. A database holding another gallery is refused. Start "
+        "the replicas once it says verified. Exit 0 verified, 1 differences found, 2 could not run.",
+    )
+    p.add_argument(
+        "--from", dest="source", metavar="DATA_DIR", required=True, help="the SQLite gallery's folder"
+    )
+    p.add_argument(
+        "--to",
+        dest="target",
+        metavar="URL",
+        help="the PostgreSQL database, postgresql://user@host/db: empty, or this gallery's earlier "
+        "migration (default: CXR_REID_DATABASE_URL, which keeps a password out of the process list)",
+    )
+    p.add_argument(
+        "--blob-dir",
+        metavar="DIR",
+        help="where the replicas' stored originals go (CXR_REID_BLOB_DIR of the replicas; default: "
+        "DATA_DIR/images itself, then only checked)",
+    )
+    p.add_argument(
+        "--batch-rows",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="rows per database transaction (default: %(default)s)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_migrate)
