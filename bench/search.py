@@ -1,9 +1,11 @@
 """Which FAISS index should a gallery of n images use: recall, latency, memory and build time.
 
-    python bench/search.py [--n 100000] [--queries 1000] [--indexes Flat,HNSW32,IVF-Flat,IVF-SQ8,IVF-PQ]
-                           [--threads N] [--seed 0] [--json]
+    python bench/search.py [--n 100000] [--queries 1000]
+                           [--indexes Flat,HNSW32,IVF-Flat,IVF-SQ8,IVF-PQ,IVF-PQfs-RFlat]
+                           [--threads N] [--search-threads N] [--seed 0] [--json]
 
-For each index (and each search setting: HNSW32 efSearch, IVF nprobe) it measures ``recall_at_10``
+For each index (and each search setting: HNSW32 efSearch, IVF nprobe, IVF-PQfs-RFlat nprobe and
+k_factor) it measures ``recall_at_10``
 (the share of the exact Flat top 10 it returns, on the same vectors), ``p50_ms`` / ``p99_ms`` of
 single-query search (one query per call, k=10: how the service searches), ``bytes_per_vector``
 (``faiss.serialize_index`` size / n) and ``build_s`` (train + add; the IVF variants share one coarse
@@ -11,6 +13,13 @@ k-means, whose time is counted in each of them). IVF has ~4 sqrt(n) lists (a pow
 stores ``--pq-m`` bytes a vector (PQ32x8 by default; PQ64 trains for minutes in FAISS 1.15, and any
 PQ trains very slowly on fewer than 39 * 256 vectors). ``--train-per-list`` / ``--kmeans-iter`` trade
 the coarse k-means' quality for its time at large n.
+
+IVF-PQfs-RFlat is what the gallery's ``index_factory="auto"`` builds from 1e5 vectors
+(index/faiss_index.py): the same lists holding 4-bit fast-scan PQ codes (``PQ<dim/--pqfs-dims>x4fs``,
+128 bytes a vector at 512-d) whose ``k * k_factor`` best candidates are re-scored exactly against
+the float vectors (``IVF<nlist>,PQ256x4fs,RFlat``). It is built and searched through the service's
+own ``index.faiss_index.VectorIndex`` (ids, re-ranking and all), so its latency is the service's;
+its bytes per vector are the saved file's (in memory the id map's hash table adds some more).
 
 Uniform random vectors would flatter or punish an index for the wrong reasons: ours are clusters,
 one per patient. So the gallery is drawn like ours: patient centres (a shared direction, as the
@@ -27,8 +36,9 @@ FAR 1e-2 threshold); it does not reach it, and the JSON reports both. Queries ar
 enrolled patients (another draw around the same centre), never in the index.
 
 Threads (``--threads``, default all cores) are set with ``faiss.omp_set_num_threads`` and reported;
-a single query mostly runs on one of them. Memory: the n x dim float32 vectors once, plus one index
-at a time (n = 1e6, dim 512: 2 GB + the index).
+a single query mostly runs on one of them. ``--search-threads`` (default ``--threads``) sets them
+again before the searches, so builds can use every core and searches one. Memory: the n x dim
+float32 vectors once, plus one index at a time (n = 1e6, dim 512: 2 GB + the index).
 """
 
 from __future__ import annotations
@@ -49,9 +59,11 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.search")
 
-INDEXES = ("Flat", "HNSW32", "IVF-Flat", "IVF-SQ8", "IVF-PQ")
+INDEXES = ("Flat", "HNSW32", "IVF-Flat", "IVF-SQ8", "IVF-PQ", "IVF-PQfs-RFlat")
 EF_SEARCH = (16, 32, 64, 128, 256)
-NPROBE = (8, 16, 32, 64, 128)
+NPROBE = (8, 16, 32, 64, 96, 128)
+REFINE_NPROBE = (32, 64, 128, 256)
+K_FACTORS = (10, 20, 30, 50)
 K = 10
 GENUINE_MEAN = 0.52  # MODEL_CARD.md: mean genuine score of the shipped model, kermany / nih test patients
 IMAGES_PER_PATIENT = 4
@@ -185,13 +197,23 @@ def measure(
     queries: np.ndarray,
     truth: np.ndarray,
     settings: Iterator[tuple[str, Callable[[], None]]],
+    search_one: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> list[dict]:
+    """Rows for each setting of ``index``; ``search_one`` (one (1, dim) query -> 1-d scores, ids)
+    searches instead of ``index.search`` when given (the service's VectorIndex)."""
     size = serialized_bytes(index)
     rows = []
     for setting, apply in settings:
         apply()
-        _, found = index.search(queries, K)
-        p50, p99 = latencies_ms(lambda q: index.search(q, K), queries)
+        if search_one is None:
+            _, found = index.search(queries, K)
+            p50, p99 = latencies_ms(lambda q: index.search(q, K), queries)
+        else:
+            found = np.full((queries.shape[0], K), -1, dtype=np.int64)
+            for i, q in enumerate(queries):
+                ids = search_one(q[None, :])[1]
+                found[i, : ids.size] = ids
+            p50, p99 = latencies_ms(search_one, queries)
         rows.append(
             {
                 "index": name,
@@ -204,7 +226,7 @@ def measure(
             }
         )
         log.info(
-            "%-9s %-12s recall@10 %.4f  p50 %7.3f ms  p99 %7.3f ms  %7.1f B/vec  build %6.1f s",
+            "%-14s %-20s recall@10 %.4f  p50 %7.3f ms  p99 %7.3f ms  %7.1f B/vec  build %6.1f s",
             name,
             setting,
             rows[-1]["recall_at_10"],
@@ -234,6 +256,7 @@ def run(args: argparse.Namespace) -> dict:
         "queries": int(queries.shape[0]),
         "k": K,
         "threads": faiss.omp_get_max_threads(),
+        "search_threads": args.search_threads,
         "faiss": faiss.__version__,
         "seed": args.seed,
         "data": {
@@ -261,15 +284,18 @@ def run(args: argparse.Namespace) -> dict:
     add_chunked(flat, x)
     flat_build = time.perf_counter() - t0
     _, truth = flat.search(queries, K)  # the exact top 10: ground truth for every index
+    faiss.omp_set_num_threads(args.search_threads)
     if "Flat" in wanted:
         results += measure("Flat", flat, flat_build, n, queries, truth, iter([("exact", lambda: None)]))
     del flat
 
     if "HNSW32" in wanted:
+        faiss.omp_set_num_threads(args.threads)
         t0 = time.perf_counter()
         hnsw = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
         add_chunked(hnsw, x)
         build = time.perf_counter() - t0
+        faiss.omp_set_num_threads(args.search_threads)
 
         def ef(value: int) -> Callable[[], None]:
             return lambda: setattr(hnsw.hnsw, "efSearch", value)
@@ -280,9 +306,10 @@ def run(args: argparse.Namespace) -> dict:
         del hnsw
 
     ivf_kinds = {"IVF-Flat": "Flat", "IVF-SQ8": "SQ8", "IVF-PQ": f"PQ{args.pq_m}"}
-    if wanted & set(ivf_kinds):
+    if wanted & (set(ivf_kinds) | {"IVF-PQfs-RFlat"}):
         train_n = min(n, args.train_per_list * nlist)
         train = x[np.random.default_rng(args.seed + 5).choice(n, size=train_n, replace=False)]
+        faiss.omp_set_num_threads(args.threads)
         t0 = time.perf_counter()
         quantizer = faiss.IndexFlatIP(dim)
         kmeans = faiss.Clustering(dim, nlist)
@@ -292,17 +319,20 @@ def run(args: argparse.Namespace) -> dict:
         coarse_s = time.perf_counter() - t0
         out["ivf_coarse_train_s"] = coarse_s
         log.info("coarse k-means: %d lists on %d vectors in %.1f s", nlist, train_n, coarse_s)
+        centroids = faiss.rev_swig_ptr(quantizer.get_xb(), nlist * dim).reshape(nlist, dim)
         for name, code in ivf_kinds.items():
             if name not in wanted:
                 continue
+            faiss.omp_set_num_threads(args.threads)
             t0 = time.perf_counter()
             index = faiss.index_factory(dim, f"IVF{nlist},{code}", faiss.METRIC_INNER_PRODUCT)
             ivf = faiss.extract_index_ivf(index)
-            ivf.quantizer.add(faiss.rev_swig_ptr(quantizer.get_xb(), nlist * dim).reshape(nlist, dim))
+            ivf.quantizer.add(centroids)
             ivf.quantizer.is_trained = True
             index.train(train)  # the coarse quantizer is already filled: trains only the codes
             add_chunked(index, x)
             build = coarse_s + time.perf_counter() - t0
+            faiss.omp_set_num_threads(args.search_threads)
 
             def probe(value: int, ivf: faiss.IndexIVF = ivf) -> Callable[[], None]:
                 return lambda: setattr(ivf, "nprobe", value)
@@ -310,7 +340,59 @@ def run(args: argparse.Namespace) -> dict:
             settings = ((f"nprobe={p}", probe(p)) for p in NPROBE if p <= nlist)
             results += measure(f"{name}", index, build, n, queries, truth, settings)
             del index, ivf
+        if "IVF-PQfs-RFlat" in wanted:
+            results += measure_refined(args, dim, nlist, centroids, coarse_s, train, x, queries, truth)
     return out
+
+
+def measure_refined(
+    args: argparse.Namespace,
+    dim: int,
+    nlist: int,
+    centroids: np.ndarray,
+    coarse_s: float,
+    train: np.ndarray,
+    x: np.ndarray,
+    queries: np.ndarray,
+    truth: np.ndarray,
+) -> list[dict]:
+    """IVF-PQfs-RFlat as the gallery builds and searches it: index.faiss_index.VectorIndex."""
+    from index.faiss_index import VectorIndex
+
+    faiss.omp_set_num_threads(args.threads)
+    layout = f"IVF{nlist},PQ{dim // args.pqfs_dims}x4fs,RFlat"
+    t0 = time.perf_counter()
+    vi = VectorIndex.empty(dim, layout, nprobe=REFINE_NPROBE[0], ef_search=16)
+    container = vi._index  # IndexRefine(IVF fast-scan, IndexIDMap2(IndexFlatIP)): what save() writes
+    ivf = faiss.extract_index_ivf(container)
+    ivf.quantizer.add(centroids)
+    ivf.quantizer.is_trained = True
+    container.train(train)  # the coarse quantizer is already filled: trains only the PQ codes
+    for s in range(0, x.shape[0], CHUNK):
+        vi.add(x[s : s + CHUNK], np.arange(s, min(s + CHUNK, x.shape[0]), dtype=np.int64))
+    build = coarse_s + time.perf_counter() - t0
+    faiss.omp_set_num_threads(args.search_threads)
+
+    def setting(nprobe: int, k_factor: int) -> Callable[[], None]:
+        def apply() -> None:
+            vi.nprobe, vi.k_factor = nprobe, float(k_factor)  # read at each search
+
+        return apply
+
+    settings = (
+        (f"nprobe={p},k_factor={f}", setting(p, f)) for p in REFINE_NPROBE if p <= nlist for f in K_FACTORS
+    )
+    log.info("IVF-PQfs-RFlat is %s", layout)
+    return measure(
+        "IVF-PQfs-RFlat",
+        container,
+        build,
+        x.shape[0],
+        queries,
+        truth,
+        settings,
+        search_one=lambda q: vi.search(q, K),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,6 +412,12 @@ def main(argv: list[str] | None = None) -> int:
         "--pq-m", type=int, default=32, help="IVF-PQ code bytes per vector (PQ<m>x8; PQ64 trains very slowly)"
     )
     parser.add_argument(
+        "--pqfs-dims",
+        type=int,
+        default=2,
+        help="IVF-PQfs-RFlat: dimensions per 4-bit sub-quantizer (dim / this of them; must divide dim)",
+    )
+    parser.add_argument(
         "--train-per-list", type=int, default=64, help="IVF k-means training vectors per list (>= 39)"
     )
     parser.add_argument(
@@ -342,12 +430,17 @@ def main(argv: list[str] | None = None) -> int:
         default=os.cpu_count() or 1,
         help="faiss OpenMP threads (builds; one query uses one)",
     )
+    parser.add_argument(
+        "--search-threads", type=int, help="faiss OpenMP threads while searching (default: --threads)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     args = parser.parse_args(argv)
     unknown = set(args.indexes) - set(INDEXES)
     if unknown or args.n < 1 or args.queries < 1:
         parser.error(f"--indexes takes {','.join(INDEXES)}; --n and --queries must be >= 1")
+    if args.search_threads is None:
+        args.search_threads = args.threads
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # stderr: --json keeps stdout clean
 
     out = run(args)

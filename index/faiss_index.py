@@ -5,28 +5,38 @@ the saved file is missing, unreadable or tagged with another generation.
 
 Index layouts (``factory`` is a ``faiss.index_factory`` string, metric always inner product):
 - "auto" (the gallery's default): the gallery picks the layout by size (``auto_layout``: Flat, then
-  IVF-Flat above AUTO_FLAT_MAX, whose comment gives the measured reasons) and rebuilds in the
-  background when its size calls for a bigger one; the saved tag keeps factory "auto" and the built
-  layout as ``effective_factory``.
+  IVF-Flat above AUTO_FLAT_MAX, then IVF fast-scan PQ with exact re-ranking from AUTO_REFINE_MIN;
+  the comment at AUTO_FLAT_MAX gives the measured reasons) and rebuilds in the background when its
+  size calls for a bigger one; the saved tag keeps factory "auto" and the built layout as
+  ``effective_factory``.
 - "Flat": ``IndexIDMap(IndexFlatIP)``, exact.
 - IVF ("IVF256,Flat", "IVF1024,PQ32", ...): the IVF index holds the ids itself (``add_with_ids``);
   it is *not* wrapped in IndexIDMap because IndexIDMap.remove_ids renumbers its map while IVF keeps
   its stored labels, which corrupts the mapping. IVF needs training: with too few vectors the index
   falls back to Flat (logged) and is trained at the next rebuild that has enough (``Gallery.save()``
   or the next open).
+- IVF with exact re-ranking ("IVF4096,PQ256x4fs,RFlat": an IVF factory plus ",RFlat"): the IVF index
+  (native ids, as above) proposes ``k * k_factor`` candidates, which are re-scored exactly against
+  the float vectors kept in an ``IndexIDMap2(IndexFlatIP)`` (its reverse map finds a vector by id);
+  results carry exact inner products. FAISS's own IndexRefine cannot be used for the search (it
+  takes the IVF's labels for row numbers and rejects any id >= ntotal), and an IndexIDMap around it
+  would drop ID selectors silently; so the VectorIndex drives both parts itself (add, remove_ids and
+  the selector go to both / the IVF), and an ``IndexRefine`` only holds them together for
+  ``write_index`` / ``read_index``. Deletes are real (both parts remove the ids), no tombstones.
 - HNSW ("HNSW32", ...) and anything else: wrapped in ``IndexIDMap``. HNSW cannot remove vectors, so a
   delete only *tombstones* the id: searches filter tombstoned ids out (IDSelectorNot) and the gallery
   compacts (rebuilds from SQLite) once tombstones pass 10% of the index and always before saving.
 
 Collection filters go into FAISS as ``IDSelectorBatch`` search parameters; for index types that
-reject selectors the search falls back to over-fetching and filtering.
+reject selectors (or, like an IndexIDMap around FAISS's IndexRefine, would ignore them) the search
+falls back to over-fetching and filtering.
 
 Thread safety: a reader-writer lock; searches run concurrently (FAISS search is const), add/remove
 take it exclusively. SearchParameters objects are built per call and never shared: IndexIDMap swaps
 the selector inside them during a search, so sharing one between threads would race.
 
-Why one module of this size: every layout's quirks (IVF's own ids, HNSW tombstones, selectors) meet
-in the same add, remove and search methods; this docstring is their one explanation.
+Why one module of this size: every layout's quirks (IVF's own ids, HNSW tombstones, re-ranking,
+selectors) meet in the same add, remove and search methods; this docstring is their one explanation.
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ import math
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,10 +71,10 @@ TAG_FORMAT = 1
 TOMBSTONE_COMPACT_FRACTION = 0.10
 AUTO = "auto"
 # index_factory="auto": exact Flat below AUTO_FLAT_MAX vectors, IVF-Flat (auto_layout: ~4 sqrt(n)
-# lists) searched with auto_nprobe lists from there on. Figures from `python bench/search.py --n
-# 100000 --threads 1` and `--n 1000000` (512-d vectors drawn as patient clusters with the shipped
-# model's genuine / impostor cosines, 1000 held-out queries, one query per call, k=10, a shared
-# 2-core machine):
+# lists) searched with auto_nprobe lists from there on, and from AUTO_REFINE_MIN the same lists as
+# re-ranked fast-scan PQ (below). Figures from `python bench/search.py --n 100000 --threads 1` and
+# `--n 1000000` (512-d vectors drawn as patient clusters with the then shipped 128 px model's genuine
+# / impostor cosines, 1000 held-out queries, one query per call, k=10, a shared 2-core machine):
 # - Flat's single-query p50 is 18-26 ms at 1e5 and 193 ms at 1e6, linear in n (0.18-0.26 us a
 #   vector): it passes 2 ms at 8k-11k vectors, hence 10_000;
 # - recall@10 >= 0.95 at 1e5: HNSW32 efSearch 128 (0.952, p50 1.7 ms, build 66 s), IVF-Flat nprobe 64
@@ -72,13 +82,32 @@ AUTO = "auto"
 #   vector); IVF-PQ32 stays at 0.33 whatever nprobe;
 # - at 1e6: IVF-Flat nprobe 64 of 4096 lists 0.929, nprobe 128 0.979 (p50 16 ms, build 170 s);
 #   HNSW32 (efConstruction 40) gets only 0.836 at efSearch 256 (p50 4.1 ms) after a 749 s build.
-# IVF-Flat is the pick: it keeps recall where HNSW32 loses it; its scores are exact cosines (SQ8
-# rounds them, and the FAR thresholds are applied to these scores); it removes ids (HNSW only
-# tombstones, and its compaction is a full rebuild under the write lock); it builds in minutes.
-# Its memory is Flat's plus 8 bytes of id a vector.
+# IVF-Flat is the pick below AUTO_REFINE_MIN: it keeps recall where HNSW32 loses it; its scores are
+# exact cosines (SQ8 rounds them, and the FAR thresholds are applied to these scores); it removes ids
+# (HNSW only tombstones, and its compaction is a full rebuild under the write lock); it builds in
+# minutes. Its memory is Flat's plus 8 bytes of id a vector.
 # nprobe (auto_nprobe): 64 holds 0.95 at 1e5, 128 at 1e6: lists / 32 once that is more than 64.
+# From AUTO_REFINE_MIN on, the same lists hold 4-bit fast-scan PQ codes (PQ<dim/2>x4fs: 2 dimensions a
+# sub-quantizer, 128 bytes a vector at 512-d) and the k * AUTO_K_FACTOR best codes are re-scored
+# exactly from the float vectors (",RFlat", module docstring): scores stay exact, deletes real.
+# `python bench/search.py --n 1000000 --indexes IVF-Flat,IVF-PQfs-RFlat --search-threads 1` (vectors
+# fitted to the 224 px model, 2026-12-05; builds on 2 threads, searches on 1), through VectorIndex:
+# - IVF4096,PQ256x4fs,RFlat nprobe 128: k_factor 20 0.979 (p50 1.17 ms), 30 0.986 (1.32 ms), 50
+#   0.989 (1.67 ms); nprobe 64 k_factor 30 0.958 (0.93 ms); 2209 B a vector, build 462 s (341 of
+#   them the coarse k-means IVF-Flat shares); IVF4096,Flat in the same run: nprobe 64 0.962 at
+#   3.9 ms, 128 0.991 at 7.3 ms. PQ128x4fs (4 dimensions a sub-quantizer, 64 bytes; an ad-hoc run
+#   with FAISS's IndexRefineFlat) needs k_factor 100 for 0.950 (1.2 ms), 200 for 0.979 (1.7 ms).
+# - at 1e5 (same command, --n 100000): IVF1024,PQ256x4fs,RFlat nprobe 64 k_factor 30 0.993 at
+#   0.44 ms against IVF1024,Flat nprobe 64 0.993 at 1.28 ms, built in the same 23 s; hence
+#   AUTO_REFINE_MIN = 100_000 (IVF-Flat is the simpler layout while it is well under 2 ms), and
+#   AUTO_K_FACTOR = 30 (20 leaves 0.979 at 1e6, 50 adds 0.35 ms for 0.003).
 AUTO_FLAT_MAX = 10_000
 AUTO_NPROBE = 64
+AUTO_REFINE_MIN = 100_000
+AUTO_PQ_DIMS = 2  # dimensions per 4-bit sub-quantizer of the re-ranked layout (PQ256x4fs at 512-d)
+AUTO_K_FACTOR = 30  # candidates re-scored exactly: k * AUTO_K_FACTOR
+DEFAULT_DIM = 512  # the shipped model's: auto_layout's PQ size when it is not told the dimension
+REFINE_SUFFIX = ",RFlat"
 _MIN_POINTS_PER_CENTROID = 39  # faiss k-means warns below this
 _MAX_POINTS_PER_CENTROID = 256  # and subsamples above it
 
@@ -236,27 +265,77 @@ def validate_factory(dim: int, factory: str) -> str:
     return f
 
 
-def auto_layout(count: int, flat_max: int = AUTO_FLAT_MAX) -> str:
+def auto_layout(
+    count: int, flat_max: int = AUTO_FLAT_MAX, *, refine_min: int | None = None, dim: int | None = None
+) -> str:
     """The layout ``index_factory="auto"`` builds for ``count`` vectors: exact Flat below ``flat_max``,
     above it IVF-Flat with about 4 * sqrt(count) lists (a power of two, at least 39 vectors per list
-    so k-means has enough to train on). See AUTO_FLAT_MAX for the figures behind the choice."""
+    so k-means has enough to train on), and from ``refine_min`` (AUTO_REFINE_MIN, read at each call;
+    only when it is above ``flat_max``) the same lists with 4-bit fast-scan PQ codes re-ranked
+    exactly ("IVF4096,PQ256x4fs,RFlat" at 1e6, 512-d; ``dim`` sets the PQ size, DEFAULT_DIM when not
+    given, and VectorIndex.build fits it to the gallery's dimension). See AUTO_FLAT_MAX for the
+    figures behind the choice."""
     if count < max(int(flat_max), 1):
         return "Flat"
     want = 2 ** round(math.log2(4.0 * math.sqrt(count)))
     most = 2 ** int(math.log2(max(count // _MIN_POINTS_PER_CENTROID, 1)))
-    return f"IVF{max(1, min(want, most))},Flat"
+    nlist = max(1, min(want, most))
+    refine_min = AUTO_REFINE_MIN if refine_min is None else int(refine_min)
+    if count >= max(refine_min, int(flat_max)):
+        return f"IVF{nlist},PQ{_pq_m(dim or DEFAULT_DIM)}x4fs{REFINE_SUFFIX}"
+    return f"IVF{nlist},Flat"
+
+
+def _pq_m(dim: int) -> int:
+    """Sub-quantizers for ``dim``: dim / AUTO_PQ_DIMS, or the largest divisor of dim below that."""
+    most = max(1, int(dim) // AUTO_PQ_DIMS)
+    return next(m for m in range(most, 0, -1) if int(dim) % m == 0)
+
+
+def fit_auto_layout(dim: int, layout: str) -> str:
+    """An "auto" layout made buildable at ``dim``: the re-ranked layout's PQ size follows the dimension."""
+    match = re.fullmatch(r"(IVF\d+),PQ\d+x4fs" + re.escape(REFINE_SUFFIX), layout)
+    return f"{match.group(1)},PQ{_pq_m(dim)}x4fs{REFINE_SUFFIX}" if match else layout
+
+
+def _nlist(layout: str) -> int:
+    match = re.match(r"IVF(\d+)[,_]", layout)
+    return int(match.group(1)) if match else 0
 
 
 def auto_nprobe(layout: str) -> int:
     """IVF lists searched in an "auto" layout: AUTO_NPROBE, or nlist / 32 when more (see AUTO_FLAT_MAX)."""
-    return max(AUTO_NPROBE, layout_rank(layout) // 32)
+    return max(AUTO_NPROBE, _nlist(layout) // 32)
 
 
 def layout_rank(layout: str) -> int:
-    """Orders the layouts ``auto`` builds: Flat 0, IVF by its list count. The gallery only rebuilds
-    upwards, so a gallery hovering around a boundary does not rebuild back and forth."""
-    match = re.match(r"IVF(\d+),", layout)
-    return int(match.group(1)) if match else 0
+    """Orders the layouts ``auto`` builds: Flat 0, IVF by its list count, and at the same count the
+    re-ranked fast-scan layout above IVF-Flat. The gallery only rebuilds upwards, so a gallery
+    hovering around a boundary does not rebuild back and forth."""
+    return 2 * _nlist(layout) + (1 if layout.endswith(REFINE_SUFFIX) else 0)
+
+
+def refine_base_factory(factory: str) -> str | None:
+    """The IVF factory under an exactly re-ranked one ("IVF4096,PQ256x4fs,RFlat" -> "IVF4096,PQ256x4fs"),
+    None for any other factory. Only IVF bases are re-ranked by the VectorIndex itself (they keep ids)."""
+    if not factory.endswith(REFINE_SUFFIX):
+        return None
+    base = factory[: -len(REFINE_SUFFIX)]
+    return base if re.match(r"IVF\d+[,_]", base) else None
+
+
+def _make_refined(dim: int, factory: str) -> faiss.Index:
+    """IndexRefine(IVF base holding the ids, IndexIDMap2(IndexFlatIP)): a container for both parts."""
+    base = _make_base(dim, refine_base_factory(factory))
+    exact = faiss.IndexFlatIP(int(dim))
+    by_id = faiss.IndexIDMap2(exact)
+    by_id.own_fields = True
+    exact.this.disown()
+    index = faiss.IndexRefine(base, by_id)
+    index.own_fields = True
+    base.this.disown()
+    by_id.this.disown()
+    return index
 
 
 class VectorIndex:
@@ -271,6 +350,7 @@ class VectorIndex:
         effective_factory: str,
         nprobe: int | None,
         ef_search: int,
+        k_factor: float = AUTO_K_FACTOR,
     ) -> None:
         self.dim = int(dim)
         self.factory = factory  # what the gallery asked for
@@ -278,6 +358,7 @@ class VectorIndex:
         # None: the layout's own (auto_nprobe), for "auto" whose list count follows the gallery's size
         self.nprobe = int(nprobe) if nprobe is not None else auto_nprobe(effective_factory)
         self.ef_search = int(ef_search)
+        self.k_factor = float(k_factor)  # re-ranked layouts: k * k_factor candidates re-scored exactly
         self._index = index
         self._lock = RWLock()
         self._tombstones: set[int] = set()
@@ -287,6 +368,15 @@ class VectorIndex:
         self._native_ids = self._ivf is not None and not isinstance(index, faiss.IndexIDMap)
         inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else None
         self._hnsw = inner if isinstance(inner, faiss.IndexHNSW) else None
+        # re-ranked IVF (module docstring): the IVF that holds the ids, and the exact vectors by id
+        self._base: faiss.Index | None = None
+        self._exact: faiss.IndexIDMap2 | None = None
+        if isinstance(index, faiss.IndexRefine) and self._ivf is not None:
+            exact = faiss.downcast_index(index.refine_index)
+            if isinstance(exact, faiss.IndexIDMap2):
+                self._base, self._exact = faiss.downcast_index(index.base_index), exact
+        if isinstance(inner, faiss.IndexRefine):
+            self._selector_ok = False  # IndexRefine ignores the selector an IndexIDMap hands it
         # HNSW has no remove_ids; other layouts are tried and fall back to tombstones if they refuse
         self._can_remove = self._hnsw is None
         self._apply_search_settings()
@@ -301,16 +391,27 @@ class VectorIndex:
         nprobe: int | None,
         ef_search: int,
         effective_factory: str | None = None,
+        k_factor: float = AUTO_K_FACTOR,
     ) -> VectorIndex:
         """An empty index; IVF-like factories that need training come back as Flat."""
         eff = effective_factory or factory
         if eff == "Flat":
             index = faiss.IndexIDMap(faiss.IndexFlatIP(int(dim)))
+        elif refine_base_factory(eff) is not None:
+            index = _make_refined(dim, eff)
         else:
             base = _make_base(dim, eff)
             # IVF keeps ids itself; anything else gets an IndexIDMap
             index = base if faiss.try_extract_index_ivf(base) is not None else faiss.IndexIDMap(base)
-        return cls(index, dim=dim, factory=factory, effective_factory=eff, nprobe=nprobe, ef_search=ef_search)
+        return cls(
+            index,
+            dim=dim,
+            factory=factory,
+            effective_factory=eff,
+            nprobe=nprobe,
+            ef_search=ef_search,
+            k_factor=k_factor,
+        )
 
     @classmethod
     def build(
@@ -324,6 +425,7 @@ class VectorIndex:
         train_sample: Callable[[int], np.ndarray],
         chunks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
         layout: str | None = None,
+        k_factor: float = AUTO_K_FACTOR,
     ) -> VectorIndex:
         """Build from the stored vectors: train if the factory needs it and there are enough, add all.
 
@@ -331,6 +433,8 @@ class VectorIndex:
         ``layout`` is what to build when it is not ``factory`` itself ("auto" picks one by size).
         """
         layout = layout or factory
+        if factory == AUTO:
+            layout = fit_auto_layout(dim, layout)
         effective = layout
         if layout != "Flat":
             base = _make_base(dim, layout)
@@ -347,7 +451,9 @@ class VectorIndex:
                 else:
                     log.info("empty gallery: index_factory %r starts as Flat until it can be trained", layout)
                 effective = "Flat"
-        vi = cls.empty(dim, factory, nprobe=nprobe, ef_search=ef_search, effective_factory=effective)
+        vi = cls.empty(
+            dim, factory, nprobe=nprobe, ef_search=ef_search, effective_factory=effective, k_factor=k_factor
+        )
         if not vi._index.is_trained:
             ivf = vi._ivf
             cap = _MAX_POINTS_PER_CENTROID * int(ivf.nlist) if ivf is not None else 100_000
@@ -357,9 +463,8 @@ class VectorIndex:
             vi._index.train(x)
         for ids, vecs in chunks():
             if len(ids):
-                vi._index.add_with_ids(
-                    np.ascontiguousarray(vecs, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
-                )
+                x = np.ascontiguousarray(vecs, dtype=np.float32)
+                vi._add(x, np.ascontiguousarray(ids, dtype=np.int64))
         return vi
 
     def _apply_search_settings(self) -> None:
@@ -367,6 +472,8 @@ class VectorIndex:
             self._ivf.nprobe = self.nprobe
         if self._hnsw is not None:
             self._hnsw.hnsw.efSearch = self.ef_search
+        if self._exact is not None:
+            self._index.k_factor = self.k_factor  # what the container saves; search uses self.k_factor
 
     # ---------------------------------------------------------------- state
     @property
@@ -409,11 +516,24 @@ class VectorIndex:
         return np.sort(ids)
 
     # ---------------------------------------------------------------- mutation
-    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+    def add(
+        self, vectors: np.ndarray, ids: np.ndarray, collections: str | Sequence[str] | None = None
+    ) -> None:
+        """Add ``vectors`` (n, dim) under ``ids``. ``collections`` is ignored: FAISS filters a
+        collection by its id list (``AllowedIds``); the argument exists for MilvusIndex, which keeps
+        each collection in its own partition, so one change callback serves both."""
         x = np.ascontiguousarray(vectors, dtype=np.float32)
         i = np.ascontiguousarray(ids, dtype=np.int64)
         with self._lock.write():
-            self._index.add_with_ids(x, i)
+            self._add(x, i)
+
+    def _add(self, x: np.ndarray, ids: np.ndarray) -> None:
+        if self._exact is not None:  # both parts, the container's count after them
+            self._base.add_with_ids(x, ids)
+            self._exact.add_with_ids(x, ids)
+            self._index.ntotal = self._base.ntotal
+        else:
+            self._index.add_with_ids(x, ids)
 
     def remove(self, ids: Iterable[int]) -> None:
         """Remove ids (Flat / IVF) or tombstone them (HNSW and other indexes without remove_ids)."""
@@ -421,6 +541,11 @@ class VectorIndex:
         if not arr.size:
             return
         with self._lock.write():
+            if self._exact is not None:
+                self._base.remove_ids(arr)
+                self._exact.remove_ids(arr)
+                self._index.ntotal = self._base.ntotal
+                return
             if self._can_remove:
                 try:
                     self._index.remove_ids(arr)  # throws before changing anything when unsupported
@@ -473,7 +598,7 @@ class VectorIndex:
                     sel = allowed.selector()
                 try:
                     params = self._params(sel)
-                    dist, lab = _numpy_search(self._index, q, k, params)
+                    dist, lab = self._search_index(q, k, params)
                     return self._clean(dist[0], lab[0])
                 except RuntimeError as exc:
                     if sel is None:
@@ -493,7 +618,7 @@ class VectorIndex:
         fetch = min(total, max(4 * k, k + len(self._tombstones)))
         tomb = np.fromiter(self._tombstones, dtype=np.int64) if self._tombstones else None
         while True:
-            dist, lab = _numpy_search(self._index, q, fetch, self._params(None))
+            dist, lab = self._search_index(q, fetch, self._params(None))
             scores, ids = self._clean(dist[0], lab[0])
             keep = np.ones(ids.shape, dtype=bool)
             if allowed is not None:
@@ -503,6 +628,24 @@ class VectorIndex:
             if keep.sum() >= k or fetch >= total:
                 return scores[keep][:k], ids[keep][:k]
             fetch = min(total, fetch * 4)
+
+    def _search_index(
+        self, q: np.ndarray, k: int, params: faiss.SearchParameters | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``index.search`` for one query; a re-ranked layout takes ``k * k_factor`` candidates from
+        the IVF (with ``params``: nprobe, selector) and re-scores them exactly (module docstring)."""
+        if self._exact is None:
+            return _numpy_search(self._index, q, k, params)
+        fetch = min(int(self._base.ntotal), max(k, math.ceil(k * self.k_factor)))
+        _, lab = _numpy_search(self._base, q, fetch, params)
+        cand = lab[0][lab[0] >= 0]
+        dist = np.full((1, k), -np.inf, dtype=np.float32)
+        out = np.full((1, k), -1, dtype=np.int64)
+        if cand.size:
+            scores = self._exact.reconstruct_batch(cand) @ q[0]
+            best = np.argsort(-scores, kind="stable")[:k]
+            dist[0, : best.size], out[0, : best.size] = scores[best], cand[best]
+        return dist, out
 
     @staticmethod
     def _clean(dist: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -320,7 +320,7 @@ def test_search_bench_reports_every_index_on_patient_clusters() -> None:
     # IVF-PQ is left out: FAISS trains PQ very slowly on fewer than 39 * 256 vectors
     proc = _run(
         "search.py", "--n", "2000", "--queries", "50", "--threads", "1", "--json",
-        "--indexes", "Flat,HNSW32,IVF-Flat,IVF-SQ8",
+        "--indexes", "Flat,HNSW32,IVF-Flat,IVF-SQ8,IVF-PQfs-RFlat",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     figures = json.loads(proc.stdout)
@@ -328,7 +328,7 @@ def test_search_bench_reports_every_index_on_patient_clusters() -> None:
     data = figures["data"]
     assert data["mean_genuine_cosine"] > data["mean_impostor_cosine"] + 0.2
     rows = figures["results"]
-    assert {r["index"] for r in rows} == {"Flat", "HNSW32", "IVF-Flat", "IVF-SQ8"}
+    assert {r["index"] for r in rows} == {"Flat", "HNSW32", "IVF-Flat", "IVF-SQ8", "IVF-PQfs-RFlat"}
     for row in rows:
         assert {"recall_at_10", "p50_ms", "p99_ms", "bytes_per_vector", "build_s"} <= set(row)
         assert 0.0 <= row["recall_at_10"] <= 1.0 and 0 < row["p50_ms"] <= row["p99_ms"]

@@ -502,8 +502,9 @@ def test_auto_index_is_flat_while_small_and_ivf_above_the_threshold(tmp_path: Pa
         recs += enrol(g, x[299:])  # 400 >= 300: rebuilt as IVF in the background
         assert g.wait_for_rebuild(30)
         assert g.effective_index_factory == auto_layout(400, 300) == "IVF8,Flat"
-        assert auto_layout(100_000) == "IVF1024,Flat" and auto_nprobe("IVF1024,Flat") == 64
-        assert auto_layout(1_000_000) == "IVF4096,Flat" and auto_nprobe("IVF4096,Flat") == 128
+        assert auto_layout(99_999) == "IVF1024,Flat" and auto_nprobe("IVF1024,Flat") == 64
+        # from AUTO_REFINE_MIN (1e5): fast-scan PQ re-ranked exactly (tests/test_faiss_refine.py)
+        assert auto_layout(1_000_000) == "IVF4096,PQ256x4fs,RFlat" and auto_nprobe("IVF4096,Flat") == 128
         assert g.is_consistent()
         assert [g.search(x[i], k=1)[0].record.image_id for i in (3, 333)] == [
             recs[3].image_id,
