@@ -5,13 +5,15 @@
 # without an API key (CXR_REID_API_KEYS, or `cxr-reid keys add` into the /data volume) unless
 # CXR_REID_INSECURE=1 says that an open API is meant. BASE may be any Debian-family image with
 # Python 3.11 and its venv module (e.g. one built with debootstrap where no registry is reachable:
-# see docs/docker.md); TORCH_VARIANT=cu128 (or another CUDA build) makes a GPU image.
+# see docs/docker.md); TORCH_VARIANT=cu128 (or another CUDA build) makes a GPU image;
+# EXTRAS=serve,milvus adds pymilvus for CXR_REID_VECTOR_URL=milvus://... (docs/scale-out.md).
 ARG BASE=python:3.11-slim
 FROM ${BASE}
 
 ARG TORCH_VARIANT=cpu
 # a wheel index holding that torch build, when PyTorch's own cannot be reached (empty: PyTorch's)
 ARG TORCH_INDEX=""
+ARG EXTRAS=serve
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -26,7 +28,7 @@ COPY models ./models
 # The same install as scripts/serve.sh: torch pinned to the CPU build of PyTorch's index, one pip call.
 # An index that does not answer is left out (one line says so); when nothing serves the build, the
 # build stops with the command that fixes it.
-RUN VENV=/opt/venv PACKAGE=".[serve]" TORCH_VARIANT="${TORCH_VARIANT}" TORCH_INDEX="${TORCH_INDEX}" \
+RUN VENV=/opt/venv PACKAGE=".[${EXTRAS}]" TORCH_VARIANT="${TORCH_VARIANT}" TORCH_INDEX="${TORCH_INDEX}" \
     TORCH_FIX="docker build --build-arg TORCH_INDEX=<a wheel index URL holding torch 2.13.0+${TORCH_VARIANT}> ." \
     sh -e scripts/_venv.sh \
     && rm -rf /opt/cxr-reid/build

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from index.milvus_index import parse_vector_url
 from models.scoring.decide import parse_fars
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,10 @@ MIB = 1024 * 1024
 class Settings(BaseSettings):
     """Everything the service can be told; every field has a default that runs as shipped."""
 
-    model_config = SettingsConfigDict(env_prefix="CXR_REID_", extra="ignore", protected_namespaces=())
+    # hide_input_in_errors: a refused database or vector URL, or an API key, is not echoed into logs
+    model_config = SettingsConfigDict(
+        env_prefix="CXR_REID_", extra="ignore", protected_namespaces=(), hide_input_in_errors=True
+    )
 
     model_path: Path | None = Field(
         default=None, description="checkpoint to serve; None = the shipped models/weights/default.pt"
@@ -102,6 +106,12 @@ class Settings(BaseSettings):
         gt=0,
         description="with database_url: the longest a replica waits between looks at the change log when "
         "no notification comes (notifications make it immediate)",
+    )
+    vector_url: SecretStr | None = Field(
+        default=None,
+        description="milvus://[user:password@]host:19530[/db]: search the vectors in Milvus instead of an "
+        "in-process FAISS index (SQL stays the truth and feeds it); a path ending in .db is Milvus Lite, "
+        "one process only. Needs the milvus extra (pip install 'cxr-reid[milvus]'); unset: FAISS",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="where the model runs; auto = the GPU when torch sees one, else the CPU"
@@ -203,6 +213,18 @@ class Settings(BaseSettings):
         value = value.strip()
         if not value.lower().startswith(("http://", "https://")):
             raise ValueError("alert_webhook must be an http:// or https:// URL")
+        return value
+
+    @field_validator("vector_url")
+    @classmethod
+    def _vector_url_is_milvus(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        raw = value.get_secret_value()
+        try:
+            parse_vector_url(raw)
+        except ValueError as exc:  # says what a good one looks like; the URL may hold a password
+            raise ValueError(str(exc).replace(repr(raw), "the vector URL")) from None
         return value
 
     @field_validator("ae_title")

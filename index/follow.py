@@ -13,6 +13,10 @@ was disconnected is caught up by the poll), applies the changes after the last o
 - ``calibration`` and ``reindex``: the listeners the gallery registered are told (the service
   reloads its operating point; a reindex rebuilds the index from the new vectors).
 
+With the vectors in Milvus (``MilvusLiveIndex``), every replica applies the log to the one shared
+Milvus: its writes are upserts and deletes by image id, so applying a change twice is harmless, and
+an ``add`` carries each row's collection (its Milvus partition).
+
 A replica's own writes go through the same path: ``catch_up`` right after the commit, under the
 write lock, so what a client was told is stored is searchable on that replica when the answer
 leaves, and on the others within the lag ``/readyz`` reports.
@@ -96,7 +100,12 @@ class ChangeFollower:
             if keep:
                 x = np.stack([found[i] for i in keep]).astype(np.float32)
                 id_arr = np.asarray(keep, dtype=np.int64)
-                live.update(lambda idx: idx.add(x, id_arr), seq=seq)
+                if len(collections) == 1:  # the usual case: one request, one collection
+                    where: str | list[str] = collections[0]
+                else:  # the collection of each row (a Milvus index keeps each in its own partition)
+                    records = self._store.get_many(keep)
+                    where = [records[i].collection if i in records else "default" for i in keep]
+                live.update(lambda idx: idx.add(x, id_arr, where), seq=seq)
         elif kind == "delete" and ids:
             live.update(lambda idx: idx.remove(ids), seq=seq)
         live.invalidate(collections or None)

@@ -57,6 +57,7 @@ from .faiss_index import AUTO, AUTO_FLAT_MAX, validate_factory
 from .follow import ChangeFollower
 from .live_index import INDEX_FILE, LiveIndex
 from .lock import acquire_process_lock, release_process_lock
+from .milvus_live import MilvusLiveIndex
 from .originals import MissingOriginals, OriginalsReport, check_originals
 from .pg_store import PgStore, is_database_url, redacted
 from .pg_store import holds_gallery as pg_holds_gallery
@@ -112,6 +113,7 @@ class Gallery:
         database_url: str | None = None,
         blob_dir: str | os.PathLike | None = None,
         follow_poll_seconds: float = 1.0,
+        vector_url: str | None = None,
     ) -> None:
         """``create=False``: open an existing gallery only; a data dir without one raises
         ``GalleryNotFoundError`` before anything (folder, database, lock file) is made, so a command
@@ -120,7 +122,10 @@ class Gallery:
         ``database_url`` (``postgresql://...``): the truth is that PostgreSQL database, shared by
         any number of processes (index/pg_store.py); ``data_dir`` then holds only this process's
         lock and index cache, ``blob_dir`` the originals every replica shares, and the index follows
-        the database's change log (index/follow.py, checked every ``follow_poll_seconds`` at most)."""
+        the database's change log (index/follow.py, checked every ``follow_poll_seconds`` at most).
+
+        ``vector_url`` (``milvus://host:19530`` or a Milvus Lite ``.db`` path): the vectors are searched
+        in Milvus instead of an in-process FAISS index (index/milvus_live.py); SQL stays the truth."""
         if not isinstance(dim, int | np.integer) or int(dim) <= 0:
             raise GalleryValidationError(f"dim must be a positive integer, got {dim!r}")
         if not isinstance(model_id, str) or not model_id.strip():
@@ -174,18 +179,28 @@ class Gallery:
             stored_dim, self._mismatch = check_model(
                 self._store, self.data_dir, self.model_id, self.dim, allow_mismatch=allow_model_mismatch
             )
-            self._live = LiveIndex(
-                self._store,
-                self._index_path,
-                dim=stored_dim,
-                factory=self.index_factory,
-                nprobe=self.nprobe,
-                ef_search=self.ef_search,
-                auto_flat_max=self.auto_flat_max,
-                autosave_seconds=self.autosave_seconds,
-                is_closed=lambda: self._closed,
-                is_mismatched=lambda: self._mismatch,
-            )
+            if vector_url is not None:
+                self._live = MilvusLiveIndex(
+                    self._store,
+                    self._index_path,
+                    vector_url=vector_url,
+                    dim=stored_dim,
+                    is_closed=lambda: self._closed,
+                    is_mismatched=lambda: self._mismatch,
+                )
+            else:
+                self._live = LiveIndex(
+                    self._store,
+                    self._index_path,
+                    dim=stored_dim,
+                    factory=self.index_factory,
+                    nprobe=self.nprobe,
+                    ef_search=self.ef_search,
+                    auto_flat_max=self.auto_flat_max,
+                    autosave_seconds=self.autosave_seconds,
+                    is_closed=lambda: self._closed,
+                    is_mismatched=lambda: self._mismatch,
+                )
             self._closed = False
             with self._wlock:
                 self._store.remove_orphan_blobs()
@@ -208,6 +223,8 @@ class Gallery:
             self._closed = True
             if self._follower is not None:
                 self._follower.stop()
+            if self._live is not None:
+                self._live.close()
             if self._store is not None:
                 self._store.close()
             release_process_lock(self._lock_fd)
@@ -246,6 +263,7 @@ class Gallery:
                 log.exception("could not save the FAISS index of %s on close", self.data_dir)
             finally:
                 self._closed = True
+                self._live.close()
                 self._store.close()
                 release_process_lock(self._lock_fd)
                 self._lock_fd = None
@@ -374,8 +392,9 @@ class Gallery:
                     raise GalleryError(f"could not add {len(rows)} images: {exc}") from exc
                 raise
             self._missing_originals.stored({row["blob_sha256"] for row in rows if row["blob_sha256"]})
+            row_collections = [row["collection"] for row in rows]
             self._apply_committed(
-                lambda idx: idx.add(x, np.asarray(ids, dtype=np.int64)), {row["collection"] for row in rows}
+                lambda idx: idx.add(x, np.asarray(ids, dtype=np.int64), row_collections), set(row_collections)
             )
         records = [
             store.inserted_record(i, row, self.model_id, created_at) for i, row in zip(ids, rows, strict=True)
@@ -647,15 +666,7 @@ class Gallery:
         exclude = {int(i) for i in exclude_ids}
         if k == 0:
             return []
-        idx = self._live.current
-        allowed = None
-        if collection is not None:
-            allowed = self._live.allowed(collection)
-            if len(allowed) == 0:
-                return []
-            if len(allowed) >= idx.ntotal:  # the collection is everything: no selector needed
-                allowed = None
-        scores, ids = idx.search(q, k + len(exclude), allowed)
+        scores, ids = self._live.search(q, k + len(exclude), collection)
         keep = [
             (int(i), float(s))
             for s, i in zip(scores, ids, strict=True)
@@ -730,7 +741,7 @@ class Gallery:
         vectors as SQLite has rows (one COUNT, no id lists, no write lock). A mismatch, which a
         write in flight can also cause for a moment, falls back to the full ``is_consistent``."""
         self._check_open()
-        if self._live.current.ntotal == self._store.count():
+        if not self._live.behind and self._live.count() == self._store.count():
             return True
         return self.is_consistent()
 
@@ -754,7 +765,7 @@ class Gallery:
             else:
                 log.warning("the gallery changed under every consistency check; assuming it is consistent")
                 return True
-            faiss_ids = self._live.current.ids()
+            faiss_ids = self._live.ids()
             if not np.array_equal(sql_ids, faiss_ids):
                 log.warning(
                     "FAISS/SQLite mismatch: %d ids in SQLite, %d in FAISS", sql_ids.size, faiss_ids.size

@@ -175,6 +175,23 @@ class LiveIndex:
         )
         return idx
 
+    def count(self) -> int:
+        """Vectors in the index."""
+        return self.current.ntotal
+
+    def ids(self) -> np.ndarray:
+        """The ids in the index, sorted."""
+        return self.current.ids()
+
+    @property
+    def behind(self) -> bool:
+        """A committed change is known not to be in the index yet (Milvus was unreachable): never for
+        the in-process FAISS index, which rebuilds from the store instead."""
+        return False
+
+    def close(self) -> None:
+        """Nothing to release: the index is process memory (MilvusLiveIndex closes its client)."""
+
     def reset(self, dim: int) -> None:
         """After a reindex swapped every vector: rebuild for ``dim``-d vectors, save (write lock held)."""
         self.dim = dim
@@ -242,6 +259,18 @@ class LiveIndex:
             if self._cache_version == version:  # no write slipped in while we read SQLite
                 self._allowed_cache[collection] = allowed
         return allowed
+
+    def search(self, query: np.ndarray, k: int, collection: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) of ``query`` (1, dim) in ``collection`` (None: every collection)."""
+        idx = self.current
+        allowed = None
+        if collection is not None:
+            allowed = self.allowed(collection)
+            if len(allowed) == 0:
+                return np.empty(0, dtype=np.float32), np.empty(0, dtype=np.int64)
+            if len(allowed) >= idx.ntotal:  # the collection is everything: no selector needed
+                allowed = None
+        return idx.search(query, k, allowed)
 
     def invalidate(self, collections: Iterable[str] | None = None) -> None:
         """Forget the cached ids of ``collections`` (None: all)."""

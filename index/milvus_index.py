@@ -347,6 +347,10 @@ class MilvusIndex:
         c.load_collection(self.name)
         log.info("created Milvus collection %s (%s)", self.name, self.choice.reason)
 
+    def drop(self) -> None:
+        """Delete this collection from Milvus (after a reindex moved the gallery to another model's)."""
+        self._call("drop", self._client.drop_collection, self.name)
+
     def close(self) -> None:
         """Close the client (a Milvus Lite file stays open in this process until it exits)."""
         try:

@@ -31,6 +31,7 @@ from index import (
     AlertRecord,
     Gallery,
     GalleryDuplicateError,
+    GalleryUnavailableError,
     ImageMetadata,
     ImageRecord,
     NewAlert,
@@ -277,7 +278,11 @@ class ReidService(AlertReview, DuplicatesReport):
                 f"({replication['behind']} change(s); listening: {replication['listening']}): check its "
                 "connection to the database"
             )
-        if not self._gallery.looks_consistent():
+        try:
+            consistent = self._gallery.looks_consistent()
+        except GalleryUnavailableError as exc:  # the vector store (Milvus) does not answer
+            return str(exc)
+        if not consistent:
             return "the gallery index does not match its database; restart the service to rebuild it"
         missing = self._gallery.missing_originals()
         if missing:

@@ -79,6 +79,7 @@ def open_gallery(
         database_url=settings.database_url.get_secret_value() if settings.database_url else None,
         blob_dir=settings.blob_dir,
         follow_poll_seconds=settings.follow_poll_seconds,
+        vector_url=settings.vector_url.get_secret_value() if settings.vector_url else None,
     )
 
 
