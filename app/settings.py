@@ -34,6 +34,13 @@ class Settings(BaseSettings):
     model_path: Path | None = Field(
         default=None, description="checkpoint to serve; None = the shipped models/weights/default.pt"
     )
+    next_model_path: Path | None = Field(
+        default=None,
+        description="the checkpoint a coming `cxr-reid reindex` switches the gallery to, kept loaded (twice "
+        "the model's memory): when the switch is committed the service swaps to it without a restart and "
+        "without mixing the two networks' vectors in any answer; None = a switch leaves the service "
+        "refusing searches until restarted with the new model",
+    )
     data_dir: Path = Field(
         default=Path("./cxr-reid-data"), description="gallery folder (SQLite, FAISS, blobs)"
     )

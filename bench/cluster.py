@@ -2,7 +2,7 @@
 
     python bench/cluster.py [--images 30] [--seconds 20] [--model CKPT] [--json]
 
-Starts a private PostgreSQL and three replicas (scripts/cluster_demo.py's ``Cluster``: loopback,
+Starts a private PostgreSQL and three replicas (app/cluster_process.py ``Cluster``: loopback,
 one shared blob dir, the shipped model by default, one compute thread each) and measures:
 
 - search throughput (requests/s, 4 clients per replica in use, for ``--seconds``) through 1, 2 and
@@ -13,7 +13,8 @@ one shared blob dir, the shipped model by default, one compute thread each) and 
   a search on replica 2 finds it (that includes the search itself);
 - the enrol rate with 1 writer and with 3 concurrent writers, one per replica;
 - PostgreSQL restarted under those 3 writers: how long writes are refused, and that no acknowledged
-  image is lost or stored twice.
+  image is lost or stored twice;
+- each replica's resident memory at the end (``replica_rss_mib``).
 """
 
 from __future__ import annotations
@@ -90,6 +91,18 @@ def enrol_rate(cluster: Cluster, writers: int, batch: list[tuple[str, str, bytes
     return len(acked) / (time.monotonic() - t0), acked
 
 
+def _rss_mib(pid: int) -> float | None:
+    """Resident memory of a replica process (Linux /proc), MiB: the model, the runtime, the index of
+    this small gallery; the index grows by the bytes per vector of BENCHMARKS.md section 4."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 def run(root: Path, *, images: int, seconds: float, model: Path | None) -> dict:
     cluster = Cluster(root, model=model)
     cluster.start()
@@ -143,6 +156,7 @@ def run(root: Path, *, images: int, seconds: float, model: Path | None) -> dict:
         figures["lost"] = sum(1 for i in acked.values() if i not in ids)
         figures["stored_twice"] = len(keys) - len(set(keys))
         figures["replica_images"] = [readyz(cluster.url(i))["gallery_images"] for i in range(3)]
+        figures["replica_rss_mib"] = [_rss_mib(cluster.servers[i].process.pid) for i in range(3)]
     finally:
         cluster.stop()
     return figures

@@ -10,8 +10,11 @@ was disconnected is caught up by the poll), applies the changes after the last o
 - ``add``: the images' vectors are read from the database and added (an image deleted since is
   skipped; its ``delete`` follows in the log);
 - ``delete``: removed from the index; ``relabel``: nothing to move, cached filters are dropped;
-- ``calibration`` and ``reindex``: the listeners the gallery registered are told (the service
-  reloads its operating point; a reindex rebuilds the index from the new vectors).
+- ``calibration``: the listeners the gallery registered are told (the service reloads its
+  operating point);
+- ``reindex`` (every vector swapped to a new model): the follower stops there and a thread of its
+  own tells the gallery, which rebuilds the index from the new vectors (the service first holds its
+  requests and swaps in its next network, so no answer mixes two networks) and resumes it.
 
 With the vectors in Milvus (``MilvusLiveIndex``), every replica applies the log to the one shared
 Milvus: its writes are upserts and deletes by image id, so applying a change twice is harmless, and
@@ -69,18 +72,22 @@ class ChangeFollower:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.connected = False
+        self.switching = False  # paused at a reindex change until the index is rebuilt (resume)
 
     # ---------------------------------------------------------------- applying
     def catch_up(self) -> int:
         """Apply every committed change not applied yet; returns how many. Thread-safe."""
         done = 0
         with self._lock:
-            while True:
+            while not self.switching:
                 batch = self._store.changes_after(self.applied, BATCH)
                 if not batch:
                     break
                 now = datetime.now(UTC)
                 for seq, generation, kind, ids, collections, committed in batch:
+                    if kind == "reindex":
+                        self._start_switch()
+                        break
                     self._apply(seq, kind, ids, collections)
                     self.applied, self.generation = seq, generation
                     self._lags.append(utc_age_seconds(committed, now))
@@ -91,6 +98,29 @@ class ChangeFollower:
             if done:
                 self.applied_at = time.time()
         return done
+
+    def _start_switch(self) -> None:
+        """A reindex swapped every vector: stop here (what follows is the new model's) and let a
+        thread of its own rebuild the index, through the gallery's reindex handler, which calls
+        ``resume`` with the change its rebuilt index is at. Its own thread, because the handler may
+        wait for requests in flight, and this may run in one of them (a write catching up)."""
+        self.switching = True
+        if self._on_change is None:
+            return
+        threading.Thread(target=self._switch, name="cxr-reid-model-switch", daemon=True).start()
+
+    def _switch(self) -> None:
+        try:
+            self._on_change("reindex")
+        except Exception:
+            log.exception("switching to the reindexed vectors failed; restart this process")
+
+    def resume(self, applied: int, generation: int) -> None:
+        """The index was rebuilt from the snapshot at change ``applied``: follow on from there."""
+        with self._lock:
+            self.applied, self.generation = int(applied), int(generation)
+            self.applied_at = time.time()
+            self.switching = False
 
     def _apply(self, seq: int, kind: str, ids: list[int], collections: list[str]) -> None:
         live = self._live
@@ -109,7 +139,7 @@ class ChangeFollower:
         elif kind == "delete" and ids:
             live.update(lambda idx: idx.remove(ids), seq=seq)
         live.invalidate(collections or None)
-        if kind in ("calibration", "reindex") and self._on_change is not None:
+        if kind == "calibration" and self._on_change is not None:
             try:
                 self._on_change(kind)
             except Exception:
@@ -133,6 +163,7 @@ class ChangeFollower:
             "behind": max(0, latest - self.applied),
             "lag_seconds": round(self.lag_seconds(), 3),
             "generation": self.generation,
+            "switching_model": self.switching,
             "apply_lag_p50_ms": round(1000 * lags[len(lags) // 2], 1) if lags else None,
             "apply_lag_p99_ms": round(1000 * lags[min(len(lags) - 1, int(0.99 * len(lags)))], 1)
             if lags

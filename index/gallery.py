@@ -70,6 +70,7 @@ from .records import (
     GalleryValidationError,
     ImageRecord,
     Match,
+    ModelSwitchingError,
     NewImage,
     now_iso,
 )
@@ -84,6 +85,9 @@ from .validation import check_model, prepare_row, query_row, unit_rows
 __all__ = ["Gallery", "cluster_pairs", "holds_gallery"]
 
 log = logging.getLogger(__name__)
+
+#: A reindex's swap is retried this often when images without a new vector keep arriving (PostgreSQL).
+SWAP_TRIES = 5
 
 
 def holds_gallery(data_dir: str | os.PathLike) -> bool:
@@ -148,6 +152,7 @@ class Gallery:
         self._live: LiveIndex | None = None
         self._follower: ChangeFollower | None = None
         self._listeners: list[Callable[[str], None]] = []
+        self._reindex_handler: Callable[[], None] | None = None
         self.database_url = database_url
         if database_url is not None and not is_database_url(database_url):
             raise GalleryValidationError("database_url must be a postgresql:// URL")
@@ -327,6 +332,22 @@ class Gallery:
                 f"{self.model_id!r}: run `cxr-reid reindex` first"
             )
 
+    def _check_model_in_txn(self, conn: Any) -> None:
+        """In a write transaction, after the generation lock: refuse vectors of another model than
+        the gallery's. With PostgreSQL another process may have switched the model (a reindex) since
+        this process last looked; it switches too within moments (its follower), so: retry."""
+        stored = self._store.meta_get("model_id", conn)
+        if stored is not None and stored != self.model_id:
+            raise ModelSwitchingError(
+                f"the gallery switched to model {stored!r} and this process still embeds with "
+                f"{self.model_id!r}: nothing was stored; retry in a moment"
+            )
+
+    def _served_model(self) -> str | None:
+        """The model whose vectors reads must return (``ModelSwitchingError`` otherwise), or None
+        when this process reads whatever is stored (opened for a reindex, on another model)."""
+        return None if self._mismatch else self.model_id
+
     # ---------------------------------------------------------------- writes
     def add(self, vectors: np.ndarray, images: Sequence[NewImage]) -> list[ImageRecord]:
         """Enrol images with their vectors. All or nothing, and durable once it returns."""
@@ -378,7 +399,8 @@ class Gallery:
                         )
                         for iid, row, alert in zip(ids, rows, new_alerts, strict=True)
                     ]
-                    store.bump_generation(conn)
+                    store.bump_generation(conn)  # locks the generation: ordered with a reindex's swap
+                    self._check_model_in_txn(conn)
                     store.log_change(conn, "add", ids, {row["collection"] for row in rows})
             except BaseException as exc:
                 # rolled back: drop the files this call wrote (unless a committed row uses them)
@@ -418,19 +440,48 @@ class Gallery:
         self._live.after_write()
 
     def _changed_elsewhere(self, kind: str) -> None:
-        """A ``calibration`` or ``reindex`` change from the change log (index/follow.py)."""
+        """A ``calibration`` or ``reindex`` change from the change log (index/follow.py). A reindex
+        comes on a thread of its own, with the follower paused at it until the index is rebuilt."""
         if kind == "reindex":
-            self._reload_after_reindex()
+            if self._reindex_handler is not None:
+                self._reindex_handler()
+            else:
+                self._reload_after_reindex()
         for listener in list(self._listeners):
             listener(kind)
 
+    def on_reindex(self, handler: Callable[[], None]) -> None:
+        """Let ``handler`` take over when another process switches the gallery to a new model (the
+        service: it holds its requests, swaps its network, then calls ``reload_after_reindex``)."""
+        self._reindex_handler = handler
+
+    def reload_after_reindex(self, adopt_model: str | None = None) -> None:
+        """The gallery switched model (a reindex in this process or another): rebuild the index from
+        the new vectors. ``adopt_model``: the model this process now embeds with (its next network),
+        so that it serves again at once; a process left on another model refuses searches until it
+        runs the new one (``GalleryModelMismatchError``)."""
+        if adopt_model is not None:
+            self.model_id = adopt_model
+        self._reload_after_reindex()
+
     def _reload_after_reindex(self) -> None:
-        """Another process reindexed (or this one did): rebuild the index from the new vectors; a
-        process whose model is not the new one refuses searches until it runs the new model."""
         with self._wlock:
-            stored = self._store.meta_get("model_id")
-            self._mismatch = stored is not None and stored != self.model_id
-            self._live.reset(int(self._store.meta_get("dim") or self._live.dim))
+            if self._closed:
+                return
+            with self._store.read_txn() as conn:  # the index and the change it is at: one snapshot
+                applied = self._store.last_change(conn)
+                generation = int(self._store.meta_get("generation", conn) or 0)
+                stored = self._store.meta_get("model_id", conn)
+                self._mismatch = stored is not None and stored != self.model_id
+                self._live.reset(int(self._store.meta_get("dim", conn) or self._live.dim))
+            if self._follower is not None:
+                self._follower.resume(applied, generation)
+        log.info(
+            "gallery %s now holds model %s vectors (%s)",
+            self.data_dir,
+            stored,
+            "serving" if not self._mismatch else f"this process runs {self.model_id}: searches refused",
+        )
 
     def on_change(self, listener: Callable[[str], None]) -> None:
         """Call ``listener(kind)`` when another process changes the site calibration
@@ -499,12 +550,12 @@ class Gallery:
     def get_vector(self, image_id: int) -> np.ndarray | None:
         """The stored unit vector (of ``stored_model_id``), float32 (dim,)."""
         self._check_open()
-        return self._store.get_vector(int(image_id))
+        return self._store.get_vector(int(image_id), self._served_model())
 
     def get_vectors(self, image_ids: Iterable[int]) -> dict[int, np.ndarray]:
         """Stored unit vectors by id, in a few queries; ids not found (deleted) are left out."""
         self._check_open()
-        return self._store.get_vectors(list(image_ids))
+        return self._store.get_vectors(list(image_ids), self._served_model())
 
     def image_ids(self, *, collection: str | None = "default") -> np.ndarray:
         """Ids of every image of a collection (None: all), ascending; cached between writes."""
@@ -549,7 +600,7 @@ class Gallery:
         """A patient's records and their vectors (m, dim), for scoring "is this radiograph patient X?"."""
         self._check_open()
         self._check_model_matches()
-        return self._store.records_with_vectors(patient_id, collection, self._live.dim)
+        return self._store.records_with_vectors(patient_id, collection, self._live.dim, self._served_model())
 
     def labelled_vectors(self, *, collection: str | None = None) -> tuple[list[tuple[str, str]], np.ndarray]:
         """(collection, patient id) and vector of every image filed under a patient (collection=None:
@@ -784,14 +835,17 @@ class Gallery:
         model_id: str,
         batch_size: int = 64,
         progress: ProgressLike | None = None,
+        switch: bool = True,
     ) -> int:
         """Re-embed every image with a new model and switch the gallery to it; returns the image count.
 
         ``embed(records)`` returns (len(records), dim) vectors; it reads ``stored_path`` or
-        ``source_path`` itself. Batches are committed to a staging table as they go; the swap of all
-        vectors + model ids is one transaction at the end. If interrupted, calling reindex again with
-        the same model_id (and dim) resumes after the last committed batch. ``progress`` is
-        ``callable(n_done, n_total)`` or a tqdm-like object (``update``/``total``).
+        ``source_path`` itself. Batches are committed to a staging table as they go (the new
+        network's vectors beside the old ones, which keep being served); the swap of all vectors +
+        model ids is one transaction at the end. If interrupted, calling reindex again with the same
+        model_id (and dim) resumes after the last committed batch. ``switch=False`` stops before the
+        swap: a later call with the same model only embeds what was enrolled meanwhile, then swaps.
+        ``progress`` is ``callable(n_done, n_total)`` or a tqdm-like object (``update``/``total``).
         """
         self._check_open()
         if not isinstance(model_id, str) or not model_id.strip():
@@ -803,20 +857,34 @@ class Gallery:
         staging.begin()
         done = staging.staged()
         report(done, len(self))
-        while ids := staging.pending(int(batch_size)):  # embed outside the write lock: adds can go on
-            done += staging.embed_batch(ids, embed)
-            report(done, len(self))
+
+        def embed_pending() -> int:
+            n = 0
+            while ids := staging.pending(int(batch_size)):
+                n += staging.embed_batch(ids, embed)
+                report(done + n, len(self))
+            return n
+
+        done += embed_pending()  # outside the write lock: adds go on
+        if not switch:
+            log.info("staged %d images with model %s; run reindex again to switch", done, model_id)
+            return done
         with self._wlock:
-            while ids := staging.pending(int(batch_size)):  # images added while we were embedding
-                done += staging.embed_batch(ids, embed)
-                report(done, len(self))
-            staging.swap()
+            for _ in range(SWAP_TRIES):
+                done += embed_pending()  # images added while we were embedding
+                if staging.swap():
+                    break
+            else:
+                raise GalleryError(
+                    f"images kept arriving during the switch to {model_id} ({SWAP_TRIES} tries): "
+                    "run reindex again (it resumes)"
+                )
             self.model_id = model_id
             self._mismatch = False
             if self._follower is None:
                 self._live.reset(self.dim)
             else:
-                self._follower.catch_up()  # its "reindex" change rebuilds the index
+                self._reload_after_reindex()
             n = len(self)
         report(n, n)
         log.info("reindexed %d images with model %s", n, model_id)

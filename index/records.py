@@ -42,6 +42,12 @@ class GalleryUnavailableError(GalleryError):
     request was kept, and the same request may simply be sent again."""
 
 
+class ModelSwitchingError(GalleryUnavailableError):
+    """Stored vectors of another model than this process embeds with were read: a reindex just
+    switched the gallery (in another process) and this one switches within moments. Nothing was
+    answered from them; the same request may be sent again."""
+
+
 class GalleryDuplicateError(GalleryError):
     """Another writer stored the same DICOM instance in the collection first (the database's unique
     key decided): nothing of this write was kept; look the stored one up instead."""

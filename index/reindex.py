@@ -49,6 +49,10 @@ def progress_reporter(progress: ProgressLike | None) -> Callable[[int, int], Non
     raise GalleryValidationError("progress must be a callable(n_done, n_total) or a tqdm-like object")
 
 
+class _PendingImagesError(Exception):
+    """An image without a staged vector was found at the swap (rolled back; embed it, try again)."""
+
+
 class ReindexStaging:
     """The staged new vectors of one reindex target (``model_id`` with ``dim``-d vectors)."""
 
@@ -109,19 +113,39 @@ class ReindexStaging:
             )
         return len(records)
 
-    def swap(self) -> None:
+    def swap(self) -> bool:
         """One transaction: every row takes its staged vector and the new model id, and so does the
-        gallery (call with the write lock held, once nothing is pending)."""
+        gallery (call with the write lock held, once nothing is pending). False, and nothing changed,
+        when an image without a staged vector turned up: with PostgreSQL another process may have
+        enrolled one after the last ``pending``; embed it and swap again.
+
+        The generation row is locked first, so the swap is ordered with every insert (each bumps it
+        in its transaction): an image committed before the swap is counted here, one after it sees
+        the new model id and is refused unless it is the new model's (``Gallery.add_with_alerts``)."""
         store = self._store
-        with store.write_txn() as conn:
-            conn.execute(
-                "UPDATE images SET model_id = ?, vector = "
-                "(SELECT s.vector FROM reindex_staging s WHERE s.image_id = images.image_id)",
-                (self.model_id,),
-            )
-            conn.execute("DELETE FROM reindex_staging")
-            store.meta_set(conn, "reindex_target", None)
-            store.meta_set(conn, "model_id", self.model_id)
-            store.meta_set(conn, "dim", str(self.dim))
-            store.bump_generation(conn)
-            store.log_change(conn, "reindex")
+        try:
+            with store.write_txn() as conn:
+                store.bump_generation(conn)
+                missing = conn.execute(
+                    "SELECT COUNT(*) FROM images i LEFT JOIN reindex_staging s ON s.image_id = i.image_id "
+                    "WHERE s.image_id IS NULL"
+                ).fetchone()[0]
+                if missing:
+                    raise _PendingImagesError  # rolls the transaction back
+                self._swap_rows(conn)
+        except _PendingImagesError:
+            return False
+        return True
+
+    def _swap_rows(self, conn: Any) -> None:
+        store = self._store
+        conn.execute(
+            "UPDATE images SET model_id = ?, vector = "
+            "(SELECT s.vector FROM reindex_staging s WHERE s.image_id = images.image_id)",
+            (self.model_id,),
+        )
+        conn.execute("DELETE FROM reindex_staging")
+        store.meta_set(conn, "reindex_target", None)
+        store.meta_set(conn, "model_id", self.model_id)
+        store.meta_set(conn, "dim", str(self.dim))
+        store.log_change(conn, "reindex")

@@ -37,6 +37,7 @@ from .records import (
     GalleryIntegrityError,
     GalleryValidationError,
     ImageRecord,
+    ModelSwitchingError,
     checked_patient_id,
     now_iso,
 )
@@ -129,6 +130,20 @@ def blobs_to_matrix(blobs: Sequence[bytes], dim: int) -> np.ndarray:
     if not blobs:
         return np.empty((0, dim), dtype=np.float32)
     return np.frombuffer(b"".join(blobs), dtype="<f4").astype(np.float32).reshape(len(blobs), -1)
+
+
+def _same_model(models: Iterable[str], model_id: str | None) -> None:
+    """ModelSwitchingError when ``model_id`` is given and a row's vector is of another model: with
+    PostgreSQL a reindex in another process may have swapped every vector a moment ago, before this
+    process switched; an answer from them would compare two networks' vectors."""
+    if model_id is None:
+        return
+    other = next((m for m in models if m != model_id), None)
+    if other is not None:
+        raise ModelSwitchingError(
+            f"the gallery's vectors are of model {other!r} now, not {model_id!r}: this process is "
+            "switching to it; send the request again in a moment"
+        )
 
 
 def blob_path(images_dir: Path, sha256: str) -> Path:
@@ -470,15 +485,23 @@ class Store:
     def get_many(self, ids: Sequence[int], conn: sqlite3.Connection | None = None) -> dict[int, ImageRecord]:
         return {int(row[0]): self.to_record(row) for row in self._rows_by_id(RECORD_COLUMNS, ids, conn)}
 
-    def get_vectors(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
-        """Stored vectors by id (ids not found are left out)."""
-        return {int(i): blob_to_vector(blob) for i, blob in self._rows_by_id("image_id, vector", ids)}
+    def get_vectors(self, ids: Sequence[int], model_id: str | None = None) -> dict[int, np.ndarray]:
+        """Stored vectors by id (ids not found are left out); with ``model_id``, ModelSwitchingError
+        when a row holds another model's vector (``_same_model``)."""
+        rows = list(self._rows_by_id("image_id, model_id, vector", ids))
+        _same_model((r[1] for r in rows), model_id)
+        return {int(i): blob_to_vector(blob) for i, _, blob in rows}
 
-    def get_vector(self, image_id: int) -> np.ndarray | None:
+    def get_vector(self, image_id: int, model_id: str | None = None) -> np.ndarray | None:
         row = (
-            self.reader().execute("SELECT vector FROM images WHERE image_id = ?", (int(image_id),)).fetchone()
+            self.reader()
+            .execute("SELECT model_id, vector FROM images WHERE image_id = ?", (int(image_id),))
+            .fetchone()
         )
-        return None if row is None else blob_to_vector(row[0])
+        if row is None:
+            return None
+        _same_model([row[0]], model_id)
+        return blob_to_vector(row[1])
 
     @staticmethod
     def _where(patient_id: str | None, collection: str | None) -> tuple[str, list]:
@@ -504,7 +527,7 @@ class Store:
         return [self.to_record(r) for r in rows], total
 
     def records_with_vectors(
-        self, patient_id: str | None, collection: str | None, dim: int
+        self, patient_id: str | None, collection: str | None, dim: int, model_id: str | None = None
     ) -> tuple[list[ImageRecord], np.ndarray]:
         where, args = self._where(patient_id, collection)
         rows = (
@@ -512,7 +535,9 @@ class Store:
             .execute(f"SELECT {RECORD_COLUMNS}, vector FROM images{where} ORDER BY image_id", args)
             .fetchall()
         )
-        return [self.to_record(r[:-1]) for r in rows], blobs_to_matrix([r[-1] for r in rows], dim)
+        records = [self.to_record(r[:-1]) for r in rows]
+        _same_model((r.model_id for r in records), model_id)
+        return records, blobs_to_matrix([r[-1] for r in rows], dim)
 
     def ids(self, collection: str | None = None, conn: sqlite3.Connection | None = None) -> np.ndarray:
         where, args = self._where(None, collection)

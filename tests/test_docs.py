@@ -121,3 +121,16 @@ def test_bench_uses_the_installed_package_not_the_tests() -> None:
         if "sys.path" in line or line.lstrip().startswith(("from tests", "import tests"))
     ]
     assert offenders == []
+
+
+def test_every_setting_is_documented() -> None:
+    """Each CXR_REID_* variable of app/settings.py has a row in the operations guide or the
+    scale-out guide, so a new setting cannot ship undocumented."""
+    root = Path(__file__).resolve().parents[1]
+    docs = (root / "docs" / "operations.md").read_text() + (root / "docs" / "scale-out.md").read_text()
+    missing = [
+        f"CXR_REID_{name.upper()}"
+        for name in Settings.model_fields
+        if f"`CXR_REID_{name.upper()}`" not in docs
+    ]
+    assert missing == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, HTTPException, Path, Query, Request, UploadFile
@@ -45,12 +45,14 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_service(request: Request) -> ReidService:
-    """The model and gallery loaded at start-up (lifespan)."""
+def get_service(request: Request) -> Iterator[ReidService]:
+    """The model and gallery loaded at start-up (lifespan), held on one network for the whole
+    request (``ReidService.one_model``: a model switch waits for it)."""
     service = getattr(request.app.state, "service", None)
     if service is None:
         raise HTTPException(status_code=503, detail="the service is starting or stopping")
-    return service
+    with service.one_model():
+        yield service
 
 
 def _client_address(request: Request) -> str:

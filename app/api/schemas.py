@@ -560,6 +560,11 @@ class ReplicationOut(BaseModel):
         default=None, description="median time from a change's commit to its apply here (recent changes)"
     )
     apply_lag_p99_ms: float | None = Field(default=None, description="99th percentile of the same")
+    switching_model: bool = Field(
+        default=False,
+        description="a reindex switched the gallery to a new model and this replica is rebuilding its index "
+        "for it (requests wait until it serves the new model)",
+    )
 
 
 class Readiness(BaseModel):

@@ -353,6 +353,7 @@ def _cmd_reindex(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             max_pixels=settings.max_pixels,
             progress=not args.no_progress,
+            switch=not args.stage_only,
         )
     except InvalidInputError as exc:
         log.error(
@@ -363,7 +364,15 @@ def _cmd_reindex(args: argparse.Namespace) -> int:
         return 1
     finally:
         gallery.close()
-    log.info("re-embedded %d image(s) with model %s", count, embedder.model_id)
+    if args.stage_only:
+        log.info(
+            "staged %d image(s) with model %s; the gallery still serves the old model. Run "
+            "`cxr-reid reindex` without --stage-only to switch (it embeds only what came since)",
+            count,
+            embedder.model_id,
+        )
+    else:
+        log.info("re-embedded %d image(s) with model %s", count, embedder.model_id)
     return 0
 
 
@@ -521,7 +530,16 @@ def register(subparsers: Subparsers) -> None:
     p = subparsers.add_parser(
         "reindex",
         help="re-embed every gallery image with the current model (resumable)",
-        description="Needed after changing the model: a gallery refuses to serve vectors of another model.",
+        description="Needed after changing the model: a gallery refuses to serve vectors of another model. "
+        "The new vectors are staged beside the old ones while the gallery serves on, then one transaction "
+        "switches every vector and the gallery's model. With PostgreSQL, replicas started with "
+        "CXR_REID_NEXT_MODEL_PATH set to this model switch over at that moment without a restart "
+        "(docs/scale-out.md).",
+    )
+    p.add_argument(
+        "--stage-only",
+        action="store_true",
+        help="embed and stage the new vectors, do not switch (the gallery keeps serving the old model)",
     )
     add_batch_size_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

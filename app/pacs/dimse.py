@@ -432,6 +432,10 @@ class DicomReceiver:
                 f"{name} is {len(data):,} bytes; at most {self.max_instance_bytes:,} are taken "
                 "(CXR_REID_MAX_UPLOAD_BYTES)",
             )
+        with self.service.one_model():  # as an HTTP request (app.api.dependencies.get_service)
+            return self._ingest(data, sop, calling, name)
+
+    def _ingest(self, data: bytes, sop: str | None, calling: str, name: str) -> tuple[int, str | None]:
         try:
             point = self.service.operating_point()
             done = ingest_instance(

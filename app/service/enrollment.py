@@ -280,11 +280,14 @@ def reindex_gallery(
     batch_size: int = 32,
     max_pixels: int = 50_000_000,
     progress: bool = True,
+    switch: bool = True,
 ) -> int:
     """Re-embed every stored image with ``embedder`` from its stored or referenced original.
 
     Resumable (the gallery stages finished batches). An original that can no longer be read stops
-    the run with its image id, so it can be restored or deleted before running again.
+    the run with its image id, so it can be restored or deleted before running again. ``switch``
+    False stages the new vectors only (the gallery keeps serving the old ones): a later run
+    embeds what was enrolled meanwhile and switches.
     """
 
     def prepare(record: ImageRecord) -> np.ndarray:
@@ -307,5 +310,5 @@ def reindex_gallery(
 
         with tqdm(total=len(gallery), desc="reindex", unit="img", disable=not progress) as bar:
             return gallery.reindex(
-                embed_records, model_id=embedder.model_id, batch_size=batch_size, progress=bar
+                embed_records, model_id=embedder.model_id, batch_size=batch_size, progress=bar, switch=switch
             )

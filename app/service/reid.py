@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
 import numpy as np
 
@@ -38,6 +40,7 @@ from index import (
     NewImage,
     checked_patient_id,
 )
+from index.faiss_index import RWLock
 from models.net.embedder import Embedder
 from models.scoring.calibration import Calibration
 from models.scoring.decide import OperatingPoint, Posterior, image_key, is_same_patient, posterior
@@ -100,7 +103,11 @@ class ReidService(AlertReview, DuplicatesReport):
         on_embedded: Callable[[int], None] | None = None,
         on_alert: Callable[[str], None] | None = None,
         on_alert_event: Callable[[str, AlertRecord], None] | None = None,
+        next_embedder: Embedder | None = None,
     ) -> None:
+        """``next_embedder``: the network a coming reindex switches the gallery to. Kept loaded, so
+        that when the switch is committed (by ``cxr-reid reindex`` in any process) this service
+        swaps to it and serves on, instead of refusing until restarted (``_switch_model``)."""
         super().__init__()  # DuplicatesReport: its lock and report cache
         self.embedder = embedder
         self._gallery = gallery
@@ -115,11 +122,14 @@ class ReidService(AlertReview, DuplicatesReport):
         # called with ("raised" | an ALERT_ACTIONS state, the stored alert): the webhook, the counters
         self._on_alert_event = on_alert_event
         self._batcher = MicroBatcher(self.embedder.embed_prepared)
+        self.next_embedder = next_embedder
+        # every request runs under the read side (one_model), a model switch under the write side
+        self._model_lock = RWLock()
         self._enrol_lock = threading.Lock()
         self._calibration_lock = threading.Lock()
         self._use(self._stored_site_calibration() or embedder.calibration)
         if gallery is not None:
-            gallery.on_change(self._changed_elsewhere)
+            self._follow(gallery)
         # fail at start-up, not on the first request, when the default operating point is unusable
         self.operating_point()
 
@@ -244,7 +254,44 @@ class ReidService(AlertReview, DuplicatesReport):
             self.gallery_problem = None
             self.gallery_locked = False
             self._use(self._stored_site_calibration() or self.embedder.calibration)
-            gallery.on_change(self._changed_elsewhere)
+            self._follow(gallery)
+
+    def _follow(self, gallery: Gallery) -> None:
+        gallery.on_change(self._changed_elsewhere)
+        gallery.on_reindex(self._switch_model)
+
+    def one_model(self) -> AbstractContextManager[None]:
+        """Hold for the whole of a request that embeds or compares vectors: a model switch waits
+        until no such request is in flight, and holds new ones until it is done, so that no answer
+        compares a vector of one network with a vector of another."""
+        return self._model_lock.read()
+
+    def _switch_model(self) -> None:
+        """The gallery was switched to a new model (a reindex, here or in another process; called on
+        a thread of its own). With that model as ``next_embedder``: hold the requests, swap the
+        network, rebuild the index from the new vectors, serve on. Otherwise the gallery refuses
+        searches until this process is restarted with the new model."""
+        gallery = self._gallery
+        nxt = self.next_embedder
+        t0 = time.perf_counter()
+        with self._model_lock.write():
+            if nxt is None or gallery.stored_model_id != nxt.model_id:
+                gallery.reload_after_reindex()
+                log.warning(
+                    "the gallery switched to model %s; this service runs %s and refuses searches until "
+                    "restarted with it (CXR_REID_MODEL_PATH, or CXR_REID_NEXT_MODEL_PATH beforehand)",
+                    gallery.stored_model_id,
+                    self.embedder.model_id,
+                )
+                return
+            old_batcher = self._batcher
+            self.embedder, self.next_embedder = nxt, None
+            self._batcher = MicroBatcher(nxt.embed_prepared)
+            gallery.reload_after_reindex(adopt_model=nxt.model_id)
+            with self._calibration_lock:
+                self._use(self._stored_site_calibration() or nxt.calibration)
+        old_batcher.close()
+        log.info("switched to model %s in %.2fs", nxt.model_id, time.perf_counter() - t0)
 
     def gallery_size(self) -> int:
         if self._gallery is None:

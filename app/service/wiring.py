@@ -134,12 +134,19 @@ def build_service(settings: Settings, embedder: Embedder | None = None, **hooks:
         embedder = Embedder.from_checkpoint(
             settings.model_path, device=settings.device, runtime=settings.runtime
         )
-    gallery, problem, locked = open_or_explain(embedder, settings)
+    next_embedder = None
+    if settings.next_model_path is not None:
+        next_embedder = Embedder.from_checkpoint(
+            settings.next_model_path, device=settings.device, runtime=settings.runtime
+        )
+        log.info("next model %s loaded: a reindex to it switches this service over", next_embedder.model_id)
+    embedder, next_embedder, (gallery, problem, locked) = _open_current(embedder, next_embedder, settings)
     if locked:
         log.error("gallery in %s cannot be opened yet: %s", settings.data_dir, problem)
     service = service_for(
         settings, embedder, gallery, gallery_problem=problem, gallery_locked=locked, **hooks
     )
+    service.next_embedder = next_embedder
     log.info(
         "serving model %s (dim %d) with %d gallery image(s) from %s; %s",
         embedder.model_id,
@@ -149,6 +156,27 @@ def build_service(settings: Settings, embedder: Embedder | None = None, **hooks:
         faiss_build(),
     )
     return service
+
+
+def _open_current(
+    embedder: Embedder, next_embedder: Embedder | None, settings: Settings
+) -> tuple[Embedder, Embedder | None, tuple[Gallery | None, str | None, bool]]:
+    """Open the gallery with the model it holds: the next model's when the switch to it was made
+    while this process was down (then it is simply the model)."""
+    if next_embedder is not None:
+        try:
+            return embedder, next_embedder, (open_gallery(embedder, settings), None, False)
+        except GalleryModelMismatchError:
+            try:
+                gallery = open_gallery(next_embedder, settings)
+            except GalleryError:
+                pass  # it holds neither model: open_or_explain says so, below
+            else:
+                log.info("the gallery holds model %s's vectors already: serving it", next_embedder.model_id)
+                return next_embedder, None, (gallery, None, False)
+        except GalleryError:
+            pass  # open_or_explain says why, below
+    return embedder, next_embedder, open_or_explain(embedder, settings)
 
 
 def open_or_explain(embedder: Embedder, settings: Settings) -> tuple[Gallery | None, str | None, bool]:
