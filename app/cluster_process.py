@@ -47,6 +47,35 @@ def radiograph_variants(n: int, seed: int = 0) -> list[tuple[str, str, bytes]]:
     return out
 
 
+def another_network(source: Path | None, target: Path, *, noise: float = 0.05, seed: int = 0) -> str:
+    """Save a checkpoint of another network to switch to: ``source``'s (the shipped model's by
+    default) weights, each floating-point tensor moved by ``noise`` of its own spread, under another
+    name; its embeddings differ enough that comparing them with ``source``'s shows. Returns its id."""
+    import torch
+
+    from models.net.checkpoint import load_checkpoint, save_checkpoint
+    from models.net.embedder import DEFAULT_CHECKPOINT
+
+    payload = load_checkpoint(source or DEFAULT_CHECKPOINT)
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in payload["state_dict"].items():
+        if value.is_floating_point() and value.numel() > 1:
+            v = value.float()
+            v = v + noise * v.std() * torch.randn(v.shape, generator=generator)
+            state[key] = v
+        else:
+            state[key] = value
+    return save_checkpoint(
+        target,
+        name=f"{payload['name']}-next",
+        backbone_config=payload["backbone"],
+        preprocess_config=payload["preprocess"],
+        state_dict=state,
+        calibration=payload["calibration"],
+    )
+
+
 # ---------------------------------------------------------------- a client that retries as a PACS would
 def enrol(url: str, patient: str, name: str, data: bytes, *, retry_for: float = RETRY_SECONDS) -> dict:
     """POST /images until acknowledged (201): a 503 (database restarting) or a dead connection is
@@ -100,6 +129,7 @@ class Cluster:
     root: Path
     replicas: int = 3
     model: Path | None = None
+    next_model: Path | None = None  # CXR_REID_NEXT_MODEL_PATH of every replica
     poll_seconds: float = 0.5
     pg: LocalPostgres = field(init=False)
     servers: list[Server | None] = field(default_factory=list)
@@ -129,7 +159,16 @@ class Cluster:
             CXR_REID_FOLLOW_POLL_SECONDS=str(self.poll_seconds),
             CXR_REID_TORCH_THREADS="1",
             OMP_NUM_THREADS="1",
+            **({"CXR_REID_NEXT_MODEL_PATH": str(self.next_model)} if self.next_model else {}),
         )
+
+    def job_env(self, model: Path | None) -> dict[str, str]:
+        """The environment of a `cxr-reid` job (reindex, enroll) on this cluster's gallery."""
+        env = self.env(self.replicas)  # a data dir of its own, next to the replicas'
+        env.pop("CXR_REID_NEXT_MODEL_PATH", None)
+        if model is not None:
+            env["CXR_REID_MODEL_PATH"] = str(model)
+        return env
 
     def start_replica(self, i: int) -> None:
         self.servers[i] = Server(

@@ -14,7 +14,12 @@ one shared blob dir, the shipped model by default, one compute thread each) and 
 - the enrol rate with 1 writer and with 3 concurrent writers, one per replica;
 - PostgreSQL restarted under those 3 writers: how long writes are refused, and that no acknowledged
   image is lost or stored twice;
-- each replica's resident memory at the end (``replica_rss_mib``).
+- each replica's resident memory at the end (``replica_rss_mib``; each holds two networks, see next);
+- a model change without downtime (``model_switch``): the replicas run with
+  ``CXR_REID_NEXT_MODEL_PATH`` (another network: the model's weights moved by noise), then
+  ``cxr-reid reindex --stage-only`` and ``cxr-reid reindex`` run while a client per replica searches
+  without pause: how long each step takes, until every replica serves the new model, how the
+  searches fared (served, 503, ``mixed``: answered from two networks' vectors, must be 0).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import logging
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -35,6 +42,7 @@ import httpx
 from app.cluster_process import (
     Cluster,
     all_images,
+    another_network,
     enrol,
     percentile,
     radiograph_variants,
@@ -73,6 +81,69 @@ def search_throughput(cluster: Cluster, replicas: int, seconds: float, query: tu
     return done[0] / (time.monotonic() - t0)
 
 
+def model_switch(cluster: Cluster, probe: tuple[str, bytes, int], next_model: Path) -> dict:
+    """`cxr-reid reindex --stage-only` then `cxr-reid reindex` to ``next_model`` while one client per
+    replica searches with an enrolled radiograph (``probe``: name, bytes, its image id) without pause.
+    Every answer must be that image at cosine ~1: a query of one network against a stored vector of
+    the other scores far lower (``mixed``). Returns the timings and how the searches fared."""
+    name, data, image_id = probe
+    answers: list[tuple[int, int | None, float | None, float]] = []  # status, top id, cosine, seconds
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(url: str) -> None:
+        with httpx.Client(timeout=120) as http:
+            while not stop.is_set():
+                t = time.perf_counter()
+                r = http.post(f"{url}/search", files={"file": (name, data, "image/png")}, data={"k": "1"})
+                took = time.perf_counter() - t
+                top = r.json().get("matches", [None])[0] if r.status_code == 200 else None
+                with lock:
+                    answers.append((r.status_code, top and top["image_id"], top and top["cosine"], took))
+
+    def reindex(*flags: str) -> float:
+        t = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-m", "app.cli", "reindex", "--no-progress", *flags],
+            env=cluster.job_env(next_model),
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"cxr-reid reindex {' '.join(flags)} failed: {done.stderr[-2000:]}")
+        return time.perf_counter() - t
+
+    stage_s = reindex("--stage-only")
+    threads = [threading.Thread(target=client, args=(cluster.url(i),)) for i in range(cluster.replicas)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)
+    switch_s = reindex()
+    t0 = time.perf_counter()
+    target = readyz(cluster.url(0)).get("model_id")
+    while any(readyz(cluster.url(i)).get("model_id") != target for i in range(cluster.replicas)):
+        time.sleep(0.02)
+    all_switched_s = time.perf_counter() - t0
+    time.sleep(2.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    served = [a for a in answers if a[0] == 200]
+    took = [a[3] for a in answers]
+    return {
+        "stage_only_s": round(stage_s, 2),
+        "switch_command_s": round(switch_s, 2),
+        "all_replicas_switched_after_command_s": round(all_switched_s, 2),
+        "searches": len(answers),
+        "served": len(served),
+        "answered_503": sum(1 for a in answers if a[0] == 503),
+        "other_status": sum(1 for a in answers if a[0] not in (200, 503)),
+        "mixed": sum(1 for a in served if a[1] != image_id or abs(a[2] - 1.0) > 1e-3),
+        "search_ms_p50": round(1000 * statistics.median(took), 1),
+        "search_ms_max": round(1000 * max(took), 1),
+    }
+
+
 def enrol_rate(cluster: Cluster, writers: int, batch: list[tuple[str, str, bytes]]) -> tuple[float, dict]:
     """Images/s enrolled by ``writers`` threads, writer i through replica i; returns the acknowledged."""
     acked: dict[str, int] = {}
@@ -104,7 +175,9 @@ def _rss_mib(pid: int) -> float | None:
 
 
 def run(root: Path, *, images: int, seconds: float, model: Path | None) -> dict:
-    cluster = Cluster(root, model=model)
+    next_model = root / "next-model.pt"
+    another_network(model, next_model)
+    cluster = Cluster(root, model=model, next_model=next_model)
     cluster.start()
     figures: dict = {"machine_cores": os.cpu_count(), "replicas": 3}
     variants = radiograph_variants(4 * images + 1, seed=7)
@@ -157,6 +230,8 @@ def run(root: Path, *, images: int, seconds: float, model: Path | None) -> dict:
         figures["stored_twice"] = len(keys) - len(set(keys))
         figures["replica_images"] = [readyz(cluster.url(i))["gallery_images"] for i in range(3)]
         figures["replica_rss_mib"] = [_rss_mib(cluster.servers[i].process.pid) for i in range(3)]
+        _, name, data = variants[2 * images]  # enrolled above, through replica 1
+        figures["model_switch"] = model_switch(cluster, (name, data, acked[name]), next_model)
     finally:
         cluster.stop()
     return figures
@@ -181,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for key, value in figures.items():
             print(f"{key:45s} {value}")
-    return 0 if figures["lost"] == 0 and figures["stored_twice"] == 0 else 1
+    ok = figures["lost"] == 0 and figures["stored_twice"] == 0 and figures["model_switch"]["mixed"] == 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

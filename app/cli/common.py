@@ -81,6 +81,18 @@ def require_gallery(settings: Settings) -> None:
     """``GalleryNotFoundError``, saying which commands make one, when the data dir holds no gallery."""
     from index import GalleryNotFoundError, holds_gallery
 
+    if settings.database_url is not None:  # the gallery is the database's; the data dir is local
+        from index.pg_store import holds_gallery as database_holds_gallery
+        from index.pg_store import redacted
+
+        url = settings.database_url.get_secret_value()
+        if not database_holds_gallery(url):
+            raise GalleryNotFoundError(
+                f"no gallery in the database {redacted(url)} (CXR_REID_DATABASE_URL); nothing was "
+                "created. Give the database of an existing gallery; `cxr-reid serve`, `enroll` and `sync` "
+                "start a new one"
+            )
+        return
     if not holds_gallery(settings.data_dir):
         raise GalleryNotFoundError(
             f"no gallery in {settings.data_dir} (--data-dir, CXR_REID_DATA_DIR); nothing was created. Give "
