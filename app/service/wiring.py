@@ -108,6 +108,7 @@ def service_for(
     on_embedded: Callable[[int], None] | None = None,
     on_alert: Callable[[str], None] | None = None,
     on_alert_event: Callable[[str, AlertRecord], None] | None = None,
+    next_embedder: Embedder | None = None,
 ) -> ReidService:
     """``ReidService`` with the operating point and the limits the settings give (one place)."""
     return ReidService(
@@ -122,6 +123,7 @@ def service_for(
         on_embedded=on_embedded,
         on_alert=on_alert,
         on_alert_event=on_alert_event,
+        next_embedder=next_embedder,
     )
 
 
@@ -144,9 +146,14 @@ def build_service(settings: Settings, embedder: Embedder | None = None, **hooks:
     if locked:
         log.error("gallery in %s cannot be opened yet: %s", settings.data_dir, problem)
     service = service_for(
-        settings, embedder, gallery, gallery_problem=problem, gallery_locked=locked, **hooks
+        settings,
+        embedder,
+        gallery,
+        gallery_problem=problem,
+        gallery_locked=locked,
+        next_embedder=next_embedder,
+        **hooks,
     )
-    service.next_embedder = next_embedder
     log.info(
         "serving model %s (dim %d) with %d gallery image(s) from %s; %s",
         embedder.model_id,
@@ -161,22 +168,22 @@ def build_service(settings: Settings, embedder: Embedder | None = None, **hooks:
 def _open_current(
     embedder: Embedder, next_embedder: Embedder | None, settings: Settings
 ) -> tuple[Embedder, Embedder | None, tuple[Gallery | None, str | None, bool]]:
-    """Open the gallery with the model it holds: the next model's when the switch to it was made
-    while this process was down (then it is simply the model)."""
-    if next_embedder is not None:
-        try:
-            return embedder, next_embedder, (open_gallery(embedder, settings), None, False)
-        except GalleryModelMismatchError:
+    """``open_or_explain`` with the model the gallery holds: the next model's when the switch to it
+    was made while this process was down (then it is simply the model)."""
+    try:
+        return embedder, next_embedder, (open_gallery(embedder, settings), None, False)
+    except GalleryModelMismatchError as exc:
+        if next_embedder is not None:
             try:
                 gallery = open_gallery(next_embedder, settings)
             except GalleryError:
-                pass  # it holds neither model: open_or_explain says so, below
+                pass  # it holds neither model: explained for this one, below
             else:
                 log.info("the gallery holds model %s's vectors already: serving it", next_embedder.model_id)
                 return next_embedder, None, (gallery, None, False)
-        except GalleryError:
-            pass  # open_or_explain says why, below
-    return embedder, next_embedder, open_or_explain(embedder, settings)
+        return embedder, next_embedder, (None, *_explain(exc, embedder, settings))
+    except GalleryError as exc:
+        return embedder, next_embedder, (None, *_explain(exc, embedder, settings))
 
 
 def open_or_explain(embedder: Embedder, settings: Settings) -> tuple[Gallery | None, str | None, bool]:
@@ -184,13 +191,19 @@ def open_or_explain(embedder: Embedder, settings: Settings) -> tuple[Gallery | N
     it) and whether that is the lock, which is worth waiting out."""
     try:
         return open_gallery(embedder, settings), None, False
-    except GalleryLockedError as exc:
-        return None, f"{exc}; this server opens it as soon as the other process lets go", True
-    except GalleryModelMismatchError as exc:
+    except GalleryError as exc:
+        return (None, *_explain(exc, embedder, settings))
+
+
+def _explain(exc: GalleryError, embedder: Embedder, settings: Settings) -> tuple[str, bool]:
+    """Why the gallery cannot be served (logged, unless it is the lock) and whether it is the lock."""
+    if isinstance(exc, GalleryLockedError):
+        return f"{exc}; this server opens it as soon as the other process lets go", True
+    if isinstance(exc, GalleryModelMismatchError):
         problem = f"{exc} (run `cxr-reid reindex` to re-embed the gallery with model {embedder.model_id})"
-    except GalleryIntegrityError as exc:
+    elif isinstance(exc, GalleryIntegrityError):
         problem = str(exc)
-    except GalleryError as exc:  # anything else that keeps it closed, e.g. a read-only volume
+    else:  # anything else that keeps it closed, e.g. a read-only volume
         problem = str(exc)
         if isinstance(exc.__cause__, OSError) and exc.__cause__.errno in UNWRITABLE:
             problem += (
@@ -198,7 +211,7 @@ def open_or_explain(embedder: Embedder, settings: Settings) -> tuple[Gallery | N
                 f"{settings.data_dir} read-write and give the service user its ownership"
             )
     log.error("gallery in %s will not be served: %s", settings.data_dir, problem)
-    return None, problem, False
+    return problem, False
 
 
 def open_when_unlocked(service: ReidService, settings: Settings, stop: threading.Event) -> None:
